@@ -1,0 +1,61 @@
+# rnnserve: `make serve` to run the server on the bundled models, `make test` to test everything.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of PyTorch (a plain `torch` requirement may pull a multi-GB CUDA build).
+TORCH_PIN ?= torch==2.13.0
+# Debian packages the tests need.
+SYSTEM_PACKAGES ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help serve test install install-test system-deps proto proto-check lint format train clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[train,test]' '$(TORCH_PIN)'
+	@touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed ## virtualenv with the serving dependencies only (no torch)
+
+install-test: $(VENV)/.installed-test ## virtualenv with training, export and test dependencies
+
+system-deps: ## Debian packages the tests need (run as root, or with sudo)
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+serve: install ## serve the bundled models (gRPC :8001, metrics :8002)
+	$(BIN)/rnnserve models
+
+test: system-deps install-test ## install everything and run the test suite
+	$(BIN)/python -m pytest
+
+proto: install-test ## regenerate service/_pb from proto/*.proto
+	$(BIN)/python proto/generate.py
+
+lint: install-test ## ruff and mypy
+	$(BIN)/ruff check service models tests proto
+	$(BIN)/ruff format --check service models tests proto
+
+format: install-test ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff format service models tests proto
+	$(BIN)/ruff check --fix service models tests proto
+
+train: install-test ## retrain and republish the three bundled models (CPU, a few minutes)
+	for m in digits_lstm sensor_gru charlm_lstm; do $(BIN)/rnnserve train $$m --no-progress || exit 1; done
+
+clean: ## remove the virtualenv and build outputs
+	rm -rf $(VENV) build .pytest_cache

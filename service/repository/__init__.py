@@ -1,0 +1,1 @@
+"""The model repository: Triton's layout, config parsing and versions."""

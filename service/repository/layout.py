@@ -1,0 +1,65 @@
+"""Read a model repository laid out as Triton lays it out.
+
+    <repository>/<model>/config.pbtxt
+    <repository>/<model>/<version>/model.onnx
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from service._pb import model_config_pb2 as mc
+from service.errors import InvalidModelRepository
+
+CONFIG_FILE = "config.pbtxt"
+MODEL_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    config: mc.ModelConfig
+    versions: tuple[int, ...]
+    """Version folders holding a model file, ascending."""
+    path: Path
+
+    @property
+    def streamable(self) -> bool:
+        return self.config.HasField("sequence_batching")
+
+    def model_file(self, version: int) -> Path:
+        return self.path / str(version) / (self.config.default_model_filename or MODEL_FILE)
+
+
+def read_config(path: Path) -> mc.ModelConfig:
+    try:
+        return text_format.Parse(path.read_text(), mc.ModelConfig())
+    except text_format.ParseError as error:
+        raise InvalidModelRepository(f"{path}: not a valid model configuration: {error}") from error
+
+
+def scan(repository: Path) -> list[ModelEntry]:
+    """Every model folder with a config.pbtxt, sorted by name."""
+    if not repository.is_dir():
+        raise InvalidModelRepository(f"model repository {repository} is not a directory")
+    entries = []
+    for folder in sorted(p for p in repository.iterdir() if (p / CONFIG_FILE).is_file()):
+        config = read_config(folder / CONFIG_FILE)
+        if config.name and config.name != folder.name:
+            raise InvalidModelRepository(
+                f"{folder / CONFIG_FILE}: name {config.name!r} differs from its folder {folder.name!r}"
+            )
+        config.name = folder.name
+        filename = config.default_model_filename or MODEL_FILE
+        versions = tuple(
+            sorted(
+                int(p.name)
+                for p in folder.iterdir()
+                if p.is_dir() and p.name.isdigit() and (p / filename).is_file()
+            )
+        )
+        entries.append(ModelEntry(folder.name, config, versions, folder))
+    return entries

@@ -42,11 +42,25 @@ def add_commands(sub: Any) -> None:
         description="Train one of the bundled models on CPU, check its ONNX export and write "
         "it, with its config.pbtxt and model card, into the model repository.",
     )
-    train.add_argument("model", metavar="MODEL", choices=BUNDLED, help=f"one of {', '.join(BUNDLED)}")
-    train.add_argument("--repository", type=Path, default=bundled_repository(), help="model repository to write into (default: the bundled one)")
+    train.add_argument(
+        "model", metavar="MODEL", choices=BUNDLED, help=f"one of {', '.join(BUNDLED)}"
+    )
+    train.add_argument(
+        "--repository",
+        type=Path,
+        default=bundled_repository(),
+        help="model repository to write into (default: the bundled one)",
+    )
     train.add_argument("--version", type=int, default=1, help="version folder to write (default 1)")
-    train.add_argument("--checkpoint-dir", type=Path, default=Path("build/checkpoints"), help="where the PyTorch checkpoint goes (default build/checkpoints)")
-    train.add_argument("--max-epochs", type=int, help="override the recipe's epoch cap (for a quick run)")
+    train.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=Path("build/checkpoints"),
+        help="where the PyTorch checkpoint goes (default build/checkpoints)",
+    )
+    train.add_argument(
+        "--max-epochs", type=int, help="override the recipe's epoch cap (for a quick run)"
+    )
     train.add_argument("--seed", type=int, help="override the recipe's seed")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_run_train)
@@ -59,9 +73,16 @@ def add_commands(sub: Any) -> None:
         "it into a model repository.",
     )
     export.add_argument("checkpoint", type=Path, help="a .pt file written by `rnnserve train`")
-    export.add_argument("--repository", type=Path, default=bundled_repository(), help="model repository to write into (default: the bundled one)")
+    export.add_argument(
+        "--repository",
+        type=Path,
+        default=bundled_repository(),
+        help="model repository to write into (default: the bundled one)",
+    )
     export.add_argument("--name", help="model name in the repository (default: the checkpoint's)")
-    export.add_argument("--version", type=int, default=1, help="version folder to write (default 1)")
+    export.add_argument(
+        "--version", type=int, default=1, help="version folder to write (default 1)"
+    )
     export.add_argument(
         "--streaming",
         action=argparse.BooleanOptionalAction,
@@ -130,13 +151,22 @@ def _run_train(args: argparse.Namespace) -> int:
         )
     except OSError as error:
         raise CommandError(f"cannot write to repository {args.repository}: {error}") from error
-    print(json.dumps({"model": args.model, "metrics": metrics, "seconds": round(result.seconds, 1), "onnx": str(published.onnx_path), "checkpoint": str(checkpoint)}, indent=2))  # noqa: T201
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "metrics": metrics,
+                "seconds": round(result.seconds, 1),
+                "onnx": str(published.onnx_path),
+                "checkpoint": str(checkpoint),
+            },
+            indent=2,
+        )
+    )  # noqa: T201
     return 0
 
 
-def save_checkpoint(
-    path: Path, name: str, net: Any, signature: Any, card: dict[str, Any]
-) -> None:
+def save_checkpoint(path: Path, name: str, net: Any, signature: Any, card: dict[str, Any]) -> None:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,12 +200,16 @@ def load_checkpoint(path: Path) -> tuple[str, Any, Any, dict[str, Any]]:
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
         raise CommandError(f"{path} is not a PyTorch checkpoint: {error}") from error
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
-        raise CommandError(f"{path} was not written by `rnnserve train` (no {CHECKPOINT_FORMAT!r} format tag)")
+        raise CommandError(
+            f"{path} was not written by `rnnserve train` (no {CHECKPOINT_FORMAT!r} format tag)"
+        )
     try:
         net = RecurrentNet(RecurrentSpec(**blob["spec"]))
         net.load_state_dict(blob["state_dict"])
     except (TypeError, ValueError, RuntimeError) as error:
-        raise CommandError(f"{path}: the checkpoint does not describe a valid network: {error}") from error
+        raise CommandError(
+            f"{path}: the checkpoint does not describe a valid network: {error}"
+        ) from error
     raw_signature = dict(blob["signature"])
     raw_signature["parameters"] = tuple(tuple(p) for p in raw_signature["parameters"])
     return blob["name"], net, Signature(**raw_signature), json.loads(blob["card"])
@@ -198,5 +232,15 @@ def _run_export(args: argparse.Namespace) -> int:
         raise CommandError(str(error), exit_code) from error
     except OSError as error:
         raise CommandError(f"cannot write to repository {args.repository}: {error}") from error
-    print(json.dumps({"model": args.name or name, "onnx": str(published.onnx_path), "parity": published.parity.as_card(), "seconds": round(time.perf_counter() - started, 2)}, indent=2))  # noqa: T201
+    print(
+        json.dumps(
+            {
+                "model": args.name or name,
+                "onnx": str(published.onnx_path),
+                "parity": published.parity.as_card(),
+                "seconds": round(time.perf_counter() - started, 2),
+            },
+            indent=2,
+        )
+    )  # noqa: T201
     return 0

@@ -41,9 +41,8 @@ def decode_text(ids: np.ndarray) -> str:
 
 def python_docs_corpus() -> tuple[str, Provenance]:
     """Python's own reference documentation as shipped in the stdlib (`pydoc_data.topics`)."""
-    import sys
-
     import pydoc_data.topics as topics
+    import sys
 
     text = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
     return text, Provenance(
@@ -81,8 +80,12 @@ def handwritten_digits() -> tuple[np.ndarray, np.ndarray, Provenance]:
     bunch = load_digits()
     images = bunch.images.astype(np.float32)
     labels = bunch.target.astype(np.int64)
-    return images, labels, Provenance(
-        source=f"sklearn.datasets.load_digits (scikit-learn {sklearn.__version__})",
-        sha256=_sha256(images.tobytes() + labels.tobytes()),
-        description="UCI optical recognition of handwritten digits, 8x8 images, 10 classes",
+    return (
+        images,
+        labels,
+        Provenance(
+            source=f"sklearn.datasets.load_digits (scikit-learn {sklearn.__version__})",
+            sha256=_sha256(images.tobytes() + labels.tobytes()),
+            description="UCI optical recognition of handwritten digits, 8x8 images, 10 classes",
+        ),
     )

@@ -1,8 +1,8 @@
 """Write a network into a model repository in Triton's layout.
 
-    <repository>/<name>/config.pbtxt        text-format inference.ModelConfig
-    <repository>/<name>/model_card.json     how the model was made and how good it is
-    <repository>/<name>/<version>/model.onnx
+<repository>/<name>/config.pbtxt        text-format inference.ModelConfig
+<repository>/<name>/model_card.json     how the model was made and how good it is
+<repository>/<name>/<version>/model.onnx
 """
 
 from __future__ import annotations
@@ -46,9 +46,7 @@ def model_config(
     idle_seconds: float = DEFAULT_IDLE_SECONDS,
 ) -> mc.ModelConfig:
     """The model's configuration; the batch axis is implicit (max_batch_size > 0)."""
-    config = mc.ModelConfig(
-        name=name, platform="onnxruntime_onnx", max_batch_size=max_batch_size
-    )
+    config = mc.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=max_batch_size)
     config.input.add(
         name=signature.input_name,
         data_type=mc.TYPE_INT64 if spec.vocab_size else mc.TYPE_FP32,
@@ -159,7 +157,11 @@ def publish(
         "streamable": streamable,
         "signature": asdict(signature),
         "parameters": parameter_card(net),
-        "export": {"opset": 17, "exporter": "torch.onnx legacy (dynamo=False)", "parity": parity.as_card()},
+        "export": {
+            "opset": 17,
+            "exporter": "torch.onnx legacy (dynamo=False)",
+            "parity": parity.as_card(),
+        },
         "git_revision": git_revision(),
         **(card or {}),
     }

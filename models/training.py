@@ -107,7 +107,9 @@ def fit(task: Task, settings: TrainSettings | None = None, progress: bool = True
         if score < best[0]:
             best = (score, epoch, copy.deepcopy(model.state_dict()))
         elif epoch - best[1] >= settings.patience:
-            logger.info("early stop: no better %s for %d epochs", task.validation_metric, epoch - best[1])
+            logger.info(
+                "early stop: no better %s for %d epochs", task.validation_metric, epoch - best[1]
+            )
             break
     model.load_state_dict(best[2])
     model.eval()

@@ -96,7 +96,7 @@ class CharLM:
         tensor = torch.from_numpy(ids)[None, :]
         logits = run_stream(model, tensor[:, :-1])
         nats = F.cross_entropy(logits[0], tensor[0, 1:])
-        return float(nats) / LN2
+        return float(nats.detach()) / LN2
 
     def validate(self, model: RecurrentNet) -> float:
         return self._bits_per_char(model, self.val_ids)
@@ -248,8 +248,9 @@ class DigitRows:
         )
 
     def prepare(self, model: RecurrentNet) -> None:
-        model.input_shift.fill_(0.0)
-        model.input_scale.fill_(16.0)
+        # Pixels are 0..16: centre them on 0 with unit range.
+        model.input_shift.fill_(8.0)
+        model.input_scale.fill_(8.0)
 
     def _tensors(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(self.images[indices]), torch.from_numpy(self.labels[indices])
@@ -282,7 +283,9 @@ class DigitRows:
         return score(logits, labels)
 
     def validate(self, model: RecurrentNet) -> float:
-        return self._score(model, "validation", lambda lg, lb: float(F.cross_entropy(lg[:, -1], lb)))
+        return self._score(
+            model, "validation", lambda lg, lb: float(F.cross_entropy(lg[:, -1], lb).detach())
+        )
 
     def evaluate(self, model: RecurrentNet) -> dict[str, float]:
         def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

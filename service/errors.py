@@ -1,4 +1,8 @@
-"""Domain errors, each carrying the gRPC status code the API edge answers with."""
+"""Domain errors, each carrying the gRPC status code the API edge answers with.
+
+Domain code raises these; one place in the API layer turns them into statuses. Their messages
+are shown to clients as they are, so they say what was wrong and what to do.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,40 @@ import grpc
 
 
 class ServiceError(Exception):
-    """An error a client or operator can act on; its message is shown to them as is."""
+    """An error a client or operator can act on."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
 
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ModelNotReady(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class SequenceNotFound(ServiceError):
+    """A continuation for a sequence that is not live (never started, ended or evicted)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class CapacityExhausted(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ShuttingDown(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class InvalidModelRepository(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unsupported(ServiceError):
+    code = grpc.StatusCode.UNIMPLEMENTED

@@ -1,7 +1,7 @@
 """Read a model repository laid out as Triton lays it out.
 
-    <repository>/<model>/config.pbtxt
-    <repository>/<model>/<version>/model.onnx
+<repository>/<model>/config.pbtxt
+<repository>/<model>/<version>/model.onnx
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def scan(repository: Path) -> list[ModelEntry]:
         config = read_config(folder / CONFIG_FILE)
         if config.name and config.name != folder.name:
             raise InvalidModelRepository(
-                f"{folder / CONFIG_FILE}: name {config.name!r} differs from its folder {folder.name!r}"
+                f"{folder / CONFIG_FILE}: name {config.name!r} differs from its folder "
+                f"{folder.name!r}"
             )
         config.name = folder.name
         filename = config.default_model_filename or MODEL_FILE

@@ -11,15 +11,19 @@ SPECS = [
     RecurrentSpec(cell="lstm", input_size=5, hidden_size=7, output_size=3, num_layers=2),
     RecurrentSpec(cell="lstm", input_size=5, hidden_size=7, output_size=3, bias=False),
     RecurrentSpec(cell="gru", input_size=4, hidden_size=6, output_size=2, num_layers=3),
-    RecurrentSpec(cell="rnn", input_size=3, hidden_size=8, output_size=3, head="residual",
-                  bidirectional=False),
-    RecurrentSpec(cell="lstm", input_size=5, hidden_size=7, output_size=3, num_layers=2,
-                  bidirectional=True),
+    RecurrentSpec(
+        cell="rnn", input_size=3, hidden_size=8, output_size=3, head="residual", bidirectional=False
+    ),
+    RecurrentSpec(
+        cell="lstm", input_size=5, hidden_size=7, output_size=3, num_layers=2, bidirectional=True
+    ),
     RecurrentSpec(cell="gru", input_size=6, hidden_size=9, output_size=11, vocab_size=11),
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.cell}-L{s.num_layers}-bi{s.bidirectional}")
+@pytest.mark.parametrize(
+    "spec", SPECS, ids=lambda s: f"{s.cell}-L{s.num_layers}-bi{s.bidirectional}"
+)
 def test_recurrent_parameters_match_the_closed_form(spec: RecurrentSpec) -> None:
     net = RecurrentNet(spec)
     assert net.recurrent_parameters() == recurrent_parameter_count(spec)
@@ -71,7 +75,8 @@ def test_residual_head_needs_matching_sizes() -> None:
 
 
 def test_bidirectional_is_not_streamable() -> None:
-    spec = RecurrentSpec(cell="lstm", input_size=2, hidden_size=3, output_size=1,
-                         bidirectional=True)
+    spec = RecurrentSpec(
+        cell="lstm", input_size=2, hidden_size=3, output_size=1, bidirectional=True
+    )
     assert not spec.streamable
     assert spec.state_shape == (2, 3)

@@ -43,11 +43,11 @@ def test_foreign_torch_file(cli, tmp_path: Path) -> None:
 
 
 def test_bidirectional_streaming_request(cli, tmp_path: Path) -> None:
-    spec = RecurrentSpec(cell="gru", input_size=3, hidden_size=4, output_size=2,
-                         bidirectional=True)
+    spec = RecurrentSpec(cell="gru", input_size=3, hidden_size=4, output_size=2, bidirectional=True)
     checkpoint = tmp_path / "bi.pt"
-    save_checkpoint(checkpoint, "bi_gru", RecurrentNet(spec),
-                    Signature("x", "y", "bidirectional test"), {})
+    save_checkpoint(
+        checkpoint, "bi_gru", RecurrentNet(spec), Signature("x", "y", "bidirectional test"), {}
+    )
     done = cli("export", str(checkpoint), "--repository", str(tmp_path), "--streaming")
     assert_clean_failure(done, 2, "bidirectional", "without --streaming")
     assert not (tmp_path / "bi_gru" / "1" / "model.onnx").exists()

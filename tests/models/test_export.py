@@ -26,16 +26,24 @@ from models.signature import Signature
 SIGNATURE = Signature(input_name="x", output_name="y", description="test model")
 
 CASES = {
-    "lstm-features": RecurrentSpec(cell="lstm", input_size=6, hidden_size=16, output_size=4,
-                                   num_layers=2),
-    "gru-features": RecurrentSpec(cell="gru", input_size=3, hidden_size=12, output_size=3,
-                                  num_layers=2, head="residual"),
-    "rnn-features": RecurrentSpec(cell="rnn", input_size=5, hidden_size=10, output_size=2,
-                                  head="softmax"),
-    "lstm-tokens": RecurrentSpec(cell="lstm", input_size=8, hidden_size=16, output_size=20,
-                                 vocab_size=20),
-    "rnn-no-bias": RecurrentSpec(cell="rnn", input_size=4, hidden_size=6, output_size=2,
-                                 bias=False, num_layers=2),
+    "lstm-features": RecurrentSpec(
+        cell="lstm", input_size=6, hidden_size=16, output_size=4, num_layers=2
+    ),
+    "gru-features": RecurrentSpec(
+        cell="gru", input_size=3, hidden_size=12, output_size=3, num_layers=2, head="residual"
+    ),
+    "rnn-features": RecurrentSpec(
+        cell="rnn", input_size=5, hidden_size=10, output_size=2, head="softmax"
+    ),
+    "lstm-tokens": RecurrentSpec(
+        cell="lstm", input_size=8, hidden_size=16, output_size=20, vocab_size=20
+    ),
+    "lstm-dropout": RecurrentSpec(
+        cell="lstm", input_size=4, hidden_size=8, output_size=4, num_layers=3, dropout=0.3
+    ),
+    "rnn-no-bias": RecurrentSpec(
+        cell="rnn", input_size=4, hidden_size=6, output_size=2, bias=False, num_layers=2
+    ),
 }
 
 
@@ -56,6 +64,7 @@ def test_publish_checks_shapes_and_parity(case: str, tmp_path: Path) -> None:
     spec = CASES[case]
     net = random_net(spec)
     published = publish(net, SIGNATURE, tmp_path, "m", version=3)
+    assert not net.training, "export must leave the network in eval mode"
 
     assert published.onnx_path == tmp_path / "m" / "3" / "model.onnx"
     assert published.parity.max_abs_diff_vs_torch < 1e-5
@@ -115,15 +124,17 @@ def test_shape_check_catches_a_wrong_declaration(tmp_path: Path) -> None:
     net = random_net(CASES["gru-features"])
     path = tmp_path / "m.onnx"
     export_onnx(net, SIGNATURE, path, streamable=True)
-    wider = RecurrentSpec(cell="gru", input_size=3, hidden_size=13, output_size=3,
-                          num_layers=2, head="residual")
+    wider = RecurrentSpec(
+        cell="gru", input_size=3, hidden_size=13, output_size=3, num_layers=2, head="residual"
+    )
     with pytest.raises(ExportError, match="declared graph shapes"):
         check_declared_shapes(path, wider, SIGNATURE, streamable=True)
 
 
 def test_bidirectional_exports_whole_sequence_only(tmp_path: Path) -> None:
-    spec = RecurrentSpec(cell="lstm", input_size=4, hidden_size=8, output_size=3,
-                         bidirectional=True, num_layers=2)
+    spec = RecurrentSpec(
+        cell="lstm", input_size=4, hidden_size=8, output_size=3, bidirectional=True, num_layers=2
+    )
     net = random_net(spec)
     with pytest.raises(ExportError, match="bidirectional"):
         publish(net, SIGNATURE, tmp_path, "bi", streamable=True)

@@ -29,7 +29,9 @@ def test_training_is_reproducible_with_a_fixed_seed() -> None:
     settings = TrainSettings(max_epochs=1, batch_size=64, seed=3, patience=1)
     first = fit(DigitRows(settings=settings), progress=False)
     second = fit(DigitRows(settings=settings), progress=False)
-    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(), strict=True):
+    for a, b in zip(
+        first.model.state_dict().values(), second.model.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b)
 
 
@@ -59,8 +61,15 @@ def test_early_stop_restores_the_best_epoch() -> None:
 def test_train_and_export_commands(cli, tmp_path: Path) -> None:
     repository, checkpoints = tmp_path / "repo", tmp_path / "ckpt"
     done = cli(
-        "train", "digits_lstm", "--max-epochs", "2", "--no-progress",
-        "--repository", str(repository), "--checkpoint-dir", str(checkpoints),
+        "train",
+        "digits_lstm",
+        "--max-epochs",
+        "2",
+        "--no-progress",
+        "--repository",
+        str(repository),
+        "--checkpoint-dir",
+        str(checkpoints),
     )
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
@@ -72,14 +81,20 @@ def test_train_and_export_commands(cli, tmp_path: Path) -> None:
     assert card["training"]["seconds"] > 0
     assert card["parameters"]["recurrent"] == 4 * ((8 + 128) * 128 + 2 * 128)
     assert 0 <= card["metrics"]["test_accuracy"] <= 1
-    assert card["export"]["parity"]["max_abs_diff_vs_torch"] < 1e-5
+    assert card["export"]["parity"]["max_scaled_diff_vs_torch"] < 1e-5
     assert card["git_revision"]
     assert (repository / "digits_lstm" / "1" / "model.onnx").is_file()
 
     exported = cli(
-        "export", str(checkpoints / "digits_lstm.pt"), "--repository", str(repository),
-        "--name", "digits_copy", "--version", "2",
+        "export",
+        str(checkpoints / "digits_lstm.pt"),
+        "--repository",
+        str(repository),
+        "--name",
+        "digits_copy",
+        "--version",
+        "2",
     )
     assert exported.returncode == 0, exported.stderr
-    assert json.loads(exported.stdout)["parity"]["max_abs_diff_vs_torch"] < 1e-5
+    assert json.loads(exported.stdout)["parity"]["max_scaled_diff_vs_torch"] < 1e-5
     assert (repository / "digits_copy" / "2" / "model.onnx").is_file()

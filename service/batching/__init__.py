@@ -1,0 +1,1 @@
+"""The sequence batcher: concurrent steps of many sequences as one model call."""

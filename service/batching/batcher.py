@@ -1,0 +1,208 @@
+"""Gather steps that arrive close together into one ONNX Runtime call.
+
+Steps wait at most `max_queue_delay_s` for company. A batch holds steps with the same number of
+time steps T (their inputs stack into [B, T, ...]) and at most one step of any sequence, so the
+steps of one sequence run strictly in the order they were submitted. States are gathered from
+the arena, stacked on the batch axis, and the new states scattered back in one operation each.
+One batch per model runs at a time, on a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.repository.signature import StateSpec
+from service.runtime.base import Runtime
+from service.sessions.arena import StateArena
+from service.sessions.manager import Sequence as LiveSequence
+
+logger = logging.getLogger(__name__)
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass(eq=False, slots=True)
+class Step:
+    """One request's worth of work: `rows` batch rows of `steps` time steps."""
+
+    inputs: dict[str, np.ndarray]
+    rows: int
+    steps: int
+    outputs: tuple[str, ...]
+    sequence: LiveSequence | None = None
+    """Server-held state: read from and written back to this sequence's arena slot."""
+    start: bool = False
+    """Begin from the zero state instead of the slot's contents."""
+    states: Sequence[np.ndarray] | None = None
+    """Client-held state (explicit-state mode), one array per state, [rows, ...]."""
+    future: asyncio.Future[Outputs] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    enqueued: float = field(default_factory=time.perf_counter)
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+
+
+BatchObserver = Callable[[Sequence[Step], float], None]
+
+
+class SequenceBatcher:
+    def __init__(
+        self,
+        name: str,
+        runtime: Runtime,
+        states: Sequence[StateSpec],
+        arena: StateArena | None,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.name = name
+        self.runtime = runtime
+        self.states = tuple(states)
+        self.arena = arena
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.observer = observer
+        self._queue: deque[Step] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"batcher-{self.name}"
+        )
+
+    async def stop(self) -> None:
+        """Run what is queued, then stop."""
+        while self._queue:
+            await asyncio.sleep(0.001)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    def submit(self, step: Step) -> asyncio.Future[Outputs]:
+        self._queue.append(step)
+        self._wakeup.set()
+        return step.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            started = time.perf_counter()
+            for step in batch:
+                step.queue_s = started - step.enqueued
+            try:
+                results = await loop.run_in_executor(self._executor, self._execute, batch)
+            except Exception as error:  # noqa: BLE001 - every waiting request must hear of it
+                logger.exception("batch of %d on model %s failed", len(batch), self.name)
+                for step in batch:
+                    if not step.future.done():
+                        step.future.set_exception(error)
+                continue
+            compute_s = time.perf_counter() - started
+            for step, outputs in zip(batch, results, strict=True):
+                step.compute_s = compute_s
+                if not step.future.done():
+                    step.future.set_result(outputs)
+            if self.observer is not None:
+                self.observer(batch, compute_s)
+
+    async def _next_batch(self) -> list[Step]:
+        while not self._queue:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        if sum(s.rows for s in self._queue) < self.max_batch_size:
+            # Give concurrent sequences a moment to join; 0 still lets this loop turn finish.
+            await asyncio.sleep(self.max_queue_delay_s)
+        return self._take()
+
+    def _take(self) -> list[Step]:
+        batch: list[Step] = []
+        deferred: list[Step] = []
+        seen: set[int] = set()
+        rows = 0
+        steps = None
+        while self._queue and rows < self.max_batch_size:
+            step = self._queue.popleft()
+            if step.future.cancelled():
+                continue  # the client gave up before it ran: its state does not advance
+            key = id(step.sequence) if step.sequence is not None else None
+            fits = (
+                steps is None or step.steps == steps
+            ) and rows + step.rows <= self.max_batch_size
+            if key in seen or not fits:
+                deferred.append(step)
+            else:
+                batch.append(step)
+                rows += step.rows
+                steps = step.steps
+            if key is not None:
+                seen.add(key)
+        self._queue.extendleft(reversed(deferred))
+        return batch
+
+    def _execute(self, batch: Sequence[Step]) -> list[Outputs]:
+        """On the worker thread: stack, gather, run, scatter, split."""
+        if len(batch) == 1:
+            feeds = dict(batch[0].inputs)
+        else:
+            feeds = {n: np.concatenate([s.inputs[n] for s in batch]) for n in batch[0].inputs}
+        offsets = np.cumsum([0, *(s.rows for s in batch)])
+        held = [(row, step) for step, row in zip(batch, offsets, strict=False) if step.sequence]
+        row_index = np.asarray([row for row, _ in held], dtype=np.intp)
+        slot_index = np.asarray([step.sequence.slot for _, step in held], dtype=np.intp)  # type: ignore[union-attr]
+        zero_rows = [row for row, step in held if step.start]
+        if self.states:
+            feeds.update(self._stack_states(batch, offsets, row_index, slot_index, zero_rows))
+        results = self.runtime.run(feeds)
+        if self.arena is not None and held:
+            self.arena.put(slot_index, [results[s.output_name][row_index] for s in self.states])
+        return [
+            {name: results[name][row : row + step.rows] for name in step.outputs}
+            for step, row in zip(batch, offsets, strict=False)
+        ]
+
+    def _stack_states(
+        self,
+        batch: Sequence[Step],
+        offsets: np.ndarray,
+        row_index: np.ndarray,
+        slot_index: np.ndarray,
+        zero_rows: list[int],
+    ) -> dict[str, np.ndarray]:
+        """The batch's input states: gathered from the arena, zeros, or the client's own."""
+        gathered = (
+            self.arena.take(slot_index) if self.arena is not None and len(slot_index) else None
+        )
+        stacked: dict[str, np.ndarray] = {}
+        for k, state in enumerate(self.states):
+            rows = np.empty((int(offsets[-1]), *state.dims), dtype=np.float32)
+            if gathered is not None:
+                rows[row_index] = gathered[k]
+                rows[zero_rows] = 0.0
+            for step, row in zip(batch, offsets, strict=False):
+                if step.states is not None:
+                    rows[row : row + step.rows] = step.states[k]
+            stacked[state.input_name] = rows
+        return stacked

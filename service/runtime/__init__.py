@@ -1,0 +1,8 @@
+"""Model execution: the Runtime protocol and its ONNX Runtime implementation.
+
+Nothing here knows about gRPC, sequences or metrics.
+"""
+
+from service.runtime.base import Runtime, TensorInfo
+
+__all__ = ["Runtime", "TensorInfo"]

@@ -1,0 +1,27 @@
+"""What the rest of the server needs from an execution engine."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: np.dtype[np.generic]
+    shape: tuple[int | str | None, ...]
+    """Declared shape; a string or None is a dynamic axis."""
+
+
+class Runtime(Protocol):
+    """A loaded model graph. `run` is synchronous and thread-safe; call it off the event loop."""
+
+    provider: str
+    inputs: Sequence[TensorInfo]
+    outputs: Sequence[TensorInfo]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...

@@ -1,0 +1,71 @@
+"""ONNX Runtime, on the CUDA execution provider when the GPU build and a GPU are there."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.runtime.base import TensorInfo
+
+logger = logging.getLogger(__name__)
+
+_DTYPES: dict[str, np.dtype[np.generic]] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(bool)": np.dtype(np.bool_),
+}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    provider: str = "auto"
+    """auto (CUDA when available, else CPU), cpu or cuda."""
+    intra_op_threads: int = 0
+    """Threads inside one operator; 0 lets ONNX Runtime choose."""
+    inter_op_threads: int = 0
+
+
+def choose_provider(wanted: str) -> str:
+    available = ort.get_available_providers()
+    if wanted == "auto":
+        return PROVIDERS["cuda"] if PROVIDERS["cuda"] in available else PROVIDERS["cpu"]
+    provider = PROVIDERS[wanted]
+    if provider not in available:
+        raise RuntimeError(
+            f"execution provider {provider} is not available in this onnxruntime build "
+            f"(available: {', '.join(available)}); install rnnserve[gpu] on a GPU machine"
+        )
+    return provider
+
+
+class OnnxRuntime:
+    def __init__(self, path: Path, settings: EngineSettings) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.intra_op_threads
+        options.inter_op_num_threads = settings.inter_op_threads
+        options.log_severity_level = 3
+        self.provider = choose_provider(settings.provider)
+        self._session = ort.InferenceSession(str(path), options, providers=[self.provider])
+        self.inputs = [self._info(arg) for arg in self._session.get_inputs()]
+        self.outputs = [self._info(arg) for arg in self._session.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+
+    @staticmethod
+    def _info(arg: ort.NodeArg) -> TensorInfo:
+        dtype = _DTYPES.get(arg.type)
+        if dtype is None:
+            raise RuntimeError(f"tensor {arg.name} has unsupported type {arg.type}")
+        return TensorInfo(arg.name, dtype, tuple(arg.shape))
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self._session.run(self._output_names, dict(feeds))
+        return dict(zip(self._output_names, results, strict=True))

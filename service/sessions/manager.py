@@ -1,0 +1,119 @@
+"""Which sequences are live, where their state is, and when they are evicted.
+
+Runs on the event loop only. The rules:
+- START allocates a slot (or reuses the slot of a live sequence with the same id: a restart).
+- A continuation needs a live sequence; otherwise SequenceNotFound names the id and why.
+- END removes the id at once (later continuations fail); its slot is freed when the END step
+  has run, so a queued step never reads a slot that was handed to someone else.
+- A sequence with no request for `idle_timeout_s` and no step pending is evicted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from service.errors import CapacityExhausted, SequenceNotFound
+from service.sessions.arena import StateArena
+
+SequenceId = int | str
+_REMEMBERED_ENDINGS = 10_000
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: SequenceId
+    slot: int
+    last_used: float
+    pending: int = 0
+    """Steps submitted and not yet run."""
+    steps: int = 0
+
+
+@dataclass
+class Counters:
+    started: int = 0
+    ended: int = 0
+    evicted: dict[str, int] = field(default_factory=dict)
+
+
+class SequenceManager:
+    def __init__(self, model: str, arena: StateArena, idle_timeout_s: float) -> None:
+        self.model = model
+        self.arena = arena
+        self.idle_timeout_s = idle_timeout_s
+        self.live: dict[SequenceId, Sequence] = {}
+        self.counters = Counters()
+        # Why recently gone ids went, for error messages a person can act on.
+        self._gone: OrderedDict[SequenceId, str] = OrderedDict()
+
+    def start(self, sequence_id: SequenceId) -> tuple[Sequence, bool]:
+        """The sequence to run a START step on, and whether it was a restart of a live one."""
+        now = time.monotonic()
+        sequence = self.live.get(sequence_id)
+        if sequence is not None:
+            sequence.last_used = now
+            self.counters.started += 1
+            return sequence, True
+        slot = self.arena.allocate()
+        if slot is None:
+            raise CapacityExhausted(
+                f"model {self.model} already holds its maximum of {self.arena.capacity} live "
+                f"sequences; end finished sequences (sequence_end=true) or retry later"
+            )
+        sequence = Sequence(sequence_id, slot, now)
+        self.live[sequence_id] = sequence
+        self._gone.pop(sequence_id, None)
+        self.counters.started += 1
+        return sequence, False
+
+    def resume(self, sequence_id: SequenceId) -> Sequence:
+        sequence = self.live.get(sequence_id)
+        if sequence is None:
+            why = self._gone.get(sequence_id, "it was never started")
+            raise SequenceNotFound(
+                f"sequence {sequence_id!r} of model {self.model} is not live ({why}); "
+                f"send sequence_start=true to begin it"
+            )
+        sequence.last_used = time.monotonic()
+        return sequence
+
+    def end(self, sequence: Sequence) -> None:
+        """Remove the id now; free the slot once no step of it is pending."""
+        if self.live.get(sequence.id) is sequence:
+            del self.live[sequence.id]
+            self._remember(sequence.id, "it ended")
+            self.counters.ended += 1
+
+    def step_done(self, sequence: Sequence) -> None:
+        sequence.pending -= 1
+        sequence.steps += 1
+        if sequence.pending == 0 and self.live.get(sequence.id) is not sequence:
+            self.arena.release(sequence.slot)
+
+    def step_failed(self, sequence: Sequence) -> None:
+        sequence.pending -= 1
+        if sequence.pending == 0 and self.live.get(sequence.id) is not sequence:
+            self.arena.release(sequence.slot)
+
+    def evict_idle(self, now: float | None = None) -> list[SequenceId]:
+        now = time.monotonic() if now is None else now
+        deadline = now - self.idle_timeout_s
+        idle = [s for s in self.live.values() if s.last_used < deadline and s.pending == 0]
+        for sequence in idle:
+            self.evict(sequence, f"evicted after {self.idle_timeout_s:g} s without a request")
+        return [s.id for s in idle]
+
+    def evict(self, sequence: Sequence, why: str, reason: str = "idle") -> None:
+        del self.live[sequence.id]
+        self._remember(sequence.id, why)
+        self.counters.evicted[reason] = self.counters.evicted.get(reason, 0) + 1
+        if sequence.pending == 0:
+            self.arena.release(sequence.slot)
+
+    def _remember(self, sequence_id: SequenceId, why: str) -> None:
+        self._gone[sequence_id] = why
+        self._gone.move_to_end(sequence_id)
+        while len(self._gone) > _REMEMBERED_ENDINGS:
+            self._gone.popitem(last=False)

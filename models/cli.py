@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.resources
 import json
 import logging
 import time
@@ -16,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from service.config import bundled_repository
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +30,6 @@ class CommandError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def bundled_repository() -> Path:
-    return Path(str(importlib.resources.files("models"))) / "repository"
 
 
 def add_commands(sub: Any) -> None:

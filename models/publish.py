@@ -95,8 +95,10 @@ def git_revision() -> str:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
+        # Dirty means the training and export code differs from the commit; the repository
+        # being written to is an output, not code.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--", "models", ":!models/repository"],
             capture_output=True,
             text=True,
             check=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -10,8 +11,11 @@ from pathlib import Path
 
 from models import cli as model_commands
 from service import __version__
+from service.config import Settings, bundled_repository, environment
 from service.errors import ServiceError
+from service.logging import configure as configure_logging
 from service.repository.layout import scan
+from service.server import serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,11 +33,36 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--model-repository",
         type=Path,
-        default=model_commands.bundled_repository(),
+        default=bundled_repository(),
         help="model repository (default: the bundled one)",
     )
     models.set_defaults(run=_run_models)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model repository over gRPC (port 8001) with metrics (port 8002)",
+        description="Serve the models of a repository over the Open Inference Protocol (gRPC), "
+        "holding each sequence's recurrent state between requests. Every option can also be "
+        "set through the environment variable shown in brackets.",
+    )
+    Settings.add_arguments(serve)
+    serve.set_defaults(run=_run_serve)
     return parser
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings.from_sources(args, environment())
+    except ValueError as error:
+        raise model_commands.CommandError(str(error)) from error
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(serve(settings))
+    except ServiceError as error:
+        raise model_commands.CommandError(str(error), exit_code=1) from error
+    except OSError as error:
+        raise model_commands.CommandError(f"cannot serve: {error}", exit_code=1) from error
+    return 0
 
 
 def _run_models(args: argparse.Namespace) -> int:

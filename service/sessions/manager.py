@@ -86,14 +86,10 @@ class SequenceManager:
             self._remember(sequence.id, "it ended")
             self.counters.ended += 1
 
-    def step_done(self, sequence: Sequence) -> None:
+    def step_finished(self, sequence: Sequence) -> None:
+        """A submitted step ran (or failed); free the slot of an ended sequence once idle."""
         sequence.pending -= 1
         sequence.steps += 1
-        if sequence.pending == 0 and self.live.get(sequence.id) is not sequence:
-            self.arena.release(sequence.slot)
-
-    def step_failed(self, sequence: Sequence) -> None:
-        sequence.pending -= 1
         if sequence.pending == 0 and self.live.get(sequence.id) is not sequence:
             self.arena.release(sequence.slot)
 

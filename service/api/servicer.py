@@ -1,0 +1,297 @@
+"""inference.GRPCInferenceService: the Open Inference Protocol with Triton's extensions.
+
+This layer only translates between protocol messages and the serving layer. Errors are mapped
+to status codes in one place: `_unary` for unary calls, `_stream_one` for stream responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from service import __version__
+from service._pb import grpc_service_pb2 as pb
+from service._pb import grpc_service_pb2_grpc as pb_grpc
+from service._pb import model_config_pb2 as mc
+from service.api.codec import decode_request, encode_result
+from service.errors import ServiceError, ShuttingDown
+from service.metrics import UNKNOWN_MODEL, Metrics
+from service.serving.model import ModelState, ServedModel
+from service.serving.registry import ModelRegistry
+from service.serving.request import InferenceRequest
+
+logger = logging.getLogger(__name__)
+
+EXTENSIONS = (
+    "model_repository",
+    "model_configuration",
+    "sequence",
+    "statistics",
+    "explicit_state",
+)
+"""What ServerMetadata advertises: only what is implemented."""
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+
+
+def _unary(method: Handler[Request, Response]) -> Handler[Request, Response]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await method(self, request, context)
+        except ServiceError as error:
+            await context.abort(error.code, str(error))
+        except Exception:
+            logger.exception("unexpected error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        raise AssertionError("unreachable: context.abort raises")
+
+    return wrapper
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.draining = False
+
+    # ------------------------------------------------------------------ health
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: Any
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: Any
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=not self.draining and bool(self.registry.models))
+
+    @_unary
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Any
+    ) -> pb.ModelReadyResponse:
+        try:
+            model = self.registry.get(request.name, request.version)
+        except ServiceError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=model.state is ModelState.READY and not self.draining)
+
+    # ------------------------------------------------------------------ metadata
+    @_unary
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name="rnnserve", version=__version__, extensions=list(EXTENSIONS)
+        )
+
+    @_unary
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Any
+    ) -> pb.ModelMetadataResponse:
+        model = self.registry.get(request.name, request.version)
+        versions = sorted(self.registry.models.get(model.name, {}))
+        response = pb.ModelMetadataResponse(
+            name=model.name, versions=[str(v) for v in versions], platform=model.config.platform
+        )
+        # The batch axis leads every tensor; recurrent states are the server's and not listed.
+        for spec in model.signature.inputs:
+            response.inputs.add(name=spec.name, datatype=spec.datatype, shape=[-1, *spec.dims])
+        for spec in model.signature.outputs:
+            response.outputs.add(name=spec.name, datatype=spec.datatype, shape=[-1, *spec.dims])
+        return response
+
+    @_unary
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Any
+    ) -> pb.ModelConfigResponse:
+        model = self.registry.get(request.name, request.version)
+        config = mc.ModelConfig()
+        config.CopyFrom(model.config)
+        return pb.ModelConfigResponse(config=config)
+
+    @_unary
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Any
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            selected = [self.registry.get(request.name, request.version)]
+            if not request.version:
+                selected = list(self.registry.models.get(request.name, {}).values())
+        else:
+            selected = self.registry.all_models()
+        response = pb.ModelStatisticsResponse()
+        for model in selected:
+            _statistics(model, response.model_stats.add())
+        return response
+
+    # ------------------------------------------------------------------ repository
+    @_unary
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for entry in self.registry.index():
+            if request.ready and entry.state != "READY":
+                continue
+            response.models.add(
+                name=entry.name, version=entry.version, state=entry.state, reason=entry.reason
+            )
+        return response
+
+    @_unary
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        await self.registry.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @_unary
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self.registry.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    # ------------------------------------------------------------------ shared memory
+    # No shared-memory regions are supported, so there is never one to list or unregister;
+    # answering these (as load generators call them on exit) keeps clients' cleanup happy.
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Any
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        return pb.SystemSharedMemoryStatusResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Any
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        return pb.CudaSharedMemoryStatusResponse()
+
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    # ------------------------------------------------------------------ inference
+    def _resolve(self, request: InferenceRequest) -> ServedModel:
+        control = request.sequence
+        if self.draining and (control.start or not control.id):
+            raise ShuttingDown("the server is shutting down and takes no new sequences")
+        if control.id:
+            return self.registry.for_sequence(
+                request.model, request.version, control.id, control.start
+            )
+        return self.registry.get(request.model, request.version)
+
+    async def _infer(self, message: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """Decode, run and encode one request; record its metrics whatever the outcome."""
+        started = time.perf_counter()
+        labels = (UNKNOWN_MODEL, "")
+        try:
+            request = decode_request(message)
+            model = self._resolve(request)
+            labels = (model.name, str(model.version))
+            result = await model.infer(request)
+            response = encode_result(result, message.id)
+        except ServiceError as error:
+            self.metrics.observe_request(*labels, error.code.name, time.perf_counter() - started)
+            raise
+        except Exception:
+            self.metrics.observe_request(*labels, "INTERNAL", time.perf_counter() - started)
+            raise
+        self.metrics.observe_request(
+            *labels, "OK", time.perf_counter() - started, result.queue_s, result.compute_s
+        )
+        return response
+
+    @_unary
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Any
+    ) -> pb.ModelInferResponse:
+        return await self._infer(request)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests are taken in arrival order and answered as they finish.
+
+        An error answers that request alone (in `error_message`); the stream stays open.
+        """
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        reader = asyncio.create_task(self._read_stream(request_iterator, responses))
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+        finally:
+            reader.cancel()
+        await reader
+
+    async def _read_stream(
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | None],
+    ) -> None:
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            async for message in request_iterator:
+                # A task starts running in creation order and submits its step before its
+                # first await, so the steps of one sequence keep the order they arrived in.
+                task = asyncio.create_task(self._stream_one(message, responses))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            if pending:
+                await asyncio.gather(*pending)
+        finally:
+            responses.put_nowait(None)
+
+    async def _stream_one(
+        self,
+        message: pb.ModelInferRequest,
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | None],
+    ) -> None:
+        try:
+            response = pb.ModelStreamInferResponse(infer_response=await self._infer(message))
+        except ServiceError as error:
+            response = _stream_error(message, f"[{error.code.name}] {error}")
+        except Exception:
+            logger.exception("unexpected error on a stream request")
+            response = _stream_error(message, "[INTERNAL] internal error; see the server log")
+        responses.put_nowait(response)
+
+
+def _stream_error(message: pb.ModelInferRequest, text: str) -> pb.ModelStreamInferResponse:
+    echo = pb.ModelInferResponse(
+        model_name=message.model_name, model_version=message.model_version, id=message.id
+    )
+    return pb.ModelStreamInferResponse(error_message=text, infer_response=echo)
+
+
+def _statistics(model: ServedModel, out: pb.ModelStatistics) -> None:
+    stats = model.stats
+    out.name = model.name
+    out.version = str(model.version)
+    out.last_inference = stats.last_inference_ms
+    out.inference_count = stats.inference_count
+    out.execution_count = stats.execution_count
+    infer = out.inference_stats
+    infer.success.count, infer.success.ns = stats.success_count, stats.success_ns
+    infer.fail.count, infer.fail.ns = stats.fail_count, stats.fail_ns
+    infer.queue.count, infer.queue.ns = stats.success_count, stats.queue_ns
+    infer.compute_infer.count, infer.compute_infer.ns = stats.success_count, stats.compute_ns
+    infer.compute_input.count = infer.compute_output.count = stats.success_count
+    for size, (count, ns) in sorted(stats.batches.items()):
+        batch = out.batch_stats.add(batch_size=size)
+        batch.compute_infer.count, batch.compute_infer.ns = count, ns
+        batch.compute_input.count = batch.compute_output.count = count

@@ -1,0 +1,157 @@
+"""The one place that wires the parts together and runs them until SIGTERM.
+
+Shutdown drains: health turns NOT_SERVING, new sequences are refused, in-flight requests get
+`shutdown_grace_s` to finish, then the models stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from service._pb import grpc_service_pb2 as pb
+from service._pb import grpc_service_pb2_grpc as pb_grpc
+from service.api.servicer import InferenceServicer
+from service.config import Settings
+from service.metrics import Metrics
+from service.runtime.onnx import EngineSettings, OnnxRuntime
+from service.serving.model import Limits
+from service.serving.registry import ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class Server:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        engine = EngineSettings(
+            settings.provider, settings.intra_op_threads, settings.inter_op_threads
+        )
+        limits = Limits(
+            max_sequences=settings.max_sequences,
+            idle_timeout_s=settings.idle_timeout_s,
+            max_queue_delay_s=settings.max_queue_delay_us / 1e6
+            if settings.max_queue_delay_us >= 0
+            else -1.0,
+            max_steps_per_request=settings.max_steps_per_request,
+        )
+        self.metrics = Metrics(lambda: self.registry.all_models())
+        self.registry = ModelRegistry(
+            settings.model_repository,
+            lambda path: OnnxRuntime(path, engine),
+            limits,
+            unload_grace_s=settings.unload_grace_s,
+            on_batch=self.metrics.observe_batch,
+        )
+        self.servicer = InferenceServicer(self.registry, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._http: Any = None
+        self._background: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        settings = self.settings
+        await self.registry.load_all()
+        size = settings.max_message_bytes
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc
+        )
+        self.grpc_port = self._grpc.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen on {settings.host}:{settings.grpc_port}")
+        if settings.metrics_port >= 0:
+            self._http, _ = start_http_server(
+                settings.metrics_port, settings.host, registry=self.metrics.registry
+            )
+            self.metrics_port = self._http.server_port
+        await self._grpc.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._background.append(asyncio.create_task(self._evict_idle()))
+        if settings.repository_poll_s > 0:
+            self._background.append(asyncio.create_task(self._poll_repository()))
+        if settings.port_file is not None:
+            _write_port_file(settings.port_file, self.grpc_port, self.metrics_port)
+        logger.info(
+            "serving grpc=%s:%d metrics=%s:%d models=%s",
+            settings.host,
+            self.grpc_port,
+            settings.host,
+            self.metrics_port,
+            ",".join(f"{m.name}:{m.version}" for m in self.registry.all_models()),
+        )
+
+    async def _evict_idle(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.registry.evict_idle()
+
+    async def _poll_repository(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_s)
+            try:
+                await self.registry.load_all()
+            except Exception:
+                logger.exception("repository poll failed")
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        await self._stopping.wait()
+
+    async def stop(self) -> None:
+        logger.info(
+            "draining: no new sequences, %gs for in-flight requests", self.settings.shutdown_grace_s
+        )
+        self.servicer.draining = True
+        await self.health.enter_graceful_shutdown()
+        for task in self._background:
+            task.cancel()
+        if self._grpc is not None:
+            await self._grpc.stop(self.settings.shutdown_grace_s)
+        await self.registry.stop()
+        if self._http is not None:
+            self._http.shutdown()
+        logger.info("stopped")
+
+
+def _write_port_file(path: Path, grpc_port: int, metrics_port: int) -> None:
+    staging = path.with_suffix(path.suffix + ".tmp")
+    staging.write_text(json.dumps({"grpc": grpc_port, "metrics": metrics_port}))
+    staging.replace(path)
+
+
+async def serve(settings: Settings) -> None:
+    server = Server(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, server.request_stop)
+    await server.start()
+    try:
+        await server.wait()
+    finally:
+        await server.stop()

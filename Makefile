@@ -5,11 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of PyTorch (a plain `torch` requirement may pull a multi-GB CUDA build).
 TORCH_PIN ?= torch==2.13.0
-# Debian packages the tests need.
-SYSTEM_PACKAGES ?=
+# Debian packages the tests need: libb64 for Triton's perf_analyzer.
+SYSTEM_PACKAGES ?= libb64-0d
+PERF_ANALYZER := build/perf_analyzer/bin/perf_analyzer
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test install install-test system-deps proto proto-check lint format train clean
+.PHONY: help serve test install install-test system-deps perf-analyzer proto lint format train clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -38,9 +39,14 @@ system-deps: ## Debian packages the tests need (run as root, or with sudo)
 	fi
 
 serve: install ## serve the bundled models (gRPC :8001, metrics :8002)
-	$(BIN)/rnnserve models
+	$(BIN)/rnnserve serve
 
-test: system-deps install-test ## install everything and run the test suite
+$(PERF_ANALYZER): tests/tools/install-perf-analyzer.sh | system-deps
+	bash tests/tools/install-perf-analyzer.sh build/perf_analyzer
+
+perf-analyzer: $(PERF_ANALYZER) ## Triton's C++ load generator, into build/perf_analyzer
+
+test: system-deps install-test $(PERF_ANALYZER) ## install everything and run the test suite
 	$(BIN)/python -m pytest
 
 proto: install-test ## regenerate service/_pb from proto/*.proto
@@ -49,6 +55,7 @@ proto: install-test ## regenerate service/_pb from proto/*.proto
 lint: install-test ## ruff and mypy
 	$(BIN)/ruff check service models tests proto
 	$(BIN)/ruff format --check service models tests proto
+	$(BIN)/mypy
 
 format: install-test ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format service models tests proto

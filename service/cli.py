@@ -47,7 +47,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     Settings.add_arguments(serve)
     serve.set_defaults(run=_run_serve)
+
+    generate = sub.add_parser(
+        "generate",
+        help="stream a prompt through a character model and print its continuation",
+        description="A streaming client: feeds the prompt one character per request on one "
+        "gRPC stream (the server carries the LSTM state), then continues the text.",
+    )
+    generate.add_argument("prompt", help="text to start from")
+    generate.add_argument("--url", default="127.0.0.1:8001", help="server address (host:port)")
+    generate.add_argument("--model", default="charlm_lstm", help="a model with a vocabulary")
+    generate.add_argument("--length", type=int, default=80, help="characters to generate")
+    generate.add_argument(
+        "--temperature", type=float, default=0.0, help="0 for the likeliest character"
+    )
+    generate.set_defaults(run=_run_generate)
     return parser
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from service.client import ClientError, SequenceClient
+
+    try:
+        with SequenceClient(args.url, args.model) as client:
+            text = client.generate(args.prompt, args.length, args.temperature)
+    except grpc.RpcError as error:
+        raise model_commands.CommandError(
+            f"{args.url}: {error.code().name}: {error.details()}", exit_code=1
+        ) from error
+    except ClientError as error:
+        raise model_commands.CommandError(str(error), exit_code=1) from error
+    print(args.prompt + text)
+    return 0
 
 
 def _run_serve(args: argparse.Namespace) -> int:

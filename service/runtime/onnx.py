@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +55,8 @@ class OnnxRuntime:
         options.log_severity_level = 3
         self.provider = choose_provider(settings.provider)
         self._session = ort.InferenceSession(str(path), options, providers=[self.provider])
-        self.inputs = [self._info(arg) for arg in self._session.get_inputs()]
-        self.outputs = [self._info(arg) for arg in self._session.get_outputs()]
+        self.inputs: Sequence[TensorInfo] = [self._info(a) for a in self._session.get_inputs()]
+        self.outputs: Sequence[TensorInfo] = [self._info(a) for a in self._session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
 
     @staticmethod

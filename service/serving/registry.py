@@ -129,8 +129,14 @@ class ModelRegistry:
 
     # ------------------------------------------------------------------ loading
     async def load_all(self) -> None:
+        """Load every model; one that fails is reported and left out, the rest are served."""
         for entry in scan(self.repository):
-            await self.load(entry.name)
+            if entry.name in self.models or entry.name in self._unloaded:
+                continue
+            try:
+                await self.load(entry.name)
+            except ServiceError as error:
+                logger.error("model %s not loaded: %s", entry.name, error)
 
     async def load(self, name: str) -> None:
         """Load (or reload) a model from the repository by its folder name."""

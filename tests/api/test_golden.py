@@ -159,3 +159,20 @@ def test_explicit_state_mode(client, reference: Reference) -> None:
     np.testing.assert_allclose(
         np.concatenate(logits, axis=1), reference.run("charlm_lstm", x), rtol=1e-5, atol=1e-5
     )
+
+
+def test_bundled_client_streams_characters(server, reference: Reference) -> None:
+    from service.client import SequenceClient
+
+    with SequenceClient(server.url, "charlm_lstm") as lm:
+        text = lm.generate("def main(", 30)
+        ids = lm.encode("def main(" + text)
+    # Greedy decoding reproduces what the model run in-process picks at every position.
+    logits = reference.run("charlm_lstm", ids[None, :-1])[0]
+    assert "".join(lm.vocabulary[i] for i in logits.argmax(-1)[8:]) == text
+
+
+def test_generate_command(server, cli) -> None:
+    done = cli("generate", "class ", "--url", server.url, "--length", "20")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("class ") and len(done.stdout[:-1]) == 26

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.architectures import RecurrentNet, RecurrentSpec
+from models.architectures import RecurrentSpec
 from models.export import (
     BATCH,
     TIME,
@@ -21,9 +21,7 @@ from models.export import (
     export_onnx,
 )
 from models.publish import CARD_FILE, parse_config, publish
-from models.signature import Signature
-
-SIGNATURE = Signature(input_name="x", output_name="y", description="test model")
+from tests.factories import SIGNATURE, random_net
 
 CASES = {
     "lstm-features": RecurrentSpec(
@@ -45,18 +43,6 @@ CASES = {
         cell="rnn", input_size=4, hidden_size=6, output_size=2, bias=False, num_layers=2
     ),
 }
-
-
-def random_net(spec: RecurrentSpec, seed: int = 0) -> RecurrentNet:
-    torch.manual_seed(seed)
-    net = RecurrentNet(spec)
-    with torch.no_grad():
-        # Non-trivial normalisation, so the buffers are known to be exported too.
-        net.input_shift.uniform_(-1, 1)
-        net.input_scale.uniform_(0.5, 2)
-        net.output_shift.uniform_(-1, 1)
-        net.output_scale.uniform_(0.5, 2)
-    return net.eval()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

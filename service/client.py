@@ -1,0 +1,113 @@
+"""A small streaming client: one sequence over one ModelStreamInfer stream.
+
+    from service.client import SequenceClient
+    with SequenceClient("localhost:8001", "charlm_lstm") as lm:
+        print(lm.generate("def ", 60))
+
+The server keeps the sequence's state; each `step` sends only the new time steps.
+"""
+
+from __future__ import annotations
+
+import queue
+import secrets
+from collections.abc import Iterator
+from types import TracebackType
+
+import grpc
+import numpy as np
+
+from service._pb import grpc_service_pb2 as pb
+from service._pb import grpc_service_pb2_grpc as pb_grpc
+from service.repository.signature import WIRE_DTYPES, wire_name
+
+
+class ClientError(Exception):
+    """The server answered a step with an error."""
+
+
+class SequenceClient:
+    def __init__(self, url: str, model: str, sequence_id: int | str | None = None) -> None:
+        self.model = model
+        self.sequence_id = sequence_id or secrets.randbits(62) + 1
+        self._channel = grpc.insecure_channel(url)
+        stub = pb_grpc.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self.config = stub.ModelConfig(pb.ModelConfigRequest(name=model)).config
+        model_input = self.config.input[0]
+        self._input_name = model_input.name
+        self._datatype = wire_name(model_input.data_type)
+        self._output_name = self.config.output[0].name
+        self.vocabulary = self.config.parameters["vocabulary"].string_value
+        self._requests: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
+        self._responses: Iterator[pb.ModelStreamInferResponse] = stub.ModelStreamInfer(
+            iter(self._requests.get, None)
+        )
+        self._started = False
+        self._ended = False
+
+    def step(self, x: np.ndarray, end: bool = False) -> np.ndarray:
+        """Send [T, ...] (or [1, T, ...]) new steps; return the output for them, batch removed."""
+        x = np.asarray(x, dtype=WIRE_DTYPES[self._datatype])
+        if x.ndim == len(self.config.input[0].dims):
+            x = x[None]
+        request = pb.ModelInferRequest(model_name=self.model)
+        request.inputs.add(name=self._input_name, datatype=self._datatype, shape=x.shape)
+        request.raw_input_contents.append(x.tobytes())
+        if isinstance(self.sequence_id, str):
+            request.parameters["sequence_id"].string_param = self.sequence_id
+        else:
+            request.parameters["sequence_id"].int64_param = self.sequence_id
+        request.parameters["sequence_start"].bool_param = not self._started
+        request.parameters["sequence_end"].bool_param = end
+        self._requests.put(request)
+        reply = next(self._responses)
+        if reply.error_message:
+            raise ClientError(reply.error_message)
+        self._started, self._ended = True, end
+        response = reply.infer_response
+        output = response.outputs[0]
+        array = np.frombuffer(response.raw_output_contents[0], WIRE_DTYPES[output.datatype])
+        result: np.ndarray = array.reshape(tuple(output.shape))[0]
+        return result
+
+    def encode(self, text: str) -> np.ndarray:
+        index = {ch: i for i, ch in enumerate(self.vocabulary)}
+        return np.array([index.get(ch, 0) for ch in text], dtype=np.int64)
+
+    def generate(self, prompt: str, length: int, temperature: float = 0.0, seed: int = 0) -> str:
+        """Feed `prompt` one character per request, then let the model continue it."""
+        if not self.vocabulary:
+            raise ClientError(f"model {self.model} has no vocabulary: it is not a text model")
+        rng = np.random.default_rng(seed)
+        logits = np.zeros(len(self.vocabulary), np.float32)
+        for token in self.encode(prompt):
+            logits = self.step(np.array([token]))[-1]
+        text = []
+        for _ in range(length):
+            if temperature > 0:
+                weights = np.exp((logits - logits.max()) / temperature)
+                token = int(rng.choice(len(weights), p=weights / weights.sum()))
+            else:
+                token = int(logits.argmax())
+            text.append(self.vocabulary[token])
+            logits = self.step(np.array([token]))[-1]
+        return "".join(text)
+
+    def close(self) -> None:
+        if self._started and not self._ended:
+            # End the sequence so the server frees its state now rather than at idle timeout.
+            with_zeros = np.zeros((1, *(max(d, 1) for d in self.config.input[0].dims)))
+            self.step(with_zeros, end=True)
+        self._requests.put(None)
+        self._channel.close()
+
+    def __enter__(self) -> SequenceClient:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,86 @@
+"""Per-model limits: live sequences, idle eviction, steps per request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from tests.api.conftest import infer_input
+from tests.server import RunningServer, start_server
+
+STEP = np.array([[[24.0]]], np.float32)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[RunningServer]:
+    running = start_server(
+        tmp_path_factory.mktemp("limits"),
+        "--max-sequences", "3", "--idle-timeout-s", "1", "--max-steps-per-request", "16",
+    )  # fmt: skip
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+@pytest.fixture
+def client(server) -> Iterator[triton.InferenceServerClient]:
+    with triton.InferenceServerClient(server.url) as connection:
+        yield connection
+
+
+def step(client, sequence_id, **flags):
+    return client.infer(
+        "sensor_gru", [infer_input("sensor_gru", STEP)], sequence_id=sequence_id, **flags
+    )
+
+
+def test_a_full_model_answers_resource_exhausted(client) -> None:
+    for sid in (1, 2, 3):
+        step(client, sid, sequence_start=True)
+    with pytest.raises(InferenceServerException) as caught:
+        step(client, 4, sequence_start=True)
+    assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "maximum of 3 live sequences" in caught.value.message()
+    # Other models have their own room, and the live sequences go on.
+    step(client, 1)
+    client.infer(
+        "digits_lstm",
+        [infer_input("digits_lstm", np.zeros((1, 1, 8), np.float32))],
+        sequence_id=4,
+        sequence_start=True,
+        sequence_end=True,
+    )
+    step(client, 1, sequence_end=True)
+    step(client, 4, sequence_start=True, sequence_end=True)
+    step(client, 2, sequence_end=True)
+    step(client, 3, sequence_end=True)
+
+
+def test_idle_sequences_are_evicted(client, server) -> None:
+    step(client, 10, sequence_start=True)
+    time.sleep(2.5)
+    with pytest.raises(InferenceServerException) as caught:
+        step(client, 10)
+    assert caught.value.status() == "StatusCode.FAILED_PRECONDITION"
+    assert "evicted after 1 s without a request" in caught.value.message()
+    scrape = server.scrape()
+    line = next(
+        row for row in scrape.splitlines()
+        if row.startswith("rnnserve_sequence_evictions_total{")
+        and 'model="sensor_gru"' in row and 'reason="idle"' in row
+    )  # fmt: skip
+    assert float(line.rsplit(" ", 1)[1]) >= 1
+
+
+def test_too_many_steps_in_one_request(client) -> None:
+    x = np.zeros((1, 17, 1), np.float32)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(
+            "sensor_gru", [infer_input("sensor_gru", x)], sequence_id=20, sequence_start=True
+        )
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "1..16 time steps, got 17" in caught.value.message()

@@ -1,0 +1,44 @@
+"""Triton's own load generator, perf_analyzer, in streaming sequence mode against the server."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+PERF_ANALYZER = Path(
+    os.environ.get(
+        "RNNSERVE_PERF_ANALYZER", ROOT / "build" / "perf_analyzer" / "bin" / "perf_analyzer"
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "data"),
+    [("sensor_gru", "reading:1,1", "random"), ("charlm_lstm", "tokens:1", "zero")],
+)
+def test_streaming_sequences_complete_without_errors(server, tmp_path, model, shape, data) -> None:
+    if not PERF_ANALYZER.exists():
+        pytest.fail(f"{PERF_ANALYZER} is missing: `make test` installs it (tests/tools/)")
+    report = tmp_path / "report.csv"
+    done = subprocess.run(
+        [
+            str(PERF_ANALYZER), "-m", model, "-i", "grpc", "-u", server.url, "--streaming",
+            "--shape", shape, "--input-data", data,
+            "--sequence-length", "8", "--concurrency-range", "4",
+            "--measurement-mode", "count_windows", "--measurement-request-count", "150",
+            "--stability-percentage", "100", "--max-trials", "4", "-f", str(report),
+        ],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "error" not in output.lower(), output
+    with report.open() as rows:
+        (row,) = list(csv.DictReader(rows))
+    assert float(row["Inferences/Second"]) > 0

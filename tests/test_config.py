@@ -1,0 +1,45 @@
+"""Settings come from flags, then RNNSERVE_ environment variables, then defaults."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from service.config import Settings, bundled_repository
+
+
+def settings(argv: list[str], environ: dict[str, str]) -> Settings:
+    parser = argparse.ArgumentParser()
+    Settings.add_arguments(parser)
+    return Settings.from_sources(parser.parse_args(argv), environ)
+
+
+def test_defaults() -> None:
+    s = settings([], {})
+    assert (s.grpc_port, s.metrics_port, s.host) == (8001, 8002, "127.0.0.1")
+    assert s.model_repository == bundled_repository()
+    assert (s.model_repository / "charlm_lstm" / "config.pbtxt").is_file()
+
+
+def test_environment_then_flag() -> None:
+    environ = {"RNNSERVE_GRPC_PORT": "9001", "RNNSERVE_MODEL_REPOSITORY": "/srv/models",
+               "RNNSERVE_IDLE_TIMEOUT_S": "2.5"}
+    s = settings([], environ)
+    assert (s.grpc_port, s.model_repository, s.idle_timeout_s) == (9001, Path("/srv/models"), 2.5)
+    assert settings(["--grpc-port", "7001"], environ).grpc_port == 7001
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "needle"),
+    [
+        ([], {"RNNSERVE_GRPC_PORT": "http"}, "RNNSERVE_GRPC_PORT"),
+        (["--provider", "tpu"], {}, "--provider must be auto, cpu or cuda"),
+        (["--grpc-port", "70000"], {}, "not a port number"),
+        (["--max-steps-per-request", "0"], {}, "at least 1"),
+    ],
+)
+def test_bad_values_name_the_setting(argv, environ, needle) -> None:
+    with pytest.raises(ValueError, match=needle):
+        settings(argv, environ)

@@ -47,8 +47,8 @@ class Settings:
     """Live sequences each model version holds at most (0: each model's config)."""
     idle_timeout_s: float = 0.0
     """Evict a sequence after this many seconds without a request (0: each model's config)."""
-    max_steps_per_request: int = 4096
-    """Time steps one request may carry at most."""
+    max_steps_per_request: int = 0
+    """Time steps one request may carry at most (0: each model's config, else 4096)."""
     max_message_bytes: int = 64 * 1024 * 1024
     """Largest gRPC message accepted or sent."""
     unload_grace_s: float = 30.0
@@ -101,8 +101,8 @@ class Settings:
             port = getattr(self, name)
             if not -1 <= port <= 65535 or (name == "grpc_port" and port < 0):
                 raise ValueError(f"--{name.replace('_', '-')} {port} is not a port number")
-        if self.max_steps_per_request < 1:
-            raise ValueError("--max-steps-per-request must be at least 1")
+        if self.max_steps_per_request < 0:
+            raise ValueError("--max-steps-per-request must be 0 (per model) or more")
 
 
 def _convert(name: str, hint: str, raw: str) -> Any:

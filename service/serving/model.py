@@ -14,7 +14,7 @@ import numpy as np
 
 from service._pb import model_config_pb2 as mc
 from service.batching.batcher import SequenceBatcher, Step
-from service.errors import InvalidArgument, ModelNotReady
+from service.errors import InvalidArgument, InvalidModelRepository, ModelNotReady
 from service.repository.signature import (
     ModelSignature,
     TensorSpec,
@@ -42,7 +42,22 @@ class Limits:
     max_sequences: int = 0
     idle_timeout_s: float = 0.0
     max_queue_delay_s: float = -1.0
-    max_steps_per_request: int = 4096
+    max_steps_per_request: int = 0
+
+
+DEFAULT_MAX_STEPS = 4096
+
+
+def _config_int(config: mc.ModelConfig, key: str) -> int:
+    """An integer from the config's `parameters`, 0 when absent."""
+    if key not in config.parameters:
+        return 0
+    text = config.parameters[key].string_value
+    if not text.isdigit():
+        raise InvalidModelRepository(
+            f"model {config.name}: parameter {key} must be a whole number, got {text!r}"
+        )
+    return int(text)
 
 
 @dataclass
@@ -85,6 +100,11 @@ class ServedModel:
         self.signature: ModelSignature = signature_of(config, runtime)
         sig = self.signature
         self.idle_timeout_s = limits.idle_timeout_s or sig.idle_timeout_s
+        self.max_steps = (
+            limits.max_steps_per_request
+            or _config_int(config, "max_steps_per_request")
+            or DEFAULT_MAX_STEPS
+        )
         capacity = limits.max_sequences or sig.max_sequences
         self.arena = StateArena([s.dims for s in sig.states], capacity) if sig.streamable else None
         self.sequences = (
@@ -253,9 +273,10 @@ class ServedModel:
                 f"batch size {rows} is outside 1..{self.signature.max_batch_size} for model "
                 f"{self.name}"
             )
-        if not 1 <= steps <= self.limits.max_steps_per_request:
+        if not 1 <= steps <= self.max_steps:
             raise InvalidArgument(
-                f"a request carries 1..{self.limits.max_steps_per_request} time steps, got {steps}"
+                f"a request to model {self.name} carries 1..{self.max_steps} time steps, got "
+                f"{steps}"
             )
         return rows, steps
 

@@ -14,7 +14,7 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from models.architectures import RecurrentSpec
-from models.publish import publish
+from models.publish import parse_config, publish, render_config
 from tests.factories import SIGNATURE, publish_versions, random_net
 from tests.server import RunningServer, start_server
 
@@ -44,6 +44,11 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     publish(random_net(bidirectional), SIGNATURE, root, "bidir_lstm", streamable=False)
     publish_versions(root, "multi_gru", {1: 1, 2: 2}, policy_all=True)
     publish_versions(root, "reload_gru", {1: 3})
+    publish_versions(root, "short_gru", {1: 5})
+    config_path = root / "short_gru" / "config.pbtxt"
+    config = parse_config(config_path.read_text())
+    config.parameters["max_steps_per_request"].string_value = "4"
+    config_path.write_text(render_config(config))
     return root
 
 
@@ -180,3 +185,14 @@ def test_a_broken_model_folder_is_reported_not_fatal(client, repository) -> None
     index = {m.name: m for m in client.get_model_repository_index().models}
     assert index["broken_gru"].state == "UNAVAILABLE"
     assert "nope" in index["broken_gru"].reason
+
+
+def test_a_model_config_sets_its_own_step_limit(client) -> None:
+    x = np.zeros((1, 5, 3), np.float32)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("short_gru", [x_input(x)], sequence_id=1, sequence_start=True)
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "short_gru carries 1..4 time steps, got 5" in caught.value.message()
+    client.infer(
+        "short_gru", [x_input(x[:, :4])], sequence_id=1, sequence_start=True, sequence_end=True
+    )

@@ -243,32 +243,73 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request_iterator: AsyncIterator[pb.ModelInferRequest],
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None],
     ) -> None:
-        pending: set[asyncio.Task[None]] = set()
+        """Queue each request's step as it arrives; answer from the step's completion callback.
+
+        No task per request: a step is queued synchronously (so the steps of one sequence keep
+        their order) and its future's callback encodes and queues the response.
+        """
+        outstanding = 0
+        drained = asyncio.Event()
+        drained.set()
+
+        def answer(response: pb.ModelStreamInferResponse) -> None:
+            nonlocal outstanding
+            responses.put_nowait(response)
+            outstanding -= 1
+            if outstanding == 0:
+                drained.set()
+
         try:
             async for message in request_iterator:
-                # A task starts running in creation order and submits its step before its
-                # first await, so the steps of one sequence keep the order they arrived in.
-                task = asyncio.create_task(self._stream_one(message, responses))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            if pending:
-                await asyncio.gather(*pending)
+                outstanding += 1
+                drained.clear()
+                self._stream_one(message, answer)
+            await drained.wait()
         finally:
             responses.put_nowait(None)
 
-    async def _stream_one(
+    def _stream_one(
+        self, message: pb.ModelInferRequest, answer: Callable[[pb.ModelStreamInferResponse], None]
+    ) -> None:
+        started = time.perf_counter()
+        labels = (UNKNOWN_MODEL, "")
+        try:
+            request = decode_request(message)
+            model = self._resolve(request)
+            labels = (model.name, str(model.version))
+            step = model.submit(request)
+        except Exception as error:  # noqa: BLE001 - each request is answered, the stream lives on
+            answer(self._stream_failure(message, error, labels, started))
+            return
+
+        def done(_: object) -> None:
+            try:
+                result = model.finish(step)
+                response = encode_result(result, message.id)
+            except BaseException as error:  # noqa: BLE001 - cancelled steps are answered too
+                answer(self._stream_failure(message, error, labels, started))
+                return
+            self.metrics.observe_request(
+                *labels, "OK", time.perf_counter() - started, result.queue_s, result.compute_s
+            )
+            answer(pb.ModelStreamInferResponse(infer_response=response))
+
+        step.future.add_done_callback(done)
+
+    def _stream_failure(
         self,
         message: pb.ModelInferRequest,
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None],
-    ) -> None:
-        try:
-            response = pb.ModelStreamInferResponse(infer_response=await self._infer(message))
-        except ServiceError as error:
-            response = _stream_error(message, f"[{error.code.name}] {error}")
-        except Exception:
-            logger.exception("unexpected error on a stream request")
-            response = _stream_error(message, "[INTERNAL] internal error; see the server log")
-        responses.put_nowait(response)
+        error: BaseException,
+        labels: tuple[str, str],
+        started: float,
+    ) -> pb.ModelStreamInferResponse:
+        if isinstance(error, ServiceError):
+            code, text = error.code.name, str(error)
+        else:
+            logger.error("unexpected error on a stream request", exc_info=error)
+            code, text = "INTERNAL", "internal error; see the server log"
+        self.metrics.observe_request(*labels, code, time.perf_counter() - started)
+        return _stream_error(message, f"[{code}] {text}")
 
 
 def _stream_error(message: pb.ModelInferRequest, text: str) -> pb.ModelStreamInferResponse:

@@ -151,35 +151,54 @@ class ServedModel:
 
     # ------------------------------------------------------------------ inference
     async def infer(self, request: InferenceRequest) -> InferenceResult:
-        started = time.perf_counter()
+        step = self.submit(request)
         try:
-            result = await self._infer(request)
+            await step.future
+        except BaseException:
+            self.finish(step)
+            raise
+        return self.finish(step)
+
+    def submit(self, request: InferenceRequest) -> Step:
+        """Check the request and queue its step; call `finish` once `step.future` is done.
+
+        Synchronous on purpose: the steps of one sequence are queued in the order their
+        requests arrive, whatever callers await in between.
+        """
+        try:
+            if self.state is not ModelState.READY and not request.sequence.id:
+                raise ModelNotReady(f"model {self.name} version {self.version} is being unloaded")
+            rows, steps = self._check_inputs(request.inputs)
+            outputs = self._check_outputs(request.outputs)
+            model_inputs = {n: request.inputs[n] for n in self._inputs}
+            step = self._plan(request, model_inputs, rows, steps, outputs)
         except Exception:
             self.stats.fail_count += 1
-            self.stats.fail_ns += int((time.perf_counter() - started) * 1e9)
             raise
-        self.stats.success_count += 1
-        self.stats.success_ns += int((time.perf_counter() - started) * 1e9)
-        return result
-
-    async def _infer(self, request: InferenceRequest) -> InferenceResult:
-        if self.state is not ModelState.READY and not request.sequence.id:
-            raise ModelNotReady(f"model {self.name} version {self.version} is being unloaded")
-        rows, steps = self._check_inputs(request.inputs)
-        outputs = self._check_outputs(request.outputs)
-        model_inputs = {n: request.inputs[n] for n in self._inputs}
-        step = self._plan(request, model_inputs, rows, steps, outputs)
         sequence = step.sequence
         if sequence is not None:
             sequence.pending += 1
             if request.sequence.end:
                 self.sequences.end(sequence)  # type: ignore[union-attr]
-        try:
-            result = await self.batcher.submit(step)
-        finally:
-            if sequence is not None:
-                self.sequences.step_finished(sequence)  # type: ignore[union-attr]
-        return InferenceResult(self.name, self.version, result, step.queue_s, step.compute_s)
+        self.batcher.submit(step)
+        return step
+
+    def finish(self, step: Step) -> InferenceResult:
+        """Release what the step held; its result, or its error raised."""
+        if step.sequence is not None:
+            self.sequences.step_finished(step.sequence)  # type: ignore[union-attr]
+        elapsed_ns = int((time.perf_counter() - step.enqueued) * 1e9)
+        future = step.future
+        if future.cancelled() or future.exception() is not None:
+            self.stats.fail_count += 1
+            self.stats.fail_ns += elapsed_ns
+            future.result()  # raises the step's error (or CancelledError)
+            raise AssertionError("unreachable: a failed step's result raises")
+        self.stats.success_count += 1
+        self.stats.success_ns += elapsed_ns
+        return InferenceResult(
+            self.name, self.version, future.result(), step.queue_s, step.compute_s
+        )
 
     def _plan(
         self,

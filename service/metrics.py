@@ -56,6 +56,7 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+        self._request_children: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
         self.registry.register(_ServingCollector(models))
         self.registry.register(_GpuCollector())
 
@@ -68,12 +69,28 @@ class Metrics:
         queue_s: float | None = None,
         compute_s: float | None = None,
     ) -> None:
-        self.requests.labels(model, version, outcome).inc()
-        self.request_duration.labels(model, version, "total").observe(total_s)
+        count, total, queue, compute = self._children(model, version, outcome)
+        count.inc()
+        total.observe(total_s)
         if queue_s is not None:
-            self.request_duration.labels(model, version, "queue").observe(queue_s)
+            queue.observe(queue_s)
         if compute_s is not None:
-            self.request_duration.labels(model, version, "compute").observe(compute_s)
+            compute.observe(compute_s)
+
+    def _children(self, model: str, version: str, outcome: str) -> tuple[Any, Any, Any, Any]:
+        """The labelled series of one request kind, looked up once (labels() is not free)."""
+        key = (model, version, outcome)
+        children = self._request_children.get(key)
+        if children is None:
+            duration = self.request_duration
+            children = (
+                self.requests.labels(model, version, outcome),
+                duration.labels(model, version, "total"),
+                duration.labels(model, version, "queue"),
+                duration.labels(model, version, "compute"),
+            )
+            self._request_children[key] = children
+        return children
 
     def observe_batch(self, model: ServedModel, batch: Sequence[Step], compute_s: float) -> None:
         self.batch_size.labels(model.name, str(model.version)).observe(sum(s.rows for s in batch))

@@ -10,7 +10,7 @@ SYSTEM_PACKAGES ?= libb64-0d
 PERF_ANALYZER := build/perf_analyzer/bin/perf_analyzer
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test install install-test system-deps perf-analyzer proto lint format train clean
+.PHONY: help serve bench test install install-test system-deps perf-analyzer proto lint format train clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -20,14 +20,14 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[bench]'
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[train,test]' '$(TORCH_PIN)'
 	@touch $@ $(VENV)/.installed
 
-install: $(VENV)/.installed ## virtualenv with the serving dependencies only (no torch)
+install: $(VENV)/.installed ## virtualenv with the serving and benchmark dependencies (no torch)
 
 install-test: $(VENV)/.installed-test ## virtualenv with training, export and test dependencies
 
@@ -40,6 +40,9 @@ system-deps: ## Debian packages the tests need (run as root, or with sudo)
 
 serve: install ## serve the bundled models (gRPC :8001, metrics :8002)
 	$(BIN)/rnnserve serve
+
+bench: install ## run the benchmark (about 10 minutes; BENCH_ARGS=--quick for one)
+	$(BIN)/rnnserve bench $(BENCH_ARGS)
 
 $(PERF_ANALYZER): tests/tools/install-perf-analyzer.sh | system-deps
 	bash tests/tools/install-perf-analyzer.sh build/perf_analyzer

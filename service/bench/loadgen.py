@@ -1,0 +1,248 @@
+"""A cheap closed-loop load generator: N sequences, each waiting for its answer before it sends
+its next request, on grpc.aio with requests encoded before the clock starts.
+
+Requests travel as bytes (no serializer) and responses stay bytes (no deserializer): a stream
+response is checked for an error by its first byte only. Each sequence has its own bidi stream
+(stream mode) or makes one unary call at a time (unary mode); sequences spread over several
+channels, each its own TCP connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from service.bench.workload import STREAM_METHOD, STREAM_OK_TAG, UNARY_METHOD, SequenceMessages
+
+logger = logging.getLogger(__name__)
+
+STREAM = "stream"
+UNARY = "unary"
+FINISH_TIMEOUT_S = 60.0
+"""How long sequences may take to send their END and close once a point's window is over."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Counters read at either edge of a measurement window."""
+
+    time_s: float
+    client_cpu_s: float
+    server_cpu_s: float
+    batch_sum: float = 0.0
+    batch_count: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    mode: str
+    """stream (one bidi stream per sequence) or unary (one ModelInfer call at a time)."""
+    sessions: int
+    steps: int
+    """Time steps per request."""
+    warmup_s: float
+    duration_s: float
+    sessions_per_channel: int
+    first_id: int
+    """Sequence ids are first_id .. first_id + sessions - 1: distinct for every point."""
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    spec: LoadSpec
+    requests: int
+    """Answered without error inside the window."""
+    errors: int
+    """Errors anywhere in the point: warm-up, window, START and END requests."""
+    first_error: str
+    window_s: float
+    latencies_s: np.ndarray
+    before: Snapshot
+    after: Snapshot
+    response_bytes: int
+    channels: int
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.requests * self.spec.steps / self.window_s
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.window_s
+
+    def percentile_ms(self, q: float) -> float:
+        if not len(self.latencies_s):
+            return math.nan
+        return float(np.percentile(self.latencies_s, q)) * 1e3
+
+    def cpu_per_1000_steps(self, which: str) -> float:
+        steps = self.requests * self.spec.steps
+        if steps == 0:
+            return math.nan
+        used: float = getattr(self.after, which) - getattr(self.before, which)
+        return used / steps * 1000
+
+    @property
+    def mean_batch(self) -> float:
+        count = self.after.batch_count - self.before.batch_count
+        if count <= 0:
+            return math.nan
+        return (self.after.batch_sum - self.before.batch_sum) / count
+
+
+class _Window:
+    """What all sequences of one point share; written from one event loop only."""
+
+    __slots__ = ("errors", "first_error", "latencies", "open", "response_bytes", "stop")
+
+    def __init__(self) -> None:
+        self.open = False
+        self.stop = False
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.first_error = ""
+        self.response_bytes = 0
+
+    def error(self, message: str) -> None:
+        self.errors += 1
+        if not self.first_error:
+            self.first_error = message
+
+
+def _stream_error(reply: Any) -> str | None:
+    if reply is grpc.aio.EOF:
+        return "the server closed the stream"
+    if not reply or reply[0] != STREAM_OK_TAG:
+        return _decode_stream_error(reply)
+    return None
+
+
+def _decode_stream_error(reply: bytes) -> str:
+    from service._pb import grpc_service_pb2 as pb  # only on the error path
+
+    return pb.ModelStreamInferResponse.FromString(reply).error_message or "an empty response"
+
+
+async def _stream_sequence(
+    channel: grpc.aio.Channel, messages: SequenceMessages, w: _Window
+) -> None:
+    call = channel.stream_stream(STREAM_METHOD)()
+    try:
+        await call.write(messages.start)
+        reply = await call.read()
+        if (problem := _stream_error(reply)) is not None:
+            w.error(problem)
+            return
+        w.response_bytes = len(reply)
+        step, latencies, clock = messages.step, w.latencies, time.perf_counter
+        while not w.stop:
+            sent = clock()
+            await call.write(step)
+            reply = await call.read()
+            answered = clock()
+            if not reply or reply is grpc.aio.EOF or reply[0] != STREAM_OK_TAG:
+                w.error(_stream_error(reply) or "")
+                return
+            if w.open:
+                latencies.append(answered - sent)
+        await call.write(messages.end)
+        if (problem := _stream_error(await call.read())) is not None:
+            w.error(problem)
+        await call.done_writing()
+        if (code := await call.code()) != grpc.StatusCode.OK:
+            w.error(f"the stream ended with {code.name}: {await call.details()}")
+    except grpc.aio.AioRpcError as error:
+        w.error(f"{error.code().name}: {error.details()}")
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+
+
+async def _unary_sequence(
+    channel: grpc.aio.Channel, messages: SequenceMessages, w: _Window
+) -> None:
+    infer = channel.unary_unary(UNARY_METHOD)
+    try:
+        w.response_bytes = len(await infer(messages.start))
+        step, latencies, clock = messages.step, w.latencies, time.perf_counter
+        while not w.stop:
+            sent = clock()
+            await infer(step)
+            answered = clock()
+            if w.open:
+                latencies.append(answered - sent)
+        await infer(messages.end)
+    except grpc.aio.AioRpcError as error:
+        w.error(f"{error.code().name}: {error.details()}")
+
+
+async def _monitor(spec: LoadSpec, w: _Window, sample: Callable[[], Snapshot]) -> list[Snapshot]:
+    await asyncio.sleep(spec.warmup_s)
+    before = sample()
+    w.open = True
+    await asyncio.sleep(spec.duration_s)
+    w.open = False
+    after = sample()
+    w.stop = True
+    return [before, after]
+
+
+def channel_count(sessions: int, sessions_per_channel: int) -> int:
+    return max(1, math.ceil(sessions / max(1, sessions_per_channel)))
+
+
+async def run_load(
+    target: str,
+    spec: LoadSpec,
+    messages: list[SequenceMessages],
+    sample: Callable[[], Snapshot],
+) -> LoadResult:
+    """One point: warm up, measure for spec.duration_s, then END every sequence."""
+    if len(messages) != spec.sessions:
+        raise ValueError(f"{len(messages)} sequences' messages for {spec.sessions} sessions")
+    # A local subchannel pool gives each channel its own connection.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [
+        grpc.aio.insecure_channel(target, options=options)
+        for _ in range(channel_count(spec.sessions, spec.sessions_per_channel))
+    ]
+    try:
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), 30)
+        sequence = _stream_sequence if spec.mode == STREAM else _unary_sequence
+        window = _Window()
+        tasks = [
+            asyncio.create_task(sequence(channels[i % len(channels)], m, window))
+            for i, m in enumerate(messages)
+        ]
+        before, after = await _monitor(spec, window, sample)
+        done, pending = await asyncio.wait(tasks, timeout=FINISH_TIMEOUT_S)
+        for task in pending:
+            task.cancel()
+            window.error("a sequence did not finish in time")
+        for task in done:
+            if task.exception() is not None:
+                window.error(f"{type(task.exception()).__name__}: {task.exception()}")
+    finally:
+        for channel in channels:
+            await channel.close()
+    return LoadResult(
+        spec=spec,
+        requests=len(window.latencies),
+        errors=window.errors,
+        first_error=window.first_error,
+        window_s=after.time_s - before.time_s,
+        latencies_s=np.asarray(window.latencies),
+        before=before,
+        after=after,
+        response_bytes=window.response_bytes,
+        channels=len(channels),
+    )

@@ -1,0 +1,87 @@
+"""What one benchmark run measures, and how long it takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.config import bundled_repository
+
+FULL_SESSIONS = (1, 16, 64, 256, 1024)
+QUICK_SESSIONS = (1, 64, 256)
+FULL_BATCHES = (1, 8, 64, 256)
+QUICK_BATCHES = (1, 64)
+HEADLINE_SESSIONS = 64
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    model: str = "charlm_lstm"
+    """A streaming model of the repository."""
+    repository: Path = field(default_factory=bundled_repository)
+    out: Path = Path("build/bench")
+    """Where results.json, results.md and the plots go."""
+    sessions: tuple[int, ...] = FULL_SESSIONS
+    """Concurrent sequences, each a closed loop, for rnnserve and the transport ceiling."""
+    batches: tuple[int, ...] = FULL_BATCHES
+    """Batch sizes of the in-process ONNX Runtime runs."""
+    steps: tuple[int, ...] = (1, 32)
+    """Time steps per request (per call in-process); unary requests carry one."""
+    duration_s: float = 5.0
+    """Measured seconds per point."""
+    warmup_s: float = 0.5
+    """Seconds run before each point's measurement starts."""
+    sessions_per_channel: int = 1024
+    """Sequences sharing one gRPC channel (one TCP connection); on loopback one channel is
+    cheaper for the client than several (the run measures both at 256 sequences)."""
+    intra_op_threads: int = 0
+    """ONNX Runtime threads, in-process and in the server (0: ONNX Runtime's choice)."""
+    inter_op_threads: int = 0
+    server_args: tuple[str, ...] = ()
+    """Extra `rnnserve serve` flags, e.g. --max-queue-delay-us=200."""
+    unary: bool = True
+    """Measure ModelInfer (unary) as well as the stream."""
+    peers: bool = True
+    """Run perf_analyzer against rnnserve (when installed) and look for TorchServe."""
+    compare_channels: bool = True
+    """Measure the transport ceiling with one channel per 64 sequences too."""
+
+    def __post_init__(self) -> None:
+        for name in ("sessions", "batches", "steps"):
+            values = getattr(self, name)
+            if not values or min(values) < 1:
+                raise ValueError(f"--{name} needs one or more positive whole numbers")
+        if 1 not in self.steps or 1 not in self.batches:
+            raise ValueError("--steps and --batches must include 1: the headline figures use it")
+        if self.duration_s <= 0 or self.warmup_s < 0:
+            raise ValueError("--duration must be positive and --warmup at least 0")
+        if self.sessions_per_channel < 1:
+            raise ValueError("--sessions-per-channel must be at least 1")
+
+    @classmethod
+    def resolve(
+        cls,
+        quick: bool,
+        *,
+        sessions: tuple[int, ...] | None = None,
+        batches: tuple[int, ...] | None = None,
+        duration_s: float | None = None,
+        warmup_s: float | None = None,
+        **given: object,
+    ) -> BenchOptions:
+        """Options from the command line: what is not given comes from --quick or the full run."""
+        return cls(
+            sessions=sessions or (QUICK_SESSIONS if quick else FULL_SESSIONS),
+            batches=batches or (QUICK_BATCHES if quick else FULL_BATCHES),
+            duration_s=duration_s or (1.0 if quick else 5.0),
+            warmup_s=warmup_s if warmup_s is not None else (0.2 if quick else 0.5),
+            compare_channels=not quick,
+            **given,  # type: ignore[arg-type]
+        )
+
+    @property
+    def headline_sessions(self) -> int:
+        """64 sequences, or the measured count nearest to it (by ratio)."""
+        return min(
+            self.sessions, key=lambda n: max(n, HEADLINE_SESSIONS) / min(n, HEADLINE_SESSIONS)
+        )

@@ -1,0 +1,148 @@
+"""Servers under test run as child processes on free loopback ports; their CPU time is read from
+/proc and their metrics from their Prometheus endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+START_TIMEOUT_S = 90.0
+
+
+class ProcessError(RuntimeError):
+    """A server under test did not start, or died."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    grpc: int
+    metrics: int | None
+
+
+class ServerProcess:
+    """A server started with `--port-file`, stopped with SIGTERM on exit from its `with`."""
+
+    def __init__(self, name: str, command: Sequence[str], workdir: Path) -> None:
+        self.name = name
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / f"{name}.log"
+        self._port_file = workdir / f"{name}.ports.json"
+        self._port_file.unlink(missing_ok=True)
+        with self.log_path.open("w") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                [*command, "--port-file", str(self._port_file)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.ports = self._wait_for_ports()
+
+    def _wait_for_ports(self) -> Ports:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._port_file.exists():
+            if self.process.poll() is not None:
+                raise ProcessError(
+                    f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ProcessError(f"{self.name} did not start:\n{self.log_tail()}")
+            time.sleep(0.05)
+        ports = json.loads(self._port_file.read_text())
+        return Ports(ports["grpc"], ports.get("metrics"))
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.pid)
+
+    def scrape(self) -> str:
+        if self.ports.metrics is None:
+            raise ProcessError(f"{self.name} exports no metrics")
+        url = f"http://127.0.0.1:{self.ports.metrics}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text: str = response.read().decode()
+        return text
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                return self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def start_rnnserve(workdir: Path, server_args: Sequence[str]) -> ServerProcess:
+    """The real server, started as tests/server.py and an operator start it."""
+    command = [
+        sys.executable, "-m", "service", "serve",
+        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+        *server_args,
+    ]  # fmt: skip
+    return ServerProcess("rnnserve", command, workdir)
+
+
+def start_echo(workdir: Path, repository: Path, model: str, steps: int) -> ServerProcess:
+    command = [
+        sys.executable, "-m", "service.bench.echo", "--model", model,
+        "--model-repository", str(repository), "--steps", str(steps),
+    ]  # fmt: skip
+    return ServerProcess(f"echo-t{steps}", command, workdir)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, all its threads included."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) may hold spaces; the fields after it are space-separated.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / CLOCK_TICKS
+
+
+def histogram_totals(metrics_text: str, name: str, model: str) -> tuple[float, float]:
+    """(sum, count) of a histogram for one model, all versions added up."""
+    label = f'model="{model}"'
+    total = count = 0.0
+    for line in metrics_text.splitlines():
+        if label not in line:
+            continue
+        if line.startswith(f"{name}_sum{{"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"{name}_count{{"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count

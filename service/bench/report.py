@@ -1,0 +1,267 @@
+"""The run's figures as JSON, a Markdown table, two plots and the headline."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+HEADLINE_SERIES = "stream T=1"
+
+
+def headline(results: dict[str, Any], sessions: int) -> dict[str, Any]:
+    """E: rnnserve over the transport ceiling; R: rnnserve over in-process ONNX Runtime.
+
+    Both at `sessions` sequences sending one step per request over the stream, against the
+    ceiling's messages/s with the same client, and against ONNX Runtime at batch 1, T=1.
+    """
+    served = _find(results["rnnserve"], series=HEADLINE_SERIES, sessions=sessions)
+    transport = _find(results["transport"], series=HEADLINE_SERIES, sessions=sessions)
+    alone = _find(results["inprocess"], batch=1, steps=1)
+    return {
+        "sessions": sessions,
+        "E": _ratio(served["steps_per_s"], transport["requests_per_s"]),
+        "R": _ratio(served["steps_per_s"], alone["steps_per_s"]),
+        "rnnserve_steps_per_s": served["steps_per_s"],
+        "transport_messages_per_s": transport["requests_per_s"],
+        "inprocess_steps_per_s": alone["steps_per_s"],
+    }
+
+
+def headline_lines(figures: dict[str, Any]) -> tuple[str, ...]:
+    n = figures["sessions"]
+    return (
+        f"E = {figures['E']:.2f}  rnnserve {figures['rnnserve_steps_per_s']:,.0f} steps/s "
+        f"({n} sequences, 1 step per request, stream) / transport-only ceiling "
+        f"{figures['transport_messages_per_s']:,.0f} messages/s ({n} streams, same client)",
+        f"R = {figures['R']:.2f}  rnnserve {figures['rnnserve_steps_per_s']:,.0f} steps/s "
+        f"({n} sequences) / in-process ONNX Runtime {figures['inprocess_steps_per_s']:,.0f} "
+        f"steps/s (batch 1, T=1)",
+    )
+
+
+def _find(points: Iterable[dict[str, Any]], **match: Any) -> dict[str, Any]:
+    for point in points:
+        if all(point.get(k) == v for k, v in match.items()):
+            return point
+    raise LookupError(f"no point with {match}")
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else math.nan
+
+
+def write(results: dict[str, Any], out: Path) -> tuple[Path, ...]:
+    json_path, md_path = out / "results.json", out / "results.md"
+    json_path.write_text(json.dumps(_finite(results), indent=2) + "\n")
+    md_path.write_text(markdown(results) + "\n")
+    return (json_path, md_path, *plot(results, out))
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become null: JSON has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------- Markdown
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    model = results["model"]
+    revision = (m["git_revision"] or "unknown")[:12]
+    if m["git_dirty"]:
+        revision += " (uncommitted changes)"
+    options = results["options"]
+    lines = [
+        f"# rnnserve bench: {model['name']} (version {model['version']})",
+        "",
+        f"{m['cpu']}, {m['usable_cores']} cores, Python {m['python']}, "
+        f"onnxruntime {m['packages']['onnxruntime']}, grpcio {m['packages']['grpcio']}, "
+        f"revision {revision}, load {m['load_average_1m_at_start']} at start. "
+        f"{options['duration_s']:g} s per point after {options['warmup_s']:g} s of warm-up; "
+        "CPU is seconds per 1,000 steps.",
+        "",
+        "## In-process ONNX Runtime (the compute limit)",
+        "",
+    ]
+    lines += _table(
+        ["batch", "T", "calls/s", "steps/s", "call p50 ms", "call p99 ms", "CPU s/1k steps"],
+        (
+            [
+                str(p["batch"]), str(p["steps"]), _num(p["calls_per_s"]), _num(p["steps_per_s"]),
+                _num(p["call_p50_ms"], 3), _num(p["call_p99_ms"], 3),
+                _num(p["cpu_s_per_1000_steps"], 4),
+            ]
+            for p in results["inprocess"]
+        ),
+    )  # fmt: skip
+    lines += [
+        "",
+        "## Over gRPC on loopback: rnnserve and the transport-only ceiling",
+        "",
+        "Closed loops, one per sequence; `transport` is a bare grpc.aio server answering "
+        "pre-encoded responses of rnnserve's size, driven by the same client. "
+        "`of ceiling` is rnnserve's requests/s over the transport's at the same point.",
+        "",
+    ]
+    ceiling = {(p["series"], p["sessions"]): p for p in results["transport"]}
+    rows = []
+    for p in sorted(
+        results["rnnserve"] + results["transport"],
+        key=lambda p: (_series_order(p["series"]), p["sessions"], p["server"] != "rnnserve"),
+    ):
+        echo = ceiling.get((p["series"], p["sessions"]))
+        share = (
+            _num(p["requests_per_s"] / echo["requests_per_s"], 2)
+            if p["server"] == "rnnserve" and echo and echo["requests_per_s"]
+            else ""
+        )
+        rows.append(
+            [
+                p["server"], p["series"], str(p["sessions"]), _num(p["steps_per_s"]),
+                _num(p["requests_per_s"]), share, _num(p["p50_ms"], 2), _num(p["p90_ms"], 2),
+                _num(p["p99_ms"], 2), _num(p["mean_batch"], 1),
+                _num(p["server_cpu_s_per_1000_steps"], 4),
+                _num(p["client_cpu_s_per_1000_steps"], 4), str(p["errors"]),
+            ]
+        )  # fmt: skip
+    lines += _table(
+        [
+            "server", "series", "sessions", "steps/s", "requests/s", "of ceiling", "p50 ms",
+            "p90 ms", "p99 ms", "mean batch", "server CPU", "client CPU", "errors",
+        ],
+        rows,
+    )  # fmt: skip
+    failed = [p for p in results["rnnserve"] + results["transport"] if p["errors"]]
+    if failed:
+        lines += ["", "Errors (the first of each point):", ""]
+        lines += [
+            f"- {p['server']} {p['series']}, {p['sessions']} sessions: {p['errors']} errors, "
+            f"first: {p['first_error']}"
+            for p in failed
+        ]
+    if results.get("channels"):
+        lines += ["", "## Channels (transport ceiling, stream T=1)", ""]
+        lines += _table(
+            ["sessions", "channels", "messages/s", "p50 ms", "p99 ms", "client CPU"],
+            (
+                [
+                    str(p["sessions"]), str(p["channels"]), _num(p["requests_per_s"]),
+                    _num(p["p50_ms"], 2), _num(p["p99_ms"], 2),
+                    _num(p["client_cpu_s_per_1000_steps"], 4),
+                ]
+                for p in results["channels"]
+            ),
+        )  # fmt: skip
+    lines += ["", "## Peers", ""]
+    for name, peer in results["peers"].items():
+        if "skipped" in peer:
+            lines.append(f"- {name}: skipped ({peer['skipped'].splitlines()[0]})")
+        else:
+            lines.append(
+                f"- {name} against rnnserve, {peer['concurrency']} concurrent sequences of "
+                f"{peer['sequence_length']} steps, one per request (stream): "
+                f"{_num(peer['steps_per_s'])} steps/s, p50 {_num(peer['p50_ms'], 2)} ms, "
+                f"p99 {_num(peer['p99_ms'], 2)} ms"
+            )
+    lines += ["", "## Headline", "", *(f"- {line}" for line in headline_lines(results["headline"]))]
+    return "\n".join(lines)
+
+
+def _series_order(label: str) -> tuple[int, str]:
+    return (0 if label == HEADLINE_SERIES else 1, label)
+
+
+# ---------------------------------------------------------------------------------- plots
+def plot(results: dict[str, Any], out: Path) -> tuple[Path, ...]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = sorted({p["series"] for p in results["rnnserve"]}, key=_series_order)
+    styles = {"rnnserve": "-o", "transport": "--s"}
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for server in ("rnnserve", "transport"):
+        for label in series:
+            points = [p for p in results[server] if p["series"] == label]
+            axes.plot(
+                [p["sessions"] for p in points],
+                [p["steps_per_s"] for p in points],
+                styles[server],
+                label=f"{server} {label}",
+            )
+    for p in results["inprocess"]:
+        if p["batch"] == 1:
+            axes.axhline(p["steps_per_s"], color="grey", linewidth=0.8, linestyle=":")
+            axes.annotate(
+                f"in-process ORT, batch 1, T={p['steps']}",
+                (1, p["steps_per_s"]),
+                fontsize=7,
+                color="grey",
+                va="bottom",
+            )
+    axes.set(
+        xscale="log",
+        yscale="log",
+        xlabel="concurrent sequences",
+        ylabel="steps/s (messages/s x T for transport)",
+        title=f"{results['model']['name']}: throughput",
+    )
+    axes.grid(True, which="both", linewidth=0.3)
+    axes.legend(fontsize=8)
+    throughput = out / "throughput.png"
+    figure.savefig(throughput, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for server in ("rnnserve", "transport"):
+        for label in series:
+            points = [p for p in results[server] if p["series"] == label]
+            sessions = [p["sessions"] for p in points]
+            (line,) = axes.plot(
+                sessions,
+                [p["p50_ms"] for p in points],
+                styles[server],
+                label=f"{server} {label} p50",
+            )
+            axes.plot(
+                sessions,
+                [p["p99_ms"] for p in points],
+                styles[server][-1] + ":",
+                color=line.get_color(),
+                label=f"{server} {label} p99",
+            )
+    axes.set(
+        xscale="log",
+        yscale="log",
+        xlabel="concurrent sequences",
+        ylabel="latency per request, ms",
+        title=f"{results['model']['name']}: latency per request, p50 and p99 (dotted)",
+    )
+    axes.grid(True, which="both", linewidth=0.3)
+    axes.legend(fontsize=7, ncol=2)
+    latency = out / "latency.png"
+    figure.savefig(latency, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return throughput, latency

@@ -1,0 +1,267 @@
+"""One benchmark run: in-process ONNX Runtime, rnnserve over gRPC, the transport-only ceiling
+and the peers, one after another on the same machine, so the figures compare."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from service.bench import inprocess, machine, peers, report
+from service.bench.loadgen import STREAM, UNARY, LoadResult, LoadSpec, Snapshot, run_load
+from service.bench.options import BenchOptions
+from service.bench.procs import ServerProcess, histogram_totals, start_echo, start_rnnserve
+from service.bench.workload import Workload, load_workload
+from service.runtime.onnx import EngineSettings
+
+logger = logging.getLogger(__name__)
+
+FIRST_SEQUENCE_ID = 1_000_000
+"""Above the ids perf_analyzer uses (from 1)."""
+SETTLE_S = 0.2
+"""Pause between points, so one point's END requests do not run into the next one's clock."""
+CHANNEL_SESSIONS = 64
+"""The transport ceiling is measured with one channel per this many sequences too."""
+
+
+@dataclass(frozen=True)
+class Series:
+    mode: str
+    steps: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode} T={self.steps}"
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    results: dict[str, Any]
+    markdown: str
+    headline: tuple[str, ...]
+    files: tuple[Path, ...]
+
+
+@dataclass
+class _Ids:
+    """Sequence ids handed out so far: every point gets ids of its own."""
+
+    next: int = FIRST_SEQUENCE_ID
+
+    def take(self, count: int) -> int:
+        first = self.next
+        self.next += count
+        return first
+
+
+def series_of(options: BenchOptions) -> list[Series]:
+    series = [Series(STREAM, t) for t in options.steps]
+    if options.unary:
+        series.insert(1, Series(UNARY, 1))
+    return series
+
+
+def run(options: BenchOptions) -> BenchReport:
+    workload = load_workload(options.repository, options.model)
+    options.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "machine": machine.describe(),
+        "options": _jsonable(asdict(options)),
+        "model": {"name": workload.model, "version": workload.version},
+    }
+    results["inprocess"] = _run_inprocess(options, workload)
+    results["rnnserve"], results["peers"] = _run_rnnserve(options, workload)
+    results["transport"], results["channels"] = _run_transport(options, workload)
+    results["headline"] = report.headline(results, options.headline_sessions)
+    results["seconds"] = round(time.monotonic() - started, 1)
+    files = report.write(results, options.out)
+    return BenchReport(
+        results=results,
+        markdown=report.markdown(results),
+        headline=report.headline_lines(results["headline"]),
+        files=files,
+    )
+
+
+def _run_inprocess(options: BenchOptions, workload: Workload) -> list[dict[str, Any]]:
+    settings = EngineSettings(
+        intra_op_threads=options.intra_op_threads, inter_op_threads=options.inter_op_threads
+    )
+    runtime = inprocess.open_runtime(workload, settings)
+    points = []
+    for steps in options.steps:
+        for batch in options.batches:
+            result = inprocess.measure(
+                runtime, workload, batch, steps, options.warmup_s, options.duration_s
+            )
+            logger.info("in-process batch %d T=%d: %.0f steps/s", batch, steps, result.steps_per_s)
+            points.append(
+                {
+                    "provider": runtime.provider,
+                    "batch": batch,
+                    "steps": steps,
+                    "calls": result.calls,
+                    "seconds": result.seconds,
+                    "calls_per_s": result.calls_per_s,
+                    "steps_per_s": result.steps_per_s,
+                    "call_p50_ms": result.percentile_ms(50),
+                    "call_p99_ms": result.percentile_ms(99),
+                    "cpu_s_per_1000_steps": result.cpu_per_1000_steps,
+                }
+            )
+    return points
+
+
+def _server_flags(options: BenchOptions) -> list[str]:
+    flags = []
+    if options.intra_op_threads:
+        flags.append(f"--intra-op-threads={options.intra_op_threads}")
+    if options.inter_op_threads:
+        flags.append(f"--inter-op-threads={options.inter_op_threads}")
+    return [*flags, *options.server_args]  # the caller's flags come last and win
+
+
+def _run_rnnserve(
+    options: BenchOptions, workload: Workload
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    ids = _Ids()
+    points = []
+    with start_rnnserve(options.out / "logs", _server_flags(options)) as server:
+        sampler = _sampler(server, workload.model)
+        for series in series_of(options):
+            for sessions in options.sessions:
+                result = _point(options, workload, server, series, sessions, ids, sampler)
+                points.append(_load_point("rnnserve", series, result))
+        found: dict[str, Any] = {"torchserve": peers.torchserve()}
+        if options.peers:
+            found["perf_analyzer"] = peers.perf_analyzer(
+                server.target,
+                workload,
+                options.headline_sessions,
+                max(options.duration_s / 2, 0.5),
+                options.out,
+            )
+        else:
+            found["perf_analyzer"] = {"skipped": "--no-peers"}
+    return points, found
+
+
+def _run_transport(
+    options: BenchOptions, workload: Workload
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    ids = _Ids()
+    points: list[dict[str, Any]] = []
+    channels: list[dict[str, Any]] = []
+    for steps in options.steps:
+        with start_echo(options.out / "logs", options.repository, workload.model, steps) as echo:
+            sampler = _sampler(echo, None)
+            for series in (s for s in series_of(options) if s.steps == steps):
+                for sessions in options.sessions:
+                    result = _point(options, workload, echo, series, sessions, ids, sampler)
+                    points.append(_load_point("transport", series, result))
+            sessions = 256 if 256 in options.sessions else max(options.sessions)
+            if steps == 1 and options.compare_channels and sessions > CHANNEL_SESSIONS:
+                for per_channel in (CHANNEL_SESSIONS, sessions):
+                    result = _point(
+                        options, workload, echo, Series(STREAM, 1), sessions, ids, sampler,
+                        per_channel,
+                    )  # fmt: skip
+                    channels.append(_load_point("transport", Series(STREAM, 1), result))
+    return points, channels
+
+
+def _sampler(server: ServerProcess, metrics_model: str | None) -> Callable[[], Snapshot]:
+    def sample() -> Snapshot:
+        batch = (0.0, 0.0)
+        if metrics_model is not None:
+            batch = histogram_totals(server.scrape(), "rnnserve_batch_size", metrics_model)
+        return Snapshot(time.perf_counter(), time.process_time(), server.cpu_seconds(), *batch)
+
+    return sample
+
+
+def _point(
+    options: BenchOptions,
+    workload: Workload,
+    server: ServerProcess,
+    series: Series,
+    sessions: int,
+    ids: _Ids,
+    sample: Callable[[], Snapshot],
+    sessions_per_channel: int | None = None,
+) -> LoadResult:
+    first = ids.take(sessions)
+    spec = LoadSpec(
+        mode=series.mode,
+        sessions=sessions,
+        steps=series.steps,
+        warmup_s=options.warmup_s,
+        duration_s=options.duration_s,
+        sessions_per_channel=sessions_per_channel or options.sessions_per_channel,
+        first_id=first,
+    )
+    messages = [workload.messages(first + i, series.steps) for i in range(sessions)]
+    result = asyncio.run(run_load(server.target, spec, messages, sample))
+    if not server.alive():
+        raise RuntimeError(f"{server.name} died during {series.label}:\n{server.log_tail()}")
+    logger.info(
+        "%s %s, %d sessions on %d channels: %.0f steps/s, p50 %.2f ms, p99 %.2f ms, %d errors%s",
+        server.name,
+        series.label,
+        sessions,
+        result.channels,
+        result.steps_per_s,
+        result.percentile_ms(50),
+        result.percentile_ms(99),
+        result.errors,
+        f" (first: {result.first_error})" if result.errors else "",
+    )
+    time.sleep(SETTLE_S)
+    return result
+
+
+def _load_point(server: str, series: Series, result: LoadResult) -> dict[str, Any]:
+    return {
+        "server": server,
+        "series": series.label,
+        "mode": series.mode,
+        "steps": series.steps,
+        "sessions": result.spec.sessions,
+        "channels": result.channels,
+        "requests": result.requests,
+        "errors": result.errors,
+        "first_error": result.first_error,
+        "window_s": result.window_s,
+        "requests_per_s": result.requests_per_s,
+        "steps_per_s": result.steps_per_s,
+        "p50_ms": result.percentile_ms(50),
+        "p90_ms": result.percentile_ms(90),
+        "p99_ms": result.percentile_ms(99),
+        "mean_batch": result.mean_batch if server == "rnnserve" else None,
+        "server_cpu_s_per_1000_steps": result.cpu_per_1000_steps("server_cpu_s"),
+        "client_cpu_s_per_1000_steps": result.cpu_per_1000_steps("client_cpu_s"),
+        "server_cpu_cores": _cores(result, "server_cpu_s"),
+        "client_cpu_cores": _cores(result, "client_cpu_s"),
+        "response_bytes": result.response_bytes,
+    }
+
+
+def _cores(result: LoadResult, which: str) -> float:
+    used: float = getattr(result.after, which) - getattr(result.before, which)
+    return used / result.window_s if result.window_s > 0 else math.nan
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,60 @@
+"""`rnnserve bench` end to end with tiny settings: every section is there, nothing failed.
+
+No figure is compared with a speed: the machine running the tests may be slow or busy.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import run_cli
+
+
+def test_bench_runs_end_to_end(tmp_path) -> None:
+    out = tmp_path / "bench"
+    done = run_cli(
+        "bench", "--quick", "--sessions", "1,4", "--batches", "1", "--duration", "0.3",
+        "--out", str(out), timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+
+    for section in ("machine", "options", "inprocess", "rnnserve", "transport", "peers"):
+        assert results[section], section
+    assert results["machine"]["cores"] >= 1 and results["machine"]["packages"]["grpcio"]
+    assert {(p["batch"], p["steps"]) for p in results["inprocess"]} == {(1, 1), (1, 32)}
+    assert all(p["steps_per_s"] > 0 for p in results["inprocess"])
+
+    expected = {
+        (series, n) for series in ("stream T=1", "unary T=1", "stream T=32") for n in (1, 4)
+    }
+    for server in ("rnnserve", "transport"):
+        points = results[server]
+        assert {(p["series"], p["sessions"]) for p in points} == expected, server
+        for p in points:
+            assert p["errors"] == 0, (server, p["first_error"])
+            assert p["steps_per_s"] > 0 and p["requests"] > 0, (server, p)
+            assert p["p50_ms"] <= p["p99_ms"]
+            assert p["server_cpu_s_per_1000_steps"] >= 0
+            assert p["client_cpu_s_per_1000_steps"] >= 0
+    assert all(p["mean_batch"] >= 1 for p in results["rnnserve"])
+
+    # The transport ceiling answers with responses of exactly rnnserve's size.
+    sizes = {(p["server"], p["series"]): p["response_bytes"] for p in results["transport"]}
+    for p in results["rnnserve"]:
+        assert p["response_bytes"] == sizes[("transport", p["series"])] > 0, p["series"]
+
+    assert set(results["peers"]) == {"torchserve", "perf_analyzer"}
+    for name, peer in results["peers"].items():
+        assert "skipped" in peer or peer["steps_per_s"] > 0, (name, peer)
+
+    headline = results["headline"]
+    assert headline["sessions"] == 4 and headline["E"] > 0 and headline["R"] > 0
+    for name in ("results.md", "throughput.png", "latency.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    last = done.stdout.strip().splitlines()[-2:]
+    assert last[0].startswith(f"E = {headline['E']:.2f}"), last
+    assert last[1].startswith(f"R = {headline['R']:.2f}"), last
+    assert "| rnnserve | stream T=1 | 4 |" in done.stdout

@@ -54,7 +54,16 @@ class Settings:
     unload_grace_s: float = 30.0
     """When a model version is unloaded, how long its live sequences may go on before they end."""
     shutdown_grace_s: float = 20.0
-    """On SIGTERM, how long in-flight requests get to finish."""
+    """On SIGTERM, how long in-flight requests (and, with a shared store, the hand-over of
+    live states) get before the server exits."""
+    state_store: str = "memory"
+    """Where sequence states live beyond the replica that holds them: memory (this process
+    only), or redis://[:password@]host:port/db (rediss:// for TLS), shared by replicas."""
+    state_durability: str = "step"
+    """With a shared state store: step (a response waits until its state is stored), end
+    (states are stored only when the server shuts down) or none (never stored)."""
+    state_store_timeout_s: float = 2.0
+    """How long one round trip to the state store may take before requests fail UNAVAILABLE."""
     repository_poll_s: float = 0.0
     """Rescan the repository this often and load new versions (0: never)."""
     port_file: Path | None = None
@@ -103,6 +112,19 @@ class Settings:
                 raise ValueError(f"--{name.replace('_', '-')} {port} is not a port number")
         if self.max_steps_per_request < 0:
             raise ValueError("--max-steps-per-request must be 0 (per model) or more")
+        if self.state_store != "memory" and not self.state_store.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(
+                f"--state-store must be memory or redis://host:port/db (rediss:// for TLS), "
+                f"got {self.state_store!r}"
+            )
+        if self.state_durability not in {"step", "end", "none"}:
+            raise ValueError(
+                f"--state-durability must be step, end or none, got {self.state_durability!r}"
+            )
+        if self.state_store_timeout_s <= 0:
+            raise ValueError("--state-store-timeout-s must be positive")
 
 
 def _convert(name: str, hint: str, raw: str) -> Any:

@@ -47,3 +47,21 @@ class InvalidModelRepository(ServiceError):
 
 class Unsupported(ServiceError):
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class StateMismatch(ServiceError):
+    """A stored state that this model version cannot continue (written for other state shapes)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(ServiceError):
+    """A step that lost a race (another replica advanced the sequence first): not applied."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class StoreUnavailable(ServiceError):
+    """The state store cannot be reached; the message names it."""
+
+    code = grpc.StatusCode.UNAVAILABLE

@@ -1,7 +1,11 @@
 """The one place that wires the parts together and runs them until SIGTERM.
 
 Shutdown drains: health turns NOT_SERVING, new sequences are refused, in-flight requests get
-`shutdown_grace_s` to finish, then the models stop.
+`shutdown_grace_s` to finish, then the models stop. With a shared state store the server hands
+its sequences over instead of serving them to the end: it refuses every stateful request at
+once (UNAVAILABLE, so clients go to another replica), lets the steps already queued finish,
+writes every live state to the store (whatever the durability, but `none`), and exits; all
+within `shutdown_grace_s`.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from service._pb import grpc_service_pb2 as pb
 from service._pb import grpc_service_pb2_grpc as pb_grpc
 from service.api.servicer import InferenceServicer
 from service.config import Settings
+from service.errors import ServiceError
 from service.metrics import Metrics
 from service.runtime.onnx import EngineSettings, OnnxRuntime
 from service.serving.model import Limits
 from service.serving.registry import ModelRegistry
+from service.sessions.store import Durability, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +53,16 @@ class Server:
             max_steps_per_request=settings.max_steps_per_request,
         )
         self.metrics = Metrics(lambda: self.registry.all_models())
+        self.store = open_store(settings.state_store, settings.state_store_timeout_s)
+        self.durability = Durability(settings.state_durability)
         self.registry = ModelRegistry(
             settings.model_repository,
             lambda path: OnnxRuntime(path, engine),
             limits,
             unload_grace_s=settings.unload_grace_s,
             on_batch=self.metrics.observe_batch,
+            store=self.store,
+            durability=self.durability,
         )
         self.servicer = InferenceServicer(self.registry, self.metrics)
         self.health = health.aio.HealthServicer()
@@ -65,6 +75,8 @@ class Server:
 
     async def start(self) -> None:
         settings = self.settings
+        if self.store.shared:
+            await self._check_store()
         await self.registry.load_all()
         size = settings.max_message_bytes
         self._grpc = grpc.aio.server(
@@ -104,6 +116,15 @@ class Server:
             ",".join(f"{m.name}:{m.version}" for m in self.registry.all_models()),
         )
 
+    async def _check_store(self) -> None:
+        """Say whether the store answers; serve either way (stateful requests wait for it)."""
+        try:
+            await asyncio.to_thread(self.store.ping)
+        except ServiceError as error:
+            logger.warning("%s; stateful requests fail until it answers", error)
+        else:
+            logger.info("state store %s durability=%s", self.store.name, self.durability.value)
+
     async def _evict_idle(self) -> None:
         while True:
             await asyncio.sleep(1.0)
@@ -124,19 +145,38 @@ class Server:
         await self._stopping.wait()
 
     async def stop(self) -> None:
-        logger.info(
-            "draining: no new sequences, %gs for in-flight requests", self.settings.shutdown_grace_s
-        )
+        grace = self.settings.shutdown_grace_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        logger.info("draining: no new sequences, %gs for in-flight requests", grace)
         self.servicer.draining = True
+        self.servicer.handing_over = self.store.shared
         await self.health.enter_graceful_shutdown()
         for task in self._background:
             task.cancel()
+        if self.store.shared:
+            await self._hand_over(grace)
+            # Every request that could still arrive is refused: a moment for answers in flight.
+            grace = min(max(deadline - loop.time(), 0.0), 1.0)
         if self._grpc is not None:
-            await self._grpc.stop(self.settings.shutdown_grace_s)
+            await self._grpc.stop(grace)
         await self.registry.stop()
+        await asyncio.to_thread(self.store.close)
         if self._http is not None:
             self._http.shutdown()
         logger.info("stopped")
+
+    async def _hand_over(self, grace_s: float) -> None:
+        """Let queued steps finish, then write every live state to the shared store."""
+        if not await self.registry.quiesce(grace_s):
+            logger.warning("steps still running after %gs; handing over what is stored", grace_s)
+        written = await self.registry.flush()
+        logger.info(
+            "handed over to %s: %d sequence states written (durability %s)",
+            self.store.name,
+            written,
+            self.durability.value,
+        )
 
 
 def _write_port_file(path: Path, grpc_port: int, metrics_port: int) -> None:

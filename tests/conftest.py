@@ -1,12 +1,15 @@
-"""Shared fixtures: the repository root and a way to run the real `rnnserve` command."""
+"""Shared fixtures: the repository root, a way to run the real `rnnserve` command, and Redis."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.redis_server import RunningRedis, start_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "models" / "repository"
@@ -26,3 +29,11 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRedis]:
+    """One redis-server for the whole run; tests keep apart by their keys (or FLUSHDB)."""
+    running = start_redis(tmp_path_factory.mktemp("redis"))
+    yield running
+    running.stop()

@@ -42,6 +42,7 @@ def sequence_control(parameters: Mapping[str, pb.InferParameter]) -> SequenceCon
         "sequence_id" not in parameters
         and "sequence_start" not in parameters
         and "sequence_end" not in parameters
+        and "sequence_version" not in parameters
     ):
         return NO_SEQUENCE
     sequence_id: int | str | None = None
@@ -59,8 +60,22 @@ def sequence_control(parameters: Mapping[str, pb.InferParameter]) -> SequenceCon
                 f"parameter sequence_id must be an integer or a string, got {which or 'nothing'}"
             )
     return SequenceControl(
-        sequence_id, _flag(parameters, "sequence_start"), _flag(parameters, "sequence_end")
+        sequence_id,
+        _flag(parameters, "sequence_start"),
+        _flag(parameters, "sequence_end"),
+        _version(parameters),
     )
+
+
+def _version(parameters: Mapping[str, pb.InferParameter]) -> int | None:
+    """sequence_version: the version the client expects the sequence to be at, if it says."""
+    if "sequence_version" not in parameters:
+        return None
+    param = parameters["sequence_version"]
+    which = param.WhichOneof("parameter_choice")
+    if which not in {"int64_param", "uint64_param"} or getattr(param, which) < 0:
+        raise InvalidArgument("parameter sequence_version must be a non-negative integer")
+    return int(getattr(param, which))
 
 
 def _flag(parameters: Mapping[str, pb.InferParameter], name: str) -> bool:
@@ -133,4 +148,11 @@ def encode_result(result: InferenceResult, request_id: str) -> pb.ModelInferResp
         response.outputs.add(name=name, datatype=wire_name_of(array.dtype), shape=array.shape)
         raw.append(np.ascontiguousarray(array).tobytes())
     response.raw_output_contents.extend(raw)
+    for key, value in result.extra.items():
+        if isinstance(value, bool):
+            response.parameters[key].bool_param = value
+        elif isinstance(value, int):
+            response.parameters[key].int64_param = value
+        else:
+            response.parameters[key].string_param = str(value)
     return response

@@ -62,6 +62,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.registry = registry
         self.metrics = metrics
         self.draining = False
+        self.handing_over = False
+        """Draining with a shared state store: live sequences are refused too, to move on."""
 
     # ------------------------------------------------------------------ health
     async def ServerLive(
@@ -189,6 +191,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         control = request.sequence
         if self.draining and (control.start or not control.id):
             raise ShuttingDown("the server is shutting down and takes no new sequences")
+        if self.handing_over and control.id:
+            raise ShuttingDown(
+                "the server is shutting down and hands its sequences over to the state store; "
+                "send this request to another replica, which continues the sequence"
+            )
         if control.id:
             return self.registry.for_sequence(
                 request.model, request.version, control.id, control.start

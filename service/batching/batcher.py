@@ -5,6 +5,11 @@ time steps T (their inputs stack into [B, T, ...]) and at most one step of any s
 steps of one sequence run strictly in the order they were submitted. States are gathered from
 the arena, stacked on the batch axis, and the new states scattered back in one operation each.
 One batch per model runs at a time, on a worker thread, never on the event loop.
+
+With a state store, the worker also brings the batch's slots up to date before the model call
+and stores the new states after it (`service.sessions.sync`), before the arena is updated and
+before any response is released. A step that fails there fails alone; the rest of the batch
+runs.
 """
 
 from __future__ import annotations
@@ -16,17 +21,21 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
+from service.errors import ServiceError
 from service.repository.signature import StateSpec
 from service.runtime.base import Runtime
 from service.sessions.arena import StateArena
 from service.sessions.manager import Sequence as LiveSequence
+from service.sessions.sync import Advance, StateSync
 
 logger = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
+T = TypeVar("T")
 
 
 @dataclass(eq=False, slots=True)
@@ -41,6 +50,12 @@ class Step:
     """Server-held state: read from and written back to this sequence's arena slot."""
     start: bool = False
     """Begin from the zero state instead of the slot's contents."""
+    end: bool = False
+    """The sequence's last step: its stored state is deleted."""
+    expect: int | None = None
+    """Run only if the sequence is at this version (the request's sequence_version)."""
+    version: int = 0
+    """Set by the worker: the sequence's version after this step."""
     states: Sequence[np.ndarray] | None = None
     """Client-held state (explicit-state mode), one array per state, [rows, ...]."""
     future: asyncio.Future[Outputs] = field(
@@ -64,6 +79,7 @@ class SequenceBatcher:
         max_batch_size: int,
         max_queue_delay_s: float,
         observer: BatchObserver | None = None,
+        sync: StateSync | None = None,
     ) -> None:
         self.name = name
         self.runtime = runtime
@@ -72,7 +88,9 @@ class SequenceBatcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.observer = observer
+        self.sync = sync
         self._queue: deque[Step] = deque()
+        self._running = False
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
         self._task: asyncio.Task[None] | None = None
@@ -80,6 +98,15 @@ class SequenceBatcher:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        """Steps are queued or a batch is running."""
+        return bool(self._queue) or self._running
+
+    async def on_worker(self, function: Callable[[], T]) -> T:
+        """Run `function` on the worker thread, between batches (it may touch the arena)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -112,6 +139,7 @@ class SequenceBatcher:
             started = time.perf_counter()
             for step in batch:
                 step.queue_s = started - step.enqueued
+            self._running = True
             try:
                 results = await loop.run_in_executor(self._executor, self._execute, batch)
             except Exception as error:  # noqa: BLE001 - every waiting request must hear of it
@@ -120,13 +148,25 @@ class SequenceBatcher:
                     if not step.future.done():
                         step.future.set_exception(error)
                 continue
+            finally:
+                self._running = False
             compute_s = time.perf_counter() - started
-            for step, outputs in zip(batch, results, strict=True):
-                step.compute_s = compute_s
-                if not step.future.done():
-                    step.future.set_result(outputs)
+            self._answer(batch, results, compute_s)
             if self.observer is not None:
                 self.observer(batch, compute_s)
+
+    @staticmethod
+    def _answer(
+        batch: Sequence[Step], results: Sequence[Outputs | ServiceError], compute_s: float
+    ) -> None:
+        for step, outputs in zip(batch, results, strict=True):
+            step.compute_s = compute_s
+            if step.future.done():
+                continue
+            if isinstance(outputs, ServiceError):
+                step.future.set_exception(outputs)
+            else:
+                step.future.set_result(outputs)
 
     async def _next_batch(self) -> list[Step]:
         while not self._queue:
@@ -162,26 +202,76 @@ class SequenceBatcher:
         self._queue.extendleft(reversed(deferred))
         return batch
 
-    def _execute(self, batch: Sequence[Step]) -> list[Outputs]:
-        """On the worker thread: stack, gather, run, scatter, split."""
-        if len(batch) == 1:
-            feeds = dict(batch[0].inputs)
+    def _execute(self, batch: Sequence[Step]) -> list[Outputs | ServiceError]:
+        """On the worker thread: prepare, then run the steps that may run; one answer each."""
+        advances = {
+            k: Advance(step.sequence, step.start, step.end, step.expect)
+            for k, step in enumerate(batch)
+            if step.sequence is not None
+        }
+        answers: list[Outputs | ServiceError] = [{} for _ in batch]
+        if self.sync is not None and advances:
+            keys = list(advances)
+            for j, error in self.sync.prepare(list(advances.values())).items():
+                answers[keys[j]] = error
+                del advances[keys[j]]
+        steps = [(k, s) for k, s in enumerate(batch) if not isinstance(answers[k], ServiceError)]
+        if steps:
+            self._run_steps(steps, advances, answers)
+        return answers
+
+    def _run_steps(
+        self,
+        steps: list[tuple[int, Step]],
+        advances: dict[int, Advance],
+        answers: list[Outputs | ServiceError],
+    ) -> None:
+        """Stack, gather, run, commit, scatter, split; answers[k] for each step k."""
+        if len(steps) == 1:
+            feeds = dict(steps[0][1].inputs)
         else:
-            feeds = {n: np.concatenate([s.inputs[n] for s in batch]) for n in batch[0].inputs}
-        offsets = np.cumsum([0, *(s.rows for s in batch)])
-        held = [(row, step) for step, row in zip(batch, offsets, strict=False) if step.sequence]
-        row_index = np.asarray([row for row, _ in held], dtype=np.intp)
-        slot_index = np.asarray([step.sequence.slot for _, step in held], dtype=np.intp)  # type: ignore[union-attr]
-        zero_rows = [row for row, step in held if step.start]
+            feeds = {n: np.concatenate([s.inputs[n] for _, s in steps]) for n in steps[0][1].inputs}
+        offsets = np.cumsum([0, *(s.rows for _, s in steps)])
+        held = [(k, int(offsets[i])) for i, (k, _) in enumerate(steps) if k in advances]
+        row_index = np.asarray([row for _, row in held], dtype=np.intp)
+        slot_index = np.asarray([advances[k].sequence.slot for k, _ in held], dtype=np.intp)
+        zero_rows = [row for k, row in held if advances[k].start]
         if self.states:
-            feeds.update(self._stack_states(batch, offsets, row_index, slot_index, zero_rows))
+            feeds.update(
+                self._stack_states([s for _, s in steps], offsets, row_index, slot_index, zero_rows)
+            )
         results = self.runtime.run(feeds)
-        if self.arena is not None and held:
-            self.arena.put(slot_index, [results[s.output_name][row_index] for s in self.states])
-        return [
-            {name: results[name][row : row + step.rows] for name in step.outputs}
-            for step, row in zip(batch, offsets, strict=False)
-        ]
+        if held:
+            self._keep_states(held, advances, results, row_index, slot_index, answers)
+        for (k, step), row in zip(steps, offsets, strict=False):
+            if isinstance(answers[k], ServiceError):
+                continue
+            if step.sequence is not None:
+                step.version = step.sequence.version
+            answers[k] = {name: results[name][row : row + step.rows] for name in step.outputs}
+
+    def _keep_states(
+        self,
+        held: list[tuple[int, int]],
+        advances: dict[int, Advance],
+        results: Outputs,
+        row_index: np.ndarray,
+        slot_index: np.ndarray,
+        answers: list[Outputs | ServiceError],
+    ) -> None:
+        """Store the new states (where durability asks), then scatter those that were kept."""
+        states = [results[s.output_name][row_index] for s in self.states]
+        kept = np.ones(len(held), dtype=bool)
+        if self.sync is not None:
+            for j, error in self.sync.commit([advances[k] for k, _ in held], states).items():
+                kept[j] = False
+                answers[held[j][0]] = error
+        if self.arena is None:
+            return
+        if kept.all():
+            self.arena.put(slot_index, states)
+        elif kept.any():
+            self.arena.put(slot_index[kept], [s[kept] for s in states])
 
     def _stack_states(
         self,

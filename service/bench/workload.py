@@ -76,12 +76,14 @@ class Workload:
         )
 
     def response(self, steps: int) -> pb.ModelInferResponse:
-        """The response rnnserve gives one sequence's request of `steps` steps (zeros here)."""
+        """The response rnnserve gives one sequence's first request of `steps` steps (zeros
+        here), with the `sequence_version` parameter every sequence response carries."""
         message = pb.ModelInferResponse(model_name=self.model, model_version=str(self.version))
         for tensor in self.outputs:
             data = tensor.zeros(1, steps)
             message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=data.shape)
             message.raw_output_contents.append(data.tobytes())
+        message.parameters["sequence_version"].int64_param = 1
         return message
 
     def unary_response(self, steps: int) -> bytes:

@@ -25,6 +25,8 @@ from service.runtime.base import Runtime
 from service.serving.request import InferenceRequest, InferenceResult
 from service.sessions.arena import StateArena
 from service.sessions.manager import SequenceManager
+from service.sessions.store import Durability, MemoryStore, StateStore
+from service.sessions.sync import StateSync
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,8 @@ class ServedModel:
         runtime: Runtime,
         limits: Limits,
         on_batch: BatchHook | None = None,
+        store: StateStore | None = None,
+        durability: Durability = Durability.STEP,
     ) -> None:
         self.name = name
         self.version = version
@@ -107,8 +111,16 @@ class ServedModel:
         )
         capacity = limits.max_sequences or sig.max_sequences
         self.arena = StateArena([s.dims for s in sig.states], capacity) if sig.streamable else None
+        store = store if store is not None else MemoryStore()
+        self.sync = (
+            StateSync(store, durability, name, version, self.arena, self.idle_timeout_s)
+            if self.arena is not None
+            else None
+        )
         self.sequences = (
-            SequenceManager(f"{name} (version {version})", self.arena, self.idle_timeout_s)
+            SequenceManager(
+                f"{name} (version {version})", self.arena, self.idle_timeout_s, store.shared
+            )
             if self.arena is not None
             else None
         )
@@ -123,6 +135,7 @@ class ServedModel:
             sig.max_batch_size,
             delay,
             observer=self._batch_done,
+            sync=self.sync,
         )
         self.state = ModelState.READY
         self._inputs = {t.name: t for t in sig.inputs}
@@ -148,6 +161,18 @@ class ServedModel:
 
     def holds(self, sequence_id: object) -> bool:
         return self.sequences is not None and sequence_id in self.sequences.live
+
+    @property
+    def busy(self) -> bool:
+        """Steps are queued or running."""
+        return self.batcher.busy
+
+    async def flush(self) -> int:
+        """Write every live state to the state store where durability asks (shutdown)."""
+        if self.sync is None or self.sequences is None:
+            return 0
+        sync, live = self.sync, list(self.sequences.live.values())
+        return await self.batcher.on_worker(lambda: sync.flush(live))
 
     # ------------------------------------------------------------------ inference
     async def infer(self, request: InferenceRequest) -> InferenceResult:
@@ -185,10 +210,15 @@ class ServedModel:
 
     def finish(self, step: Step) -> InferenceResult:
         """Release what the step held; its result, or its error raised."""
-        if step.sequence is not None:
-            self.sequences.step_finished(step.sequence)  # type: ignore[union-attr]
-        elapsed_ns = int((time.perf_counter() - step.enqueued) * 1e9)
+        sequence = step.sequence
         future = step.future
+        if sequence is not None:
+            failed = future.cancelled() or future.exception() is not None
+            if failed and not sequence.held:
+                # Its state never reached the slot (a failed first step or load): drop it.
+                self.sequences.forget(sequence, "its first request failed")  # type: ignore[union-attr]
+            self.sequences.step_finished(sequence)  # type: ignore[union-attr]
+        elapsed_ns = int((time.perf_counter() - step.enqueued) * 1e9)
         if future.cancelled() or future.exception() is not None:
             self.stats.fail_count += 1
             self.stats.fail_ns += elapsed_ns
@@ -196,9 +226,12 @@ class ServedModel:
             raise AssertionError("unreachable: a failed step's result raises")
         self.stats.success_count += 1
         self.stats.success_ns += elapsed_ns
-        return InferenceResult(
+        result = InferenceResult(
             self.name, self.version, future.result(), step.queue_s, step.compute_s
         )
+        if sequence is not None:
+            result.extra["sequence_version"] = step.version
+        return result
 
     def _plan(
         self,
@@ -212,10 +245,10 @@ class ServedModel:
         given_states = [n for n in self._state_inputs if n in request.inputs]
         if control.id:
             return self._sequence_step(request, inputs, rows, steps, outputs, given_states)
-        if control.start or control.end:
+        if control.start or control.end or control.expect_version is not None:
             raise InvalidArgument(
-                "sequence_start and sequence_end need a sequence_id (a non-zero integer or a "
-                "non-empty string) naming the sequence"
+                "sequence_start, sequence_end and sequence_version need a sequence_id (a "
+                "non-zero integer or a non-empty string) naming the sequence"
             )
         if not self.signature.states:
             return Step(inputs, rows, steps, outputs)
@@ -264,7 +297,16 @@ class ServedModel:
             sequence, _ = self.sequences.start(control.id)  # type: ignore[arg-type]
         else:
             sequence = self.sequences.resume(control.id)  # type: ignore[arg-type]
-        return Step(inputs, rows, steps, outputs, sequence=sequence, start=control.start)
+        return Step(
+            inputs,
+            rows,
+            steps,
+            outputs,
+            sequence=sequence,
+            start=control.start,
+            end=control.end,
+            expect=control.expect_version,
+        )
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> tuple[int, int]:
         """Batch rows and time steps of the request, or InvalidArgument saying what is wrong."""

@@ -23,6 +23,7 @@ from service.errors import InvalidArgument, ModelNotFound, ModelNotReady, Servic
 from service.repository.layout import ModelEntry, scan
 from service.runtime.base import Runtime
 from service.serving.model import BatchHook, Limits, ModelState, ServedModel
+from service.sessions.store import Durability, MemoryStore, StateStore
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,12 @@ class ModelRegistry:
         limits: Limits,
         unload_grace_s: float = 30.0,
         on_batch: BatchHook | None = None,
+        store: StateStore | None = None,
+        durability: Durability = Durability.STEP,
     ) -> None:
         self.repository = repository
+        self.store = store if store is not None else MemoryStore()
+        self.durability = durability
         self._runtime_factory = runtime_factory
         self.limits = limits
         self.unload_grace_s = unload_grace_s
@@ -179,7 +184,15 @@ class ModelRegistry:
         config = mc.ModelConfig()
         config.CopyFrom(entry.config)
         model = ServedModel(
-            entry.name, version, config, path, runtime, self.limits, on_batch=self._on_batch
+            entry.name,
+            version,
+            config,
+            path,
+            runtime,
+            self.limits,
+            on_batch=self._on_batch,
+            store=self.store,
+            durability=self.durability,
         )
         model.start()
         logger.info(
@@ -216,6 +229,30 @@ class ModelRegistry:
             if not versions:
                 del self.models[model.name]
         logger.info("unloaded model %s version %d", model.name, model.version)
+
+    async def quiesce(self, timeout_s: float) -> bool:
+        """Wait until no step is queued or running (up to `timeout_s`); whether that happened."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while any(m.busy for m in self.all_models()):
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
+    async def flush(self) -> int:
+        """Write every live state to the state store where durability asks; how many were."""
+        written = 0
+        for model in self.all_models():
+            try:
+                written += await model.flush()
+            except ServiceError as error:
+                logger.error(
+                    "states of model %s version %d not handed over: %s",
+                    model.name,
+                    model.version,
+                    error,
+                )
+        return written
 
     async def stop(self) -> None:
         for task in list(self._draining):

@@ -16,6 +16,8 @@ class SequenceControl:
     id: SequenceId | None = None
     start: bool = False
     end: bool = False
+    expect_version: int | None = None
+    """Apply the request only if the sequence is at this version (ABORTED otherwise)."""
 
 
 NO_SEQUENCE = SequenceControl()

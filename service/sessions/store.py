@@ -1,0 +1,210 @@
+"""State stores: where a sequence's state lives beyond one process, and the record it is kept in.
+
+The arena stays the working set: a replica steps the sequences it holds from memory. A store
+only sees what durability asks for (see `service.sessions.sync`), in at most one round trip
+per batch and direction. Two stores:
+
+- `memory` (the default): nothing leaves the process; a restart loses every live sequence.
+- `redis` (`redis://`, `rediss://`, `unix://`): states outlive the replica and any replica
+  can continue any sequence (`service.sessions.redis_store`).
+
+A record is compact binary, never pickle (a store is shared, so what it holds is untrusted):
+
+    offset  0  b"RNNS"          magic
+            4  u8 format (1), u8 tensor count, u16 reserved
+            8  u64 version      requests the state has advanced through
+           16  u64 tag          random per write
+           24  per tensor: u8 dtype length, dtype (numpy's `str`, e.g. "<f4"),
+                           u8 rank, u32 per dimension, the raw little-endian values
+
+Bytes 8..23 are the record's *stamp*. A write that must not fork a sequence names the stamp it
+expects to replace (compare-and-set). The random tag makes a stamp unique to one write, so a
+sequence restarted (or forked) elsewhere never repeats a stamp a replica still holds.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+SequenceId = int | str
+
+MAGIC = b"RNNS"
+FORMAT = 1
+_HEADER = struct.Struct("<4sBBHQQ")
+STAMP_OFFSET = 8
+STAMP_SIZE = 16
+_STAMP = struct.Struct("<QQ")
+UNCHANGED = b""
+"""A read's answer when the stored stamp is the one the reader already holds."""
+
+
+class Durability(enum.Enum):
+    """When a replica writes sequence states to a shared store."""
+
+    STEP = "step"
+    """Before answering each request: an acknowledged step is never lost."""
+    END = "end"
+    """Only when the replica lets go of its sequences (graceful shutdown): fast, and a crash
+    loses the sequences it held."""
+    NONE = "none"
+    """Never: states live in this replica's memory only."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    version: int
+    """Requests the state has advanced through (1 after the START request)."""
+    tag: int
+    tensors: tuple[np.ndarray, ...]
+
+    @property
+    def stamp(self) -> bytes:
+        return _STAMP.pack(self.version, self.tag)
+
+
+def new_tag() -> int:
+    return secrets.randbits(64)
+
+
+def encode_state(version: int, tag: int, tensors: Sequence[np.ndarray]) -> bytes:
+    parts = [_HEADER.pack(MAGIC, FORMAT, len(tensors), 0, version, tag)]
+    for tensor in tensors:
+        array = np.ascontiguousarray(tensor, dtype=tensor.dtype.newbyteorder("<"))
+        dtype = array.dtype.str.encode()
+        parts.append(
+            struct.pack(
+                f"<B{len(dtype)}sB{array.ndim}I", len(dtype), dtype, array.ndim, *array.shape
+            )
+        )
+        parts.append(array.tobytes())
+    return b"".join(parts)
+
+
+def decode_state(data: bytes) -> StoredState:
+    """The record's contents; ValueError when the bytes are not an rnnserve state record."""
+    if len(data) < _HEADER.size:
+        raise ValueError(f"{len(data)} bytes are too short for a state record")
+    magic, fmt, count, _, version, tag = _HEADER.unpack_from(data)
+    if magic != MAGIC or fmt != FORMAT:
+        raise ValueError(f"not a state record of format {FORMAT} (starts {data[:5]!r})")
+    offset = _HEADER.size
+    tensors = []
+    try:
+        for _ in range(count):
+            (size,) = struct.unpack_from("<B", data, offset)
+            dtype = np.dtype(data[offset + 1 : offset + 1 + size].decode())
+            offset += 1 + size
+            (rank,) = struct.unpack_from("<B", data, offset)
+            shape = struct.unpack_from(f"<{rank}I", data, offset + 1)
+            offset += 1 + 4 * rank
+            nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            if offset + nbytes > len(data):
+                raise ValueError("record is truncated")
+            tensors.append(np.frombuffer(data, dtype, int(np.prod(shape)), offset).reshape(shape))
+            offset += nbytes
+    except (struct.error, TypeError, UnicodeDecodeError) as error:
+        raise ValueError(f"malformed state record: {error}") from error
+    if offset != len(data):
+        raise ValueError(f"{len(data) - offset} trailing bytes after the last tensor")
+    return StoredState(version, tag, tuple(tensors))
+
+
+@dataclass(frozen=True, slots=True)
+class StateKey:
+    """Which record holds a sequence's state: model, version, owner and sequence id."""
+
+    model: str
+    version: int
+    sequence_id: SequenceId
+    owner: str = ""
+    """Who the sequence belongs to, once requests are authenticated; empty until then."""
+
+    def __str__(self) -> str:
+        # Integer and string ids are different sequences (as in Triton), hence the i/s prefix.
+        kind = "s" if isinstance(self.sequence_id, str) else "i"
+        return f"rnnserve:{self.model}:{self.version}:{self.owner or '-'}:{kind}{self.sequence_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    key: str
+    unless: bytes = b""
+    """A stamp: answer UNCHANGED rather than the record while the record still has it."""
+    take: bool = False
+    """Delete the record as it is read: ownership of the sequence moves with it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    key: str
+    record: bytes | None
+    """The new record, or None to delete it."""
+    expect: bytes | None = None
+    """The stamp the record must have for the write to apply; None writes unconditionally."""
+    ttl_s: float = 0.0
+    """Seconds the record lives without another write (the model's idle timeout)."""
+
+
+ReadResult = bytes | None | Exception
+"""A record, UNCHANGED, None (no record), or this operation's own error."""
+WriteResult = bool | Exception
+"""True when applied, False when the record's stamp was not the expected one."""
+
+
+class StateStore(Protocol):
+    """Where states go beyond the arena. Methods are synchronous and thread-safe: the batch
+    workers call them, never the event loop. Each call is one round trip; an error of the
+    whole round trip raises StoreUnavailable."""
+
+    name: str
+    """For messages and logs, without credentials."""
+    shared: bool
+    """Whether other processes see what is written (False: nothing is ever read back)."""
+
+    def read(self, reads: Sequence[Read]) -> list[ReadResult]: ...
+
+    def write(self, writes: Sequence[Write]) -> list[WriteResult]: ...
+
+    def ping(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryStore:
+    """No store at all: states live in the arena of the replica that holds the sequence."""
+
+    name = "memory"
+    shared = False
+
+    def read(self, reads: Sequence[Read]) -> list[ReadResult]:
+        return [None for _ in reads]
+
+    def write(self, writes: Sequence[Write]) -> list[WriteResult]:
+        return [True for _ in writes]
+
+    def ping(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def open_store(url: str, timeout_s: float) -> StateStore:
+    """The store a `--state-store` value names; redis is imported only when asked for."""
+    if url == "memory":
+        return MemoryStore()
+    if url.startswith(REDIS_SCHEMES):
+        from service.sessions.redis_store import RedisStore
+
+        return RedisStore(url, timeout_s)
+    raise ValueError(f"unknown state store {url!r}: use memory or redis://host:port/db")

@@ -1,0 +1,275 @@
+"""Keep the arena and a state store in step, one batch at a time, on the batch worker thread.
+
+The batcher calls `prepare` before a batch runs and `commit` after the model call, before any
+new state is scattered into the arena. Each is at most one round trip to the store.
+
+Durability `step` (the store is the truth, the arena a cache of it):
+- prepare: a sequence held here is *validated*: the store answers UNCHANGED while its record
+  still carries the stamp the slot matches, else the newer record, which is loaded (another
+  replica advanced the sequence: requests may alternate between replicas and stay exact). A
+  sequence not held here is loaded. A START reads nothing.
+- commit: each new state is written with compare-and-set from the stamp it was computed from
+  (a START writes unconditionally, an END deletes). A step whose record changed in between
+  lost a race to another replica: it fails with ABORTED and its state is not applied anywhere,
+  so two replicas never fork a sequence. Only then is the arena updated, so a step that fails
+  here (ABORTED, UNAVAILABLE) leaves the sequence as it was and can simply be sent again.
+
+Durability `end` and `none`: a sequence held here runs from memory with no store traffic. A
+sequence not held here is *taken* from the store (read and deleted in one operation), so a
+state handed over at shutdown is continued by exactly one replica; a START deletes any stale
+record of the same id. At `end`, `flush` writes every held state when the replica shuts down.
+
+With the memory store nothing is read or written; only the checks on the sequence remain.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import (
+    Aborted,
+    SequenceNotFound,
+    ServiceError,
+    StateMismatch,
+    StoreUnavailable,
+)
+from service.sessions.arena import StateArena
+from service.sessions.manager import Sequence as LiveSequence
+from service.sessions.store import (
+    STAMP_OFFSET,
+    STAMP_SIZE,
+    UNCHANGED,
+    Durability,
+    Read,
+    ReadResult,
+    StateKey,
+    StateStore,
+    Write,
+    WriteResult,
+    decode_state,
+    encode_state,
+    new_tag,
+)
+
+logger = logging.getLogger(__name__)
+
+_FLUSH_CHUNK = 1000
+"""Records per round trip when flushing, so one pipeline never grows without bound."""
+
+
+@dataclass(eq=False, slots=True)
+class Advance:
+    """One step of a server-held sequence, as the store sees it."""
+
+    sequence: LiveSequence
+    start: bool = False
+    end: bool = False
+    expect: int | None = None
+    """The version the client says the sequence is at (request parameter sequence_version)."""
+
+
+Errors = dict[int, ServiceError]
+"""Failed steps, by their position in the list given."""
+
+
+class StateSync:
+    def __init__(
+        self,
+        store: StateStore,
+        durability: Durability,
+        model: str,
+        version: int,
+        arena: StateArena,
+        ttl_s: float,
+    ) -> None:
+        self.store = store
+        self.durability = durability if store.shared else Durability.NONE
+        self.model = model
+        self.version = version
+        self.arena = arena
+        self.ttl_s = ttl_s
+        self.shapes = [t.shape[1:] for t in arena.tensors]
+        self._label = f"{model} (version {version})"
+
+    def key(self, sequence: LiveSequence) -> str:
+        return str(StateKey(self.model, self.version, sequence.id))
+
+    # ------------------------------------------------------------------ before the model call
+    def prepare(self, advances: Sequence[Advance]) -> Errors:
+        """Bring each slot up to the stored state where durability asks; check expectations."""
+        errors: Errors = {}
+        reads: list[Read] = []
+        readers: list[int] = []
+        for j, advance in enumerate(advances):
+            read = self._read_for(advance)
+            if isinstance(read, Read):
+                reads.append(read)
+                readers.append(j)
+            elif read is not None:
+                errors[j] = read
+        if reads:
+            try:
+                results: list[ReadResult] = self.store.read(reads)
+            except StoreUnavailable as unavailable:
+                results = [unavailable] * len(reads)
+            for j, result in zip(readers, results, strict=True):
+                failure = self._load(advances[j].sequence, result)
+                if failure is not None:
+                    errors[j] = failure
+        for j, advance in enumerate(advances):
+            if j not in errors and (mismatch := self._unexpected(advance)) is not None:
+                errors[j] = mismatch
+        return errors
+
+    def _read_for(self, advance: Advance) -> Read | ServiceError | None:
+        """What to read for this step: a validation, a load, a take, nothing, or an error."""
+        sequence = advance.sequence
+        if advance.start:
+            return None
+        if self.store.shared and self.durability is Durability.STEP:
+            return Read(self.key(sequence), unless=sequence.stamp if sequence.held else b"")
+        if sequence.held:
+            return None
+        if self.store.shared:
+            return Read(self.key(sequence), take=True)
+        return SequenceNotFound(
+            f"sequence {sequence.id!r} of model {self._label} is not live (its first request "
+            f"failed); send sequence_start=true to begin it"
+        )
+
+    def _unexpected(self, advance: Advance) -> Aborted | None:
+        expect, sequence = advance.expect, advance.sequence
+        if expect is None or advance.start or expect == sequence.version:
+            return None
+        return Aborted(
+            f"sequence {sequence.id!r} of model {self._label} is at version {sequence.version}, "
+            f"not {expect} as the request expects (sequence_version); it was not applied"
+        )
+
+    def _load(self, sequence: LiveSequence, result: ReadResult) -> ServiceError | None:
+        if isinstance(result, ServiceError):
+            return result
+        if isinstance(result, Exception):
+            return StoreUnavailable(f"state store {self.store.name}: {result}")
+        if result is None:
+            sequence.held = False
+            return SequenceNotFound(
+                f"sequence {sequence.id!r} of model {self._label} is not live: neither this "
+                f"replica nor the state store {self.store.name} holds it (never started, ended, "
+                f"or idle for over {self.ttl_s:g} s); send sequence_start=true to begin it"
+            )
+        if result == UNCHANGED:
+            return None
+        try:
+            stored = decode_state(result)
+        except ValueError as error:
+            sequence.held = False
+            return StateMismatch(
+                f"sequence {sequence.id!r} of model {self._label}: the state store holds an "
+                f"unreadable record ({error}); send sequence_start=true to begin it again"
+            )
+        shapes = [t.shape for t in stored.tensors]
+        dtypes = {t.dtype for t in stored.tensors}
+        if shapes != self.shapes or dtypes - {np.dtype("<f4")}:
+            sequence.held = False
+            return StateMismatch(
+                f"sequence {sequence.id!r} of model {self._label}: its stored state has shapes "
+                f"{_shapes(shapes)} {', '.join(sorted(map(str, dtypes)))}, but this model "
+                f"version's states are {_shapes(self.shapes)} float32 (the model was replaced "
+                f"by one with a different state); it cannot be continued, send "
+                f"sequence_start=true to begin it again"
+            )
+        slot = np.asarray([sequence.slot], dtype=np.intp)
+        self.arena.put(slot, [t[np.newaxis] for t in stored.tensors])
+        sequence.held = True
+        sequence.version = stored.version
+        # A taken record is no longer in the store: nothing there to compare against.
+        sequence.stamp = stored.stamp if self.durability is Durability.STEP else b""
+        return None
+
+    # ------------------------------------------------------------------ after the model call
+    def commit(self, advances: Sequence[Advance], states: Sequence[np.ndarray]) -> Errors:
+        """Store the new states as durability asks; the steps whose state may not be kept.
+
+        `states` holds one array per state tensor, with the advances on axis 0.
+        """
+        errors: Errors = {}
+        writes: dict[int, Write] = {}
+        if self.store.shared:
+            for j, advance in enumerate(advances):
+                write = self._write_for(advance, [s[j] for s in states])
+                if write is not None:
+                    writes[j] = write
+        if writes:
+            try:
+                results: list[WriteResult] = self.store.write(list(writes.values()))
+            except StoreUnavailable as error:
+                results = [error] * len(writes)
+            for j, result in zip(writes, results, strict=True):
+                if result is not True:
+                    errors[j] = self._write_failure(advances[j].sequence, result)
+        for j, advance in enumerate(advances):
+            if j not in errors:
+                sequence = advance.sequence
+                sequence.version = 1 if advance.start else sequence.version + 1
+                sequence.held = True
+                record = writes[j].record if j in writes else None
+                sequence.stamp = record[STAMP_OFFSET : STAMP_OFFSET + STAMP_SIZE] if record else b""
+        return errors
+
+    def _write_for(self, advance: Advance, state: list[np.ndarray]) -> Write | None:
+        sequence = advance.sequence
+        key = self.key(sequence)
+        if self.durability is not Durability.STEP:
+            # A START leaves no stale record of an earlier sequence with its id to be taken.
+            return Write(key, None) if advance.start else None
+        expect = None if advance.start else sequence.stamp
+        if advance.end:
+            return Write(key, None, expect)
+        version = 1 if advance.start else sequence.version + 1
+        return Write(key, encode_state(version, new_tag(), state), expect, self.ttl_s)
+
+    def _write_failure(self, sequence: LiveSequence, result: WriteResult) -> ServiceError:
+        if isinstance(result, ServiceError):
+            return result
+        if isinstance(result, Exception):
+            return StoreUnavailable(f"state store {self.store.name}: {result}")
+        return Aborted(
+            f"sequence {sequence.id!r} of model {self._label} was advanced or ended by another "
+            f"replica while this request ran; it was not applied (the next request continues "
+            f"from the stored state)"
+        )
+
+    # ------------------------------------------------------------------ handing over
+    def flush(self, sequences: Sequence[LiveSequence]) -> int:
+        """Write every held state (graceful shutdown at durability `end`); how many were."""
+        if not self.store.shared or self.durability is not Durability.END:
+            return 0
+        held = [s for s in sequences if s.held]
+        for first in range(0, len(held), _FLUSH_CHUNK):
+            chunk = held[first : first + _FLUSH_CHUNK]
+            slots = np.asarray([s.slot for s in chunk], dtype=np.intp)
+            tensors = self.arena.take(slots)
+            writes = [
+                Write(
+                    self.key(s),
+                    encode_state(s.version, new_tag(), [t[k] for t in tensors]),
+                    ttl_s=self.ttl_s,
+                )
+                for k, s in enumerate(chunk)
+            ]
+            failed = [r for r in self.store.write(writes) if r is not True]
+            if failed:
+                raise StoreUnavailable(
+                    f"{len(failed)} states of model {self._label} were not written to "
+                    f"{self.store.name}: {failed[0]}"
+                )
+        return len(held)
+
+
+def _shapes(shapes: Sequence[tuple[int, ...]]) -> str:
+    return ", ".join(str(list(s)) for s in shapes)

@@ -1,0 +1,78 @@
+"""A real redis-server for the tests: loopback, a free port, a folder of its own, ended by PID."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class RunningRedis:
+    workdir: Path
+    port: int
+    flags: tuple[str, ...]
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def start(self) -> RunningRedis:
+        log = (self.workdir / "redis.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(self.workdir), *self.flags,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + 20
+        with self.client() as client:
+            while True:
+                try:
+                    client.ping()
+                    return self
+                except redis.ConnectionError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        log = (self.workdir / "redis.log").read_text()
+                        raise RuntimeError(f"redis-server did not start:\n{log}") from None
+                    time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def start_redis(workdir: Path, *flags: str) -> RunningRedis:
+    """redis-server with no snapshots (add flags such as --appendonly yes to keep data)."""
+    if not Path(REDIS_SERVER).exists():
+        raise RuntimeError("redis-server is missing: `make test` installs it (Debian redis-server)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    return RunningRedis(workdir, free_port(), flags).start()

@@ -149,6 +149,8 @@ class Server:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         logger.info("draining: no new sequences, %gs for in-flight requests", grace)
+        if self.store.shared:
+            await self.registry.announce(grace)
         self.servicer.draining = True
         self.servicer.handing_over = self.store.shared
         await self.health.enter_graceful_shutdown()

@@ -167,6 +167,13 @@ class ServedModel:
         """Steps are queued or running."""
         return self.batcher.busy
 
+    async def announce(self, ttl_s: float) -> int:
+        """Mark in the state store the states `flush` is about to write (shutdown)."""
+        if self.sync is None or self.sequences is None:
+            return 0
+        sync, live = self.sync, list(self.sequences.live.values())
+        return await self.batcher.on_worker(lambda: sync.announce(live, ttl_s))
+
     async def flush(self) -> int:
         """Write every live state to the state store where durability asks (shutdown)."""
         if self.sync is None or self.sequences is None:

@@ -239,6 +239,14 @@ class ModelRegistry:
             await asyncio.sleep(0.005)
         return True
 
+    async def announce(self, ttl_s: float) -> None:
+        """Mark in the state store the live states a hand-over is about to write."""
+        for model in self.all_models():
+            try:
+                await model.announce(ttl_s)
+            except ServiceError as error:
+                logger.error("hand-over of model %s not announced: %s", model.name, error)
+
     async def flush(self) -> int:
         """Write every live state to the state store where durability asks; how many were."""
         written = 0

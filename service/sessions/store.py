@@ -43,6 +43,8 @@ STAMP_SIZE = 16
 _STAMP = struct.Struct("<QQ")
 UNCHANGED = b""
 """A read's answer when the stored stamp is the one the reader already holds."""
+MOVING = MAGIC + b"\0moving"
+"""Put where a state will be, while a replica that shuts down is still writing it (format 0)."""
 
 
 class Durability(enum.Enum):

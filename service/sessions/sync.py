@@ -34,12 +34,14 @@ from service.errors import (
     Aborted,
     SequenceNotFound,
     ServiceError,
+    ShuttingDown,
     StateMismatch,
     StoreUnavailable,
 )
 from service.sessions.arena import StateArena
 from service.sessions.manager import Sequence as LiveSequence
 from service.sessions.store import (
+    MOVING,
     STAMP_OFFSET,
     STAMP_SIZE,
     UNCHANGED,
@@ -164,6 +166,12 @@ class StateSync:
             )
         if result == UNCHANGED:
             return None
+        if result == MOVING:
+            sequence.held = False
+            return ShuttingDown(
+                f"sequence {sequence.id!r} of model {self._label} is being handed over by a "
+                f"replica that is shutting down; send the request again in a moment"
+            )
         try:
             stored = decode_state(result)
         except ValueError as error:
@@ -245,6 +253,20 @@ class StateSync:
         )
 
     # ------------------------------------------------------------------ handing over
+    def announce(self, sequences: Sequence[LiveSequence], ttl_s: float) -> int:
+        """Mark where the states of `sequences` will be written, before refusing their requests.
+
+        A request refused here and sent to another replica before `flush` is done then finds
+        the mark, and is told to retry (UNAVAILABLE), not that the sequence is unknown.
+        """
+        if not self.store.shared or self.durability is not Durability.END:
+            return 0
+        held = [s for s in sequences if s.held]
+        for first in range(0, len(held), _FLUSH_CHUNK):
+            chunk = held[first : first + _FLUSH_CHUNK]
+            self.store.write([Write(self.key(s), MOVING, ttl_s=ttl_s) for s in chunk])
+        return len(held)
+
     def flush(self, sequences: Sequence[LiveSequence]) -> int:
         """Write every held state (graceful shutdown at durability `end`); how many were."""
         if not self.store.shared or self.durability is not Durability.END:

@@ -8,7 +8,13 @@ import uuid
 import numpy as np
 import pytest
 
-from service.errors import Aborted, SequenceNotFound, StateMismatch, StoreUnavailable
+from service.errors import (
+    Aborted,
+    SequenceNotFound,
+    ShuttingDown,
+    StateMismatch,
+    StoreUnavailable,
+)
 from service.sessions.arena import StateArena
 from service.sessions.manager import Sequence
 from service.sessions.redis_store import RedisStore, redact
@@ -216,6 +222,19 @@ def test_durability_end_hands_over_through_flush_and_take(store) -> None:
     assert b.state(sid) == 7
     with pytest.raises(SequenceNotFound):
         Replica(store, Durability.END).prepare(sid)  # taken: one replica continues it
+
+
+def test_a_request_that_overtakes_a_hand_over_is_told_to_retry(store) -> None:
+    a, b = Replica(store, Durability.END), Replica(store, Durability.END)
+    sid = uuid.uuid4().hex
+    a.step(sid, 1, start=True)
+    assert a.sync.announce(list(a.held.values()), 10.0) == 1
+    with pytest.raises(ShuttingDown, match="being handed over"):
+        b.prepare(sid)
+    a.sync.flush(list(a.held.values()))
+    b.held.clear()
+    b.step(sid, 2)
+    assert b.state(sid) == 3
 
 
 def test_memory_store_checks_without_storing() -> None:

@@ -5,15 +5,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of PyTorch (a plain `torch` requirement may pull a multi-GB CUDA build).
 TORCH_PIN ?= torch==2.13.0
-# Debian packages the tests need: libb64 for Triton's perf_analyzer.
-SYSTEM_PACKAGES ?= libb64-0d
+# Debian packages the tests need: libb64 for Triton's perf_analyzer, Redis for the state store.
+SYSTEM_PACKAGES ?= libb64-0d redis-server
 PERF_ANALYZER := build/perf_analyzer/bin/perf_analyzer
 
 .DEFAULT_GOAL := help
-.PHONY: help serve bench test install install-test system-deps perf-analyzer proto lint format train clean
+.PHONY: help serve bench test install install-test system-deps perf-analyzer proto lint format train \
+	bench-durability clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +64,9 @@ lint: install-test ## ruff and mypy
 format: install-test ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format service models tests proto
 	$(BIN)/ruff check --fix service models tests proto
+
+bench-durability: system-deps install ## steps/s and latency of each state store and durability level
+	$(BIN)/python -m service.tools.durability_bench
 
 train: install-test ## retrain and republish the three bundled models (CPU, a few minutes)
 	for m in digits_lstm sensor_gru charlm_lstm; do $(BIN)/rnnserve train $$m --no-progress || exit 1; done

@@ -23,6 +23,14 @@ def test_defaults() -> None:
     assert (s.model_repository / "charlm_lstm" / "config.pbtxt").is_file()
 
 
+def test_state_store_settings() -> None:
+    assert (settings([], {}).state_store, settings([], {}).state_durability) == ("memory", "step")
+    environ = {"RNNSERVE_STATE_STORE": "rediss://:pw@db:6380/1", "RNNSERVE_STATE_DURABILITY": "end"}
+    s = settings([], environ)
+    assert (s.state_store, s.state_durability) == ("rediss://:pw@db:6380/1", "end")
+    assert settings(["--state-durability", "none"], environ).state_durability == "none"
+
+
 def test_environment_then_flag() -> None:
     environ = {
         "RNNSERVE_GRPC_PORT": "9001",
@@ -41,6 +49,9 @@ def test_environment_then_flag() -> None:
         (["--provider", "tpu"], {}, "--provider must be auto, cpu or cuda"),
         (["--grpc-port", "70000"], {}, "not a port number"),
         (["--max-steps-per-request", "-1"], {}, "0 \\(per model\\) or more"),
+        (["--state-store", "etcd://x"], {}, "--state-store must be memory or redis://"),
+        ([], {"RNNSERVE_STATE_DURABILITY": "always"}, "--state-durability must be step, end"),
+        (["--state-store-timeout-s", "0"], {}, "--state-store-timeout-s must be positive"),
     ],
 )
 def test_bad_values_name_the_setting(argv, environ, needle) -> None:

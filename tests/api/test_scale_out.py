@@ -400,3 +400,29 @@ def test_soak_a_thousand_concurrent_sequences(redis_server, tmp_path) -> None:
         assert len(redis_server.client().keys("rnnserve:sensor_gru:1:-:i5????")) == 1000
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_sequence_version_without_a_shared_store(client) -> None:
+    """The memory store counts versions too, and honours a request's expectation."""
+    x = np.ones((1, 1, 1), np.float32)
+    for version in (1, 2):
+        result = client.infer(
+            "sensor_gru", [sensor_input(x)], sequence_id=60_000, sequence_start=version == 1
+        )
+        assert result.get_response().parameters["sequence_version"].int64_param == version
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(
+            "sensor_gru", [sensor_input(x)], sequence_id=60_000, parameters={"sequence_version": 1}
+        )
+    assert caught.value.status() == "StatusCode.ABORTED"
+    assert "is at version 2, not 1" in caught.value.message()
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("sensor_gru", [sensor_input(x)], parameters={"sequence_version": 1})
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    client.infer(
+        "sensor_gru",
+        [sensor_input(x)],
+        sequence_id=60_000,
+        sequence_end=True,
+        parameters={"sequence_version": 2},
+    )

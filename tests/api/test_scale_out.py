@@ -82,15 +82,18 @@ class Workload:
 
 
 def stream_until_signal(
-    server: RunningServer, work: Workload, answers: int, signum: int
+    server: RunningServer, work: Workload, answers: int, signum: int, window: int = 2
 ) -> list[str]:
-    """Stream every step of every sequence at once; after `answers` answers, signal the server.
+    """Stream the sequences step by step, `window` steps of each in flight at most; after
+    `answers` answers, signal the server (and send the rest regardless).
 
     Returns the errors the stream reported (answers refused by a draining server, or the
     stream breaking as the server dies).
     """
     errors: list[str] = []
     count = 0
+    progress = threading.Condition()
+    signalled = threading.Event()
 
     def callback(result, error) -> None:
         nonlocal count
@@ -100,16 +103,21 @@ def stream_until_signal(
         response = result.get_response()
         sid, t = map(int, response.id.split("/"))
         assert response.parameters["sequence_version"].int64_param == t + 1
-        with work.lock:
+        with progress:
             work.answered[sid][t] = result.as_numpy(OUTPUTS[MODEL])
             count += 1
             if count == answers:
                 os.kill(server.process.pid, signum)
+                signalled.set()
+            progress.notify_all()
 
     with triton.InferenceServerClient(server.url) as client:
         client.start_stream(callback=callback)
         try:
             for t in range(work.steps):
+                with progress:
+                    needed = (t - window + 1) * len(work.ids)
+                    progress.wait_for(lambda n=needed: count >= n or signalled.is_set(), timeout=30)
                 for sid in work.ids:
                     client.async_stream_infer(
                         MODEL,

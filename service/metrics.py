@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from service.batching.batcher import Step
 from service.serving.model import ServedModel
+from service.sessions.sync import EVENTS
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,13 @@ class _ServingCollector(Collector):
             "Sequences ended by the server, by reason (idle, unloaded)",
             labels=[*labels, "reason"],
         )
+        store = CounterMetricFamily(
+            "rnnserve_state_store_events",
+            "State store traffic by event: loaded (read into memory), written, aborted (a step "
+            "that lost a race), refused (a stored state of other shapes), unavailable (the "
+            "store failed)",
+            labels=[*labels, "event"],
+        )
         info = GaugeMetricFamily(
             "rnnserve_model_info",
             "Loaded model versions and the execution provider each runs on",
@@ -142,7 +150,10 @@ class _ServingCollector(Collector):
             ends.add_metric(key, counters.ended)
             for reason in ("idle", "unloaded"):
                 evictions.add_metric([*key, reason], counters.evicted.get(reason, 0))
-        return [live, memory, capacity, starts, ends, evictions, info]
+            if model.sync is not None:
+                for event in EVENTS:
+                    store.add_metric([*key, event], model.sync.events[event])
+        return [live, memory, capacity, starts, ends, evictions, store, info]
 
 
 class _GpuCollector(Collector):

@@ -77,6 +77,11 @@ class Advance:
 Errors = dict[int, ServiceError]
 """Failed steps, by their position in the list given."""
 
+EVENTS = ("loaded", "written", "aborted", "refused", "unavailable")
+"""What `StateSync.events` counts: states read into the arena, states written, steps that lost
+a race (or a sequence_version check), stored states refused (other shapes, unreadable) and
+store operations that failed."""
+
 
 class StateSync:
     def __init__(
@@ -96,6 +101,8 @@ class StateSync:
         self.ttl_s = ttl_s
         self.shapes = [t.shape[1:] for t in arena.tensors]
         self._label = f"{model} (version {version})"
+        self.events = dict.fromkeys(EVENTS, 0)
+        """Counts by event; written by the batch worker, read by metrics scrapes."""
 
     def key(self, sequence: LiveSequence) -> str:
         return str(StateKey(self.model, self.version, sequence.id))
@@ -125,6 +132,7 @@ class StateSync:
         for j, advance in enumerate(advances):
             if j not in errors and (mismatch := self._unexpected(advance)) is not None:
                 errors[j] = mismatch
+                self.events["aborted"] += 1
         return errors
 
     def _read_for(self, advance: Advance) -> Read | ServiceError | None:
@@ -153,9 +161,10 @@ class StateSync:
         )
 
     def _load(self, sequence: LiveSequence, result: ReadResult) -> ServiceError | None:
-        if isinstance(result, ServiceError):
-            return result
         if isinstance(result, Exception):
+            self.events["unavailable"] += 1
+            if isinstance(result, ServiceError):
+                return result
             return StoreUnavailable(f"state store {self.store.name}: {result}")
         if result is None:
             sequence.held = False
@@ -176,6 +185,7 @@ class StateSync:
             stored = decode_state(result)
         except ValueError as error:
             sequence.held = False
+            self.events["refused"] += 1
             return StateMismatch(
                 f"sequence {sequence.id!r} of model {self._label}: the state store holds an "
                 f"unreadable record ({error}); send sequence_start=true to begin it again"
@@ -184,6 +194,7 @@ class StateSync:
         dtypes = {t.dtype for t in stored.tensors}
         if shapes != self.shapes or dtypes - {np.dtype("<f4")}:
             sequence.held = False
+            self.events["refused"] += 1
             return StateMismatch(
                 f"sequence {sequence.id!r} of model {self._label}: its stored state has shapes "
                 f"{_shapes(shapes)} {', '.join(sorted(map(str, dtypes)))}, but this model "
@@ -197,6 +208,7 @@ class StateSync:
         sequence.version = stored.version
         # A taken record is no longer in the store: nothing there to compare against.
         sequence.stamp = stored.stamp if self.durability is Durability.STEP else b""
+        self.events["loaded"] += 1
         return None
 
     # ------------------------------------------------------------------ after the model call
@@ -205,21 +217,13 @@ class StateSync:
 
         `states` holds one array per state tensor, with the advances on axis 0.
         """
-        errors: Errors = {}
         writes: dict[int, Write] = {}
         if self.store.shared:
             for j, advance in enumerate(advances):
                 write = self._write_for(advance, [s[j] for s in states])
                 if write is not None:
                     writes[j] = write
-        if writes:
-            try:
-                results: list[WriteResult] = self.store.write(list(writes.values()))
-            except StoreUnavailable as error:
-                results = [error] * len(writes)
-            for j, result in zip(writes, results, strict=True):
-                if result is not True:
-                    errors[j] = self._write_failure(advances[j].sequence, result)
+        errors = self._write(advances, writes) if writes else {}
         for j, advance in enumerate(advances):
             if j not in errors:
                 sequence = advance.sequence
@@ -227,6 +231,20 @@ class StateSync:
                 sequence.held = True
                 record = writes[j].record if j in writes else None
                 sequence.stamp = record[STAMP_OFFSET : STAMP_OFFSET + STAMP_SIZE] if record else b""
+        return errors
+
+    def _write(self, advances: Sequence[Advance], writes: dict[int, Write]) -> Errors:
+        """One round trip for the batch's writes; the steps whose write did not apply."""
+        errors: Errors = {}
+        try:
+            results: list[WriteResult] = self.store.write(list(writes.values()))
+        except StoreUnavailable as error:
+            results = [error] * len(writes)
+        for j, result in zip(writes, results, strict=True):
+            if result is not True:
+                errors[j] = self._write_failure(advances[j].sequence, result)
+            elif writes[j].record is not None:
+                self.events["written"] += 1
         return errors
 
     def _write_for(self, advance: Advance, state: list[np.ndarray]) -> Write | None:
@@ -242,10 +260,12 @@ class StateSync:
         return Write(key, encode_state(version, new_tag(), state), expect, self.ttl_s)
 
     def _write_failure(self, sequence: LiveSequence, result: WriteResult) -> ServiceError:
-        if isinstance(result, ServiceError):
-            return result
         if isinstance(result, Exception):
+            self.events["unavailable"] += 1
+            if isinstance(result, ServiceError):
+                return result
             return StoreUnavailable(f"state store {self.store.name}: {result}")
+        self.events["aborted"] += 1
         return Aborted(
             f"sequence {sequence.id!r} of model {self._label} was advanced or ended by another "
             f"replica while this request ran; it was not applied (the next request continues "
@@ -285,6 +305,7 @@ class StateSync:
                 for k, s in enumerate(chunk)
             ]
             failed = [r for r in self.store.write(writes) if r is not True]
+            self.events["written"] += len(writes) - len(failed)
             if failed:
                 raise StoreUnavailable(
                     f"{len(failed)} states of model {self._label} were not written to "

@@ -37,6 +37,12 @@ def close(actual: np.ndarray, expected: np.ndarray) -> None:
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+def event_count(server: RunningServer, model: str, event: str) -> float:
+    series = f'rnnserve_state_store_events_total{{event="{event}",model="{model}",version="1"}}'
+    rows = [r for r in server.scrape().splitlines() if r.startswith(series)]
+    return float(rows[0].rsplit(" ", 1)[1]) if rows else 0.0
+
+
 def stored_version(error: InferenceServerException) -> int:
     """The version an ABORTED sequence_version mismatch says the sequence is at."""
     found = re.search(r"is at version (\d+)", error.message())
@@ -259,6 +265,7 @@ def test_a_race_between_two_replicas_has_one_winner_and_one_aborted(replicas, re
     with ThreadPoolExecutor(2) as pool:
         outcomes = list(pool.map(contend, range(2)))
     assert sorted(outcomes) == ["OK", "StatusCode.ABORTED"], outcomes
+    assert sum(event_count(r, MODEL, "aborted") for r in replicas) >= 1
     winner = contenders[outcomes.index("OK")]
     # The loser left no trace: either replica continues from the winner's state.
     result = clients[1].infer(MODEL, [infer_input(MODEL, last)], sequence_id=sid, sequence_end=True)
@@ -303,6 +310,7 @@ def test_redis_down_and_back(reference, tmp_path) -> None:
         )
         close(explicit.as_numpy("forecast"), expected)
         assert client.is_server_live() and server.alive()
+        assert event_count(server, "sensor_gru", "unavailable") >= 2
 
         redis.start()
         # The failed step was not applied: sent again, it continues exactly.

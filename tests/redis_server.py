@@ -53,11 +53,15 @@ class RunningRedis:
                 try:
                     client.ping()
                     return self
-                except redis.ConnectionError:
-                    if self.process.poll() is not None or time.monotonic() > deadline:
-                        log = (self.workdir / "redis.log").read_text()
-                        raise RuntimeError(f"redis-server did not start:\n{log}") from None
-                    time.sleep(0.05)
+                except redis.AuthenticationError:
+                    return self  # up, and asking for the password it was started with
+                except redis.ConnectionError:  # not listening yet, or still loading its data
+                    pass
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop(signal.SIGKILL)
+                    log = (self.workdir / "redis.log").read_text()
+                    raise RuntimeError(f"redis-server did not start:\n{log}")
+                time.sleep(0.02)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:

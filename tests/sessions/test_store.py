@@ -30,7 +30,7 @@ from service.sessions.store import (
     open_store,
 )
 from service.sessions.sync import Advance, StateSync
-from tests.redis_server import free_port
+from tests.redis_server import free_port, start_redis
 
 SHAPES = [(2, 4), (2, 4)]  # an LSTM's h and c: layers x hidden
 
@@ -134,6 +134,23 @@ def test_an_unreachable_store_is_unavailable_and_named() -> None:
         unreachable.read([Read("k")])
     with pytest.raises(StoreUnavailable):
         unreachable.ping()
+
+
+def test_a_password_in_the_url_is_used_and_never_shown(tmp_path) -> None:
+    redis = start_redis(tmp_path, "--requirepass", "hunter2")
+    try:
+        url = f"redis://:hunter2@127.0.0.1:{redis.port}/0"
+        with_password = RedisStore(url, 2.0)
+        assert with_password.name == f"redis://:***@127.0.0.1:{redis.port}/0"
+        assert with_password.write([Write(fresh_key(), b"x")]) == [True]
+        wrong = RedisStore(url.replace("hunter2", "guess"), 2.0)
+        with pytest.raises(StoreUnavailable) as caught:
+            wrong.read([Read("k")])
+        assert "hunter2" not in str(caught.value) and "guess" not in str(caught.value)
+        with_password.close()
+        wrong.close()
+    finally:
+        redis.stop()
 
 
 class Replica:

@@ -41,6 +41,8 @@ class Settings:
     """ONNX Runtime threads inside one operator (0: ONNX Runtime's default)."""
     inter_op_threads: int = 0
     """ONNX Runtime threads across operators (0: ONNX Runtime's default)."""
+    ort_spinning: int = 0
+    """1 lets idle ONNX Runtime threads spin for work: lower latency, but it burns CPU."""
     max_queue_delay_us: int = -1
     """How long a step waits for others to batch with, in microseconds (-1: each model's config)."""
     max_sequences: int = 0

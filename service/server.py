@@ -42,7 +42,10 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         engine = EngineSettings(
-            settings.provider, settings.intra_op_threads, settings.inter_op_threads
+            settings.provider,
+            settings.intra_op_threads,
+            settings.inter_op_threads,
+            spinning=bool(settings.ort_spinning),
         )
         limits = Limits(
             max_sequences=settings.max_sequences,
@@ -84,6 +87,9 @@ class Server:
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
                 ("grpc.so_reuseport", 0),
+                # gRPC cancels calls beyond 1,000 waiting to be picked up; a server built to
+                # hold thousands of concurrent sequences must not.
+                ("grpc.server.max_pending_requests", 65536),
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._grpc)  # type: ignore[no-untyped-call]

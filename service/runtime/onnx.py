@@ -32,6 +32,8 @@ class EngineSettings:
     intra_op_threads: int = 0
     """Threads inside one operator; 0 lets ONNX Runtime choose."""
     inter_op_threads: int = 0
+    spinning: bool = True
+    """Let idle ONNX Runtime threads spin waiting for work (burns CPU the event loop needs)."""
 
 
 def choose_provider(wanted: str) -> str:
@@ -53,6 +55,9 @@ class OnnxRuntime:
         options.intra_op_num_threads = settings.intra_op_threads
         options.inter_op_num_threads = settings.inter_op_threads
         options.log_severity_level = 3
+        spin = "1" if settings.spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         self.provider = choose_provider(settings.provider)
         self._session = ort.InferenceSession(str(path), options, providers=[self.provider])
         self.inputs: Sequence[TensorInfo] = [self._info(a) for a in self._session.get_inputs()]

@@ -38,6 +38,15 @@ def value(scrape: str, prefix: str) -> float:
 
 
 def test_prometheus_scrape(server, client) -> None:
+    rows = np.zeros((1, 1, 8), np.float32)
+    # Labelled series appear with their first request.
+    client.infer(
+        "digits_lstm",
+        [infer_input("digits_lstm", rows)],
+        sequence_id=300,
+        sequence_start=True,
+        sequence_end=True,
+    )
     before = server.scrape()
     for name in METRICS:
         assert f"\n{name}" in before, name
@@ -45,7 +54,6 @@ def test_prometheus_scrape(server, client) -> None:
     ok = 'rnnserve_requests_total{model="digits_lstm",outcome="OK",version="1"}'
     compute = 'rnnserve_request_duration_seconds_count{model="digits_lstm",stage="compute",'
     live_before, ok_before = value(before, live), value(before, ok)
-    rows = np.zeros((1, 1, 8), np.float32)
     for sid in (301, 302):
         client.infer(
             "digits_lstm", [infer_input("digits_lstm", rows)], sequence_id=sid, sequence_start=True

@@ -71,6 +71,9 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 

@@ -23,12 +23,12 @@ OUTPUTS = {"charlm_lstm": "logits", "sensor_gru": "forecast", "digits_lstm": "pr
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     running = start_server(tmp_path_factory.mktemp("server"), "--max-queue-delay-us", "500")
     yield running
-    assert running.stop() == 0, running.log()
+    assert running.stop() == 0, running.log_text()
 
 
 @pytest.fixture
 def client(server: RunningServer) -> Iterator[triton.InferenceServerClient]:
-    with triton.InferenceServerClient(server.url) as connection:
+    with triton.InferenceServerClient(server.target) as connection:
         yield connection
 
 

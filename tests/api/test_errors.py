@@ -20,7 +20,7 @@ ONE_STEP = np.array([[[24.0]]], np.float32)
 
 @pytest.fixture
 def stub(server) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
-    with grpc.insecure_channel(server.url) as channel:
+    with grpc.insecure_channel(server.target) as channel:
         yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
@@ -248,7 +248,7 @@ def test_errors_on_a_stream_leave_it_open(client) -> None:
 
 
 def test_message_too_large(server) -> None:
-    with triton.InferenceServerClient(server.url) as client:
+    with triton.InferenceServerClient(server.target) as client:
         huge = np.zeros((1, 20_000_000), np.int64)  # 160 MB, over the 64 MiB limit
         expect_error(
             lambda: client.infer(

@@ -71,7 +71,7 @@ def test_concurrent_unary_sequences_are_batched_without_changing_results(
 
     def run(sid: int) -> np.ndarray:
         x = sequences[sid]
-        with triton.InferenceServerClient(server.url) as connection:
+        with triton.InferenceServerClient(server.target) as connection:
             outputs = []
             for t in range(x.shape[1]):
                 result = connection.infer(
@@ -164,7 +164,7 @@ def test_explicit_state_mode(client, reference: Reference) -> None:
 def test_bundled_client_streams_characters(server, reference: Reference) -> None:
     from service.client import SequenceClient
 
-    with SequenceClient(server.url, "charlm_lstm") as lm:
+    with SequenceClient(server.target, "charlm_lstm") as lm:
         text = lm.generate("def main(", 30)
         ids = lm.encode("def main(" + text)
     # Greedy decoding reproduces what the model run in-process picks at every position.
@@ -173,6 +173,6 @@ def test_bundled_client_streams_characters(server, reference: Reference) -> None
 
 
 def test_generate_command(server, cli) -> None:
-    done = cli("generate", "class ", "--url", server.url, "--length", "20")
+    done = cli("generate", "class ", "--url", server.target, "--length", "20")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("class ") and len(done.stdout[:-1]) == 26

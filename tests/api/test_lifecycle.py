@@ -59,12 +59,12 @@ def server(repository: Path, tmp_path_factory) -> Iterator[RunningServer]:
         "--model-repository", str(repository), "--unload-grace-s", str(GRACE_S),
     )  # fmt: skip
     yield running
-    assert running.stop() == 0, running.log()
+    assert running.stop() == 0, running.log_text()
 
 
 @pytest.fixture
 def client(server) -> Iterator[triton.InferenceServerClient]:
-    with triton.InferenceServerClient(server.url) as connection:
+    with triton.InferenceServerClient(server.target) as connection:
         yield connection
 
 

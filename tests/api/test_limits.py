@@ -23,12 +23,12 @@ def server(tmp_path_factory) -> Iterator[RunningServer]:
         "--max-sequences", "3", "--idle-timeout-s", "1", "--max-steps-per-request", "16",
     )  # fmt: skip
     yield running
-    assert running.stop() == 0, running.log()
+    assert running.stop() == 0, running.log_text()
 
 
 @pytest.fixture
 def client(server) -> Iterator[triton.InferenceServerClient]:
-    with triton.InferenceServerClient(server.url) as connection:
+    with triton.InferenceServerClient(server.target) as connection:
         yield connection
 
 

@@ -90,7 +90,7 @@ def test_failed_requests_are_counted_by_status(server, client) -> None:
 
 
 def test_health_and_reflection(server) -> None:
-    with grpc.insecure_channel(server.url) as channel:
+    with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         status = health.Check(health_pb2.HealthCheckRequest(service="")).status
         assert status == health_pb2.HealthCheckResponse.SERVING
@@ -128,7 +128,7 @@ def test_server_metadata_and_statistics(client) -> None:
 
 def test_sigterm_drains_and_exits(tmp_path) -> None:
     server = start_server(tmp_path, "--shutdown-grace-s", "10")
-    with triton.InferenceServerClient(server.url) as client:
+    with triton.InferenceServerClient(server.target) as client:
         x = np.zeros((1, 1, 1), np.float32)
         client.infer(
             "sensor_gru", [infer_input("sensor_gru", x)], sequence_id=1, sequence_start=True
@@ -150,7 +150,7 @@ def test_sigterm_drains_and_exits(tmp_path) -> None:
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(30) == 0
         worker.join(30)
-    log = server.log()
+    log = server.log_text()
     assert "draining" in log and "stopped" in log
     assert "Traceback" not in log
     assert results and results[0] == "ok"

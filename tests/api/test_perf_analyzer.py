@@ -28,7 +28,7 @@ def test_streaming_sequences_complete_without_errors(server, tmp_path, model, sh
     report = tmp_path / "report.csv"
     done = subprocess.run(
         [
-            str(PERF_ANALYZER), "-m", model, "-i", "grpc", "-u", server.url, "--streaming",
+            str(PERF_ANALYZER), "-m", model, "-i", "grpc", "-u", server.target, "--streaming",
             "--shape", shape, "--input-data", data,
             "--sequence-length", "8", "--concurrency-range", "4",
             "--measurement-mode", "count_windows", "--measurement-request-count", "150",

@@ -57,7 +57,7 @@ def replicas(redis_server, tmp_path_factory) -> Iterator[tuple[RunningServer, Ru
     pair = (start_server(root / "a", *flags), start_server(root / "b", *flags))
     yield pair
     for server in pair:
-        assert server.stop() == 0, server.log()
+        assert server.stop() == 0, server.log_text()
 
 
 class Workload:
@@ -117,7 +117,7 @@ def stream_until_signal(
                 signalled.set()
             progress.notify_all()
 
-    with triton.InferenceServerClient(server.url) as client:
+    with triton.InferenceServerClient(server.target) as client:
         client.start_stream(callback=callback)
         try:
             for t in range(work.steps):
@@ -144,7 +144,7 @@ def continue_elsewhere(server: RunningServer, work: Workload) -> dict[int, int]:
     """Continue every sequence on `server` from its first unanswered step; per sequence, how
     many steps had been applied without an answer reaching the client."""
     unanswered: dict[int, int] = {}
-    with triton.InferenceServerClient(server.url) as client:
+    with triton.InferenceServerClient(server.target) as client:
         for sid in work.ids:
             t = acknowledged = work.acknowledged(sid)
             while t < work.steps:
@@ -182,9 +182,9 @@ def test_another_replica_continues_after_a_crash_or_a_rolling_restart(
     first = start_server(tmp_path / "a", *flags, "--shutdown-grace-s", "10")
     errors = stream_until_signal(first, work, answers=400, signum=signum)
     if signum == signal.SIGTERM:
-        assert first.process.returncode == 0, first.log()
-        assert "handed over to redis://127.0.0.1" in first.log()
-        assert "40 sequence states written" in first.log()
+        assert first.process.returncode == 0, first.log_text()
+        assert "handed over to redis://127.0.0.1" in first.log_text()
+        assert "40 sequence states written" in first.log_text()
         refused = [e for e in errors if "hands its sequences over" in e]
         assert refused, errors
     else:
@@ -195,7 +195,7 @@ def test_another_replica_continues_after_a_crash_or_a_rolling_restart(
     try:
         unanswered = continue_elsewhere(second, work)
     finally:
-        assert second.stop() == 0, second.log()
+        assert second.stop() == 0, second.log_text()
     work.check()
     if signum == signal.SIGTERM:
         # A graceful hand-over answers every step it applied: nothing is applied unanswered.
@@ -209,7 +209,7 @@ def test_requests_alternating_between_replicas_match_one_server(
 ) -> None:
     rng = np.random.default_rng(7)
     sequences = {20_000 + k: sequence_data(MODEL, 30, rng) for k in range(12)}
-    clients = [triton.InferenceServerClient(r.url) for r in replicas]
+    clients = [triton.InferenceServerClient(r.target) for r in replicas]
 
     def run(sid: int) -> np.ndarray:
         x = sequences[sid]
@@ -244,7 +244,7 @@ def test_a_race_between_two_replicas_has_one_winner_and_one_aborted(replicas, re
     first = sequence_data(MODEL, 1, rng)
     contenders = [sequence_data(MODEL, BIG_STEPS, rng) for _ in replicas]
     last = sequence_data(MODEL, 1, rng)
-    clients = [triton.InferenceServerClient(r.url) for r in replicas]
+    clients = [triton.InferenceServerClient(r.target) for r in replicas]
     clients[0].infer(MODEL, [infer_input(MODEL, first)], sequence_id=sid, sequence_start=True)
     barrier = threading.Barrier(2)
 
@@ -288,7 +288,7 @@ def test_redis_down_and_back(reference, tmp_path) -> None:
     server = start_server(tmp_path / "server", *store_flags(redis), "--state-store-timeout-s", "1")
     x = (24 + np.random.default_rng(5).standard_normal((1, 4, 1))).astype(np.float32)
     expected = reference.run("sensor_gru", x)
-    client = triton.InferenceServerClient(server.url)
+    client = triton.InferenceServerClient(server.target)
     try:
         first = client.infer(
             "sensor_gru", [sensor_input(x[:, :2])], sequence_id=1, sequence_start=True
@@ -324,7 +324,7 @@ def test_redis_down_and_back(reference, tmp_path) -> None:
         close(again.as_numpy("forecast"), expected)
     finally:
         client.close()
-        assert server.stop() == 0, server.log()
+        assert server.stop() == 0, server.log_text()
         redis.stop()
 
 
@@ -343,13 +343,13 @@ def test_a_state_of_another_shape_is_refused_after_a_reload(redis_server, tmp_pa
     x.set_data_from_numpy(np.ones((1, 1, 3), np.float32))
     flags = store_flags(redis_server)
     before = start_server(tmp_path / "a", "--model-repository", str(repository(8)), *flags)
-    with triton.InferenceServerClient(before.url) as client:
+    with triton.InferenceServerClient(before.target) as client:
         client.infer("reshaped", [x], sequence_id=40_000, sequence_start=True)
     assert before.stop() == 0
     # The same model name and version, now with a wider state.
     after = start_server(tmp_path / "b", "--model-repository", str(repository(16)), *flags)
     try:
-        with triton.InferenceServerClient(after.url) as client:
+        with triton.InferenceServerClient(after.target) as client:
             with pytest.raises(InferenceServerException) as caught:
                 client.infer("reshaped", [x], sequence_id=40_000)
             assert caught.value.status() == "StatusCode.FAILED_PRECONDITION"
@@ -359,7 +359,7 @@ def test_a_state_of_another_shape_is_refused_after_a_reload(redis_server, tmp_pa
                 "reshaped", [x], sequence_id=40_000, sequence_start=True, sequence_end=True
             )
     finally:
-        assert after.stop() == 0, after.log()
+        assert after.stop() == 0, after.log_text()
 
 
 def rss_kib(pid: int) -> int:
@@ -386,7 +386,7 @@ def test_soak_a_thousand_concurrent_sequences(redis_server, tmp_path) -> None:
             done.release()
 
         reading = np.full((1, 1, 1), 24.0, np.float32)
-        with triton.InferenceServerClient(server.url) as client:
+        with triton.InferenceServerClient(server.target) as client:
             client.start_stream(callback=callback)
             r = 0
             while (rounds is None or r < rounds) and time.monotonic() < until:
@@ -415,7 +415,7 @@ def test_soak_a_thousand_concurrent_sequences(redis_server, tmp_path) -> None:
         assert after - warm < 48 * 1024, (warm, after)
         assert len(redis_server.client().keys("rnnserve:sensor_gru:1:-:i5????")) == 1000
     finally:
-        assert server.stop() == 0, server.log()
+        assert server.stop() == 0, server.log_text()
 
 
 def test_sequence_version_without_a_shared_store(client) -> None:

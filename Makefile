@@ -10,7 +10,7 @@ SYSTEM_PACKAGES ?= libb64-0d redis-server
 PERF_ANALYZER := build/perf_analyzer/bin/perf_analyzer
 
 .DEFAULT_GOAL := help
-.PHONY: help serve bench test install install-test system-deps perf-analyzer proto lint format train \
+.PHONY: help serve bench test install install-test system-deps perf-analyzer bench-idle proto lint format train \
 	bench-durability clean
 
 help: ## list the targets
@@ -44,6 +44,9 @@ serve: install ## serve the bundled models (gRPC :8001, metrics :8002)
 
 bench: install ## run the benchmark (about 10 minutes; BENCH_ARGS=--quick for one)
 	$(BIN)/rnnserve bench $(BENCH_ARGS)
+
+bench-idle: install ## memory per idle live sequence: 100,000 sequences in one server
+	$(BIN)/python -m service.bench.idle --sequences 100000
 
 $(PERF_ANALYZER): tests/tools/install-perf-analyzer.sh | system-deps
 	bash tests/tools/install-perf-analyzer.sh build/perf_analyzer

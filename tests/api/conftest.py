@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as triton
 
 from tests.conftest import BUNDLED
-from tests.server import RunningServer, start_server
+from tests.server import RunningServer, serving
 
 MODELS = ("charlm_lstm", "sensor_gru", "digits_lstm")
 INPUTS = {"charlm_lstm": "tokens", "sensor_gru": "reading", "digits_lstm": "pixels"}
@@ -21,9 +21,8 @@ OUTPUTS = {"charlm_lstm": "logits", "sensor_gru": "forecast", "digits_lstm": "pr
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    running = start_server(tmp_path_factory.mktemp("server"), "--max-queue-delay-us", "500")
-    yield running
-    assert running.stop() == 0, running.log_text()
+    with serving(tmp_path_factory.mktemp("server"), "--max-queue-delay-us", "500") as running:
+        yield running
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 from models.architectures import RecurrentSpec
 from models.publish import parse_config, publish, render_config
 from tests.factories import SIGNATURE, publish_versions, random_net
-from tests.server import RunningServer, start_server
+from tests.server import RunningServer, serving
 
 GRACE_S = 2.0
 
@@ -54,18 +54,12 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repository: Path, tmp_path_factory) -> Iterator[RunningServer]:
-    running = start_server(
+    # The `client` fixture of tests/api/conftest.py connects to this server.
+    with serving(
         tmp_path_factory.mktemp("lifecycle"),
         "--model-repository", str(repository), "--unload-grace-s", str(GRACE_S),
-    )  # fmt: skip
-    yield running
-    assert running.stop() == 0, running.log_text()
-
-
-@pytest.fixture
-def client(server) -> Iterator[triton.InferenceServerClient]:
-    with triton.InferenceServerClient(server.target) as connection:
-        yield connection
+    ) as running:  # fmt: skip
+        yield running
 
 
 def test_bidirectional_model_serves_whole_sequences_only(client, repository) -> None:

@@ -7,29 +7,22 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.api.conftest import infer_input
-from tests.server import RunningServer, start_server
+from tests.server import RunningServer, serving
 
 STEP = np.array([[[24.0]]], np.float32)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[RunningServer]:
-    running = start_server(
+    # The `client` fixture of tests/api/conftest.py connects to this server.
+    with serving(
         tmp_path_factory.mktemp("limits"),
         "--max-sequences", "3", "--idle-timeout-s", "1", "--max-steps-per-request", "16",
-    )  # fmt: skip
-    yield running
-    assert running.stop() == 0, running.log_text()
-
-
-@pytest.fixture
-def client(server) -> Iterator[triton.InferenceServerClient]:
-    with triton.InferenceServerClient(server.target) as connection:
-        yield connection
+    ) as running:  # fmt: skip
+        yield running
 
 
 def step(client, sequence_id, **flags):

@@ -45,10 +45,6 @@ class InvalidModelRepository(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
-class Unsupported(ServiceError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-
 class StateMismatch(ServiceError):
     """A stored state that this model version cannot continue (written for other state shapes)."""
 

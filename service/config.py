@@ -43,6 +43,9 @@ class Settings:
     """ONNX Runtime threads across operators (0: ONNX Runtime's default)."""
     ort_spinning: int = 0
     """1 lets idle ONNX Runtime threads spin for work: lower latency, but it burns CPU."""
+    inline_max_steps: int = 1
+    """Batches of at most this many steps (rows x time steps) run on the event loop itself: a
+    hand-off to the worker thread and back costs more than such a model call. 0: none do."""
     max_queue_delay_us: int = -1
     """How long a step waits for others to batch with, in microseconds (-1: each model's config)."""
     max_sequences: int = 0
@@ -112,6 +115,8 @@ class Settings:
             port = getattr(self, name)
             if not -1 <= port <= 65535 or (name == "grpc_port" and port < 0):
                 raise ValueError(f"--{name.replace('_', '-')} {port} is not a port number")
+        if self.inline_max_steps < 0:
+            raise ValueError("--inline-max-steps must be 0 (never) or more")
         if self.max_steps_per_request < 0:
             raise ValueError("--max-steps-per-request must be 0 (per model) or more")
         if self.state_store != "memory" and not self.state_store.startswith(

@@ -23,8 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from service._pb import grpc_service_pb2 as pb
-from service._pb import grpc_service_pb2_grpc as pb_grpc
-from service.api.servicer import InferenceServicer
+from service.api.servicer import InferenceServicer, add_to_server
 from service.config import Settings
 from service.errors import ServiceError
 from service.metrics import Metrics
@@ -54,6 +53,7 @@ class Server:
             if settings.max_queue_delay_us >= 0
             else -1.0,
             max_steps_per_request=settings.max_steps_per_request,
+            inline_max_steps=settings.inline_max_steps,
         )
         self.metrics = Metrics(lambda: self.registry.all_models())
         self.store = open_store(settings.state_store, settings.state_store_timeout_s)
@@ -92,7 +92,7 @@ class Server:
                 ("grpc.server.max_pending_requests", 65536),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._grpc)  # type: ignore[no-untyped-call]
+        add_to_server(self.servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc

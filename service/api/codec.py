@@ -1,11 +1,14 @@
 """Protocol messages <-> domain objects: tensors as numpy arrays, sequence flags as a control.
 
 Raw little-endian tensor bytes are wrapped without copying (`np.frombuffer`); typed `contents`
-fields are accepted on input too.
+fields are accepted on input too. Inference responses are written straight to protobuf's wire
+format: the parts that only depend on the model and the output shapes are encoded once and
+cached, so a response costs a few byte joins rather than a tree of message objects.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -35,15 +38,13 @@ _CONTENTS_FIELD = {
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
 }
+_SEQUENCE_PARAMETERS = frozenset(
+    {"sequence_id", "sequence_start", "sequence_end", "sequence_version"}
+)
 
 
 def sequence_control(parameters: Mapping[str, pb.InferParameter]) -> SequenceControl:
-    if not parameters or (
-        "sequence_id" not in parameters
-        and "sequence_start" not in parameters
-        and "sequence_end" not in parameters
-        and "sequence_version" not in parameters
-    ):
+    if not parameters or _SEQUENCE_PARAMETERS.isdisjoint(parameters):
         return NO_SEQUENCE
     sequence_id: int | str | None = None
     if "sequence_id" in parameters:
@@ -99,14 +100,16 @@ def decode_request(message: pb.ModelInferRequest) -> InferenceRequest:
         )
     inputs: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(message.inputs):
-        if tensor.name in inputs:
-            raise InvalidArgument(f"input {tensor.name} is given twice")
-        inputs[tensor.name] = decode_tensor(tensor, raw[index] if raw else None)
+        name = tensor.name
+        if name in inputs:
+            raise InvalidArgument(f"input {name} is given twice")
+        inputs[name] = decode_tensor(tensor, raw[index] if raw else None)
+    requested = message.outputs
     return InferenceRequest(
         model=message.model_name,
         version=message.model_version,
         inputs=inputs,
-        outputs=tuple(o.name for o in message.outputs),
+        outputs=tuple(o.name for o in requested) if requested else (),
         sequence=sequence_control(message.parameters),
         id=message.id,
     )
@@ -139,20 +142,80 @@ def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
     return np.asarray(values, dtype=dtype).reshape(shape)
 
 
-def encode_result(result: InferenceResult, request_id: str) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(
-        model_name=result.model, model_version=str(result.version), id=request_id
-    )
-    raw: list[bytes] = []
-    for name, array in result.outputs.items():
-        response.outputs.add(name=name, datatype=wire_name_of(array.dtype), shape=array.shape)
-        raw.append(np.ascontiguousarray(array).tobytes())
-    response.raw_output_contents.extend(raw)
+def encode_response(result: InferenceResult, request_id: str) -> bytes:
+    """A ModelInferResponse, as wire bytes."""
+    parts = [_response_head(result.model, result.version)]
+    if request_id:
+        parts.append(_field(3, request_id.encode()))
     for key, value in result.extra.items():
-        if isinstance(value, bool):
-            response.parameters[key].bool_param = value
-        elif isinstance(value, int):
-            response.parameters[key].int64_param = value
-        else:
-            response.parameters[key].string_param = str(value)
-    return response
+        parts.append(_field(4, _parameter_entry(key, value)))
+    outputs = result.outputs
+    for name, array in outputs.items():
+        parts.append(_output_head(name, array.dtype.str, array.shape))
+    for array in outputs.values():
+        parts.append(_field(6, array.tobytes()))
+    return b"".join(parts)
+
+
+def encode_stream_response(result: InferenceResult, request_id: str) -> bytes:
+    """A ModelStreamInferResponse carrying `result`, as wire bytes."""
+    return _field(2, encode_response(result, request_id))
+
+
+def encode_stream_error(message: pb.ModelInferRequest, text: str) -> bytes:
+    """A ModelStreamInferResponse answering `message` with an error, as wire bytes."""
+    echo = pb.ModelInferResponse(
+        model_name=message.model_name, model_version=message.model_version, id=message.id
+    )
+    return pb.ModelStreamInferResponse(error_message=text, infer_response=echo).SerializeToString()
+
+
+# ---------------------------------------------------------------------------- wire format
+# Protobuf's encoding, for the few shapes of field a response has: a key byte (field number
+# and wire type; every field here is below 16), then a varint or a length and the bytes.
+_LENGTH_DELIMITED = 2
+_VARINT = 0
+
+
+def _varint(value: int) -> bytes:
+    if value < 0:
+        value += 1 << 64  # int64 travels as its two's complement
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_SMALL_VARINTS = [_varint(n) for n in range(16384)]
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    size = len(payload)
+    length = _SMALL_VARINTS[size] if size < 16384 else _varint(size)
+    return b"".join((bytes((number << 3 | _LENGTH_DELIMITED,)), length, payload))
+
+
+def _parameter_entry(key: str, value: object) -> bytes:
+    """One entry of a map<string, InferParameter>."""
+    if isinstance(value, bool):
+        parameter = bytes((1 << 3 | _VARINT,)) + _varint(int(value))
+    elif isinstance(value, int):
+        parameter = bytes((2 << 3 | _VARINT,)) + _varint(value)
+    else:
+        parameter = _field(3, str(value).encode())
+    return _field(1, key.encode()) + _field(2, parameter)
+
+
+@functools.lru_cache(maxsize=256)
+def _response_head(model: str, version: int) -> bytes:
+    return _field(1, model.encode()) + _field(2, str(version).encode())
+
+
+@functools.lru_cache(maxsize=4096)
+def _output_head(name: str, dtype: str, shape: tuple[int, ...]) -> bytes:
+    """An InferOutputTensor's description (its data travels in raw_output_contents)."""
+    packed = b"".join(_varint(d) for d in shape)
+    tensor = _field(1, name.encode()) + _field(2, wire_name_of(np.dtype(dtype)).encode())
+    return _field(5, tensor + _field(3, packed))

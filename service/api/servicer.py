@@ -1,7 +1,8 @@
 """inference.GRPCInferenceService: the Open Inference Protocol with Triton's extensions.
 
 This layer only translates between protocol messages and the serving layer. Errors are mapped
-to status codes in one place: `_unary` for unary calls, `_stream_one` for stream responses.
+to status codes in one place: `_unary` for unary calls, and `_failed` for inference requests,
+whose error a stream carries in its response and a unary call as its status.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,12 +21,18 @@ from service import __version__
 from service._pb import grpc_service_pb2 as pb
 from service._pb import grpc_service_pb2_grpc as pb_grpc
 from service._pb import model_config_pb2 as mc
-from service.api.codec import decode_request, encode_result
+from service.api.codec import (
+    decode_request,
+    encode_response,
+    encode_stream_error,
+    encode_stream_response,
+)
+from service.batching.batcher import Step
 from service.errors import ServiceError, ShuttingDown
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.serving.model import ModelState, ServedModel
 from service.serving.registry import ModelRegistry
-from service.serving.request import InferenceRequest
+from service.serving.request import InferenceRequest, InferenceResult
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +44,8 @@ EXTENSIONS = (
     "explicit_state",
 )
 """What ServerMetadata advertises: only what is implemented."""
+
+INTERNAL_ERROR = "internal error; see the server log"
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -51,7 +61,7 @@ def _unary(method: Handler[Request, Response]) -> Handler[Request, Response]:
             await context.abort(error.code, str(error))
         except Exception:
             logger.exception("unexpected error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
         raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
@@ -202,106 +212,81 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         return self.registry.get(request.model, request.version)
 
-    async def _infer(self, message: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def ModelInfer(self, message: pb.ModelInferRequest, context: Any) -> bytes:
         """Decode, run and encode one request; record its metrics whatever the outcome."""
         started = time.perf_counter()
         labels = (UNKNOWN_MODEL, "")
         try:
             request = decode_request(message)
             model = self._resolve(request)
-            labels = (model.name, str(model.version))
+            labels = model.labels
             result = await model.infer(request)
-            response = encode_result(result, message.id)
-        except ServiceError as error:
-            self.metrics.observe_request(*labels, error.code.name, time.perf_counter() - started)
+            response = encode_response(result, message.id)
+        except Exception as error:  # noqa: BLE001 - mapped to a status in one place
+            code, text = self._failed(error, labels, started)
+            await context.abort(code, text)
+        except asyncio.CancelledError as error:
+            self._failed(error, labels, started)
             raise
-        except Exception:
-            self.metrics.observe_request(*labels, "INTERNAL", time.perf_counter() - started)
-            raise
-        self.metrics.observe_request(
-            *labels, "OK", time.perf_counter() - started, result.queue_s, result.compute_s
-        )
+        self._succeeded(result, labels, started)
         return response
-
-    @_unary
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: Any
-    ) -> pb.ModelInferResponse:
-        return await self._infer(request)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> AsyncIterator[bytes]:
         """Requests are taken in arrival order and answered as they finish.
 
         An error answers that request alone (in `error_message`); the stream stays open.
         """
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._read_stream(request_iterator, responses))
+        outbox = _Outbox()
+        reader = asyncio.create_task(self._read_stream(request_iterator, outbox))
         try:
-            while (response := await responses.get()) is not None:
+            while (response := await outbox.next()) is not None:
                 yield response
         finally:
             reader.cancel()
         await reader
 
     async def _read_stream(
-        self,
-        request_iterator: AsyncIterator[pb.ModelInferRequest],
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None],
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], outbox: _Outbox
     ) -> None:
-        """Queue each request's step as it arrives; answer from the step's completion callback.
+        """Queue each request's step as it arrives; its completion puts the answer in `outbox`.
 
-        No task per request: a step is queued synchronously (so the steps of one sequence keep
-        their order) and its future's callback encodes and queues the response.
+        No task or future per request: a step is queued synchronously (so the steps of one
+        sequence keep their order) and the batcher calls its completion when it ran.
         """
-        outstanding = 0
-        drained = asyncio.Event()
-        drained.set()
-
-        def answer(response: pb.ModelStreamInferResponse) -> None:
-            nonlocal outstanding
-            responses.put_nowait(response)
-            outstanding -= 1
-            if outstanding == 0:
-                drained.set()
-
         try:
             async for message in request_iterator:
-                outstanding += 1
-                drained.clear()
-                self._stream_one(message, answer)
-            await drained.wait()
+                outbox.expect()
+                self._stream_one(message, outbox)
         finally:
-            responses.put_nowait(None)
+            outbox.close()
 
-    def _stream_one(
-        self, message: pb.ModelInferRequest, answer: Callable[[pb.ModelStreamInferResponse], None]
-    ) -> None:
+    def _stream_one(self, message: pb.ModelInferRequest, outbox: _Outbox) -> None:
         started = time.perf_counter()
         labels = (UNKNOWN_MODEL, "")
         try:
             request = decode_request(message)
             model = self._resolve(request)
-            labels = (model.name, str(model.version))
-            step = model.submit(request)
+            labels = model.labels
         except Exception as error:  # noqa: BLE001 - each request is answered, the stream lives on
-            answer(self._stream_failure(message, error, labels, started))
+            outbox.put(self._stream_failure(message, error, labels, started))
             return
 
-        def done(_: object) -> None:
+        def done(step: Step) -> None:
             try:
                 result = model.finish(step)
-                response = encode_result(result, message.id)
+                response = encode_stream_response(result, message.id)
             except BaseException as error:  # noqa: BLE001 - cancelled steps are answered too
-                answer(self._stream_failure(message, error, labels, started))
+                outbox.put(self._stream_failure(message, error, labels, started))
                 return
-            self.metrics.observe_request(
-                *labels, "OK", time.perf_counter() - started, result.queue_s, result.compute_s
-            )
-            answer(pb.ModelStreamInferResponse(infer_response=response))
+            self._succeeded(result, labels, started)
+            outbox.put(response)
 
-        step.future.add_done_callback(done)
+        try:
+            model.submit(request, done)
+        except Exception as error:  # noqa: BLE001
+            outbox.put(self._stream_failure(message, error, labels, started))
 
     def _stream_failure(
         self,
@@ -309,21 +294,96 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         error: BaseException,
         labels: tuple[str, str],
         started: float,
-    ) -> pb.ModelStreamInferResponse:
+    ) -> bytes:
+        code, text = self._failed(error, labels, started)
+        return encode_stream_error(message, f"[{code.name}] {text}")
+
+    def _succeeded(self, result: InferenceResult, labels: tuple[str, str], started: float) -> None:
+        self.metrics.observe_request(
+            *labels, "OK", time.perf_counter() - started, result.queue_s, result.compute_s
+        )
+
+    def _failed(
+        self, error: BaseException, labels: tuple[str, str], started: float
+    ) -> tuple[grpc.StatusCode, str]:
+        """Record a failed request; the status code and message its client gets."""
         if isinstance(error, ServiceError):
-            code, text = error.code.name, str(error)
+            code, text = error.code, str(error)
+        elif isinstance(error, asyncio.CancelledError):
+            code, text = grpc.StatusCode.CANCELLED, "the request was cancelled"
         else:
-            logger.error("unexpected error on a stream request", exc_info=error)
-            code, text = "INTERNAL", "internal error; see the server log"
-        self.metrics.observe_request(*labels, code, time.perf_counter() - started)
-        return _stream_error(message, f"[{code}] {text}")
+            logger.error("unexpected error on an inference request", exc_info=error)
+            code, text = grpc.StatusCode.INTERNAL, INTERNAL_ERROR
+        self.metrics.observe_request(*labels, code.name, time.perf_counter() - started)
+        return code, text
 
 
-def _stream_error(message: pb.ModelInferRequest, text: str) -> pb.ModelStreamInferResponse:
-    echo = pb.ModelInferResponse(
-        model_name=message.model_name, model_version=message.model_version, id=message.id
+class _Outbox:
+    """One stream's answers in the order they are ready, and whether more are coming."""
+
+    __slots__ = ("_items", "_waiter", "_outstanding", "_closed")
+
+    def __init__(self) -> None:
+        self._items: deque[bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._outstanding = 0
+        self._closed = False
+
+    def expect(self) -> None:
+        """A request was read; its answer will come through `put`."""
+        self._outstanding += 1
+
+    def put(self, response: bytes) -> None:
+        self._items.append(response)
+        self._outstanding -= 1
+        self._wake()
+
+    def close(self) -> None:
+        """No more requests: the stream ends once every answer is out."""
+        self._closed = True
+        self._wake()
+
+    async def next(self) -> bytes | None:
+        """The next answer, or None once the requests ended and everything is answered."""
+        while not self._items:
+            if self._closed and self._outstanding == 0:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._items.popleft()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register the service: as the generated code does, except that inference responses are
+    already wire bytes (see `codec.encode_response`) and go out as they are."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        request = getattr(pb, method.input_type.name)
+        response = getattr(pb, method.output_type.name)
+        wire = method.name in _WIRE_RESPONSES
+        kind = (
+            grpc.stream_stream_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=request.FromString,
+            response_serializer=None if wire else response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
-    return pb.ModelStreamInferResponse(error_message=text, infer_response=echo)
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+_WIRE_RESPONSES = frozenset({"ModelInfer", "ModelStreamInfer"})
 
 
 def _statistics(model: ServedModel, out: pb.ModelStatistics) -> None:

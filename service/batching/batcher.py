@@ -4,7 +4,15 @@ Steps wait at most `max_queue_delay_s` for company. A batch holds steps with the
 time steps T (their inputs stack into [B, T, ...]) and at most one step of any sequence, so the
 steps of one sequence run strictly in the order they were submitted. States are gathered from
 the arena, stacked on the batch axis, and the new states scattered back in one operation each.
-One batch per model runs at a time, on a worker thread, never on the event loop.
+One batch per model runs at a time, on a worker thread. When it is done, each step's `on_done`
+is called on the event loop, in one pass over the batch: no future or task per step.
+
+The exception is a tiny batch (`inline_max_steps` rows x time steps, by default a single step
+of a single sequence): it runs on the event loop itself. Handing a batch to the worker thread
+and back takes two thread wake-ups, which cost more than such a model call (on the 2-core VM
+the benchmark runs on, about 150 us of CPU against 200 us for a step of the bundled LSTM), and
+a lone sequence would pay them on every request. Never with a shared state store, whose round
+trips must not block the loop, nor while the worker thread runs a job on the arena.
 
 With a state store, the worker also brings the batch's slots up to date before the model call
 and stores the new states after it (`service.sessions.sync`), before the arena is updated and
@@ -58,9 +66,12 @@ class Step:
     """Set by the worker: the sequence's version after this step."""
     states: Sequence[np.ndarray] | None = None
     """Client-held state (explicit-state mode), one array per state, [rows, ...]."""
-    future: asyncio.Future[Outputs] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    on_done: Callable[[Step], None] | None = None
+    """Called on the event loop once the step ran (`result` set) or failed (`error` set)."""
+    result: Outputs | None = None
+    error: BaseException | None = None
+    abandoned: bool = False
+    """The caller stopped waiting: a step that has not run yet never will."""
     enqueued: float = field(default_factory=time.perf_counter)
     queue_s: float = 0.0
     compute_s: float = 0.0
@@ -80,6 +91,7 @@ class SequenceBatcher:
         max_queue_delay_s: float,
         observer: BatchObserver | None = None,
         sync: StateSync | None = None,
+        inline_max_steps: int = 0,
     ) -> None:
         self.name = name
         self.runtime = runtime
@@ -89,7 +101,9 @@ class SequenceBatcher:
         self.max_queue_delay_s = max_queue_delay_s
         self.observer = observer
         self.sync = sync
+        self.inline_max_steps = 0 if sync is not None and sync.store.shared else inline_max_steps
         self._queue: deque[Step] = deque()
+        self._worker_jobs = 0
         self._running = False
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
@@ -106,7 +120,11 @@ class SequenceBatcher:
 
     async def on_worker(self, function: Callable[[], T]) -> T:
         """Run `function` on the worker thread, between batches (it may touch the arena)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+        self._worker_jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+        finally:
+            self._worker_jobs -= 1
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -115,7 +133,7 @@ class SequenceBatcher:
 
     async def stop(self) -> None:
         """Run what is queued, then stop."""
-        while self._queue:
+        while self._queue or self._running:
             await asyncio.sleep(0.001)
         if self._task is not None:
             self._task.cancel()
@@ -125,10 +143,9 @@ class SequenceBatcher:
                 pass
         self._executor.shutdown(wait=True)
 
-    def submit(self, step: Step) -> asyncio.Future[Outputs]:
+    def submit(self, step: Step) -> None:
         self._queue.append(step)
         self._wakeup.set()
-        return step.future
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -141,32 +158,40 @@ class SequenceBatcher:
                 step.queue_s = started - step.enqueued
             self._running = True
             try:
-                results = await loop.run_in_executor(self._executor, self._execute, batch)
+                if self._worker_jobs == 0 and self._inline(batch):
+                    results = self._execute(batch)
+                else:
+                    results = await loop.run_in_executor(self._executor, self._execute, batch)
             except Exception as error:  # noqa: BLE001 - every waiting request must hear of it
                 logger.exception("batch of %d on model %s failed", len(batch), self.name)
                 for step in batch:
-                    if not step.future.done():
-                        step.future.set_exception(error)
+                    step.error = error
+                self._complete(batch)
                 continue
             finally:
                 self._running = False
             compute_s = time.perf_counter() - started
-            self._answer(batch, results, compute_s)
+            for step, outputs in zip(batch, results, strict=True):
+                step.compute_s = compute_s
+                if isinstance(outputs, ServiceError):
+                    step.error = outputs
+                else:
+                    step.result = outputs
             if self.observer is not None:
                 self.observer(batch, compute_s)
+            self._complete(batch)
 
-    @staticmethod
-    def _answer(
-        batch: Sequence[Step], results: Sequence[Outputs | ServiceError], compute_s: float
-    ) -> None:
-        for step, outputs in zip(batch, results, strict=True):
-            step.compute_s = compute_s
-            if step.future.done():
+    def _inline(self, batch: Sequence[Step]) -> bool:
+        return sum(s.rows for s in batch) * batch[0].steps <= self.inline_max_steps
+
+    def _complete(self, batch: Sequence[Step]) -> None:
+        for step in batch:
+            if step.on_done is None:
                 continue
-            if isinstance(outputs, ServiceError):
-                step.future.set_exception(outputs)
-            else:
-                step.future.set_result(outputs)
+            try:
+                step.on_done(step)
+            except Exception:  # noqa: BLE001 - one caller's failure must not stop the batcher
+                logger.exception("completing a step of model %s failed", self.name)
 
     async def _next_batch(self) -> list[Step]:
         while not self._queue:
@@ -185,7 +210,7 @@ class SequenceBatcher:
         steps = None
         while self._queue and rows < self.max_batch_size:
             step = self._queue.popleft()
-            if step.future.cancelled():
+            if step.abandoned:
                 continue  # the client gave up before it ran: its state does not advance
             key = id(step.sequence) if step.sequence is not None else None
             fits = (
@@ -231,18 +256,29 @@ class SequenceBatcher:
             feeds = dict(steps[0][1].inputs)
         else:
             feeds = {n: np.concatenate([s.inputs[n] for _, s in steps]) for n in steps[0][1].inputs}
-        offsets = np.cumsum([0, *(s.rows for _, s in steps)])
-        held = [(k, int(offsets[i])) for i, (k, _) in enumerate(steps) if k in advances]
+        offsets = [0]
+        for _, step in steps:
+            offsets.append(offsets[-1] + step.rows)
+        held = [(k, offsets[i]) for i, (k, _) in enumerate(steps) if k in advances]
+        # The usual batch: one row per held sequence, nothing else. Its rows are then the
+        # gathered slots in order, and the new states need no picking out.
+        every_row_held = len(held) == offsets[-1]
         row_index = np.asarray([row for _, row in held], dtype=np.intp)
         slot_index = np.asarray([advances[k].sequence.slot for k, _ in held], dtype=np.intp)
         zero_rows = [row for k, row in held if advances[k].start]
         if self.states:
             feeds.update(
-                self._stack_states([s for _, s in steps], offsets, row_index, slot_index, zero_rows)
+                self._stack_states(
+                    [s for _, s in steps], offsets, row_index, slot_index, zero_rows, every_row_held
+                )
             )
         results = self.runtime.run(feeds)
         if held:
-            self._keep_states(held, advances, results, row_index, slot_index, answers)
+            states = [
+                results[s.output_name] if every_row_held else results[s.output_name][row_index]
+                for s in self.states
+            ]
+            self._keep_states(held, advances, states, slot_index, answers)
         for (k, step), row in zip(steps, offsets, strict=False):
             if isinstance(answers[k], ServiceError):
                 continue
@@ -254,32 +290,33 @@ class SequenceBatcher:
         self,
         held: list[tuple[int, int]],
         advances: dict[int, Advance],
-        results: Outputs,
-        row_index: np.ndarray,
+        states: list[np.ndarray],
         slot_index: np.ndarray,
         answers: list[Outputs | ServiceError],
     ) -> None:
         """Store the new states (where durability asks), then scatter those that were kept."""
-        states = [results[s.output_name][row_index] for s in self.states]
-        kept = np.ones(len(held), dtype=bool)
+        errors = {}
         if self.sync is not None:
-            for j, error in self.sync.commit([advances[k] for k, _ in held], states).items():
-                kept[j] = False
+            errors = self.sync.commit([advances[k] for k, _ in held], states)
+            for j, error in errors.items():
                 answers[held[j][0]] = error
         if self.arena is None:
             return
-        if kept.all():
+        if not errors:
             self.arena.put(slot_index, states)
-        elif kept.any():
+        elif len(errors) < len(held):
+            kept = np.ones(len(held), dtype=bool)
+            kept[list(errors)] = False
             self.arena.put(slot_index[kept], [s[kept] for s in states])
 
     def _stack_states(
         self,
         batch: Sequence[Step],
-        offsets: np.ndarray,
+        offsets: list[int],
         row_index: np.ndarray,
         slot_index: np.ndarray,
         zero_rows: list[int],
+        every_row_held: bool,
     ) -> dict[str, np.ndarray]:
         """The batch's input states: gathered from the arena, zeros, or the client's own."""
         gathered = (
@@ -287,9 +324,13 @@ class SequenceBatcher:
         )
         stacked: dict[str, np.ndarray] = {}
         for k, state in enumerate(self.states):
-            rows = np.empty((int(offsets[-1]), *state.dims), dtype=np.float32)
-            if gathered is not None:
-                rows[row_index] = gathered[k]
+            if gathered is not None and every_row_held:
+                rows = gathered[k]  # a fresh array: `take` copies out of the arena
+            else:
+                rows = np.empty((offsets[-1], *state.dims), dtype=np.float32)
+                if gathered is not None:
+                    rows[row_index] = gathered[k]
+            if zero_rows:
                 rows[zero_rows] = 0.0
             for step, row in zip(batch, offsets, strict=False):
                 if step.states is not None:

@@ -25,12 +25,13 @@ WIRE_DTYPES: dict[str, np.dtype[np.generic]] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
 }
-_WIRE_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
+# Keyed by the type string ("<f4"): hashing a str is much cheaper than hashing a dtype.
+_WIRE_NAMES = {dtype.str: name for name, dtype in WIRE_DTYPES.items()}
 
 
 def wire_name_of(dtype: np.dtype[np.generic]) -> str:
     """The protocol's name for a numpy type (FP32 for float32)."""
-    return _WIRE_NAMES.get(dtype, dtype.name.upper())
+    return _WIRE_NAMES.get(dtype.str) or dtype.name.upper()
 
 
 def wire_name(data_type: int) -> str:

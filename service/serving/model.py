@@ -45,6 +45,8 @@ class Limits:
     idle_timeout_s: float = 0.0
     max_queue_delay_s: float = -1.0
     max_steps_per_request: int = 0
+    inline_max_steps: int = 1
+    """Batches of at most this many rows x time steps run on the event loop (0: none)."""
 
 
 DEFAULT_MAX_STEPS = 4096
@@ -97,6 +99,8 @@ class ServedModel:
     ) -> None:
         self.name = name
         self.version = version
+        self.labels = (name, str(version))
+        """Its metric labels: model and version."""
         self.config = config
         self.path = path
         self.runtime = runtime
@@ -136,6 +140,7 @@ class ServedModel:
             delay,
             observer=self._batch_done,
             sync=self.sync,
+            inline_max_steps=limits.inline_max_steps,
         )
         self.state = ModelState.READY
         self._inputs = {t.name: t for t in sig.inputs}
@@ -183,19 +188,27 @@ class ServedModel:
 
     # ------------------------------------------------------------------ inference
     async def infer(self, request: InferenceRequest) -> InferenceResult:
-        step = self.submit(request)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def wake(_: Step) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        step = self.submit(request, wake)
         try:
-            await step.future
+            await done
         except BaseException:
-            self.finish(step)
+            step.abandoned = True
+            self._release(step, failed=True)
             raise
         return self.finish(step)
 
-    def submit(self, request: InferenceRequest) -> Step:
-        """Check the request and queue its step; call `finish` once `step.future` is done.
+    def submit(self, request: InferenceRequest, on_done: Callable[[Step], None]) -> Step:
+        """Check the request and queue its step; `on_done(step)` is called once it ran.
 
-        Synchronous on purpose: the steps of one sequence are queued in the order their
-        requests arrive, whatever callers await in between.
+        `on_done` runs on the event loop and should call `finish`. Synchronous on purpose: the
+        steps of one sequence are queued in the order their requests arrive, whatever callers
+        await in between.
         """
         try:
             if self.state is not ModelState.READY and not request.sequence.id:
@@ -207,6 +220,7 @@ class ServedModel:
         except Exception:
             self.stats.fail_count += 1
             raise
+        step.on_done = on_done
         sequence = step.sequence
         if sequence is not None:
             sequence.pending += 1
@@ -217,28 +231,32 @@ class ServedModel:
 
     def finish(self, step: Step) -> InferenceResult:
         """Release what the step held; its result, or its error raised."""
+        outputs = step.result
+        self._release(step, failed=outputs is None)
+        if step.error is not None:
+            raise step.error
+        if outputs is None:
+            raise asyncio.CancelledError("the step was abandoned before it ran")
+        result = InferenceResult(self.name, self.version, outputs, step.queue_s, step.compute_s)
+        if step.sequence is not None:
+            result.extra["sequence_version"] = step.version
+        return result
+
+    def _release(self, step: Step, failed: bool) -> None:
         sequence = step.sequence
-        future = step.future
         if sequence is not None:
-            failed = future.cancelled() or future.exception() is not None
             if failed and not sequence.held:
                 # Its state never reached the slot (a failed first step or load): drop it.
                 self.sequences.forget(sequence, "its first request failed")  # type: ignore[union-attr]
             self.sequences.step_finished(sequence)  # type: ignore[union-attr]
         elapsed_ns = int((time.perf_counter() - step.enqueued) * 1e9)
-        if future.cancelled() or future.exception() is not None:
-            self.stats.fail_count += 1
-            self.stats.fail_ns += elapsed_ns
-            future.result()  # raises the step's error (or CancelledError)
-            raise AssertionError("unreachable: a failed step's result raises")
-        self.stats.success_count += 1
-        self.stats.success_ns += elapsed_ns
-        result = InferenceResult(
-            self.name, self.version, future.result(), step.queue_s, step.compute_s
-        )
-        if sequence is not None:
-            result.extra["sequence_version"] = step.version
-        return result
+        stats = self.stats
+        if failed:
+            stats.fail_count += 1
+            stats.fail_ns += elapsed_ns
+        else:
+            stats.success_count += 1
+            stats.success_ns += elapsed_ns
 
     def _plan(
         self,

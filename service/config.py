@@ -41,8 +41,9 @@ class Settings:
     """ONNX Runtime threads inside one operator (0: ONNX Runtime's default)."""
     inter_op_threads: int = 0
     """ONNX Runtime threads across operators (0: ONNX Runtime's default)."""
-    ort_spinning: int = 0
-    """1 lets idle ONNX Runtime threads spin for work: lower latency, but it burns CPU."""
+    ort_spinning: int = 1
+    """Whether ONNX Runtime's threads busy-wait for work: 0 never, 1 while a model call runs
+    (they stop as it returns), 2 always (ONNX Runtime's default; idle threads burn CPU)."""
     inline_max_steps: int = 1
     """Batches of at most this many steps (rows x time steps) run on the event loop itself: a
     hand-off to the worker thread and back costs more than such a model call. 0: none do."""
@@ -115,10 +116,7 @@ class Settings:
             port = getattr(self, name)
             if not -1 <= port <= 65535 or (name == "grpc_port" and port < 0):
                 raise ValueError(f"--{name.replace('_', '-')} {port} is not a port number")
-        if self.inline_max_steps < 0:
-            raise ValueError("--inline-max-steps must be 0 (never) or more")
-        if self.max_steps_per_request < 0:
-            raise ValueError("--max-steps-per-request must be 0 (per model) or more")
+        self._validate_engine()
         if self.state_store != "memory" and not self.state_store.startswith(
             ("redis://", "rediss://", "unix://")
         ):
@@ -132,6 +130,14 @@ class Settings:
             )
         if self.state_store_timeout_s <= 0:
             raise ValueError("--state-store-timeout-s must be positive")
+
+    def _validate_engine(self) -> None:
+        if self.ort_spinning not in {0, 1, 2}:
+            raise ValueError(f"--ort-spinning must be 0, 1 or 2, got {self.ort_spinning}")
+        if self.inline_max_steps < 0:
+            raise ValueError("--inline-max-steps must be 0 (never) or more")
+        if self.max_steps_per_request < 0:
+            raise ValueError("--max-steps-per-request must be 0 (per model) or more")
 
 
 def _convert(name: str, hint: str, raw: str) -> Any:

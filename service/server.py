@@ -44,7 +44,7 @@ class Server:
             settings.provider,
             settings.intra_op_threads,
             settings.inter_op_threads,
-            spinning=bool(settings.ort_spinning),
+            spinning=settings.ort_spinning,
         )
         limits = Limits(
             max_sequences=settings.max_sequences,

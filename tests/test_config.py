@@ -49,6 +49,8 @@ def test_environment_then_flag() -> None:
         (["--provider", "tpu"], {}, "--provider must be auto, cpu or cuda"),
         (["--grpc-port", "70000"], {}, "not a port number"),
         (["--max-steps-per-request", "-1"], {}, "0 \\(per model\\) or more"),
+        (["--ort-spinning", "3"], {}, "--ort-spinning must be 0, 1 or 2"),
+        ([], {"RNNSERVE_INLINE_MAX_STEPS": "-1"}, "--inline-max-steps must be 0"),
         (["--state-store", "etcd://x"], {}, "--state-store must be memory or redis://"),
         ([], {"RNNSERVE_STATE_DURABILITY": "always"}, "--state-durability must be step, end"),
         (["--state-store-timeout-s", "0"], {}, "--state-store-timeout-s must be positive"),

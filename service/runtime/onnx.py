@@ -23,6 +23,7 @@ _DTYPES: dict[str, np.dtype[np.generic]] = {
     "tensor(bool)": np.dtype(np.bool_),
 }
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+SPIN_NEVER, SPIN_DURING_RUN, SPIN_ALWAYS = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,9 @@ class EngineSettings:
     intra_op_threads: int = 0
     """Threads inside one operator; 0 lets ONNX Runtime choose."""
     inter_op_threads: int = 0
-    spinning: bool = True
-    """Let idle ONNX Runtime threads spin waiting for work (burns CPU the event loop needs)."""
+    spinning: int = SPIN_ALWAYS
+    """Whether ONNX Runtime's threads busy-wait for work: SPIN_NEVER, SPIN_DURING_RUN (while a
+    model call runs; they stop as it returns) or SPIN_ALWAYS (ONNX Runtime's own default)."""
 
 
 def choose_provider(wanted: str) -> str:
@@ -55,9 +57,14 @@ class OnnxRuntime:
         options.intra_op_num_threads = settings.intra_op_threads
         options.inter_op_num_threads = settings.inter_op_threads
         options.log_severity_level = 3
-        spin = "1" if settings.spinning else "0"
+        spin = "0" if settings.spinning == SPIN_NEVER else "1"
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        if settings.spinning == SPIN_DURING_RUN:
+            # Spinning inside a call saves a thread wake-up per parallel section (an LSTM
+            # call has several per time step); spinning between calls burns the CPU that
+            # gRPC and the event loop need.
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         self.provider = choose_provider(settings.provider)
         self._session = ort.InferenceSession(str(path), options, providers=[self.provider])
         self.inputs: Sequence[TensorInfo] = [self._info(a) for a in self._session.get_inputs()]

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.runtime.onnx import EngineSettings, OnnxRuntime
+from service.runtime.onnx import SPIN_NEVER, EngineSettings, OnnxRuntime
 from service.serving.model import Limits, ServedModel
 from service.serving.registry import ModelRegistry
 from service.serving.request import InferenceRequest, SequenceControl
@@ -43,7 +43,7 @@ def reference(tokens: np.ndarray, restart_at: int | None = None) -> list[np.ndar
 async def served(inline_max_steps: int) -> tuple[ModelRegistry, ServedModel]:
     registry = ModelRegistry(
         BUNDLED,
-        lambda path: OnnxRuntime(path, EngineSettings(provider="cpu", spinning=False)),
+        lambda path: OnnxRuntime(path, EngineSettings(provider="cpu", spinning=SPIN_NEVER)),
         Limits(max_queue_delay_s=0.0, inline_max_steps=inline_max_steps),
     )
     await registry.load_all()

@@ -1,9 +1,13 @@
 """Protocol messages <-> domain objects: tensors as numpy arrays, sequence flags as a control.
 
 Raw little-endian tensor bytes are wrapped without copying (`np.frombuffer`); typed `contents`
-fields are accepted on input too. Inference responses are written straight to protobuf's wire
-format: the parts that only depend on the model and the output shapes are encoded once and
-cached, so a response costs a few byte joins rather than a tree of message objects.
+fields are accepted on input too.
+
+Both directions skip protobuf's objects where they can, as reading or building them field by
+field costs microseconds per field. Requests: the requests of a sequence differ only in their
+tensor bytes (and their id), so `RequestDecoder` splits a request's bytes into those and the
+rest, decodes the rest once, and reuses it for every request that has the same rest. Responses
+are written straight to protobuf's wire format from parts cached per model and output shape.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from service._pb import grpc_service_pb2 as pb
 from service.errors import InvalidArgument
@@ -115,6 +121,130 @@ def decode_request(message: pb.ModelInferRequest) -> InferenceRequest:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """What requests with the same bytes, tensor data and id aside, decode to."""
+
+    model: str
+    version: str
+    inputs: tuple[tuple[str, np.dtype[np.generic], tuple[int, ...], int, int], ...]
+    """(name, dtype, shape, element count, byte count) of each raw input, in order."""
+    outputs: tuple[str, ...]
+    sequence: SequenceControl
+
+
+_RAW_INPUT_CONTENTS = 7
+_ID = 3
+MAX_TEMPLATES = 4096
+"""Distinct request shapes remembered; about one per active sequence (its id is in them)."""
+
+
+class RequestDecoder:
+    """ModelInferRequest bytes -> InferenceRequest, decoding each distinct request shape once."""
+
+    def __init__(self) -> None:
+        self._templates: dict[bytes, _Template] = {}
+
+    def decode(self, data: bytes) -> InferenceRequest:
+        split = _split(data)
+        if split is None:
+            return self._decode(data, None)
+        key, request_id, raws = split
+        template = self._templates.get(key)
+        if template is None or len(raws) != len(template.inputs):
+            return self._decode(data, key)
+        inputs: dict[str, np.ndarray] = {}
+        for (name, dtype, shape, count, size), (offset, length) in zip(
+            template.inputs, raws, strict=True
+        ):
+            if length != size:
+                return self._decode(data, None)  # the full decode says what is wrong
+            inputs[name] = np.frombuffer(data, dtype, count, offset).reshape(shape)
+        return InferenceRequest(
+            template.model,
+            inputs,
+            template.version,
+            template.outputs,
+            template.sequence,
+            request_id,
+        )
+
+    def _decode(self, data: bytes, key: bytes | None) -> InferenceRequest:
+        """The whole decode, through protobuf; remembered under `key` when one is given."""
+        message = parse_request(data)
+        request = decode_request(message)
+        raw = message.raw_input_contents
+        if key is not None and raw and all(len(r) for r in raw):
+            if len(self._templates) >= MAX_TEMPLATES:
+                self._templates.clear()
+            self._templates[key] = _Template(
+                request.model,
+                request.version,
+                tuple(
+                    (t.name, a.dtype, a.shape, a.size, a.nbytes)
+                    for t, a in zip(message.inputs, request.inputs.values(), strict=True)
+                ),
+                request.outputs,
+                request.sequence,
+            )
+        return request
+
+
+def parse_request(data: bytes) -> pb.ModelInferRequest:
+    try:
+        return pb.ModelInferRequest.FromString(data)
+    except DecodeError as error:
+        raise InvalidArgument(f"the request is not a valid ModelInferRequest: {error}") from None
+
+
+def _split(data: bytes) -> tuple[bytes, str, list[tuple[int, int]]] | None:
+    """A request's bytes without its tensor data and id; the id; (offset, length) of each raw
+    input. None when the request is not plain enough to split (it then decodes in full)."""
+    kept: list[bytes] = []
+    raws: list[tuple[int, int]] = []
+    request_id = ""
+    position, size = 0, len(data)
+    try:
+        while position < size:
+            start, tag = position, data[position]
+            if tag & 7 != _LENGTH_DELIMITED or tag >= 0x80:
+                return None  # every field of ModelInferRequest is length-delimited, below 16
+            length, position = _read_varint(data, position + 1)
+            end = position + length
+            if end > size:
+                return None
+            field = tag >> 3
+            if field == _RAW_INPUT_CONTENTS:
+                raws.append((position, length))
+            elif field == _ID:
+                request_id = data[position:end].decode()
+            else:
+                kept.append(data[start:end])
+            position = end
+    except (IndexError, UnicodeDecodeError):
+        return None
+    if not raws:
+        return None  # typed contents: the tensor data is in what would be the key
+    return b"".join(kept), request_id, raws
+
+
+def _read_varint(data: bytes, position: int) -> tuple[int, int]:
+    """The varint at `position`, and the position after it."""
+    value = data[position]
+    if value < 0x80:
+        return value, position + 1
+    result, shift = 0, 0
+    while True:
+        byte = data[position]
+        result |= (byte & 0x7F) << shift
+        position += 1
+        if byte < 0x80:
+            return result, position
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")
+
+
 def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
     dtype = WIRE_DTYPES.get(tensor.datatype)
     if dtype is None:
@@ -162,11 +292,9 @@ def encode_stream_response(result: InferenceResult, request_id: str) -> bytes:
     return _field(2, encode_response(result, request_id))
 
 
-def encode_stream_error(message: pb.ModelInferRequest, text: str) -> bytes:
-    """A ModelStreamInferResponse answering `message` with an error, as wire bytes."""
-    echo = pb.ModelInferResponse(
-        model_name=message.model_name, model_version=message.model_version, id=message.id
-    )
+def encode_stream_error(model: str, version: str, request_id: str, text: str) -> bytes:
+    """A ModelStreamInferResponse answering a request with an error, as wire bytes."""
+    echo = pb.ModelInferResponse(model_name=model, model_version=version, id=request_id)
     return pb.ModelStreamInferResponse(error_message=text, infer_response=echo).SerializeToString()
 
 

@@ -22,7 +22,7 @@ from service._pb import grpc_service_pb2 as pb
 from service._pb import grpc_service_pb2_grpc as pb_grpc
 from service._pb import model_config_pb2 as mc
 from service.api.codec import (
-    decode_request,
+    RequestDecoder,
     encode_response,
     encode_stream_error,
     encode_stream_response,
@@ -71,6 +71,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.decoder = RequestDecoder()
         self.draining = False
         self.handing_over = False
         """Draining with a shared state store: live sequences are refused too, to move on."""
@@ -212,16 +213,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         return self.registry.get(request.model, request.version)
 
-    async def ModelInfer(self, message: pb.ModelInferRequest, context: Any) -> bytes:
+    async def ModelInfer(self, data: bytes, context: Any) -> bytes:
         """Decode, run and encode one request; record its metrics whatever the outcome."""
         started = time.perf_counter()
         labels = (UNKNOWN_MODEL, "")
         try:
-            request = decode_request(message)
+            request = self.decoder.decode(data)
             model = self._resolve(request)
             labels = model.labels
             result = await model.infer(request)
-            response = encode_response(result, message.id)
+            response = encode_response(result, request.id)
         except Exception as error:  # noqa: BLE001 - mapped to a status in one place
             code, text = self._failed(error, labels, started)
             await context.abort(code, text)
@@ -232,7 +233,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+        self, request_iterator: AsyncIterator[bytes], context: Any
     ) -> AsyncIterator[bytes]:
         """Requests are taken in arrival order and answered as they finish.
 
@@ -247,38 +248,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
         await reader
 
-    async def _read_stream(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], outbox: _Outbox
-    ) -> None:
+    async def _read_stream(self, request_iterator: AsyncIterator[bytes], outbox: _Outbox) -> None:
         """Queue each request's step as it arrives; its completion puts the answer in `outbox`.
 
         No task or future per request: a step is queued synchronously (so the steps of one
         sequence keep their order) and the batcher calls its completion when it ran.
         """
         try:
-            async for message in request_iterator:
+            async for data in request_iterator:
                 outbox.expect()
-                self._stream_one(message, outbox)
+                self._stream_one(data, outbox)
         finally:
             outbox.close()
 
-    def _stream_one(self, message: pb.ModelInferRequest, outbox: _Outbox) -> None:
+    def _stream_one(self, data: bytes, outbox: _Outbox) -> None:
         started = time.perf_counter()
         labels = (UNKNOWN_MODEL, "")
         try:
-            request = decode_request(message)
+            request = self.decoder.decode(data)
+        except Exception as error:  # noqa: BLE001 - each request is answered, the stream lives on
+            outbox.put(self._stream_failure(_echo_of(data), error, labels, started))
+            return
+        echo = (request.model, request.version, request.id)
+        try:
             model = self._resolve(request)
             labels = model.labels
-        except Exception as error:  # noqa: BLE001 - each request is answered, the stream lives on
-            outbox.put(self._stream_failure(message, error, labels, started))
+        except Exception as error:  # noqa: BLE001
+            outbox.put(self._stream_failure(echo, error, labels, started))
             return
 
         def done(step: Step) -> None:
             try:
                 result = model.finish(step)
-                response = encode_stream_response(result, message.id)
+                response = encode_stream_response(result, request.id)
             except BaseException as error:  # noqa: BLE001 - cancelled steps are answered too
-                outbox.put(self._stream_failure(message, error, labels, started))
+                outbox.put(self._stream_failure(echo, error, labels, started))
                 return
             self._succeeded(result, labels, started)
             outbox.put(response)
@@ -286,17 +290,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             model.submit(request, done)
         except Exception as error:  # noqa: BLE001
-            outbox.put(self._stream_failure(message, error, labels, started))
+            outbox.put(self._stream_failure(echo, error, labels, started))
 
     def _stream_failure(
         self,
-        message: pb.ModelInferRequest,
+        echo: tuple[str, str, str],
         error: BaseException,
         labels: tuple[str, str],
         started: float,
     ) -> bytes:
+        """The stream's answer to a failed request, which names its model, version and id."""
         code, text = self._failed(error, labels, started)
-        return encode_stream_error(message, f"[{code.name}] {text}")
+        return encode_stream_error(*echo, f"[{code.name}] {text}")
 
     def _succeeded(self, result: InferenceResult, labels: tuple[str, str], started: float) -> None:
         self.metrics.observe_request(
@@ -316,6 +321,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             code, text = grpc.StatusCode.INTERNAL, INTERNAL_ERROR
         self.metrics.observe_request(*labels, code.name, time.perf_counter() - started)
         return code, text
+
+
+def _echo_of(data: bytes) -> tuple[str, str, str]:
+    """Model, version and id of a request that could not be decoded, as far as they can be read."""
+    try:
+        message = pb.ModelInferRequest.FromString(data)
+    except Exception:  # noqa: BLE001 - not a request at all: nothing to echo
+        return "", "", ""
+    return message.model_name, message.model_version, message.id
 
 
 class _Outbox:
@@ -359,14 +373,14 @@ class _Outbox:
 
 
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-    """Register the service: as the generated code does, except that inference responses are
-    already wire bytes (see `codec.encode_response`) and go out as they are."""
+    """Register the service as the generated code does, except that inference requests and
+    responses stay wire bytes: `codec` reads and writes them faster than protobuf's objects."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
     for method in service.methods:
         request = getattr(pb, method.input_type.name)
         response = getattr(pb, method.output_type.name)
-        wire = method.name in _WIRE_RESPONSES
+        wire = method.name in _WIRE_METHODS
         kind = (
             grpc.stream_stream_rpc_method_handler
             if method.client_streaming
@@ -374,7 +388,7 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
         )
         handlers[method.name] = kind(
             getattr(servicer, method.name),
-            request_deserializer=request.FromString,
+            request_deserializer=None if wire else request.FromString,
             response_serializer=None if wire else response.SerializeToString,
         )
     server.add_generic_rpc_handlers(
@@ -383,7 +397,8 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-_WIRE_RESPONSES = frozenset({"ModelInfer", "ModelStreamInfer"})
+_WIRE_METHODS = frozenset({"ModelInfer", "ModelStreamInfer"})
+"""Methods whose requests arrive and responses leave as wire bytes (see `codec`)."""
 
 
 def _statistics(model: ServedModel, out: pb.ModelStatistics) -> None:

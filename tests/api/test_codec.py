@@ -1,5 +1,6 @@
-"""Responses written straight to wire bytes read back, through protobuf, as the messages they
-stand for."""
+"""The codec's shortcuts past protobuf's objects: responses written straight to wire bytes read
+back as the messages they stand for, and requests decoded from cached shapes decode as protobuf
+decodes them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import numpy as np
 import pytest
 
 from service._pb import grpc_service_pb2 as pb
-from service.api.codec import encode_response, encode_stream_response
+from service.api.codec import (
+    RequestDecoder,
+    decode_request,
+    encode_response,
+    encode_stream_response,
+)
+from service.errors import InvalidArgument
 from service.serving.request import InferenceResult
 
 
@@ -56,3 +63,92 @@ def test_wire_bytes_parse_as_the_message(outputs, extra, request_id) -> None:
     assert stream.infer_response == expected
     for raw, array in zip(stream.infer_response.raw_output_contents, outputs.values(), strict=True):
         np.testing.assert_array_equal(np.frombuffer(raw, array.dtype).reshape(array.shape), array)
+
+
+def request_bytes(
+    sequence_id: int | str | None = 7,
+    start: bool = False,
+    end: bool = False,
+    request_id: str = "",
+    data: bytes = b"\x01" * 8 * 3,
+    shape: tuple[int, ...] = (1, 3),
+    outputs: tuple[str, ...] = (),
+) -> bytes:
+    message = pb.ModelInferRequest(model_name="charlm_lstm", id=request_id)
+    if sequence_id is not None:
+        if isinstance(sequence_id, str):
+            message.parameters["sequence_id"].string_param = sequence_id
+        else:
+            message.parameters["sequence_id"].int64_param = sequence_id
+        message.parameters["sequence_start"].bool_param = start
+        message.parameters["sequence_end"].bool_param = end
+    message.inputs.add(name="tokens", datatype="INT64", shape=shape)
+    for name in outputs:
+        message.outputs.add(name=name)
+    message.raw_input_contents.append(data)
+    return message.SerializeToString()
+
+
+def assert_same(got, expected) -> None:
+    assert (got.model, got.version, got.outputs, got.sequence, got.id) == (
+        expected.model,
+        expected.version,
+        expected.outputs,
+        expected.sequence,
+        expected.id,
+    )
+    assert got.inputs.keys() == expected.inputs.keys()
+    for name, array in expected.inputs.items():
+        assert got.inputs[name].dtype == array.dtype
+        np.testing.assert_array_equal(got.inputs[name], array)
+
+
+def test_decoder_reuses_a_shape_but_reads_each_requests_own_data_and_id() -> None:
+    decoder = RequestDecoder()
+    rng = np.random.default_rng(0)
+    variants = [
+        {},
+        {"start": True},
+        {"end": True},
+        {"request_id": "ü-1"},
+        {"sequence_id": "user-42"},
+        {"sequence_id": None},
+        {"outputs": ("logits", "h_out")},
+        {"shape": (1, 5)},
+    ]
+    for round_ in range(3):
+        for variant in variants:
+            steps = variant.get("shape", (1, 3))[1]
+            data = rng.integers(0, 97, size=steps, dtype=np.int64).tobytes()
+            kwargs = {**variant, "request_id": f"{variant.get('request_id', 'r')}-{round_}"}
+            raw = request_bytes(data=data, **kwargs)
+            assert_same(decoder.decode(raw), decode_request(pb.ModelInferRequest.FromString(raw)))
+    # Each distinct shape was decoded in full once and then reused; an id is no part of one.
+    assert len(decoder._templates) == len(variants) - 1
+
+
+def test_decoder_takes_fields_in_any_order() -> None:
+    # Concatenated messages merge: tensor data first, then the rest.
+    data = np.arange(3, dtype=np.int64).tobytes()
+    tail = pb.ModelInferRequest.FromString(request_bytes(data=data))
+    head = pb.ModelInferRequest()
+    head.raw_input_contents.extend(tail.raw_input_contents)
+    del tail.raw_input_contents[:]
+    raw = head.SerializeToString() + tail.SerializeToString()
+    decoder = RequestDecoder()
+    for _ in range(2):
+        assert_same(decoder.decode(raw), decode_request(pb.ModelInferRequest.FromString(raw)))
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (b"\x0a\x05abc", "not a valid ModelInferRequest"),
+        (request_bytes(data=b"\x00" * 5), "needs 24 bytes, got 5"),
+    ],
+)
+def test_decoder_errors_say_what_is_wrong(raw: bytes, needle: str) -> None:
+    decoder = RequestDecoder()
+    decoder.decode(request_bytes())  # a learned shape must not hide a wrong byte count
+    with pytest.raises(InvalidArgument, match=needle):
+        decoder.decode(raw)

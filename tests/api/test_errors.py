@@ -260,3 +260,31 @@ def test_message_too_large(server) -> None:
             "RESOURCE_EXHAUSTED",
         )
         still_serving(client)
+
+
+def test_undecodable_bytes_are_refused_and_a_stream_stays_open(server) -> None:
+    good = pb.ModelInferRequest(model_name="sensor_gru", id="after")
+    good.inputs.add(name="reading", datatype="FP32", shape=[1, 1, 1])
+    good.raw_input_contents.append(ONE_STEP.tobytes())
+    good.parameters["sequence_id"].int64_param = 557
+    good.parameters["sequence_start"].bool_param = True
+    good.parameters["sequence_end"].bool_param = True
+    with grpc.insecure_channel(server.target) as channel:
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=None,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        answers = list(call(iter([b"\x0a\x05abc", good.SerializeToString()]), timeout=30))
+        unary = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer", request_serializer=None
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            unary(b"\x0a\x05abc", timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid ModelInferRequest" in caught.value.details()
+    assert len(answers) == 2
+    assert answers[0].error_message.startswith("[INVALID_ARGUMENT]")
+    assert "not a valid ModelInferRequest" in answers[0].error_message
+    assert answers[1].error_message == ""
+    assert answers[1].infer_response.id == "after"

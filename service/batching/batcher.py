@@ -7,12 +7,13 @@ the arena, stacked on the batch axis, and the new states scattered back in one o
 One batch per model runs at a time, on a worker thread. When it is done, each step's `on_done`
 is called on the event loop, in one pass over the batch: no future or task per step.
 
-The exception is a tiny batch (`inline_max_steps` rows x time steps, by default a single step
-of a single sequence): it runs on the event loop itself. Handing a batch to the worker thread
-and back takes two thread wake-ups, which cost more than such a model call (on the 2-core VM
+The exception is a lone sequence's tiny batch (`inline_max_steps` rows x time steps, by
+default one step): it runs on the event loop itself. Handing a batch to the worker thread and
+back takes two thread wake-ups, which cost about as much as such a model call (on the 2-core VM
 the benchmark runs on, about 150 us of CPU against 200 us for a step of the bundled LSTM), and
-a lone sequence would pay them on every request. Never with a shared state store, whose round
-trips must not block the loop, nor while the worker thread runs a job on the arena.
+a lone sequence would pay them on every request. Never when other sequences are live (the steps
+that arrive while a batch runs on the worker make the next batch), with a shared state store
+(its round trips must not block the loop), or while the worker thread runs a job on the arena.
 
 With a state store, the worker also brings the batch's slots up to date before the model call
 and stores the new states after it (`service.sessions.sync`), before the arena is updated and
@@ -92,6 +93,7 @@ class SequenceBatcher:
         observer: BatchObserver | None = None,
         sync: StateSync | None = None,
         inline_max_steps: int = 0,
+        lone: Callable[[], bool] = lambda: False,
     ) -> None:
         self.name = name
         self.runtime = runtime
@@ -102,6 +104,7 @@ class SequenceBatcher:
         self.observer = observer
         self.sync = sync
         self.inline_max_steps = 0 if sync is not None and sync.store.shared else inline_max_steps
+        self._lone = lone
         self._queue: deque[Step] = deque()
         self._worker_jobs = 0
         self._running = False
@@ -182,7 +185,13 @@ class SequenceBatcher:
             self._complete(batch)
 
     def _inline(self, batch: Sequence[Step]) -> bool:
-        return sum(s.rows for s in batch) * batch[0].steps <= self.inline_max_steps
+        # Only for a lone sequence: with company, the steps that arrive while a batch runs on
+        # the worker thread make the next batch, and running singles inline would starve that.
+        return (
+            sum(s.rows for s in batch) * batch[0].steps <= self.inline_max_steps
+            and all(s.sequence is not None for s in batch)
+            and self._lone()
+        )
 
     def _complete(self, batch: Sequence[Step]) -> None:
         for step in batch:

@@ -141,6 +141,7 @@ class ServedModel:
             observer=self._batch_done,
             sync=self.sync,
             inline_max_steps=limits.inline_max_steps,
+            lone=lambda: self.sequences is not None and len(self.sequences.live) <= 1,
         )
         self.state = ModelState.READY
         self._inputs = {t.name: t for t in sig.inputs}

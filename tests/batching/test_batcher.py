@@ -8,6 +8,7 @@ each sequence run alone, whether batches run on the worker thread, on the event 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -98,5 +99,27 @@ async def step_sequences_together(inline_max_steps: int) -> None:
         assert model.arena is not None and model.arena.used == 0
         # They shared batches: fewer model calls than requests.
         assert model.stats.execution_count < model.stats.success_count
+    finally:
+        await registry.stop()
+
+
+@pytest.mark.parametrize("inline_max_steps", [0, 1])
+def test_a_lone_sequence_runs_on_the_event_loop_when_allowed(inline_max_steps: int) -> None:
+    asyncio.run(step_a_lone_sequence(inline_max_steps))
+
+
+async def step_a_lone_sequence(inline_max_steps: int) -> None:
+    tokens = np.random.default_rng(11).integers(0, VOCAB, size=(6, 1), dtype=np.int64)
+    expected = reference(tokens)
+    registry, model = await served(inline_max_steps)
+    try:
+        for t, token in enumerate(tokens):
+            control = SequenceControl("alone", start=t == 0, end=t == len(tokens) - 1)
+            request = InferenceRequest(MODEL, {"tokens": token.reshape(1, 1)}, "", ("logits",))
+            request.sequence = control
+            result = await model.infer(request)
+            np.testing.assert_allclose(result.outputs["logits"], expected[t], atol=TOLERANCE)
+        workers = [t for t in threading.enumerate() if t.name.startswith(f"batch-{MODEL}")]
+        assert bool(workers) == (inline_max_steps == 0)
     finally:
         await registry.stop()

@@ -45,6 +45,12 @@ serve: install ## serve the bundled models (gRPC :8001, metrics :8002)
 bench: install ## run the benchmark (about 10 minutes; BENCH_ARGS=--quick for one)
 	$(BIN)/rnnserve bench $(BENCH_ARGS)
 
+bench-gpu: install ## the benchmark on a GPU machine, into docs/bench/gpu-<GPU> (see service/bench/run-gpu.sh)
+	$(BIN)/pip install -e '.[gpu,bench]'
+	# onnxruntime (a dependency) and onnxruntime-gpu share one package folder: the GPU build wins.
+	$(BIN)/pip install --force-reinstall --no-deps "$$($(BIN)/pip freeze | grep -i '^onnxruntime-gpu==')"
+	PYTHON=$(BIN)/python service/bench/run-gpu.sh $(BENCH_ARGS)
+
 bench-idle: install ## memory per idle live sequence: 100,000 sequences in one server
 	$(BIN)/python -m service.bench.idle --sequences 100000
 

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--sessions-per-channel", type=int, default=1024, help="sequences per gRPC channel (1024)"
     )
+    bench.add_argument(
+        "--provider", default="auto", help="auto (CUDA where there is one), cpu or cuda (auto)"
+    )
     bench.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime's (0)")
     bench.add_argument("--inter-op-threads", type=int, default=0, help="ONNX Runtime's (0)")
     bench.add_argument(
@@ -130,6 +133,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             out=args.out,
             steps=args.steps,
             sessions_per_channel=args.sessions_per_channel,
+            provider=args.provider,
             intra_op_threads=args.intra_op_threads,
             inter_op_threads=args.inter_op_threads,
             server_args=tuple(args.server_arg),

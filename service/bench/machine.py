@@ -19,6 +19,7 @@ def describe() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)),
         "memory_gib": _memory_gib(),
+        "gpus": _gpus(),
         "load_average_1m_at_start": round(os.getloadavg()[0], 2),
         "system": platform.platform(),
         "python": platform.python_version(),
@@ -36,6 +37,21 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _gpus() -> list[str]:
+    """The GPUs' names, from nvidia-smi; none where there is no NVIDIA driver."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()]
 
 
 def _memory_gib() -> float | None:

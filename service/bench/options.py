@@ -34,6 +34,9 @@ class BenchOptions:
     sessions_per_channel: int = 1024
     """Sequences sharing one gRPC channel (one TCP connection); on loopback one channel is
     cheaper for the client than several (the run measures both at 256 sequences)."""
+    provider: str = "auto"
+    """Execution provider, in-process and in the server: auto (CUDA where there is one), cpu
+    or cuda."""
     intra_op_threads: int = 0
     """ONNX Runtime threads, in-process and in the server (0: ONNX Runtime's choice)."""
     inter_op_threads: int = 0
@@ -55,6 +58,8 @@ class BenchOptions:
             raise ValueError("--steps and --batches must include 1: the headline figures use it")
         if self.duration_s <= 0 or self.warmup_s < 0:
             raise ValueError("--duration must be positive and --warmup at least 0")
+        if self.provider not in {"auto", "cpu", "cuda"}:
+            raise ValueError(f"--provider must be auto, cpu or cuda, got {self.provider!r}")
         if self.sessions_per_channel < 1:
             raise ValueError("--sessions-per-channel must be at least 1")
 

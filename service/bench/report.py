@@ -94,7 +94,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# rnnserve bench: {model['name']} (version {model['version']})",
         "",
-        f"{m['cpu']}, {m['usable_cores']} cores, Python {m['python']}, "
+        f"{m['cpu']}, {m['usable_cores']} cores, "
+        f"{''.join(f'GPU {g}, ' for g in m.get('gpus') or [])}Python {m['python']}, "
         f"onnxruntime {m['packages']['onnxruntime']}, grpcio {m['packages']['grpcio']}, "
         f"revision {revision}, load {m['load_average_1m_at_start']} at start. "
         f"{options['duration_s']:g} s per point after {options['warmup_s']:g} s of warm-up; "

@@ -91,7 +91,9 @@ def run(options: BenchOptions) -> BenchReport:
 
 def _run_inprocess(options: BenchOptions, workload: Workload) -> list[dict[str, Any]]:
     settings = EngineSettings(
-        intra_op_threads=options.intra_op_threads, inter_op_threads=options.inter_op_threads
+        options.provider,
+        intra_op_threads=options.intra_op_threads,
+        inter_op_threads=options.inter_op_threads,
     )
     runtime = inprocess.open_runtime(workload, settings)
     points = []
@@ -119,7 +121,7 @@ def _run_inprocess(options: BenchOptions, workload: Workload) -> list[dict[str, 
 
 
 def _server_flags(options: BenchOptions) -> list[str]:
-    flags = []
+    flags = [f"--provider={options.provider}"]
     if options.intra_op_threads:
         flags.append(f"--intra-op-threads={options.intra_op_threads}")
     if options.inter_op_threads:

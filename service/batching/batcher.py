@@ -147,6 +147,15 @@ class SequenceBatcher:
         self._executor.shutdown(wait=True)
 
     def submit(self, step: Step) -> None:
+        idle = not self._queue and not self._running and self._worker_jobs == 0
+        if idle and self._inline([step]):
+            # A lone sequence's step runs as it is submitted: no batcher wake-up, no loop turn.
+            self._running = True
+            try:
+                self._run_batch([step])
+            finally:
+                self._running = False
+            return
         self._queue.append(step)
         self._wakeup.set()
 
@@ -156,33 +165,58 @@ class SequenceBatcher:
             batch = await self._next_batch()
             if not batch:
                 continue
-            started = time.perf_counter()
-            for step in batch:
-                step.queue_s = started - step.enqueued
             self._running = True
             try:
                 if self._worker_jobs == 0 and self._inline(batch):
-                    results = self._execute(batch)
+                    self._run_batch(batch)
                 else:
-                    results = await loop.run_in_executor(self._executor, self._execute, batch)
-            except Exception as error:  # noqa: BLE001 - every waiting request must hear of it
-                logger.exception("batch of %d on model %s failed", len(batch), self.name)
-                for step in batch:
-                    step.error = error
-                self._complete(batch)
-                continue
+                    started = time.perf_counter()
+                    try:
+                        results = await loop.run_in_executor(
+                            self._executor, self._execute, self._started(batch, started)
+                        )
+                    except Exception as error:  # noqa: BLE001 - every request must hear of it
+                        self._fail(batch, error)
+                    else:
+                        self._answer(batch, results, started)
             finally:
                 self._running = False
-            compute_s = time.perf_counter() - started
-            for step, outputs in zip(batch, results, strict=True):
-                step.compute_s = compute_s
-                if isinstance(outputs, ServiceError):
-                    step.error = outputs
-                else:
-                    step.result = outputs
-            if self.observer is not None:
-                self.observer(batch, compute_s)
-            self._complete(batch)
+
+    def _run_batch(self, batch: Sequence[Step]) -> None:
+        """Run a batch here, on the event loop, and answer its steps."""
+        started = time.perf_counter()
+        try:
+            results = self._execute(self._started(batch, started))
+        except Exception as error:  # noqa: BLE001 - every waiting request must hear of it
+            self._fail(batch, error)
+        else:
+            self._answer(batch, results, started)
+
+    @staticmethod
+    def _started(batch: Sequence[Step], started: float) -> Sequence[Step]:
+        for step in batch:
+            step.queue_s = started - step.enqueued
+        return batch
+
+    def _fail(self, batch: Sequence[Step], error: Exception) -> None:
+        logger.error("batch of %d on model %s failed", len(batch), self.name, exc_info=error)
+        for step in batch:
+            step.error = error
+        self._complete(batch)
+
+    def _answer(
+        self, batch: Sequence[Step], results: Sequence[Outputs | ServiceError], started: float
+    ) -> None:
+        compute_s = time.perf_counter() - started
+        for step, outputs in zip(batch, results, strict=True):
+            step.compute_s = compute_s
+            if isinstance(outputs, ServiceError):
+                step.error = outputs
+            else:
+                step.result = outputs
+        if self.observer is not None:
+            self.observer(batch, compute_s)
+        self._complete(batch)
 
     def _inline(self, batch: Sequence[Step]) -> bool:
         # Only for a lone sequence: with company, the steps that arrive while a batch runs on

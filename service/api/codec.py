@@ -274,22 +274,29 @@ def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
 
 def encode_response(result: InferenceResult, request_id: str) -> bytes:
     """A ModelInferResponse, as wire bytes."""
+    return b"".join(_response_parts(result, request_id))
+
+
+def encode_stream_response(result: InferenceResult, request_id: str) -> bytes:
+    """A ModelStreamInferResponse carrying `result`, as wire bytes."""
+    parts = _response_parts(result, request_id)
+    size = sum(map(len, parts))
+    # Field 2 (infer_response) around the parts, joined once: the tensor bytes are copied once.
+    return b"".join((_KEYS[2], _SMALL_VARINTS[size] if size < 16384 else _varint(size), *parts))
+
+
+def _response_parts(result: InferenceResult, request_id: str) -> list[bytes]:
     parts = [_response_head(result.model, result.version)]
     if request_id:
         parts.append(_field(3, request_id.encode()))
     for key, value in result.extra.items():
-        parts.append(_field(4, _parameter_entry(key, value)))
+        parts.append(_parameter_entry(key, value))
     outputs = result.outputs
     for name, array in outputs.items():
         parts.append(_output_head(name, array.dtype.str, array.shape))
     for array in outputs.values():
         parts.append(_field(6, array.tobytes()))
-    return b"".join(parts)
-
-
-def encode_stream_response(result: InferenceResult, request_id: str) -> bytes:
-    """A ModelStreamInferResponse carrying `result`, as wire bytes."""
-    return _field(2, encode_response(result, request_id))
+    return parts
 
 
 def encode_stream_error(model: str, version: str, request_id: str, text: str) -> bytes:
@@ -317,23 +324,31 @@ def _varint(value: int) -> bytes:
 
 
 _SMALL_VARINTS = [_varint(n) for n in range(16384)]
+_KEYS = [bytes((number << 3 | _LENGTH_DELIMITED,)) for number in range(16)]
+"""The key byte of each length-delimited field number."""
 
 
 def _field(number: int, payload: bytes) -> bytes:
     size = len(payload)
     length = _SMALL_VARINTS[size] if size < 16384 else _varint(size)
-    return b"".join((bytes((number << 3 | _LENGTH_DELIMITED,)), length, payload))
+    return b"".join((_KEYS[number], length, payload))
 
 
 def _parameter_entry(key: str, value: object) -> bytes:
-    """One entry of a map<string, InferParameter>."""
+    """Field 4: one entry of the map<string, InferParameter> `parameters`."""
     if isinstance(value, bool):
         parameter = bytes((1 << 3 | _VARINT,)) + _varint(int(value))
     elif isinstance(value, int):
-        parameter = bytes((2 << 3 | _VARINT,)) + _varint(value)
+        number = _SMALL_VARINTS[value] if 0 <= value < 16384 else _varint(value)
+        parameter = b"".join((bytes((2 << 3 | _VARINT,)), number))
     else:
         parameter = _field(3, str(value).encode())
-    return _field(1, key.encode()) + _field(2, parameter)
+    return _field(4, b"".join((_map_key(key), _field(2, parameter))))
+
+
+@functools.lru_cache(maxsize=64)
+def _map_key(key: str) -> bytes:
+    return _field(1, key.encode())
 
 
 @functools.lru_cache(maxsize=256)

@@ -50,6 +50,8 @@ class Limits:
 
 
 DEFAULT_MAX_STEPS = 4096
+MAX_CHECKED_SHAPES = 1024
+"""Input shapes a model remembers as checked."""
 
 
 def _config_int(config: mc.ModelConfig, key: str) -> int:
@@ -148,6 +150,8 @@ class ServedModel:
         self._state_inputs = [s.input_name for s in sig.states]
         self._outputs = {t.name for t in sig.outputs} | {s.output_name for s in sig.states}
         self._default_outputs = tuple(t.name for t in sig.outputs)
+        self._checked_inputs: dict[tuple[tuple[str, str, tuple[int, ...]], ...], tuple[int, int]]
+        self._checked_inputs = {}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -336,6 +340,17 @@ class ServedModel:
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> tuple[int, int]:
         """Batch rows and time steps of the request, or InvalidArgument saying what is wrong."""
+        # Requests come in few shapes (a stream repeats one); each is checked once.
+        key = tuple((name, array.dtype.str, array.shape) for name, array in inputs.items())
+        known = self._checked_inputs.get(key)
+        if known is None:
+            known = self._check_new_inputs(inputs)
+            if len(self._checked_inputs) >= MAX_CHECKED_SHAPES:
+                self._checked_inputs.clear()
+            self._checked_inputs[key] = known
+        return known
+
+    def _check_new_inputs(self, inputs: dict[str, np.ndarray]) -> tuple[int, int]:
         unknown = [n for n in inputs if n not in self._inputs and n not in self._state_inputs]
         if unknown:
             raise InvalidArgument(

@@ -6,15 +6,21 @@ No figure is compared with a speed: the machine running the tests may be slow or
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
-from tests.conftest import run_cli
+import pytest
+
+from tests.conftest import ROOT, run_cli
 
 
 def test_bench_runs_end_to_end(tmp_path) -> None:
     out = tmp_path / "bench"
     done = run_cli(
         "bench", "--quick", "--sessions", "1,4", "--batches", "1", "--duration", "0.3",
-        "--out", str(out), timeout=240,
+        "--provider", "cpu", "--out", str(out), timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -24,6 +30,8 @@ def test_bench_runs_end_to_end(tmp_path) -> None:
     assert results["machine"]["cores"] >= 1 and results["machine"]["packages"]["grpcio"]
     assert {(p["batch"], p["steps"]) for p in results["inprocess"]} == {(1, 1), (1, 32)}
     assert all(p["steps_per_s"] > 0 for p in results["inprocess"])
+    assert results["options"]["provider"] == "cpu"
+    assert {p["provider"] for p in results["inprocess"]} == {"CPUExecutionProvider"}
 
     expected = {
         (series, n) for series in ("stream T=1", "unary T=1", "stream T=32") for n in (1, 4)
@@ -58,3 +66,16 @@ def test_bench_runs_end_to_end(tmp_path) -> None:
     assert last[0].startswith(f"E = {headline['E']:.2f}"), last
     assert last[1].startswith(f"R = {headline['R']:.2f}"), last
     assert "| rnnserve | stream T=1 | 4 |" in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
+def test_gpu_script_refuses_a_machine_without_a_gpu() -> None:
+    done = subprocess.run(
+        [str(ROOT / "service" / "bench" / "run-gpu.sh"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "no NVIDIA GPU here" in done.stderr

@@ -45,8 +45,9 @@ class Settings:
     """Whether ONNX Runtime's threads busy-wait for work: 0 never, 1 while a model call runs
     (they stop as it returns), 2 always (ONNX Runtime's default; idle threads burn CPU)."""
     inline_max_steps: int = 1
-    """Batches of at most this many steps (rows x time steps) run on the event loop itself: a
-    hand-off to the worker thread and back costs more than such a model call. 0: none do."""
+    """A lone live sequence's batches of at most this many steps (rows x time steps) run on the
+    event loop itself: a hand-off to the worker thread and back costs about as much as such a
+    model call. Never with a shared state store. 0: none do."""
     max_queue_delay_us: int = -1
     """How long a step waits for others to batch with, in microseconds (-1: each model's config)."""
     max_sequences: int = 0

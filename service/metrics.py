@@ -206,7 +206,7 @@ class _ServingCollector(Collector):
             labels=[*labels, "provider"],
         )
         for model in self._models():
-            key = [model.name, str(model.version)]
+            key = list(model.labels)
             info.add_metric([*key, model.runtime.provider], 1)
             if model.sequences is None or model.arena is None:
                 continue

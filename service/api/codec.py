@@ -282,7 +282,7 @@ def encode_stream_response(result: InferenceResult, request_id: str) -> bytes:
     parts = _response_parts(result, request_id)
     size = sum(map(len, parts))
     # Field 2 (infer_response) around the parts, joined once: the tensor bytes are copied once.
-    return b"".join((_KEYS[2], _SMALL_VARINTS[size] if size < 16384 else _varint(size), *parts))
+    return b"".join((_KEYS[2], _varint(size), *parts))
 
 
 def _response_parts(result: InferenceResult, request_id: str) -> list[bytes]:
@@ -313,6 +313,13 @@ _VARINT = 0
 
 
 def _varint(value: int) -> bytes:
+    """An integer as a protobuf varint (a table lookup for the lengths a response holds)."""
+    if 0 <= value < _SMALL:
+        return _SMALL_VARINTS[value]
+    return _encode_varint(value)
+
+
+def _encode_varint(value: int) -> bytes:
     if value < 0:
         value += 1 << 64  # int64 travels as its two's complement
     out = bytearray()
@@ -323,15 +330,14 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-_SMALL_VARINTS = [_varint(n) for n in range(16384)]
+_SMALL = 16384
+_SMALL_VARINTS = [_encode_varint(n) for n in range(_SMALL)]
 _KEYS = [bytes((number << 3 | _LENGTH_DELIMITED,)) for number in range(16)]
 """The key byte of each length-delimited field number."""
 
 
 def _field(number: int, payload: bytes) -> bytes:
-    size = len(payload)
-    length = _SMALL_VARINTS[size] if size < 16384 else _varint(size)
-    return b"".join((_KEYS[number], length, payload))
+    return b"".join((_KEYS[number], _varint(len(payload)), payload))
 
 
 def _parameter_entry(key: str, value: object) -> bytes:
@@ -339,8 +345,7 @@ def _parameter_entry(key: str, value: object) -> bytes:
     if isinstance(value, bool):
         parameter = bytes((1 << 3 | _VARINT,)) + _varint(int(value))
     elif isinstance(value, int):
-        number = _SMALL_VARINTS[value] if 0 <= value < 16384 else _varint(value)
-        parameter = b"".join((bytes((2 << 3 | _VARINT,)), number))
+        parameter = bytes((2 << 3 | _VARINT,)) + _varint(value)
     else:
         parameter = _field(3, str(value).encode())
     return _field(4, b"".join((_map_key(key), _field(2, parameter))))

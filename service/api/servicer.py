@@ -270,12 +270,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outbox.put(self._stream_failure(_echo_of(data), error, labels, started))
             return
         echo = (request.model, request.version, request.id)
-        try:
-            model = self._resolve(request)
-            labels = model.labels
-        except Exception as error:  # noqa: BLE001
-            outbox.put(self._stream_failure(echo, error, labels, started))
-            return
 
         def done(step: Step) -> None:
             try:
@@ -288,6 +282,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outbox.put(response)
 
         try:
+            model = self._resolve(request)
+            labels = model.labels
             model.submit(request, done)
         except Exception as error:  # noqa: BLE001
             outbox.put(self._stream_failure(echo, error, labels, started))

@@ -222,18 +222,14 @@ def plot(results: dict[str, Any], out: Path) -> tuple[Path, ...]:
                 color="grey",
                 va="bottom",
             )
-    axes.set(
-        xscale="log",
-        yscale="log",
-        xlabel="concurrent sequences",
-        ylabel="steps/s (messages/s x T for transport)",
-        title=f"{results['model']['name']}: throughput",
+    throughput = _save_plot(
+        figure,
+        axes,
+        "steps/s (messages/s x T for transport)",
+        f"{results['model']['name']}: throughput",
+        out / "throughput.png",
+        legend={"fontsize": 8},
     )
-    axes.grid(True, which="both", linewidth=0.3)
-    axes.legend(fontsize=8)
-    throughput = out / "throughput.png"
-    figure.savefig(throughput, dpi=120, bbox_inches="tight")
-    plt.close(figure)
 
     figure, axes = plt.subplots(figsize=(8, 5))
     for server in ("rnnserve", "transport"):
@@ -253,16 +249,26 @@ def plot(results: dict[str, Any], out: Path) -> tuple[Path, ...]:
                 color=line.get_color(),
                 label=f"{server} {label} p99",
             )
-    axes.set(
-        xscale="log",
-        yscale="log",
-        xlabel="concurrent sequences",
-        ylabel="latency per request, ms",
-        title=f"{results['model']['name']}: latency per request, p50 and p99 (dotted)",
+    latency = _save_plot(
+        figure,
+        axes,
+        "latency per request, ms",
+        f"{results['model']['name']}: latency per request, p50 and p99 (dotted)",
+        out / "latency.png",
+        legend={"fontsize": 7, "ncol": 2},
     )
-    axes.grid(True, which="both", linewidth=0.3)
-    axes.legend(fontsize=7, ncol=2)
-    latency = out / "latency.png"
-    figure.savefig(latency, dpi=120, bbox_inches="tight")
-    plt.close(figure)
     return throughput, latency
+
+
+def _save_plot(
+    figure: Any, axes: Any, ylabel: str, title: str, path: Path, legend: dict[str, Any]
+) -> Path:
+    """Log-log against concurrent sequences, gridded, written as a PNG."""
+    import matplotlib.pyplot as plt
+
+    axes.set(xscale="log", yscale="log", xlabel="concurrent sequences", ylabel=ylabel, title=title)
+    axes.grid(True, which="both", linewidth=0.3)
+    axes.legend(**legend)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path

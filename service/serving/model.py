@@ -46,7 +46,8 @@ class Limits:
     max_queue_delay_s: float = -1.0
     max_steps_per_request: int = 0
     inline_max_steps: int = 1
-    """Batches of at most this many rows x time steps run on the event loop (0: none)."""
+    """A lone sequence's batches of at most this many rows x time steps run on the event loop
+    (0: none)."""
 
 
 DEFAULT_MAX_STEPS = 4096

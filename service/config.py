@@ -44,6 +44,10 @@ class Settings:
     ort_spinning: int = 1
     """Whether ONNX Runtime's threads busy-wait for work: 0 never, 1 while a model call runs
     (they stop as it returns), 2 always (ONNX Runtime's default; idle threads burn CPU)."""
+    parallel_min_work: int = 64
+    """On the CPU, model calls of fewer rows x time steps than this run single-threaded, on a
+    second ONNX Runtime session: splitting a small call across threads costs more CPU than it
+    saves time. 0: every call uses the intra-op threads."""
     inline_max_steps: int = 1
     """A lone live sequence's batches of at most this many steps (rows x time steps) run on the
     event loop itself: a hand-off to the worker thread and back costs about as much as such a
@@ -137,6 +141,8 @@ class Settings:
             raise ValueError(f"--ort-spinning must be 0, 1 or 2, got {self.ort_spinning}")
         if self.inline_max_steps < 0:
             raise ValueError("--inline-max-steps must be 0 (never) or more")
+        if self.parallel_min_work < 0:
+            raise ValueError("--parallel-min-work must be 0 (never single-threaded) or more")
         if self.max_steps_per_request < 0:
             raise ValueError("--max-steps-per-request must be 0 (per model) or more")
 

@@ -45,6 +45,7 @@ class Server:
             settings.intra_op_threads,
             settings.inter_op_threads,
             spinning=settings.ort_spinning,
+            parallel_min_work=settings.parallel_min_work,
         )
         limits = Limits(
             max_sequences=settings.max_sequences,

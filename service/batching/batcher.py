@@ -4,8 +4,12 @@ Steps wait at most `max_queue_delay_s` for company. A batch holds steps with the
 time steps T (their inputs stack into [B, T, ...]) and at most one step of any sequence, so the
 steps of one sequence run strictly in the order they were submitted. States are gathered from
 the arena, stacked on the batch axis, and the new states scattered back in one operation each.
-One batch per model runs at a time, on a worker thread. When it is done, each step's `on_done`
-is called on the event loop, in one pass over the batch: no future or task per step.
+
+One batch per model runs at a time, on a worker thread. The steps submitted in one event-loop
+turn are handed to it together, once the turn is over. A worker that finishes a batch takes the
+next from the steps handed over meanwhile, without waiting for the event loop, which answers
+the finished batch in parallel: each step's `on_done` is called there, in one pass over the
+batch, with no future or task per step.
 
 The exception is a lone sequence's tiny batch (`inline_max_steps` rows x time steps, by
 default one step): it runs on the event loop itself. Handing a batch to the worker thread and
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -105,21 +110,24 @@ class SequenceBatcher:
         self.sync = sync
         self.inline_max_steps = 0 if sync is not None and sync.store.shared else inline_max_steps
         self._lone = lone
-        self._queue: deque[Step] = deque()
-        self._worker_jobs = 0
-        self._running = False
-        self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker_jobs = 0
+        self._running_inline = False
+        # Event loop only: steps submitted since the last flush, and steps not yet answered.
+        self._pending: list[Step] = []
+        self._pending_rows = 0
+        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._unanswered = 0
+        # Shared with the worker thread, under the lock.
+        self._lock = threading.Lock()
+        self._ready: deque[Step] = deque()
+        self._draining = False
 
     @property
     def busy(self) -> bool:
-        """Steps are queued or a batch is running."""
-        return bool(self._queue) or self._running
+        """Steps are waiting or a batch is running."""
+        return self._unanswered > 0 or self._running_inline
 
     async def on_worker(self, function: Callable[[], T]) -> T:
         """Run `function` on the worker thread, between batches (it may touch the arena)."""
@@ -130,57 +138,97 @@ class SequenceBatcher:
             self._worker_jobs -= 1
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"batcher-{self.name}"
-        )
+        self._loop = asyncio.get_running_loop()
 
     async def stop(self) -> None:
-        """Run what is queued, then stop."""
-        while self._queue or self._running:
+        """Run what is waiting, then stop."""
+        while self.busy:
             await asyncio.sleep(0.001)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
         self._executor.shutdown(wait=True)
 
     def submit(self, step: Step) -> None:
-        idle = not self._queue and not self._running and self._worker_jobs == 0
+        idle = self._unanswered == 0 and not self._running_inline and self._worker_jobs == 0
         if idle and self._inline([step]):
-            # A lone sequence's step runs as it is submitted: no batcher wake-up, no loop turn.
-            self._running = True
+            # A lone sequence's step runs as it is submitted: no thread hand-off, no loop turn.
+            self._running_inline = True
             try:
                 self._run_batch([step])
             finally:
-                self._running = False
+                self._running_inline = False
             return
-        self._queue.append(step)
-        self._wakeup.set()
+        self._unanswered += 1
+        self._pending.append(step)
+        self._pending_rows += step.rows
+        self._schedule_flush()
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._next_batch()
-            if not batch:
-                continue
-            self._running = True
+    def _schedule_flush(self) -> None:
+        loop, handle = self._loop, self._flush_handle
+        assert loop is not None, "start() the batcher on the event loop first"
+        full = self._pending_rows >= self.max_batch_size
+        if handle is None and self.max_queue_delay_s > 0 and not full:
+            self._flush_handle = loop.call_later(self.max_queue_delay_s, self._flush)
+        elif handle is None or (full and isinstance(handle, asyncio.TimerHandle)):
+            if handle is not None:
+                handle.cancel()
+            # Once this loop turn is over: every request read in it joins the batch.
+            self._flush_handle = loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Hand this turn's steps to the worker; start it if it is idle.
+
+        A busy worker takes them when its batch is done, without waiting for the event loop,
+        so it runs the next batch while the loop answers the last one.
+        """
+        self._flush_handle = None
+        with self._lock:
+            self._ready.extend(self._pending)
+            start = not self._draining
+            self._draining = True
+        self._pending = []
+        self._pending_rows = 0
+        if start:
+            self._executor.submit(self._drain, asyncio.get_running_loop())
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the worker thread: run the next ready batch, then go on while steps are ready.
+
+        Each batch is its own executor job, so a job from `on_worker` queued meanwhile runs
+        between two batches rather than after the load stops.
+        """
+        with self._lock:
+            batch, dropped = self._take()
+        if batch:
+            started = time.perf_counter()
+            error: Exception | None = None
+            results: list[Outputs | ServiceError] = []
             try:
-                if self._worker_jobs == 0 and self._inline(batch):
-                    self._run_batch(batch)
-                else:
-                    started = time.perf_counter()
-                    try:
-                        results = await loop.run_in_executor(
-                            self._executor, self._execute, self._started(batch, started)
-                        )
-                    except Exception as error:  # noqa: BLE001 - every request must hear of it
-                        self._fail(batch, error)
-                    else:
-                        self._answer(batch, results, started)
-            finally:
-                self._running = False
+                results = self._execute(self._started(batch, started))
+            except Exception as failure:  # noqa: BLE001 - every request must hear of it
+                error = failure
+            compute_s = time.perf_counter() - started
+            loop.call_soon_threadsafe(self._finish, batch, dropped, results, error, compute_s)
+        elif dropped:
+            loop.call_soon_threadsafe(self._finish, batch, dropped, [], None, 0.0)
+        with self._lock:
+            self._draining = bool(self._ready)
+            again = self._draining
+        if again:
+            self._executor.submit(self._drain, loop)
+
+    def _finish(
+        self,
+        batch: Sequence[Step],
+        dropped: int,
+        results: Sequence[Outputs | ServiceError],
+        error: Exception | None,
+        compute_s: float,
+    ) -> None:
+        """On the event loop: answer a batch the worker ran."""
+        self._unanswered -= len(batch) + dropped
+        if error is not None:
+            self._fail(batch, error)
+        elif batch:
+            self._answer(batch, results, compute_s)
 
     def _run_batch(self, batch: Sequence[Step]) -> None:
         """Run a batch here, on the event loop, and answer its steps."""
@@ -190,7 +238,7 @@ class SequenceBatcher:
         except Exception as error:  # noqa: BLE001 - every waiting request must hear of it
             self._fail(batch, error)
         else:
-            self._answer(batch, results, started)
+            self._answer(batch, results, time.perf_counter() - started)
 
     @staticmethod
     def _started(batch: Sequence[Step], started: float) -> Sequence[Step]:
@@ -205,9 +253,8 @@ class SequenceBatcher:
         self._complete(batch)
 
     def _answer(
-        self, batch: Sequence[Step], results: Sequence[Outputs | ServiceError], started: float
+        self, batch: Sequence[Step], results: Sequence[Outputs | ServiceError], compute_s: float
     ) -> None:
-        compute_s = time.perf_counter() - started
         for step, outputs in zip(batch, results, strict=True):
             step.compute_s = compute_s
             if isinstance(outputs, ServiceError):
@@ -236,25 +283,19 @@ class SequenceBatcher:
             except Exception:  # noqa: BLE001 - one caller's failure must not stop the batcher
                 logger.exception("completing a step of model %s failed", self.name)
 
-    async def _next_batch(self) -> list[Step]:
-        while not self._queue:
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        if sum(s.rows for s in self._queue) < self.max_batch_size:
-            # Give concurrent sequences a moment to join; 0 still lets this loop turn finish.
-            await asyncio.sleep(self.max_queue_delay_s)
-        return self._take()
-
-    def _take(self) -> list[Step]:
+    def _take(self) -> tuple[list[Step], int]:
+        """The next batch from the ready steps (under the lock), and how many were dropped."""
         batch: list[Step] = []
         deferred: list[Step] = []
         seen: set[int] = set()
-        rows = 0
+        rows = dropped = 0
         steps = None
-        while self._queue and rows < self.max_batch_size:
-            step = self._queue.popleft()
+        ready = self._ready
+        while ready and rows < self.max_batch_size:
+            step = ready.popleft()
             if step.abandoned:
-                continue  # the client gave up before it ran: its state does not advance
+                dropped += 1  # the client gave up before it ran: its state does not advance
+                continue
             key = id(step.sequence) if step.sequence is not None else None
             fits = (
                 steps is None or step.steps == steps
@@ -267,8 +308,8 @@ class SequenceBatcher:
                 steps = step.steps
             if key is not None:
                 seen.add(key)
-        self._queue.extendleft(reversed(deferred))
-        return batch
+        ready.extendleft(reversed(deferred))
+        return batch, dropped
 
     def _execute(self, batch: Sequence[Step]) -> list[Outputs | ServiceError]:
         """On the worker thread: prepare, then run the steps that may run; one answer each."""
@@ -315,7 +356,7 @@ class SequenceBatcher:
                     [s for _, s in steps], offsets, row_index, slot_index, zero_rows, every_row_held
                 )
             )
-        results = self.runtime.run(feeds)
+        results = self.runtime.run(feeds, offsets[-1] * steps[0][1].steps)
         if held:
             states = [
                 results[s.output_name] if every_row_held else results[s.output_name][row_index]

@@ -24,4 +24,6 @@ class Runtime(Protocol):
     inputs: Sequence[TensorInfo]
     outputs: Sequence[TensorInfo]
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(self, feeds: Mapping[str, np.ndarray], work: int = 0) -> dict[str, np.ndarray]:
+        """The named outputs. `work` (rows x time steps) may choose how the call runs."""
+        ...

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sessions", type=_numbers, help="concurrent sequences (1,16,64,256,1024; quick 1,64,256)"
     )
     bench.add_argument(
-        "--batches", type=_numbers, help="in-process batch sizes (1,8,64,256; quick 1,64)"
+        "--batches", type=_numbers, help="in-process batch sizes (1,8,32,64,256; quick 1,64)"
     )
     bench.add_argument("--steps", type=_numbers, default=(1, 32), help="steps per request (1,32)")
     bench.add_argument("--duration", type=float, help="seconds measured per point (5; quick 1)")

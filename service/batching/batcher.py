@@ -45,6 +45,7 @@ from service.runtime.base import Runtime
 from service.sessions.arena import StateArena
 from service.sessions.manager import Sequence as LiveSequence
 from service.sessions.sync import Advance, StateSync
+from service.threads import BATCH_THREAD, name_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,12 @@ class SequenceBatcher:
         self.sync = sync
         self.inline_max_steps = 0 if sync is not None and sync.store.shared else inline_max_steps
         self._lone = lone
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix=f"batch-{name}",
+            initializer=name_this_thread,
+            initargs=(BATCH_THREAD,),
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker_jobs = 0
         self._running_inline = False

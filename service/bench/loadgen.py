@@ -13,8 +13,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -39,6 +39,8 @@ class Snapshot:
     server_cpu_s: float
     batch_sum: float = 0.0
     batch_count: float = 0.0
+    server_threads: Mapping[str, float] = field(default_factory=dict)
+    """The server's CPU seconds by kind of thread (`service.threads.KINDS`)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,14 @@ class LoadResult:
             return math.nan
         used: float = getattr(self.after, which) - getattr(self.before, which)
         return used / steps * 1000
+
+    def thread_cpu_per_1000_steps(self) -> dict[str, float]:
+        """The server's CPU by kind of thread; threads that ended in the window are left out."""
+        steps = self.requests * self.spec.steps
+        before, after = self.before.server_threads, self.after.server_threads
+        if steps == 0:
+            return {}
+        return {kind: (after[kind] - before.get(kind, 0.0)) / steps * 1000 for kind in after}
 
     @property
     def mean_batch(self) -> float:

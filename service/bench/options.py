@@ -9,7 +9,8 @@ from service.config import bundled_repository
 
 FULL_SESSIONS = (1, 16, 64, 256, 1024)
 QUICK_SESSIONS = (1, 64, 256)
-FULL_BATCHES = (1, 8, 64, 256)
+FULL_BATCHES = (1, 8, 32, 64, 256)
+"""32: the batch rnnserve forms at 64 sequences, which the T=32 target compares with."""
 QUICK_BATCHES = (1, 64)
 HEADLINE_SESSIONS = 64
 

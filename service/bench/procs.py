@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+from service.threads import CLOCK_TICKS, cpu_by_kind
+
 START_TIMEOUT_S = 90.0
 
 
@@ -79,6 +79,10 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float:
         return process_cpu_seconds(self.pid)
+
+    def cpu_by_thread(self) -> dict[str, float]:
+        """CPU seconds by kind of thread (`service.threads.KINDS`)."""
+        return cpu_by_kind(self.pid)
 
     def scrape(self) -> str:
         if self.ports.metrics is None:

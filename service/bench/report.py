@@ -8,7 +8,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from service.threads import KINDS
+
 HEADLINE_SERIES = "stream T=1"
+THREADS = "server_cpu_by_thread_s_per_1000_steps"
 
 
 def headline(results: dict[str, Any], sessions: int) -> dict[str, Any]:
@@ -160,6 +163,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"first: {p['first_error']}"
             for p in failed
         ]
+    lines += _thread_table(results["rnnserve"] + results["transport"])
     if results.get("channels"):
         lines += ["", "## Channels (transport ceiling, stream T=1)", ""]
         lines += _table(
@@ -186,6 +190,32 @@ def markdown(results: dict[str, Any]) -> str:
             )
     lines += ["", "## Headline", "", *(f"- {line}" for line in headline_lines(results["headline"]))]
     return "\n".join(lines)
+
+
+def _thread_table(points: list[dict[str, Any]]) -> list[str]:
+    """Where each server's CPU goes, by kind of thread, for the streams of one step."""
+    shown = [p for p in points if p["series"] == "stream T=1" and p.get(THREADS)]
+    if not shown:
+        return []
+    lines = [
+        "",
+        "## Server CPU by thread (stream T=1)",
+        "",
+        "µs of CPU per step. `event loop` is the process's first thread; `batch` the batch "
+        "workers (the model call runs there); `grpc` gRPC's core threads; `other` mostly "
+        "ONNX Runtime's thread pools and grpc.aio's poller.",
+        "",
+    ]
+    rows = [
+        [
+            p["server"], str(p["sessions"]),
+            *(_num(p[THREADS].get(kind, math.nan) * 1000, 1) for kind in KINDS),
+            _num(p["server_cpu_s_per_1000_steps"] * 1000, 1),
+        ]
+        for p in sorted(shown, key=lambda p: (p["sessions"], p["server"] != "rnnserve"))
+    ]  # fmt: skip
+    header = ["server", "sessions", "event loop", "batch", "grpc", "other", "all"]
+    return lines + _table(header, rows)
 
 
 def _series_order(label: str) -> tuple[int, str]:

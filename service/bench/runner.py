@@ -183,7 +183,13 @@ def _sampler(server: ServerProcess, metrics_model: str | None) -> Callable[[], S
         batch = (0.0, 0.0)
         if metrics_model is not None:
             batch = histogram_totals(server.scrape(), "rnnserve_batch_size", metrics_model)
-        return Snapshot(time.perf_counter(), time.process_time(), server.cpu_seconds(), *batch)
+        return Snapshot(
+            time.perf_counter(),
+            time.process_time(),
+            server.cpu_seconds(),
+            *batch,
+            server_threads=server.cpu_by_thread(),
+        )
 
     return sample
 
@@ -247,6 +253,7 @@ def _load_point(server: str, series: Series, result: LoadResult) -> dict[str, An
         "p99_ms": result.percentile_ms(99),
         "mean_batch": result.mean_batch if server == "rnnserve" else None,
         "server_cpu_s_per_1000_steps": result.cpu_per_1000_steps("server_cpu_s"),
+        "server_cpu_by_thread_s_per_1000_steps": result.thread_cpu_per_1000_steps(),
         "client_cpu_s_per_1000_steps": result.cpu_per_1000_steps("client_cpu_s"),
         "server_cpu_cores": _cores(result, "server_cpu_s"),
         "client_cpu_cores": _cores(result, "client_cpu_s"),

@@ -46,6 +46,15 @@ def test_bench_runs_end_to_end(tmp_path) -> None:
             assert p["server_cpu_s_per_1000_steps"] >= 0
             assert p["client_cpu_s_per_1000_steps"] >= 0
     assert all(p["mean_batch"] >= 1 for p in results["rnnserve"])
+    # The model runs on the batch worker (or, for one sequence, the event loop); the transport
+    # has no batch worker.
+    kinds = "server_cpu_by_thread_s_per_1000_steps"
+    for server in ("rnnserve", "transport"):
+        for p in results[server]:
+            assert set(p[kinds]) == {"event_loop", "batch", "grpc", "other"}, (server, p)
+            assert p[kinds]["event_loop"] > 0, (server, p)
+    assert all(p[kinds]["batch"] == 0 for p in results["transport"])
+    assert any(p[kinds]["batch"] > 0 for p in results["rnnserve"] if p["sessions"] == 4)
 
     # The transport ceiling answers with responses of exactly rnnserve's size.
     sizes = {(p["server"], p["series"]): p["response_bytes"] for p in results["transport"]}
@@ -66,6 +75,7 @@ def test_bench_runs_end_to_end(tmp_path) -> None:
     assert last[0].startswith(f"E = {headline['E']:.2f}"), last
     assert last[1].startswith(f"R = {headline['R']:.2f}"), last
     assert "| rnnserve | stream T=1 | 4 |" in done.stdout
+    assert "## Server CPU by thread (stream T=1)" in done.stdout
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")

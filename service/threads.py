@@ -1,0 +1,57 @@
+"""Threads by what they do, and the CPU each kind uses, from /proc (Linux; nothing elsewhere).
+
+The batch workers name themselves, so `top -H`, py-spy and the benchmark can tell them from
+ONNX Runtime's pool threads, which, like every thread Python starts, are called "python".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+BATCH_THREAD = "rnnserve-batch"
+GRPC_THREADS = ("event_engine", "grpc_global_tim", "lifeguard")
+KINDS = ("event_loop", "batch", "grpc", "other")
+"""The process's first thread runs the event loop; `other` is mostly ONNX Runtime's pools."""
+
+
+def name_this_thread(name: str) -> None:
+    """Set the calling thread's name as the kernel shows it (15 characters at most)."""
+    try:
+        Path("/proc/thread-self/comm").write_text(name[:15])
+    except OSError:
+        logger.debug("cannot name thread %s", name)
+
+
+def cpu_by_kind(pid: int) -> dict[str, float]:
+    """User plus system CPU seconds of a process's live threads, summed by kind."""
+    totals = dict.fromkeys(KINDS, 0.0)
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        # The name (field 2) may hold spaces; the fields after it are space-separated.
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        totals[_kind(int(tid) == pid, name)] += seconds
+    return totals
+
+
+def _kind(first: bool, name: str) -> str:
+    if first:
+        return "event_loop"
+    if name == BATCH_THREAD:
+        return "batch"
+    if name.startswith(GRPC_THREADS):
+        return "grpc"
+    return "other"

@@ -5,13 +5,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of PyTorch (a plain `torch` requirement may pull a multi-GB CUDA build).
 TORCH_PIN ?= torch==2.13.0
-# Debian packages the tests need: libb64 for Triton's perf_analyzer, Redis for the state store.
-SYSTEM_PACKAGES ?= libb64-0d redis-server
+# Debian packages the tests need: libb64 for Triton's perf_analyzer, Redis for the state store,
+# Java for TorchServe (the benchmark's peer).
+SYSTEM_PACKAGES ?= libb64-0d redis-server openjdk-17-jre-headless
 PERF_ANALYZER := build/perf_analyzer/bin/perf_analyzer
 
 .DEFAULT_GOAL := help
-.PHONY: help serve bench test install install-test system-deps perf-analyzer bench-idle proto lint format train \
-	bench-durability clean
+.PHONY: help serve bench test install install-test system-deps perf-analyzer torchserve bench-idle \
+	proto lint format train bench-durability clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -25,7 +26,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[train,test]' '$(TORCH_PIN)'
+	$(BIN)/pip install --quiet -e '.[train,test,peers]' '$(TORCH_PIN)'
 	@touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed ## virtualenv with the serving and benchmark dependencies (no torch)
@@ -56,6 +57,8 @@ bench-idle: install ## memory per idle live sequence: 100,000 sequences in one s
 
 $(PERF_ANALYZER): tests/tools/install-perf-analyzer.sh | system-deps
 	bash tests/tools/install-perf-analyzer.sh build/perf_analyzer
+
+torchserve: system-deps install-test ## TorchServe 0.12 and Java, the peer `make bench` measures against
 
 perf-analyzer: $(PERF_ANALYZER) ## Triton's C++ load generator, into build/perf_analyzer
 

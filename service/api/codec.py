@@ -340,6 +340,11 @@ def _field(number: int, payload: bytes) -> bytes:
     return b"".join((_KEYS[number], _varint(len(payload)), payload))
 
 
+def length_delimited(number: int, payload: bytes) -> bytes:
+    """Field `number` (below 16) of any message, holding bytes, a string or a message."""
+    return _field(number, payload)
+
+
 def _parameter_entry(key: str, value: object) -> bytes:
     """Field 4: one entry of the map<string, InferParameter> `parameters`."""
     if isinstance(value, bool):

@@ -127,28 +127,43 @@ class _Window:
             self.first_error = message
 
 
-def _stream_error(reply: Any) -> str | None:
-    if reply is grpc.aio.EOF:
-        return "the server closed the stream"
-    if not reply or reply[0] != STREAM_OK_TAG:
-        return _decode_stream_error(reply)
-    return None
-
-
 def _decode_stream_error(reply: bytes) -> str:
     from service._pb import grpc_service_pb2 as pb  # only on the error path
 
     return pb.ModelStreamInferResponse.FromString(reply).error_message or "an empty response"
 
 
+@dataclass(frozen=True)
+class StreamApi:
+    """A bidirectional streaming RPC, and how to tell its answers from its errors."""
+
+    method: str
+    ok_tag: int
+    """The first byte of every answer that is not an error."""
+    describe: Callable[[bytes], str]
+    """What went wrong, from a reply that does not start with `ok_tag`."""
+
+    def error(self, reply: Any) -> str | None:
+        if reply is grpc.aio.EOF:
+            return "the server closed the stream"
+        if not reply or reply[0] != self.ok_tag:
+            return self.describe(reply)
+        return None
+
+
+OPEN_INFERENCE = StreamApi(STREAM_METHOD, STREAM_OK_TAG, _decode_stream_error)
+"""ModelStreamInfer: rnnserve's, Triton's and the transport-only server's."""
+
+
 async def _stream_sequence(
-    channel: grpc.aio.Channel, messages: SequenceMessages, w: _Window
+    channel: grpc.aio.Channel, messages: SequenceMessages, w: _Window, api: StreamApi
 ) -> None:
-    call = channel.stream_stream(STREAM_METHOD)()
+    call = channel.stream_stream(api.method)()
+    ok_tag = api.ok_tag
     try:
         await call.write(messages.start)
         reply = await call.read()
-        if (problem := _stream_error(reply)) is not None:
+        if (problem := api.error(reply)) is not None:
             w.error(problem)
             return
         w.response_bytes = len(reply)
@@ -158,13 +173,13 @@ async def _stream_sequence(
             await call.write(step)
             reply = await call.read()
             answered = clock()
-            if not reply or reply is grpc.aio.EOF or reply[0] != STREAM_OK_TAG:
-                w.error(_stream_error(reply) or "")
+            if not reply or reply is grpc.aio.EOF or reply[0] != ok_tag:
+                w.error(api.error(reply) or "")
                 return
             if w.open:
                 latencies.append(answered - sent)
         await call.write(messages.end)
-        if (problem := _stream_error(await call.read())) is not None:
+        if (problem := api.error(await call.read())) is not None:
             w.error(problem)
         await call.done_writing()
         if (code := await call.code()) != grpc.StatusCode.OK:
@@ -177,7 +192,7 @@ async def _stream_sequence(
 
 
 async def _unary_sequence(
-    channel: grpc.aio.Channel, messages: SequenceMessages, w: _Window
+    channel: grpc.aio.Channel, messages: SequenceMessages, w: _Window, api: StreamApi
 ) -> None:
     infer = channel.unary_unary(UNARY_METHOD)
     try:
@@ -214,8 +229,12 @@ async def run_load(
     spec: LoadSpec,
     messages: list[SequenceMessages],
     sample: Callable[[], Snapshot],
+    api: StreamApi = OPEN_INFERENCE,
 ) -> LoadResult:
-    """One point: warm up, measure for spec.duration_s, then END every sequence."""
+    """One point: warm up, measure for spec.duration_s, then END every sequence.
+
+    Stream mode speaks `api`; unary mode is the Open Inference Protocol's ModelInfer.
+    """
     if len(messages) != spec.sessions:
         raise ValueError(f"{len(messages)} sequences' messages for {spec.sessions} sessions")
     # A local subchannel pool gives each channel its own connection.
@@ -230,7 +249,7 @@ async def run_load(
         sequence = _stream_sequence if spec.mode == STREAM else _unary_sequence
         window = _Window()
         tasks = [
-            asyncio.create_task(sequence(channels[i % len(channels)], m, window))
+            asyncio.create_task(sequence(channels[i % len(channels)], m, window, api))
             for i, m in enumerate(messages)
         ]
         before, after = await _monitor(spec, window, sample)

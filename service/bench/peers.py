@@ -1,5 +1,5 @@
-"""Other load generators and servers, run when they are installed and skipped with a reason
-when they are not: Triton's perf_analyzer against rnnserve, and TorchServe."""
+"""Triton's perf_analyzer against rnnserve, run when it is installed and skipped with a reason
+when it is not. (The peer server, TorchServe, is `service.bench.torchserve`.)"""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import csv
 import io
 import logging
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -67,13 +66,4 @@ def perf_analyzer(
         "p50_ms": float(row["p50 latency"]) / 1e3,
         "p99_ms": float(row["p99 latency"]) / 1e3,
         "command": command,
-    }
-
-
-def torchserve() -> dict[str, Any]:
-    if shutil.which("torchserve") is None:
-        return {"skipped": "torchserve is not on PATH"}
-    return {
-        "skipped": "torchserve is installed, but this benchmark does not yet package the model "
-        "for it (a .mar from the PyTorch checkpoint)"
     }

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 from service.threads import CLOCK_TICKS, cpu_by_kind
 
@@ -27,6 +28,23 @@ class ProcessError(RuntimeError):
 class Ports:
     grpc: int
     metrics: int | None
+
+
+class Measured(Protocol):
+    """A server under test, as a load point needs it."""
+
+    name: str
+
+    @property
+    def target(self) -> str: ...
+
+    def alive(self) -> bool: ...
+
+    def log_tail(self, lines: int = 30) -> str: ...
+
+    def cpu_seconds(self) -> float: ...
+
+    def cpu_by_thread(self) -> dict[str, float]: ...
 
 
 class ServerProcess:

@@ -181,6 +181,8 @@ def markdown(results: dict[str, Any]) -> str:
     for name, peer in results["peers"].items():
         if "skipped" in peer:
             lines.append(f"- {name}: skipped ({peer['skipped'].splitlines()[0]})")
+        elif name == "torchserve":
+            lines.append(_torchserve_line(peer, results))
         else:
             lines.append(
                 f"- {name} against rnnserve, {peer['concurrency']} concurrent sequences of "
@@ -190,6 +192,21 @@ def markdown(results: dict[str, Any]) -> str:
             )
     lines += ["", "## Headline", "", *(f"- {line}" for line in headline_lines(results["headline"]))]
     return "\n".join(lines)
+
+
+def _torchserve_line(peer: dict[str, Any], results: dict[str, Any]) -> str:
+    ours = _find(results["rnnserve"], series=peer["series"], sessions=peer["sessions"])
+    settings = peer["settings"]
+    return (
+        f"- torchserve 0.12, the same model file on ONNX Runtime behind its sequence batching "
+        f"({settings['maxWorkers']} worker, batches of up to {settings['batchSize']}, "
+        f"{settings['maxBatchDelay']} ms batch delay), {peer['sessions']} sequences, one step "
+        f"per request (stream), same client: {_num(peer['steps_per_s'])} steps/s, "
+        f"p50 {_num(peer['p50_ms'], 2)} ms, p99 {_num(peer['p99_ms'], 2)} ms, server CPU "
+        f"{_num(peer['server_cpu_s_per_1000_steps'], 4)} s/1k steps, {peer['errors']} errors. "
+        f"rnnserve at the same point: {_ratio(ours['steps_per_s'], peer['steps_per_s']):.1f}x "
+        f"its steps/s"
+    )
 
 
 def _thread_table(points: list[dict[str, Any]]) -> list[str]:

@@ -8,15 +8,24 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from service.bench import inprocess, machine, peers, report
-from service.bench.loadgen import STREAM, UNARY, LoadResult, LoadSpec, Snapshot, run_load
+from service.bench import inprocess, machine, peers, report, torchserve
+from service.bench.loadgen import (
+    OPEN_INFERENCE,
+    STREAM,
+    UNARY,
+    LoadResult,
+    LoadSpec,
+    Snapshot,
+    StreamApi,
+    run_load,
+)
 from service.bench.options import BenchOptions
-from service.bench.procs import ServerProcess, histogram_totals, start_echo, start_rnnserve
-from service.bench.workload import Workload, load_workload
+from service.bench.procs import Measured, histogram_totals, start_echo, start_rnnserve
+from service.bench.workload import SequenceMessages, Workload, load_workload
 from service.runtime.onnx import EngineSettings
 
 logger = logging.getLogger(__name__)
@@ -77,6 +86,7 @@ def run(options: BenchOptions) -> BenchReport:
     }
     results["inprocess"] = _run_inprocess(options, workload)
     results["rnnserve"], results["peers"] = _run_rnnserve(options, workload)
+    results["peers"]["torchserve"] = _run_torchserve(options, workload)
     results["transport"], results["channels"] = _run_transport(options, workload)
     results["headline"] = report.headline(results, options.headline_sessions)
     results["seconds"] = round(time.monotonic() - started, 1)
@@ -135,12 +145,12 @@ def _run_rnnserve(
     ids = _Ids()
     points = []
     with start_rnnserve(options.out / "logs", _server_flags(options)) as server:
-        sampler = _sampler(server, workload.model)
+        sampler = _sampler(server, server.scrape, workload.model)
         for series in series_of(options):
             for sessions in options.sessions:
                 result = _point(options, workload, server, series, sessions, ids, sampler)
                 points.append(_load_point("rnnserve", series, result))
-        found: dict[str, Any] = {"torchserve": peers.torchserve()}
+        found: dict[str, Any] = {}
         if options.peers:
             found["perf_analyzer"] = peers.perf_analyzer(
                 server.target,
@@ -154,6 +164,31 @@ def _run_rnnserve(
     return points, found
 
 
+def _run_torchserve(options: BenchOptions, workload: Workload) -> dict[str, Any]:
+    """TorchServe at the headline point: the same model, sequences and client as rnnserve's."""
+    if not options.peers:
+        return {"skipped": "--no-peers"}
+    found = torchserve.find()
+    if isinstance(found, str):
+        return {"skipped": found}
+    binary, archiver = found
+    workdir = options.out / "logs" / "torchserve"
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = torchserve.package(workload, archiver, workdir, workload.max_batch_size)
+    series, sessions = Series(STREAM, 1), options.headline_sessions
+    # Java compiles its hot code as it runs: a fresh JVM needs longer than Python to warm up.
+    options = replace(options, warmup_s=max(options.warmup_s, torchserve.WARMUP_S))
+    with torchserve.TorchServe(binary, store, workdir) as server:
+        result = _point(
+            options, workload, server, series, sessions, _Ids(), _sampler(server),
+            messages_of=lambda sequence, steps: torchserve.messages(workload, sequence, steps),
+            api=torchserve.STREAM,
+        )  # fmt: skip
+    point = _load_point("torchserve", series, result)
+    point["settings"] = torchserve.settings(workload.max_batch_size)
+    return point
+
+
 def _run_transport(
     options: BenchOptions, workload: Workload
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -162,7 +197,7 @@ def _run_transport(
     channels: list[dict[str, Any]] = []
     for steps in options.steps:
         with start_echo(options.out / "logs", options.repository, workload.model, steps) as echo:
-            sampler = _sampler(echo, None)
+            sampler = _sampler(echo)
             for series in (s for s in series_of(options) if s.steps == steps):
                 for sessions in options.sessions:
                     result = _point(options, workload, echo, series, sessions, ids, sampler)
@@ -178,11 +213,15 @@ def _run_transport(
     return points, channels
 
 
-def _sampler(server: ServerProcess, metrics_model: str | None) -> Callable[[], Snapshot]:
+def _sampler(
+    server: Measured, scrape: Callable[[], str] | None = None, model: str = ""
+) -> Callable[[], Snapshot]:
+    """Counters at a window's edge; the batch sizes from `scrape`, rnnserve's /metrics."""
+
     def sample() -> Snapshot:
         batch = (0.0, 0.0)
-        if metrics_model is not None:
-            batch = histogram_totals(server.scrape(), "rnnserve_batch_size", metrics_model)
+        if scrape is not None:
+            batch = histogram_totals(scrape(), "rnnserve_batch_size", model)
         return Snapshot(
             time.perf_counter(),
             time.process_time(),
@@ -197,12 +236,14 @@ def _sampler(server: ServerProcess, metrics_model: str | None) -> Callable[[], S
 def _point(
     options: BenchOptions,
     workload: Workload,
-    server: ServerProcess,
+    server: Measured,
     series: Series,
     sessions: int,
     ids: _Ids,
     sample: Callable[[], Snapshot],
     sessions_per_channel: int | None = None,
+    messages_of: Callable[[int, int], SequenceMessages] | None = None,
+    api: StreamApi = OPEN_INFERENCE,
 ) -> LoadResult:
     first = ids.take(sessions)
     spec = LoadSpec(
@@ -214,8 +255,9 @@ def _point(
         sessions_per_channel=sessions_per_channel or options.sessions_per_channel,
         first_id=first,
     )
-    messages = [workload.messages(first + i, series.steps) for i in range(sessions)]
-    result = asyncio.run(run_load(server.target, spec, messages, sample))
+    encode = messages_of or workload.messages
+    messages = [encode(first + i, series.steps) for i in range(sessions)]
+    result = asyncio.run(run_load(server.target, spec, messages, sample, api))
     if not server.alive():
         raise RuntimeError(f"{server.name} died during {series.label}:\n{server.log_tail()}")
     logger.info(

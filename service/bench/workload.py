@@ -55,6 +55,7 @@ class Workload:
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
     states: tuple[State, ...]
+    max_batch_size: int = 1
 
     def request(self, sequence_id: int, steps: int, start: bool, end: bool) -> bytes:
         """One sequence's ModelInferRequest of `steps` zero-valued time steps, serialized."""
@@ -130,4 +131,5 @@ def workload_of(entry: ModelEntry) -> Workload:
             State(s.input_name, s.output_name, tuple(s.dims))
             for s in config.sequence_batching.state
         ),
+        max_batch_size=max(config.max_batch_size, 1),
     )

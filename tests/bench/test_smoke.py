@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from service.bench import torchserve
 from tests.conftest import ROOT, run_cli
 
 
@@ -64,6 +65,12 @@ def test_bench_runs_end_to_end(tmp_path) -> None:
     assert set(results["peers"]) == {"torchserve", "perf_analyzer"}
     for name, peer in results["peers"].items():
         assert "skipped" in peer or peer["steps_per_s"] > 0, (name, peer)
+    peer = results["peers"]["torchserve"]
+    if not isinstance(torchserve.find(), str):  # `make test` installs it
+        assert "skipped" not in peer, peer
+        assert peer["sessions"] == 4 and peer["errors"] == 0, peer
+        assert peer["server_cpu_s_per_1000_steps"] > 0, peer
+        assert "- torchserve 0.12, the same model file" in done.stdout
 
     headline = results["headline"]
     assert headline["sessions"] == 4 and headline["E"] > 0 and headline["R"] > 0

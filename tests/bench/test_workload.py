@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service._pb import grpc_service_pb2 as pb
-from service.bench.loadgen import _stream_error
+from service.bench.loadgen import OPEN_INFERENCE
 from service.bench.options import BenchOptions
 from service.bench.procs import histogram_totals, process_cpu_seconds
 from service.bench.workload import STREAM_OK_TAG, load_workload
@@ -45,7 +45,7 @@ def test_pre_encoded_requests_decode_to_the_intended_request(workload, steps) ->
 @pytest.mark.parametrize("steps", [1, 32])
 def test_transport_responses_have_the_logits_shape(workload, steps) -> None:
     raw = workload.stream_response(steps)
-    assert raw[0] == STREAM_OK_TAG and _stream_error(raw) is None
+    assert raw[0] == STREAM_OK_TAG and OPEN_INFERENCE.error(raw) is None
     reply = pb.ModelStreamInferResponse.FromString(raw)
     (output,) = reply.infer_response.outputs
     assert (output.name, output.datatype, list(output.shape)) == ("logits", "FP32", [1, steps, 97])
@@ -57,7 +57,7 @@ def test_transport_responses_have_the_logits_shape(workload, steps) -> None:
 def test_a_stream_error_is_told_by_its_first_byte() -> None:
     raw = pb.ModelStreamInferResponse(error_message="FAILED_PRECONDITION: no").SerializeToString()
     assert raw[0] != STREAM_OK_TAG
-    assert _stream_error(raw) == "FAILED_PRECONDITION: no"
+    assert OPEN_INFERENCE.error(raw) == "FAILED_PRECONDITION: no"
 
 
 def test_workload_states_and_model_file(workload) -> None:

@@ -151,6 +151,8 @@ class TorchServe:
     name = "torchserve"
 
     def __init__(self, binary: Path, store: Path, workdir: Path) -> None:
+        # Absolute: TorchServe runs in `workdir` and reads these paths from there.
+        store, workdir = store.resolve(), workdir.resolve()
         ports = _free_ports(5)
         self.grpc_port, self._management = ports[0], ports[2]
         # Warnings only: at INFO, TorchServe logs several lines per request.

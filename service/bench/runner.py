@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,7 @@ def run(options: BenchOptions) -> BenchReport:
         "model": {"name": workload.model, "version": workload.version},
     }
     results["inprocess"] = _run_inprocess(options, workload)
-    results["rnnserve"], results["peers"] = _run_rnnserve(options, workload)
-    results["peers"]["torchserve"] = _run_torchserve(options, workload)
-    results["transport"], results["channels"] = _run_transport(options, workload)
+    results.update(_run_servers(options, workload))
     results["headline"] = report.headline(results, options.headline_sessions)
     results["seconds"] = round(time.monotonic() - started, 1)
     files = report.write(results, options.out)
@@ -139,18 +138,44 @@ def _server_flags(options: BenchOptions) -> list[str]:
     return [*flags, *options.server_args]  # the caller's flags come last and win
 
 
-def _run_rnnserve(
-    options: BenchOptions, workload: Workload
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    ids = _Ids()
-    points = []
-    with start_rnnserve(options.out / "logs", _server_flags(options)) as server:
-        sampler = _sampler(server, server.scrape, workload.model)
+def _run_servers(options: BenchOptions, workload: Workload) -> dict[str, Any]:
+    """rnnserve, the transport-only server and TorchServe, all started first and measured point
+    by point: each rnnserve point right next to the transport's, in alternating order.
+
+    The machine's speed drifts over minutes (on the shared VM, the transport's figures once
+    doubled from one part of a run to the next), and E compares these two.
+    """
+    logs, ids = options.out / "logs", _Ids()
+    ours: list[dict[str, Any]] = []
+    transport: list[dict[str, Any]] = []
+    found: dict[str, Any] = {}
+    with ExitStack() as stack:
+        server = stack.enter_context(start_rnnserve(logs, _server_flags(options)))
+        echoes = {
+            steps: stack.enter_context(start_echo(logs, options.repository, workload.model, steps))
+            for steps in options.steps
+        }
+        peer = _start_torchserve(options, workload, stack)
+        if isinstance(peer, str):
+            found["torchserve"] = {"skipped": peer}
+        sample_ours = _sampler(server, server.scrape, workload.model)
+        turn = 0
         for series in series_of(options):
             for sessions in options.sessions:
-                result = _point(options, workload, server, series, sessions, ids, sampler)
-                points.append(_load_point("rnnserve", series, result))
-        found: dict[str, Any] = {}
+                order = ("rnnserve", "transport") if turn % 2 == 0 else ("transport", "rnnserve")
+                turn += 1
+                for name in order:
+                    target = server if name == "rnnserve" else echoes[series.steps]
+                    sample = sample_ours if name == "rnnserve" else _sampler(target)
+                    result = _point(options, workload, target, series, sessions, ids, sample)
+                    (ours if name == "rnnserve" else transport).append(
+                        _load_point(name, series, result)
+                    )
+                headline = (report.HEADLINE_SERIES, options.headline_sessions)
+                if not isinstance(peer, str) and (series.label, sessions) == headline:
+                    found["torchserve"] = _torchserve_point(options, workload, peer, ids)
+        found.setdefault("torchserve", {"skipped": "the headline point was not measured"})
+        channels = _compare_channels(options, workload, echoes.get(1), ids)
         if options.peers:
             found["perf_analyzer"] = peers.perf_analyzer(
                 server.target,
@@ -161,56 +186,56 @@ def _run_rnnserve(
             )
         else:
             found["perf_analyzer"] = {"skipped": "--no-peers"}
-    return points, found
+    return {"rnnserve": ours, "transport": transport, "channels": channels, "peers": found}
 
 
-def _run_torchserve(options: BenchOptions, workload: Workload) -> dict[str, Any]:
-    """TorchServe at the headline point: the same model, sequences and client as rnnserve's."""
+def _start_torchserve(
+    options: BenchOptions, workload: Workload, stack: ExitStack
+) -> torchserve.TorchServe | str:
+    """TorchServe serving the model, stopped with `stack`; or why it is not measured."""
     if not options.peers:
-        return {"skipped": "--no-peers"}
+        return "--no-peers"
     found = torchserve.find()
     if isinstance(found, str):
-        return {"skipped": found}
+        return found
     binary, archiver = found
     workdir = options.out / "logs" / "torchserve"
     workdir.mkdir(parents=True, exist_ok=True)
     store = torchserve.package(workload, archiver, workdir, workload.max_batch_size)
-    series, sessions = Series(STREAM, 1), options.headline_sessions
+    return stack.enter_context(torchserve.TorchServe(binary, store, workdir))
+
+
+def _torchserve_point(
+    options: BenchOptions, workload: Workload, server: torchserve.TorchServe, ids: _Ids
+) -> dict[str, Any]:
+    """TorchServe at the headline point: the same model, sequences and client as rnnserve's."""
+    series = Series(STREAM, 1)
     # Java compiles its hot code as it runs: a fresh JVM needs longer than Python to warm up.
     options = replace(options, warmup_s=max(options.warmup_s, torchserve.WARMUP_S))
-    with torchserve.TorchServe(binary, store, workdir) as server:
-        result = _point(
-            options, workload, server, series, sessions, _Ids(), _sampler(server),
-            messages_of=lambda sequence, steps: torchserve.messages(workload, sequence, steps),
-            api=torchserve.STREAM,
-        )  # fmt: skip
+    result = _point(
+        options, workload, server, series, options.headline_sessions, ids, _sampler(server),
+        messages_of=lambda sequence, steps: torchserve.messages(workload, sequence, steps),
+        api=torchserve.STREAM,
+    )  # fmt: skip
     point = _load_point("torchserve", series, result)
     point["settings"] = torchserve.settings(workload.max_batch_size)
     return point
 
 
-def _run_transport(
-    options: BenchOptions, workload: Workload
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    ids = _Ids()
-    points: list[dict[str, Any]] = []
-    channels: list[dict[str, Any]] = []
-    for steps in options.steps:
-        with start_echo(options.out / "logs", options.repository, workload.model, steps) as echo:
-            sampler = _sampler(echo)
-            for series in (s for s in series_of(options) if s.steps == steps):
-                for sessions in options.sessions:
-                    result = _point(options, workload, echo, series, sessions, ids, sampler)
-                    points.append(_load_point("transport", series, result))
-            sessions = 256 if 256 in options.sessions else max(options.sessions)
-            if steps == 1 and options.compare_channels and sessions > CHANNEL_SESSIONS:
-                for per_channel in (CHANNEL_SESSIONS, sessions):
-                    result = _point(
-                        options, workload, echo, Series(STREAM, 1), sessions, ids, sampler,
-                        per_channel,
-                    )  # fmt: skip
-                    channels.append(_load_point("transport", Series(STREAM, 1), result))
-    return points, channels
+def _compare_channels(
+    options: BenchOptions, workload: Workload, echo: Measured | None, ids: _Ids
+) -> list[dict[str, Any]]:
+    """The transport ceiling with one channel per 64 sequences against one for all."""
+    sessions = 256 if 256 in options.sessions else max(options.sessions)
+    if echo is None or not options.compare_channels or sessions <= CHANNEL_SESSIONS:
+        return []
+    channels = []
+    for per_channel in (CHANNEL_SESSIONS, sessions):
+        result = _point(
+            options, workload, echo, Series(STREAM, 1), sessions, ids, _sampler(echo), per_channel
+        )
+        channels.append(_load_point("transport", Series(STREAM, 1), result))
+    return channels
 
 
 def _sampler(

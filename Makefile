@@ -43,7 +43,7 @@ system-deps: ## Debian packages the tests need (run as root, or with sudo)
 serve: install ## serve the bundled models (gRPC :8001, metrics :8002)
 	$(BIN)/rnnserve serve
 
-bench: install ## run the benchmark (about 4 minutes; BENCH_ARGS=--quick for 40 seconds)
+bench: install ## run the benchmark (about 4.5 minutes; BENCH_ARGS=--quick for under a minute)
 	$(BIN)/rnnserve bench $(BENCH_ARGS)
 
 bench-gpu: install ## the benchmark on a GPU machine, into docs/bench/gpu-<GPU> (see service/bench/run-gpu.sh)

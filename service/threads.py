@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 BATCH_THREAD = "rnnserve-batch"
 GRPC_THREADS = ("event_engine", "grpc_global_tim", "lifeguard")
 KINDS = ("event_loop", "batch", "grpc", "other")
@@ -27,13 +28,13 @@ def name_this_thread(name: str) -> None:
         logger.debug("cannot name thread %s", name)
 
 
-def cpu_by_kind(pid: int) -> dict[str, float]:
-    """User plus system CPU seconds of a process's live threads, summed by kind."""
-    totals = dict.fromkeys(KINDS, 0.0)
+def cpu_by_thread(pid: int) -> dict[int, tuple[str, float]]:
+    """Each live thread of a process: its kind, and its user plus system CPU seconds."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return {}
+    threads = {}
     for tid in tids:
         try:
             stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
@@ -43,7 +44,23 @@ def cpu_by_kind(pid: int) -> dict[str, float]:
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
         seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-        totals[_kind(int(tid) == pid, name)] += seconds
+        threads[int(tid)] = (_kind(int(tid) == pid, name), seconds)
+    return threads
+
+
+def cpu_between(
+    before: Mapping[int, tuple[str, float]], after: Mapping[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds by kind between two readings, over the threads alive at the second.
+
+    Per thread, so a thread that ends in between takes only its own time out of the sum.
+    """
+    if not after:
+        return {}
+    totals = dict.fromkeys(KINDS, 0.0)
+    for tid, (kind, seconds) in after.items():
+        start = before.get(tid)
+        totals[kind] += seconds - (start[1] if start is not None and start[0] == kind else 0.0)
     return totals
 
 

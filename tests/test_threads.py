@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.threads import BATCH_THREAD, KINDS, cpu_by_kind, name_this_thread
+from service.threads import BATCH_THREAD, KINDS, cpu_between, cpu_by_thread, name_this_thread
 
 pytestmark = pytest.mark.skipif(not Path("/proc/thread-self").exists(), reason="needs Linux")
 
@@ -21,8 +21,8 @@ def burn(seconds: float) -> None:
 
 
 def test_a_named_thread_counts_as_its_kind() -> None:
-    before = cpu_by_kind(os.getpid())
-    assert set(before) == set(KINDS)
+    before = cpu_by_thread(os.getpid())
+    assert before[os.getpid()][0] == "event_loop"
     burnt, done = threading.Event(), threading.Event()
 
     def work() -> None:
@@ -33,17 +33,33 @@ def test_a_named_thread_counts_as_its_kind() -> None:
 
     thread = threading.Thread(target=work)
     thread.start()
-    burn(0.3)  # on this, the first thread
-    assert burnt.wait(10)
-    names = {p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")}
-    after = cpu_by_kind(os.getpid())
-    done.set()
-    thread.join()
+    try:
+        burn(0.3)  # on this, the first thread
+        assert burnt.wait(10)
+        names = {p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")}
+        after = cpu_by_thread(os.getpid())
+    finally:
+        done.set()
+        thread.join()
     assert BATCH_THREAD in names
+    used = cpu_between(before, after)
+    assert set(used) == set(KINDS)
     # Clock ticks are 10 ms or finer: well under what each thread burnt.
-    assert after["batch"] - before["batch"] >= 0.2
-    assert after["event_loop"] - before["event_loop"] >= 0.2
+    assert used["batch"] >= 0.2
+    assert used["event_loop"] >= 0.2
+
+
+def test_a_thread_that_ended_takes_only_its_own_time_out() -> None:
+    before = {1: ("event_loop", 5.0), 2: ("batch", 3.0), 3: ("grpc", 9.0)}
+    after = {1: ("event_loop", 6.0), 2: ("batch", 3.5), 4: ("grpc", 0.25)}  # 3 ended, 4 began
+    assert cpu_between(before, after) == {
+        "event_loop": 1.0,
+        "batch": 0.5,
+        "grpc": 0.25,
+        "other": 0.0,
+    }
 
 
 def test_a_process_that_is_gone_has_no_threads() -> None:
-    assert cpu_by_kind(2**22 + 1) == {}  # above the kernel's largest pid
+    assert cpu_by_thread(2**22 + 1) == {}  # above the kernel's largest pid
+    assert cpu_between({}, {}) == {}

@@ -129,6 +129,7 @@ class SequenceBatcher:
         self._lock = threading.Lock()
         self._ready: deque[Step] = deque()
         self._draining = False
+        self._stopped = False
 
     @property
     def busy(self) -> bool:
@@ -150,9 +151,12 @@ class SequenceBatcher:
         """Run what is waiting, then stop."""
         while self.busy:
             await asyncio.sleep(0.001)
+        self._stopped = True
         self._executor.shutdown(wait=True)
 
     def submit(self, step: Step) -> None:
+        if self._stopped:
+            raise RuntimeError(f"the batcher of model {self.name} is stopped")
         idle = self._unanswered == 0 and not self._running_inline and self._worker_jobs == 0
         if idle and self._inline([step]):
             # A lone sequence's step runs as it is submitted: no thread hand-off, no loop turn.
@@ -201,25 +205,28 @@ class SequenceBatcher:
         Each batch is its own executor job, so a job from `on_worker` queued meanwhile runs
         between two batches rather than after the load stops.
         """
-        with self._lock:
-            batch, dropped = self._take()
-        if batch:
-            started = time.perf_counter()
-            error: Exception | None = None
-            results: list[Outputs | ServiceError] = []
-            try:
-                results = self._execute(self._started(batch, started))
-            except Exception as failure:  # noqa: BLE001 - every request must hear of it
-                error = failure
-            compute_s = time.perf_counter() - started
-            loop.call_soon_threadsafe(self._finish, batch, dropped, results, error, compute_s)
-        elif dropped:
-            loop.call_soon_threadsafe(self._finish, batch, dropped, [], None, 0.0)
-        with self._lock:
-            self._draining = bool(self._ready)
-            again = self._draining
-        if again:
-            self._executor.submit(self._drain, loop)
+        try:
+            with self._lock:
+                batch, dropped = self._take()
+            if batch or dropped:
+                started = time.perf_counter()
+                error: Exception | None = None
+                results: list[Outputs | ServiceError] = []
+                try:
+                    if batch:
+                        results = self._execute(self._started(batch, started))
+                except Exception as failure:  # noqa: BLE001 - every request must hear of it
+                    error = failure
+                compute_s = time.perf_counter() - started
+                loop.call_soon_threadsafe(self._finish, batch, dropped, results, error, compute_s)
+        except Exception:  # a closed event loop, or a bug: never leave `_draining` stuck
+            logger.exception("the batch worker of model %s failed", self.name)
+        finally:
+            with self._lock:
+                self._draining = bool(self._ready)
+                again = self._draining
+            if again:
+                self._executor.submit(self._drain, loop)
 
     def _finish(
         self,
@@ -268,7 +275,10 @@ class SequenceBatcher:
             else:
                 step.result = outputs
         if self.observer is not None:
-            self.observer(batch, compute_s)
+            try:
+                self.observer(batch, compute_s)
+            except Exception:  # noqa: BLE001 - metrics must not keep answers back
+                logger.exception("observing a batch of model %s failed", self.name)
         self._complete(batch)
 
     def _inline(self, batch: Sequence[Step]) -> bool:

@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 
 from service.bench.workload import STREAM_METHOD, STREAM_OK_TAG, UNARY_METHOD, SequenceMessages
+from service.threads import cpu_between
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ class Snapshot:
     server_cpu_s: float
     batch_sum: float = 0.0
     batch_count: float = 0.0
-    server_threads: Mapping[str, float] = field(default_factory=dict)
-    """The server's CPU seconds by kind of thread (`service.threads.KINDS`)."""
+    server_threads: Mapping[int, tuple[str, float]] = field(default_factory=dict)
+    """The server's threads: kind and CPU seconds of each (`service.threads.cpu_by_thread`)."""
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,12 @@ class LoadResult:
         return used / steps * 1000
 
     def thread_cpu_per_1000_steps(self) -> dict[str, float]:
-        """The server's CPU by kind of thread; threads that ended in the window are left out."""
+        """The server's CPU by kind of thread, over the threads alive at the window's end."""
         steps = self.requests * self.spec.steps
-        before, after = self.before.server_threads, self.after.server_threads
         if steps == 0:
             return {}
-        return {kind: (after[kind] - before.get(kind, 0.0)) / steps * 1000 for kind in after}
+        used = cpu_between(self.before.server_threads, self.after.server_threads)
+        return {kind: seconds / steps * 1000 for kind, seconds in used.items()}
 
     @property
     def mean_batch(self) -> float:
@@ -194,6 +195,7 @@ async def _stream_sequence(
 async def _unary_sequence(
     channel: grpc.aio.Channel, messages: SequenceMessages, w: _Window, api: StreamApi
 ) -> None:
+    """ModelInfer, one call at a time (`api` is the streams'; it is here for one signature)."""
     infer = channel.unary_unary(UNARY_METHOD)
     try:
         w.response_bytes = len(await infer(messages.start))

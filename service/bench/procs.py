@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from service.threads import CLOCK_TICKS, cpu_by_kind
+from service.threads import CLOCK_TICKS, cpu_by_thread
 
 START_TIMEOUT_S = 90.0
 
@@ -44,7 +44,7 @@ class Measured(Protocol):
 
     def cpu_seconds(self) -> float: ...
 
-    def cpu_by_thread(self) -> dict[str, float]: ...
+    def cpu_by_thread(self) -> dict[int, tuple[str, float]]: ...
 
 
 class ServerProcess:
@@ -98,9 +98,9 @@ class ServerProcess:
     def cpu_seconds(self) -> float:
         return process_cpu_seconds(self.pid)
 
-    def cpu_by_thread(self) -> dict[str, float]:
-        """CPU seconds by kind of thread (`service.threads.KINDS`)."""
-        return cpu_by_kind(self.pid)
+    def cpu_by_thread(self) -> dict[int, tuple[str, float]]:
+        """Each thread's kind and CPU seconds (`service.threads.cpu_by_thread`)."""
+        return cpu_by_thread(self.pid)
 
     def scrape(self) -> str:
         if self.ports.metrics is None:

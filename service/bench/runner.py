@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import subprocess
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -25,7 +26,13 @@ from service.bench.loadgen import (
     run_load,
 )
 from service.bench.options import BenchOptions
-from service.bench.procs import Measured, histogram_totals, start_echo, start_rnnserve
+from service.bench.procs import (
+    Measured,
+    ProcessError,
+    histogram_totals,
+    start_echo,
+    start_rnnserve,
+)
 from service.bench.workload import SequenceMessages, Workload, load_workload
 from service.runtime.onnx import EngineSettings
 
@@ -201,8 +208,13 @@ def _start_torchserve(
     binary, archiver = found
     workdir = options.out / "logs" / "torchserve"
     workdir.mkdir(parents=True, exist_ok=True)
-    store = torchserve.package(workload, archiver, workdir, workload.max_batch_size)
-    return stack.enter_context(torchserve.TorchServe(binary, store, workdir))
+    try:
+        store = torchserve.package(workload, archiver, workdir, workload.max_batch_size)
+        return stack.enter_context(torchserve.TorchServe(binary, store, workdir))
+    except (OSError, subprocess.SubprocessError, ProcessError) as error:
+        # A peer that does not start is reported, as a missing one is; rnnserve is still measured.
+        logger.warning("torchserve did not start: %s", error)
+        return f"torchserve did not start: {str(error).splitlines()[0]}"
 
 
 def _torchserve_point(

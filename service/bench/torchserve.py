@@ -139,7 +139,9 @@ def package(workload: Workload, archiver: Path, workdir: Path, max_batch: int) -
         "--handler", str(HANDLER), "--serialized-file", str(workload.model_file),
         "--config-file", str(config_file), "--export-path", str(store), "--force",
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    # The archiver stages files in the temporary folder under the model's name: one each.
+    environment = {**os.environ, "TMPDIR": str(workdir.resolve())}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
     if done.returncode != 0:
         raise ProcessError(f"torch-model-archiver failed: {done.stderr[-2000:]}")
     return store
@@ -184,7 +186,13 @@ class TorchServe:
                 stderr=subprocess.STDOUT,
                 cwd=workdir,
                 start_new_session=True,
-                env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+                env={
+                    **os.environ,
+                    "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                    # The launcher keeps its pid file in the temporary folder, and refuses to
+                    # start while another instance's is there: one folder per instance.
+                    "TMPDIR": str(workdir),
+                },
             )
         try:
             self._wait_ready()
@@ -200,7 +208,7 @@ class TorchServe:
         deadline = time.monotonic() + START_TIMEOUT_S
         url = f"http://127.0.0.1:{self._management}/models/{MODEL_NAME}"
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if not self.alive():
                 raise ProcessError(f"torchserve exited:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
@@ -213,7 +221,8 @@ class TorchServe:
         raise ProcessError(f"torchserve did not get ready:\n{self.log_tail()}")
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        """The launcher runs. It is never reaped before `stop`, so its group id stays ours."""
+        return os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
 
     def cpu_seconds(self) -> float:
         """CPU of the launcher, Java and the worker: every process in TorchServe's session."""
@@ -227,34 +236,43 @@ class TorchServe:
                     continue  # gone meanwhile
         return total
 
-    def cpu_by_thread(self) -> dict[str, float]:
+    def cpu_by_thread(self) -> dict[int, tuple[str, float]]:
         return {}  # several processes, Java's threads among them: no kinds to tell apart
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-            except ProcessLookupError:
-                pass
-        # Java and the worker may outlive the launcher for a moment.
+        """SIGTERM to the launcher, Java and the worker; SIGKILL to what is left after
+        `timeout`; the launcher is reaped last, so the group id is never someone else's."""
+        if self.process.returncode is not None:
+            return  # stopped already
+        self._signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(self.process.pid, 0)
-            except ProcessLookupError:
-                return
+        while self._running_members() and time.monotonic() < deadline:
             time.sleep(0.1)
+        if self._running_members():
+            self._signal(signal.SIGKILL)
+        self.process.wait()
+
+    def _signal(self, number: int) -> None:
         try:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            os.killpg(self.process.pid, number)
         except ProcessLookupError:
             pass
+
+    def _running_members(self) -> bool:
+        """A process of TorchServe's session still runs (the unreaped launcher aside)."""
+        if self.alive():
+            return True
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != self.process.pid:
+                try:
+                    if os.getsid(int(entry.name)) == self.process.pid:
+                        return True
+                except OSError:
+                    continue
+        return False
 
     def __enter__(self) -> TorchServe:
         return self

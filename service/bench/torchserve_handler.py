@@ -31,6 +31,8 @@ class RecurrentOnnxHandler:
         model_dir = context.system_properties["model_dir"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(config.get("intra_op_threads", 0))
+        # As rnnserve's threads do by default: spin for work only while a call runs.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         self.session = ort.InferenceSession(
             os.path.join(model_dir, config["model_file"]),
             options,

@@ -24,6 +24,8 @@ class Runtime(Protocol):
     inputs: Sequence[TensorInfo]
     outputs: Sequence[TensorInfo]
 
-    def run(self, feeds: Mapping[str, np.ndarray], work: int = 0) -> dict[str, np.ndarray]:
-        """The named outputs. `work` (rows x time steps) may choose how the call runs."""
+    def run(
+        self, feeds: Mapping[str, np.ndarray], work: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """The named outputs. `work` (rows x time steps), when given, may choose how it runs."""
         ...

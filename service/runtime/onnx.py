@@ -65,19 +65,21 @@ class OnnxRuntime:
     """
 
     def __init__(self, path: Path, settings: EngineSettings) -> None:
-        self.provider = choose_provider(settings.provider)
-        self._session = self._open(path, settings, settings.intra_op_threads)
-        self.inputs: Sequence[TensorInfo] = [self._info(a) for a in self._session.get_inputs()]
-        self.outputs: Sequence[TensorInfo] = [self._info(a) for a in self._session.get_outputs()]
+        self.session = self._open(path, settings, settings.intra_op_threads)
+        # What ONNX Runtime runs on, which is not always what was asked for.
+        self.provider = self.session.get_providers()[0]
+        self.inputs: Sequence[TensorInfo] = [self._info(a) for a in self.session.get_inputs()]
+        self.outputs: Sequence[TensorInfo] = [self._info(a) for a in self.session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
-        threads = settings.intra_op_threads or len(os.sched_getaffinity(0))
+        threads = settings.intra_op_threads or _usable_cores()
         self.parallel_min_work = 0
-        self._serial = self._session
+        self.serial_session = self.session
         if settings.parallel_min_work > 0 and threads > 1 and self.provider == PROVIDERS["cpu"]:
             self.parallel_min_work = settings.parallel_min_work
-            self._serial = self._open(path, settings, 1)
+            self.serial_session = self._open(path, settings, 1)
 
-    def _open(self, path: Path, settings: EngineSettings, threads: int) -> ort.InferenceSession:
+    @staticmethod
+    def _open(path: Path, settings: EngineSettings, threads: int) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = settings.inter_op_threads
@@ -90,7 +92,9 @@ class OnnxRuntime:
             # call has several per time step); spinning between calls burns the CPU that
             # gRPC and the event loop need.
             options.add_session_config_entry("session.force_spinning_stop", "1")
-        return ort.InferenceSession(str(path), options, providers=[self.provider])
+        return ort.InferenceSession(
+            str(path), options, providers=[choose_provider(settings.provider)]
+        )
 
     @staticmethod
     def _info(arg: ort.NodeArg) -> TensorInfo:
@@ -99,7 +103,16 @@ class OnnxRuntime:
             raise RuntimeError(f"tensor {arg.name} has unsupported type {arg.type}")
         return TensorInfo(arg.name, dtype, tuple(arg.shape))
 
-    def run(self, feeds: Mapping[str, np.ndarray], work: int = 0) -> dict[str, np.ndarray]:
-        session = self._serial if work < self.parallel_min_work else self._session
+    def run(
+        self, feeds: Mapping[str, np.ndarray], work: int | None = None
+    ) -> dict[str, np.ndarray]:
+        small = work is not None and work < self.parallel_min_work
+        session = self.serial_session if small else self.session
         results = session.run(self._output_names, dict(feeds))
         return dict(zip(self._output_names, results, strict=True))
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

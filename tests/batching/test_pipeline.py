@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import suppress
 
 import numpy as np
 
@@ -34,22 +35,21 @@ class Watched:
         self.inputs = inner.inputs
         self.outputs = inner.outputs
         self.rows: list[int] = []
-        self.running = False
         self.release = threading.Event()
         self.second_done = threading.Event()
         if not hold_first:
             self.release.set()
 
-    def run(self, feeds: Mapping[str, np.ndarray], work: int = 0) -> dict[str, np.ndarray]:
+    def run(
+        self, feeds: Mapping[str, np.ndarray], work: int | None = None
+    ) -> dict[str, np.ndarray]:
         call = len(self.rows)
         self.rows.append(len(feeds["tokens"]))
         if call == 0:
             assert self.release.wait(WAIT_S), "the test never released the first call"
-        self.running = True
         try:
             return self.inner.run(feeds, work)
         finally:
-            self.running = False
             if call == 1:
                 self.second_done.set()
 
@@ -65,6 +65,14 @@ async def served(delay_s: float = 0.0, hold_first: bool = False) -> tuple[ModelR
     watched = Watched(model.batcher.runtime, hold_first)
     model.batcher.runtime = watched
     return registry, watched
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for `condition`, failing the test after WAIT_S rather than hanging it."""
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "waited too long"
+        await asyncio.sleep(0.001)
 
 
 def step_request(sequence: object, token: int, start: bool, end: bool = False) -> InferenceRequest:
@@ -99,7 +107,7 @@ async def next_batch_while_the_loop_is_busy() -> None:
     model = registry.get(MODEL)
     try:
         first = submit(model, step_request("a", 5, start=True))
-        await asyncio.sleep(0)  # the loop turn ends: "a" goes to the worker, which holds it
+        await until(lambda: bool(watched.rows))  # the worker took "a" and holds it
         second = [submit(model, step_request(s, 7, start=True)) for s in ("b", "c")]
         await asyncio.sleep(0)  # "b" and "c" are handed over while the worker is busy
         watched.release.set()
@@ -132,19 +140,16 @@ async def a_job_while_sequences_step() -> None:
             steps += 1
         await submit(model, step_request(name, 3, start=False, end=True))
 
-    def job() -> tuple[str, bool]:
-        return threading.current_thread().name, watched.running
+    def job() -> str:
+        return threading.current_thread().name
 
     loops = [asyncio.create_task(sequence(f"s{k}")) for k in range(8)]
     try:
-        while steps < 50:
-            await asyncio.sleep(0.001)
-        thread, during_a_call = await asyncio.wait_for(model.batcher.on_worker(job), WAIT_S)
+        await until(lambda: steps >= 50)
+        thread = await asyncio.wait_for(model.batcher.on_worker(job), WAIT_S)
         assert thread.startswith(f"batch-{MODEL}")
-        assert not during_a_call
         before = steps
-        while steps < before + 50:  # batches go on after the job
-            await asyncio.sleep(0.001)
+        await until(lambda: steps >= before + 50)  # batches go on after the job
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*loops), WAIT_S)
@@ -183,16 +188,16 @@ async def abandon_a_queued_step() -> None:
     model = registry.get(MODEL)
     try:
         first = asyncio.create_task(model.infer(step_request("e", 1, start=True)))
-        while not watched.rows:  # "e" runs and is held there
-            await asyncio.sleep(0.001)
+        await until(lambda: bool(watched.rows))  # "e" runs and is held there
         given_up = asyncio.create_task(model.infer(step_request("f", 2, start=True)))
         await asyncio.sleep(0.01)  # "f" is handed to the busy worker
         given_up.cancel()
+        with suppress(asyncio.CancelledError):
+            await given_up  # abandoned before the worker can take it
         watched.release.set()
         await asyncio.wait_for(first, WAIT_S)
         assert given_up.cancelled()
-        while model.busy:
-            await asyncio.sleep(0.001)
+        await until(lambda: not model.busy)
         assert watched.rows == [1]  # "f" never ran
         assert not model.holds("f")
         # "e" goes on from its state, unaffected.
@@ -207,15 +212,15 @@ def test_small_calls_run_on_a_single_threaded_twin_with_the_same_answers() -> No
     path = BUNDLED / MODEL / "1" / "model.onnx"
     twin = OnnxRuntime(path, EngineSettings("cpu", intra_op_threads=2, parallel_min_work=8))
     alone = OnnxRuntime(path, EngineSettings("cpu", intra_op_threads=1, parallel_min_work=8))
-    assert twin.parallel_min_work == 8
-    assert alone.parallel_min_work == 0  # one thread already: no twin
+    assert twin.parallel_min_work == 8 and twin.serial_session is not twin.session
+    assert alone.parallel_min_work == 0 and alone.serial_session is alone.session
     rng = np.random.default_rng(3)
     feeds = {
         "tokens": rng.integers(0, VOCAB, size=(4, 2), dtype=np.int64),
         "h_in": rng.standard_normal((4, 2, 256)).astype(np.float32),
         "c_in": rng.standard_normal((4, 2, 256)).astype(np.float32),
     }
-    small, large, single = twin.run(feeds, work=1), twin.run(feeds, work=8), alone.run(feeds)
+    small, large, single = twin.run(feeds, work=1), twin.run(feeds), alone.run(feeds, work=1)
     for name in ("logits", "h_out", "c_out"):
         np.testing.assert_allclose(small[name], large[name], atol=TOLERANCE, rtol=0)
         np.testing.assert_allclose(small[name], single[name], atol=TOLERANCE, rtol=0)

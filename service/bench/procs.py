@@ -17,6 +17,9 @@ from typing import Protocol
 
 from service.threads import CLOCK_TICKS, cpu_by_thread
 
+PYTHON = (sys.executable, "-P")
+"""How servers under test are started: -P keeps the current folder off the module path, so a
+`models/` or `service/` folder where the benchmark runs does not shadow the installed ones."""
 START_TIMEOUT_S = 90.0
 
 
@@ -135,7 +138,7 @@ class ServerProcess:
 def start_rnnserve(workdir: Path, server_args: Sequence[str]) -> ServerProcess:
     """The real server, started as tests/server.py and an operator start it."""
     command = [
-        sys.executable, "-m", "service", "serve",
+        *PYTHON, "-m", "service", "serve",
         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
         *server_args,
     ]  # fmt: skip
@@ -144,7 +147,7 @@ def start_rnnserve(workdir: Path, server_args: Sequence[str]) -> ServerProcess:
 
 def start_echo(workdir: Path, repository: Path, model: str, steps: int) -> ServerProcess:
     command = [
-        sys.executable, "-m", "service.bench.echo", "--model", model,
+        *PYTHON, "-m", "service.bench.echo", "--model", model,
         "--model-repository", str(repository), "--steps", str(steps),
     ]  # fmt: skip
     return ServerProcess(f"echo-t{steps}", command, workdir)

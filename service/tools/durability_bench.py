@@ -36,6 +36,7 @@ import numpy as np
 from service._pb import grpc_service_pb2 as pb
 from service._pb import grpc_service_pb2_grpc as pb_grpc
 from service._pb import model_config_pb2 as mc
+from service.bench.procs import PYTHON
 
 CONFIGURATIONS = (("memory", "none"), ("redis", "none"), ("redis", "end"), ("redis", "step"))
 WARM_UP_S = 1.0
@@ -127,7 +128,7 @@ def _server(workdir: Path, store: str, durability: str) -> Iterator[str]:
     workdir.mkdir(parents=True)
     port_file = workdir / "ports.json"
     command = [
-        sys.executable, "-m", "service", "serve", "--grpc-port", "0", "--metrics-port", "-1",
+        *PYTHON, "-m", "service", "serve", "--grpc-port", "0", "--metrics-port", "-1",
         "--port-file", str(port_file), "--log-level", "WARNING",
         "--state-store", store, "--state-durability", durability,
     ]  # fmt: skip

@@ -10,7 +10,7 @@ import pytest
 from service._pb import grpc_service_pb2 as pb
 from service.bench.loadgen import OPEN_INFERENCE
 from service.bench.options import BenchOptions
-from service.bench.procs import histogram_totals, process_cpu_seconds
+from service.bench.procs import histogram_totals, process_cpu_seconds, start_echo, start_rnnserve
 from service.bench.workload import STREAM_OK_TAG, load_workload
 from tests.conftest import BUNDLED
 
@@ -95,3 +95,14 @@ def test_options_need_the_headline_points() -> None:
     assert BenchOptions(sessions=(1, 4)).headline_sessions == 4
     quick = BenchOptions.resolve(True)
     assert quick.duration_s < BenchOptions().duration_s and 64 in quick.sessions
+
+
+def test_servers_start_from_a_folder_with_its_own_models_and_service(tmp_path, monkeypatch) -> None:
+    """A `models/` or `service/` folder where the benchmark runs must not shadow the packages."""
+    for name in ("models", "service"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path)
+    with start_rnnserve(tmp_path / "logs", ["--provider=cpu"]) as server:
+        assert server.alive() and "charlm_lstm" in server.scrape()
+    with start_echo(tmp_path / "logs", BUNDLED, "charlm_lstm", 1) as echo:
+        assert echo.alive()

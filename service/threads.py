@@ -37,15 +37,21 @@ def cpu_by_thread(pid: int) -> dict[int, tuple[str, float]]:
     threads = {}
     for tid in tids:
         try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            name, seconds = stat_cpu(Path(f"/proc/{pid}/task/{tid}/stat"))
         except OSError:
             continue  # the thread ended meanwhile
-        # The name (field 2) may hold spaces; the fields after it are space-separated.
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
         threads[int(tid)] = (_kind(int(tid) == pid, name), seconds)
     return threads
+
+
+def stat_cpu(path: Path) -> tuple[str, float]:
+    """The name and user plus system CPU seconds in a /proc `stat` file (process or thread)."""
+    stat = path.read_text()
+    # The name (field 2) may hold spaces; the fields after it are space-separated.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return stat[stat.index("(") + 1 : stat.rindex(")")], (
+        int(fields[11]) + int(fields[12])
+    ) / CLOCK_TICKS
 
 
 def cpu_between(

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from service.threads import CLOCK_TICKS, cpu_by_thread
+from service.threads import cpu_by_thread, stat_cpu
 
 PYTHON = (sys.executable, "-P")
 """How servers under test are started: -P keeps the current folder off the module path, so a
@@ -155,11 +155,7 @@ def start_echo(workdir: Path, repository: Path, model: str, steps: int) -> Serve
 
 def process_cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process, all its threads included."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # The command name (field 2) may hold spaces; the fields after it are space-separated.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / CLOCK_TICKS
+    return stat_cpu(Path(f"/proc/{pid}/stat"))[1]
 
 
 def histogram_totals(metrics_text: str, name: str, model: str) -> tuple[float, float]:

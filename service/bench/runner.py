@@ -169,15 +169,15 @@ def _run_servers(options: BenchOptions, workload: Workload) -> dict[str, Any]:
         turn = 0
         for series in series_of(options):
             for sessions in options.sessions:
-                order = ("rnnserve", "transport") if turn % 2 == 0 else ("transport", "rnnserve")
-                turn += 1
-                for name in order:
-                    target = server if name == "rnnserve" else echoes[series.steps]
-                    sample = sample_ours if name == "rnnserve" else _sampler(target)
+                echo = echoes[series.steps]
+                pair = [
+                    ("rnnserve", server, sample_ours, ours),
+                    ("transport", echo, _sampler(echo), transport),
+                ]
+                for name, target, sample, points in pair[:: 1 if turn % 2 == 0 else -1]:
                     result = _point(options, workload, target, series, sessions, ids, sample)
-                    (ours if name == "rnnserve" else transport).append(
-                        _load_point(name, series, result)
-                    )
+                    points.append(_load_point(name, series, result))
+                turn += 1
                 headline = (report.HEADLINE_SERIES, options.headline_sessions)
                 if not isinstance(peer, str) and (series.label, sessions) == headline:
                     found["torchserve"] = _torchserve_point(options, workload, peer, ids)

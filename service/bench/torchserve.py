@@ -227,14 +227,24 @@ class TorchServe:
     def cpu_seconds(self) -> float:
         """CPU of the launcher, Java and the worker: every process in TorchServe's session."""
         total = 0.0
+        for pid in self._members():
+            try:
+                total += process_cpu_seconds(pid)
+            except (OSError, ValueError):
+                continue  # gone meanwhile
+        return total
+
+    def _members(self) -> list[int]:
+        """The processes of TorchServe's session, the launcher among them while unreaped."""
+        members = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 try:
                     if os.getsid(int(entry.name)) == self.process.pid:
-                        total += process_cpu_seconds(int(entry.name))
-                except (OSError, ValueError):
+                        members.append(int(entry.name))
+                except OSError:
                     continue  # gone meanwhile
-        return total
+        return members
 
     def cpu_by_thread(self) -> dict[int, tuple[str, float]]:
         return {}  # several processes, Java's threads among them: no kinds to tell apart
@@ -263,16 +273,7 @@ class TorchServe:
 
     def _running_members(self) -> bool:
         """A process of TorchServe's session still runs (the unreaped launcher aside)."""
-        if self.alive():
-            return True
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) != self.process.pid:
-                try:
-                    if os.getsid(int(entry.name)) == self.process.pid:
-                        return True
-                except OSError:
-                    continue
-        return False
+        return self.alive() or any(pid != self.process.pid for pid in self._members())
 
     def __enter__(self) -> TorchServe:
         return self

@@ -84,6 +84,13 @@ def step_request(sequence: object, token: int, start: bool, end: bool = False) -
     )
 
 
+def assert_first_steps(results: list[InferenceResult], tokens: list[int]) -> None:
+    """Each result is the logits of a sequence's first step on its token."""
+    for result, token in zip(results, tokens, strict=True):
+        expected = reference(np.full((1, 1), token, dtype=np.int64))[0]
+        np.testing.assert_allclose(result.outputs["logits"], expected, atol=TOLERANCE)
+
+
 def submit(model: ServedModel, request: InferenceRequest) -> asyncio.Future[InferenceResult]:
     """Queue a request's step now (not when a task first runs), as the servicer does."""
     answer: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
@@ -115,9 +122,7 @@ async def next_batch_while_the_loop_is_busy() -> None:
         assert watched.second_done.wait(WAIT_S), "the second batch waited for the event loop"
         results = await asyncio.wait_for(asyncio.gather(first, *second), WAIT_S)
         assert watched.rows == [1, 2]
-        for result, token in zip(results, (5, 7, 7), strict=True):
-            expected = reference(np.full((1, 1), token, dtype=np.int64))[0]
-            np.testing.assert_allclose(result.outputs["logits"], expected, atol=TOLERANCE)
+        assert_first_steps(results, [5, 7, 7])
     finally:
         await registry.stop()
 
@@ -172,9 +177,7 @@ async def steps_across_loop_turns() -> None:
             await asyncio.sleep(0)  # each in its own loop turn
         results = await asyncio.wait_for(asyncio.gather(*answers), WAIT_S)
         assert watched.rows == [4]
-        for k, result in enumerate(results):
-            expected = reference(np.full((1, 1), k, dtype=np.int64))[0]
-            np.testing.assert_allclose(result.outputs["logits"], expected, atol=TOLERANCE)
+        assert_first_steps(results, list(range(4)))
     finally:
         await registry.stop()
 

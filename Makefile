@@ -21,15 +21,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[bench]'
+$(VENV)/.installed: pyproject.toml bench/pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e . -e ./bench
 	@touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[train,test,peers]' '$(TORCH_PIN)'
+$(VENV)/.installed-test: pyproject.toml bench/pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[train,test]' -e './bench[peers]' '$(TORCH_PIN)'
 	@touch $@ $(VENV)/.installed
 
-install: $(VENV)/.installed ## virtualenv with the serving and benchmark dependencies (no torch)
+install: $(VENV)/.installed ## virtualenv with rnnserve and its benchmark (rnnserve-bench; no torch)
 
 install-test: $(VENV)/.installed-test ## virtualenv with training, export and test dependencies
 
@@ -46,14 +46,14 @@ serve: install ## serve the bundled models (gRPC :8001, metrics :8002)
 bench: install ## run the benchmark (about 4.5 minutes; BENCH_ARGS=--quick for under a minute)
 	$(BIN)/rnnserve bench $(BENCH_ARGS)
 
-bench-gpu: install ## the benchmark on a GPU machine, into docs/bench/gpu-<GPU> (see service/bench/run-gpu.sh)
-	$(BIN)/pip install -e '.[gpu,bench]'
+bench-gpu: install ## the benchmark on a GPU machine, into docs/bench/gpu-<GPU> (see bench/run-gpu.sh)
+	$(BIN)/pip install -e '.[gpu]' -e ./bench
 	# onnxruntime (a dependency) and onnxruntime-gpu share one package folder: the GPU build wins.
 	$(BIN)/pip install --force-reinstall --no-deps "$$($(BIN)/pip freeze | grep -i '^onnxruntime-gpu==')"
-	PYTHON=$(BIN)/python service/bench/run-gpu.sh $(BENCH_ARGS)
+	PYTHON=$(BIN)/python bench/run-gpu.sh $(BENCH_ARGS)
 
 bench-idle: install ## memory per idle live sequence: 100,000 sequences in one server
-	$(BIN)/python -m service.bench.idle --sequences 100000
+	$(BIN)/python -m rnnserve_bench.idle --sequences 100000
 
 $(PERF_ANALYZER): tests/tools/install-perf-analyzer.sh | system-deps
 	bash tests/tools/install-perf-analyzer.sh build/perf_analyzer
@@ -62,23 +62,27 @@ torchserve: system-deps install-test ## TorchServe 0.12 and Java, the peer `make
 
 perf-analyzer: $(PERF_ANALYZER) ## Triton's C++ load generator, into build/perf_analyzer
 
-test: system-deps install-test $(PERF_ANALYZER) ## install everything and run the test suite
+test: system-deps install-test $(PERF_ANALYZER) lint ## install everything, lint, run the test suite
 	$(BIN)/python -m pytest
 
 proto: install-test ## regenerate service/_pb from proto/*.proto
 	$(BIN)/python proto/generate.py
 
-lint: install-test ## ruff and mypy
-	$(BIN)/ruff check service models tests proto
-	$(BIN)/ruff format --check service models tests proto
+lint: install-test ## ruff and mypy (strict on the server); `make test` runs it first
+	$(BIN)/ruff check service models bench tests proto
+	$(BIN)/ruff format --check service models bench tests proto
+	@# mypy cannot follow the package-dir mapping: a tree of links with the installed layout.
+	@rm -rf build/typecheck && mkdir -p build/typecheck/rnnserve
+	@for f in service/*; do ln -s "$$PWD/$$f" build/typecheck/rnnserve/; done
+	@ln -s "$$PWD/models" build/typecheck/rnnserve/models
 	$(BIN)/mypy
 
 format: install-test ## apply ruff's formatting and safe fixes
-	$(BIN)/ruff format service models tests proto
-	$(BIN)/ruff check --fix service models tests proto
+	$(BIN)/ruff format service models bench tests proto
+	$(BIN)/ruff check --fix service models bench tests proto
 
 bench-durability: system-deps install ## steps/s and latency of each state store and durability level
-	$(BIN)/python -m service.tools.durability_bench
+	$(BIN)/python -m rnnserve_bench.durability
 
 train: install-test ## retrain and republish the three bundled models (CPU, a few minutes)
 	for m in digits_lstm sensor_gru charlm_lstm; do $(BIN)/rnnserve train $$m --no-progress || exit 1; done

@@ -1,7 +1,8 @@
 """`rnnserve train` and `rnnserve export`.
 
-This module is imported by the top-level command to build its parser, so it must stay light:
-torch and the training code load only when one of these commands runs.
+The top-level command (`rnnserve.cli`) imports this module to build its parser, so it must stay
+light: torch and the training code load only when one of these commands runs. It raises
+`rnnserve.errors.CommandError` for what the person at the terminal can fix.
 """
 
 from __future__ import annotations
@@ -11,25 +12,17 @@ import datetime
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from service.config import bundled_repository
+from rnnserve.errors import CommandError
+from rnnserve.models import bundled_repository
 
 logger = logging.getLogger(__name__)
 
 BUNDLED = ("charlm_lstm", "sensor_gru", "digits_lstm")
 CHECKPOINT_FORMAT = "rnnserve-checkpoint/1"
-
-
-class CommandError(Exception):
-    """A problem the person at the terminal can fix; printed without a traceback."""
-
-    def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def add_commands(sub: Any) -> None:
@@ -89,16 +82,6 @@ def add_commands(sub: Any) -> None:
     export.set_defaults(run=_run_export)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run a command; a CommandError becomes a one-line message and an exit code."""
-    command: Callable[[argparse.Namespace], int] = args.run
-    try:
-        return command(args)
-    except CommandError as error:
-        print(f"rnnserve {args.command}: error: {error}", file=__import__("sys").stderr)  # noqa: T201
-        return error.exit_code
-
-
 def _require_torch() -> None:
     try:
         import torch  # noqa: F401
@@ -114,9 +97,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from models.publish import publish
-    from models.training import evaluate, fit, settings_card
-    from models.zoo import TASKS
+    from rnnserve.models.publish import publish
+    from rnnserve.models.training import evaluate, fit, settings_card
+    from rnnserve.models.zoo import TASKS
 
     task = TASKS[args.model]()
     settings = task.settings
@@ -187,8 +170,8 @@ def load_checkpoint(path: Path) -> tuple[str, Any, Any, dict[str, Any]]:
 
     import torch
 
-    from models.architectures import RecurrentNet, RecurrentSpec
-    from models.signature import Signature
+    from rnnserve.models.architectures import RecurrentNet, RecurrentSpec
+    from rnnserve.models.signature import Signature
 
     if not path.is_file():
         raise CommandError(f"checkpoint not found: {path}")
@@ -214,8 +197,8 @@ def load_checkpoint(path: Path) -> tuple[str, Any, Any, dict[str, Any]]:
 
 def _run_export(args: argparse.Namespace) -> int:
     _require_torch()
-    from models.export import ExportError
-    from models.publish import publish
+    from rnnserve.models.export import ExportError
+    from rnnserve.models.publish import publish
 
     name, net, signature, card = load_checkpoint(args.checkpoint)
     streamable = net.spec.streamable if args.streaming is None else args.streaming

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.architectures import RecurrentNet, RecurrentSpec
-from models.signature import Signature
+from rnnserve.models.architectures import RecurrentNet, RecurrentSpec
+from rnnserve.models.signature import Signature
 
 OPSET = 17
 BATCH, TIME = "batch", "time"

@@ -15,10 +15,10 @@ from typing import Any
 
 from google.protobuf import text_format
 
-from models.architectures import RecurrentNet, RecurrentSpec, recurrent_parameter_count
-from models.export import ParityReport, check_parity, export_onnx, state_io_names
-from models.signature import Signature
-from service._pb import model_config_pb2 as mc
+from rnnserve._pb import model_config_pb2 as mc
+from rnnserve.models.architectures import RecurrentNet, RecurrentSpec, recurrent_parameter_count
+from rnnserve.models.export import ParityReport, check_parity, export_onnx, state_io_names
+from rnnserve.models.signature import Signature
 
 CONFIG_FILE = "config.pbtxt"
 CARD_FILE = "model_card.json"

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from models.architectures import RecurrentNet, RecurrentSpec, State
+from rnnserve.models.architectures import RecurrentNet, RecurrentSpec, State
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from models import data
-from models.architectures import RecurrentNet, RecurrentSpec, State
-from models.signature import Signature
-from models.training import TrainSettings
+from rnnserve.models import data
+from rnnserve.models.architectures import RecurrentNet, RecurrentSpec, State
+from rnnserve.models.signature import Signature
+from rnnserve.models.training import TrainSettings
 
 LN2 = math.log(2.0)
 

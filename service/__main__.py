@@ -1,3 +1,3 @@
-from service.cli import main
+from rnnserve.cli import main
 
 raise SystemExit(main())

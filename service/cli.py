@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from models import cli as model_commands
-from service import __version__
-from service.config import Settings, bundled_repository, environment
-from service.errors import ServiceError
-from service.logging import configure as configure_logging
-from service.repository.layout import scan
-from service.server import serve
+from rnnserve import __version__
+from rnnserve.config import Settings, environment
+from rnnserve.errors import CommandError, ServiceError
+from rnnserve.logging import configure as configure_logging
+from rnnserve.models import bundled_repository
+from rnnserve.models import cli as model_commands
+from rnnserve.repository.layout import scan
+from rnnserve.server import serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rnnserve {__version__}")
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        dest="global_log_level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level of every command (`serve --log-level` and RNNSERVE_LOG_LEVEL too)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model_commands.add_commands(sub)
@@ -65,122 +68,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="benchmark rnnserve against in-process ONNX Runtime and a bare gRPC server",
-        description="In one run on this machine: ONNX Runtime in-process on the model file "
-        "(the compute limit), rnnserve over gRPC on loopback with N concurrent sequences "
-        "(stream and unary), and a bare gRPC server answering same-size responses with the "
-        "same client (the transport limit). Writes results.json, results.md and plots, and "
-        "prints the table and the headline ratios last.",
+        help="benchmark rnnserve against its compute and transport limits (needs rnnserve-bench)",
+        description="The benchmark, from the rnnserve-bench package (bench/ in a clone of "
+        "rnnserve; `make install` installs it). `rnnserve bench --help` lists its options.",
+        add_help=False,
     )
-    bench.add_argument("--quick", action="store_true", help="about a minute: fewer, shorter points")
-    bench.add_argument("--model", default="charlm_lstm", help="a streaming model (charlm_lstm)")
-    bench.add_argument(
-        "--model-repository", type=Path, default=bundled_repository(), help="(the bundled one)"
-    )
-    bench.add_argument("--out", type=Path, default=Path("build/bench"), help="(build/bench)")
-    bench.add_argument(
-        "--sessions", type=_numbers, help="concurrent sequences (1,16,64,256,1024; quick 1,64,256)"
-    )
-    bench.add_argument(
-        "--batches", type=_numbers, help="in-process batch sizes (1,8,32,64,256; quick 1,64)"
-    )
-    bench.add_argument("--steps", type=_numbers, default=(1, 32), help="steps per request (1,32)")
-    bench.add_argument("--duration", type=float, help="seconds measured per point (5; quick 1)")
-    bench.add_argument("--warmup", type=float, help="seconds before each point (0.5; quick 0.2)")
-    bench.add_argument(
-        "--sessions-per-channel", type=int, default=1024, help="sequences per gRPC channel (1024)"
-    )
-    bench.add_argument(
-        "--provider", default="auto", help="auto (CUDA where there is one), cpu or cuda (auto)"
-    )
-    bench.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime's (0)")
-    bench.add_argument("--inter-op-threads", type=int, default=0, help="ONNX Runtime's (0)")
-    bench.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="pass a flag to `rnnserve serve`, e.g. --server-arg=--max-queue-delay-us=200",
-    )
-    bench.add_argument("--no-unary", action="store_true", help="skip the ModelInfer points")
-    bench.add_argument("--no-peers", action="store_true", help="skip perf_analyzer")
     bench.set_defaults(run=_run_bench)
     return parser
 
 
-def _numbers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of numbers"
-        ) from None
-
-
 def _run_bench(args: argparse.Namespace) -> int:
-    from service.bench import runner
-    from service.bench.options import BenchOptions
-
     try:
-        options = BenchOptions.resolve(
-            args.quick,
-            sessions=args.sessions,
-            batches=args.batches,
-            duration_s=args.duration,
-            warmup_s=args.warmup,
-            model=args.model,
-            repository=args.model_repository,
-            out=args.out,
-            steps=args.steps,
-            sessions_per_channel=args.sessions_per_channel,
-            provider=args.provider,
-            intra_op_threads=args.intra_op_threads,
-            inter_op_threads=args.inter_op_threads,
-            server_args=tuple(args.server_arg),
-            unary=not args.no_unary,
-            peers=not args.no_peers,
-        )
-        report = runner.run(options)
-    except (ValueError, OSError, RuntimeError, ServiceError) as error:
-        raise model_commands.CommandError(str(error), exit_code=1) from error
-    print(report.markdown)
-    print()
-    print("results:", ", ".join(str(path) for path in report.files))
-    for line in report.headline:
-        print(line)
-    return 0
+        from rnnserve_bench.cli import main as bench_main
+    except ImportError as error:
+        raise CommandError(
+            "the benchmark is not installed: it is the rnnserve-bench package, in the bench/ "
+            "folder of a clone of rnnserve; install it with `pip install -e ./bench` there (or "
+            "run `make install`)",
+            exit_code=1,
+        ) from error
+    code: int = bench_main(args.bench_args)
+    return code
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from service.client import ClientError, SequenceClient
+    from rnnserve.client import ClientError, SequenceClient
 
     try:
         with SequenceClient(args.url, args.model) as client:
             text = client.generate(args.prompt, args.length, args.temperature)
     except grpc.RpcError as error:
-        raise model_commands.CommandError(
+        raise CommandError(
             f"{args.url}: {error.code().name}: {error.details()}", exit_code=1
         ) from error
     except ClientError as error:
-        raise model_commands.CommandError(str(error), exit_code=1) from error
+        raise CommandError(str(error), exit_code=1) from error
     print(args.prompt + text)
     return 0
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    if args.log_level is None:
+        # `rnnserve --log-level X serve`: the flag before the command counts as one after it.
+        args.log_level = args.global_log_level
     try:
         settings = Settings.from_sources(args, environment())
     except ValueError as error:
-        raise model_commands.CommandError(str(error)) from error
+        raise CommandError(str(error)) from error
     configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except ServiceError as error:
-        raise model_commands.CommandError(str(error), exit_code=1) from error
+        raise CommandError(str(error), exit_code=1) from error
     except OSError as error:
-        raise model_commands.CommandError(f"cannot serve: {error}", exit_code=1) from error
+        raise CommandError(f"cannot serve: {error}", exit_code=1) from error
     return 0
 
 
@@ -188,7 +131,7 @@ def _run_models(args: argparse.Namespace) -> int:
     try:
         entries = scan(args.model_repository)
     except ServiceError as error:
-        raise model_commands.CommandError(str(error)) from error
+        raise CommandError(str(error)) from error
     for entry in entries:
         kind = "streaming" if entry.streamable else "whole-sequence"
         inputs = ", ".join(i.name for i in entry.config.input)
@@ -199,10 +142,23 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    return model_commands.run(args)
+    """The `rnnserve` command: parse `argv`, configure logging once, run the subcommand.
+
+    Returns the exit code: 0, 1 when the job failed, 2 for a usage error (a CommandError's
+    message is printed on stderr without a traceback).
+    """
+    parser = build_parser()
+    # The benchmark parses its own options (`rnnserve bench --help` is its help).
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command != "serve":  # `serve` configures logging from its settings
+        configure_logging(args.global_log_level or "INFO", "text")
+    command: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return command(args)
+    except CommandError as error:
+        print(f"rnnserve {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code

@@ -1,6 +1,6 @@
 """A small streaming client: one sequence over one ModelStreamInfer stream.
 
-    from service.client import SequenceClient
+    from rnnserve.client import SequenceClient
     with SequenceClient("localhost:8001", "charlm_lstm") as lm:
         print(lm.generate("def ", 60))
 
@@ -17,9 +17,9 @@ from types import TracebackType
 import grpc
 import numpy as np
 
-from service._pb import grpc_service_pb2 as pb
-from service._pb import grpc_service_pb2_grpc as pb_grpc
-from service.repository.signature import WIRE_DTYPES, wire_name
+from rnnserve._pb import grpc_service_pb2 as pb
+from rnnserve._pb import grpc_service_pb2_grpc as pb_grpc
+from rnnserve.repository.signature import WIRE_DTYPES, wire_name
 
 
 class ClientError(Exception):

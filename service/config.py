@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import importlib.resources
 import inspect
 import os
 from collections.abc import Mapping
@@ -17,12 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rnnserve.models import bundled_repository
+
 ENV_PREFIX = "RNNSERVE_"
-
-
-def bundled_repository() -> Path:
-    """The model repository committed with rnnserve (models/repository)."""
-    return Path(str(importlib.resources.files("models"))) / "repository"
 
 
 @dataclass(frozen=True)

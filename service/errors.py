@@ -9,6 +9,15 @@ from __future__ import annotations
 import grpc
 
 
+class CommandError(Exception):
+    """A problem the person at the terminal can fix; `rnnserve` prints it without a traceback
+    and exits with `exit_code` (2: a usage error, 1: the job failed)."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class ServiceError(Exception):
     """An error a client or operator can act on."""
 

@@ -24,9 +24,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from service.batching.batcher import Step
-from service.serving.model import ServedModel
-from service.sessions.sync import EVENTS
+from rnnserve.batching.batcher import Step
+from rnnserve.serving.model import ServedModel
+from rnnserve.sessions.sync import EVENTS
 
 logger = logging.getLogger(__name__)
 

@@ -22,15 +22,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from service._pb import grpc_service_pb2 as pb
-from service.api.servicer import InferenceServicer, add_to_server
-from service.config import Settings
-from service.errors import ServiceError
-from service.metrics import Metrics
-from service.runtime.onnx import EngineSettings, OnnxRuntime
-from service.serving.model import Limits
-from service.serving.registry import ModelRegistry
-from service.sessions.store import Durability, open_store
+from rnnserve._pb import grpc_service_pb2 as pb
+from rnnserve.api.servicer import InferenceServicer, add_to_server
+from rnnserve.config import Settings
+from rnnserve.errors import ServiceError
+from rnnserve.metrics import Metrics
+from rnnserve.runtime.onnx import EngineSettings, OnnxRuntime
+from rnnserve.serving.model import Limits
+from rnnserve.serving.registry import ModelRegistry
+from rnnserve.sessions.store import Durability, open_store
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ BUNDLED = ROOT / "models" / "repository"
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """The installed command, as a user runs it, in a subprocess."""
     return subprocess.run(
-        [sys.executable, "-m", "service", *args],
+        [sys.executable, "-m", "rnnserve", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

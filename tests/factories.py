@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from models.architectures import RecurrentNet, RecurrentSpec
-from models.publish import parse_config, publish, render_config
-from models.signature import Signature
+from rnnserve.models.architectures import RecurrentNet, RecurrentSpec
+from rnnserve.models.publish import parse_config, publish, render_config
+from rnnserve.models.signature import Signature
 
 SIGNATURE = Signature(input_name="x", output_name="y", description="test model")
 

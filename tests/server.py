@@ -1,6 +1,6 @@
 """The real server in a subprocess on free loopback ports, as an operator starts it.
 
-The process handling is the benchmark's (service/bench/procs.py), so tests and benchmark start
+The process handling is the benchmark's (bench/procs.py), so tests and benchmark start
 servers the same way.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from service.bench.procs import ServerProcess, start_rnnserve
+from rnnserve_bench.procs import ServerProcess, start_rnnserve
 
 RunningServer = ServerProcess
 

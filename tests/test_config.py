@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.config import Settings, bundled_repository
+from rnnserve.config import Settings
+from rnnserve.models import bundled_repository
 
 
 def settings(argv: list[str], environ: dict[str, str]) -> Settings:

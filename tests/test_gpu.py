@@ -14,11 +14,11 @@ import onnxruntime as ort
 import pytest
 from prometheus_client import generate_latest
 
-from service.metrics import Metrics
-from service.runtime.onnx import PROVIDERS, EngineSettings, OnnxRuntime
-from service.serving.model import Limits
-from service.serving.registry import ModelRegistry
-from service.serving.request import InferenceRequest, SequenceControl
+from rnnserve.metrics import Metrics
+from rnnserve.runtime.onnx import PROVIDERS, EngineSettings, OnnxRuntime
+from rnnserve.serving.model import Limits
+from rnnserve.serving.registry import ModelRegistry
+from rnnserve.serving.request import InferenceRequest, SequenceControl
 from tests.batching.test_batcher import MODEL, VOCAB, reference
 from tests.conftest import BUNDLED
 

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import FOLD_EVERY, LATENCY_BUCKETS, Metrics
+from rnnserve.metrics import FOLD_EVERY, LATENCY_BUCKETS, Metrics
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

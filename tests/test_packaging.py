@@ -8,8 +8,8 @@ import sys
 
 def test_serving_code_does_not_import_torch() -> None:
     code = (
-        "import sys, service.cli, service.repository.layout, service._pb.grpc_service_pb2_grpc; "
-        "service.cli.build_parser(); "
+        "import sys, rnnserve.cli, rnnserve.repository.layout, rnnserve._pb.grpc_service_pb2_grpc; "
+        "rnnserve.cli.build_parser(); "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

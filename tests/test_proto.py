@@ -28,7 +28,7 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
 def test_triton_style_config_parses() -> None:
     from google.protobuf import text_format
 
-    from service._pb import model_config_pb2 as mc
+    from rnnserve._pb import model_config_pb2 as mc
 
     text = """
     name: "m" platform: "onnxruntime_onnx" max_batch_size: 8

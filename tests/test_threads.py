@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.threads import BATCH_THREAD, KINDS, cpu_between, cpu_by_thread, name_this_thread
+from rnnserve.threads import BATCH_THREAD, KINDS, cpu_between, cpu_by_thread, name_this_thread
 
 pytestmark = pytest.mark.skipif(not Path("/proc/thread-self").exists(), reason="needs Linux")
 

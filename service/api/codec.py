@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from service._pb import grpc_service_pb2 as pb
-from service.errors import InvalidArgument
-from service.repository.signature import WIRE_DTYPES, wire_name_of
-from service.serving.request import (
+from rnnserve._pb import grpc_service_pb2 as pb
+from rnnserve.errors import InvalidArgument
+from rnnserve.repository.signature import WIRE_DTYPES, wire_name_of
+from rnnserve.serving.request import (
     NO_SEQUENCE,
     InferenceRequest,
     InferenceResult,

@@ -17,22 +17,22 @@ from typing import Any, TypeVar
 
 import grpc
 
-from service import __version__
-from service._pb import grpc_service_pb2 as pb
-from service._pb import grpc_service_pb2_grpc as pb_grpc
-from service._pb import model_config_pb2 as mc
-from service.api.codec import (
+from rnnserve import __version__
+from rnnserve._pb import grpc_service_pb2 as pb
+from rnnserve._pb import grpc_service_pb2_grpc as pb_grpc
+from rnnserve._pb import model_config_pb2 as mc
+from rnnserve.api.codec import (
     RequestDecoder,
     encode_response,
     encode_stream_error,
     encode_stream_response,
 )
-from service.batching.batcher import Step
-from service.errors import ServiceError, ShuttingDown
-from service.metrics import UNKNOWN_MODEL, Metrics
-from service.serving.model import ModelState, ServedModel
-from service.serving.registry import ModelRegistry
-from service.serving.request import InferenceRequest, InferenceResult
+from rnnserve.batching.batcher import Step
+from rnnserve.errors import ServiceError, ShuttingDown
+from rnnserve.metrics import UNKNOWN_MODEL, Metrics
+from rnnserve.serving.model import ModelState, ServedModel
+from rnnserve.serving.registry import ModelRegistry
+from rnnserve.serving.request import InferenceRequest, InferenceResult
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ that arrive while a batch runs on the worker make the next batch), with a shared
 (its round trips must not block the loop), or while the worker thread runs a job on the arena.
 
 With a state store, the worker also brings the batch's slots up to date before the model call
-and stores the new states after it (`service.sessions.sync`), before the arena is updated and
+and stores the new states after it (`rnnserve.sessions.sync`), before the arena is updated and
 before any response is released. A step that fails there fails alone; the rest of the batch
 runs.
 """
@@ -39,13 +39,13 @@ from typing import TypeVar
 
 import numpy as np
 
-from service.errors import ServiceError
-from service.repository.signature import StateSpec
-from service.runtime.base import Runtime
-from service.sessions.arena import StateArena
-from service.sessions.manager import Sequence as LiveSequence
-from service.sessions.sync import Advance, StateSync
-from service.threads import BATCH_THREAD, name_this_thread
+from rnnserve.errors import ServiceError
+from rnnserve.repository.signature import StateSpec
+from rnnserve.runtime.base import Runtime
+from rnnserve.sessions.arena import StateArena
+from rnnserve.sessions.manager import Sequence as LiveSequence
+from rnnserve.sessions.sync import Advance, StateSync
+from rnnserve.threads import BATCH_THREAD, name_this_thread
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from service._pb import model_config_pb2 as mc
-from service.errors import InvalidModelRepository
+from rnnserve._pb import model_config_pb2 as mc
+from rnnserve.errors import InvalidModelRepository
 
 CONFIG_FILE = "config.pbtxt"
 MODEL_FILE = "model.onnx"

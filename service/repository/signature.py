@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service._pb import model_config_pb2 as mc
-from service.errors import InvalidModelRepository
-from service.runtime.base import Runtime
+from rnnserve._pb import model_config_pb2 as mc
+from rnnserve.errors import InvalidModelRepository
+from rnnserve.runtime.base import Runtime
 
 # Wire names of the protocol ("FP32") and the numpy types they travel as (little-endian).
 WIRE_DTYPES: dict[str, np.dtype[np.generic]] = {

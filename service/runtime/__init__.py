@@ -3,6 +3,6 @@
 Nothing here knows about gRPC, sequences or metrics.
 """
 
-from service.runtime.base import Runtime, TensorInfo
+from rnnserve.runtime.base import Runtime, TensorInfo
 
 __all__ = ["Runtime", "TensorInfo"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.runtime.base import TensorInfo
+from rnnserve.runtime.base import TensorInfo
 
 logger = logging.getLogger(__name__)
 

@@ -12,21 +12,21 @@ from pathlib import Path
 
 import numpy as np
 
-from service._pb import model_config_pb2 as mc
-from service.batching.batcher import SequenceBatcher, Step
-from service.errors import InvalidArgument, InvalidModelRepository, ModelNotReady
-from service.repository.signature import (
+from rnnserve._pb import model_config_pb2 as mc
+from rnnserve.batching.batcher import SequenceBatcher, Step
+from rnnserve.errors import InvalidArgument, InvalidModelRepository, ModelNotReady
+from rnnserve.repository.signature import (
     ModelSignature,
     TensorSpec,
     signature_of,
     wire_name_of,
 )
-from service.runtime.base import Runtime
-from service.serving.request import InferenceRequest, InferenceResult
-from service.sessions.arena import StateArena
-from service.sessions.manager import SequenceManager
-from service.sessions.store import Durability, MemoryStore, StateStore
-from service.sessions.sync import StateSync
+from rnnserve.runtime.base import Runtime
+from rnnserve.serving.request import InferenceRequest, InferenceResult
+from rnnserve.sessions.arena import StateArena
+from rnnserve.sessions.manager import SequenceManager
+from rnnserve.sessions.store import Durability, MemoryStore, StateStore
+from rnnserve.sessions.sync import StateSync
 
 logger = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service._pb import model_config_pb2 as mc
-from service.errors import InvalidArgument, ModelNotFound, ModelNotReady, ServiceError
-from service.repository.layout import ModelEntry, scan
-from service.runtime.base import Runtime
-from service.serving.model import BatchHook, Limits, ModelState, ServedModel
-from service.sessions.store import Durability, MemoryStore, StateStore
+from rnnserve._pb import model_config_pb2 as mc
+from rnnserve.errors import InvalidArgument, ModelNotFound, ModelNotReady, ServiceError
+from rnnserve.repository.layout import ModelEntry, scan
+from rnnserve.runtime.base import Runtime
+from rnnserve.serving.model import BatchHook, Limits, ModelState, ServedModel
+from rnnserve.sessions.store import Durability, MemoryStore, StateStore
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from service.errors import CapacityExhausted, SequenceNotFound
-from service.sessions.arena import StateArena
+from rnnserve.errors import CapacityExhausted, SequenceNotFound
+from rnnserve.sessions.arena import StateArena
 
 SequenceId = int | str
 _REMEMBERED_ENDINGS = 10_000

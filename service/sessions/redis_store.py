@@ -22,8 +22,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
-from service.errors import StoreUnavailable
-from service.sessions.store import (
+from rnnserve.errors import StoreUnavailable
+from rnnserve.sessions.store import (
     STAMP_OFFSET,
     STAMP_SIZE,
     Read,

@@ -1,12 +1,12 @@
 """State stores: where a sequence's state lives beyond one process, and the record it is kept in.
 
 The arena stays the working set: a replica steps the sequences it holds from memory. A store
-only sees what durability asks for (see `service.sessions.sync`), in at most one round trip
+only sees what durability asks for (see `rnnserve.sessions.sync`), in at most one round trip
 per batch and direction. Two stores:
 
 - `memory` (the default): nothing leaves the process; a restart loses every live sequence.
 - `redis` (`redis://`, `rediss://`, `unix://`): states outlive the replica and any replica
-  can continue any sequence (`service.sessions.redis_store`).
+  can continue any sequence (`rnnserve.sessions.redis_store`).
 
 A record is compact binary, never pickle (a store is shared, so what it holds is untrusted):
 
@@ -206,7 +206,7 @@ def open_store(url: str, timeout_s: float) -> StateStore:
     if url == "memory":
         return MemoryStore()
     if url.startswith(REDIS_SCHEMES):
-        from service.sessions.redis_store import RedisStore
+        from rnnserve.sessions.redis_store import RedisStore
 
         return RedisStore(url, timeout_s)
     raise ValueError(f"unknown state store {url!r}: use memory or redis://host:port/db")

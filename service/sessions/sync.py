@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import (
+from rnnserve.errors import (
     Aborted,
     SequenceNotFound,
     ServiceError,
@@ -38,9 +38,9 @@ from service.errors import (
     StateMismatch,
     StoreUnavailable,
 )
-from service.sessions.arena import StateArena
-from service.sessions.manager import Sequence as LiveSequence
-from service.sessions.store import (
+from rnnserve.sessions.arena import StateArena
+from rnnserve.sessions.manager import Sequence as LiveSequence
+from rnnserve.sessions.store import (
     MOVING,
     STAMP_OFFSET,
     STAMP_SIZE,

@@ -7,15 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service._pb import grpc_service_pb2 as pb
-from service.api.codec import (
+from rnnserve._pb import grpc_service_pb2 as pb
+from rnnserve.api.codec import (
     RequestDecoder,
     decode_request,
     encode_response,
     encode_stream_response,
 )
-from service.errors import InvalidArgument
-from service.serving.request import InferenceResult
+from rnnserve.errors import InvalidArgument
+from rnnserve.serving.request import InferenceResult
 
 
 def built_with_protobuf(result: InferenceResult, request_id: str) -> pb.ModelInferResponse:

@@ -11,8 +11,8 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from service._pb import grpc_service_pb2 as pb
-from service._pb import grpc_service_pb2_grpc as pb_grpc
+from rnnserve._pb import grpc_service_pb2 as pb
+from rnnserve._pb import grpc_service_pb2_grpc as pb_grpc
 from tests.api.conftest import Stream, infer_input
 
 ONE_STEP = np.array([[[24.0]]], np.float32)

@@ -162,7 +162,7 @@ def test_explicit_state_mode(client, reference: Reference) -> None:
 
 
 def test_bundled_client_streams_characters(server, reference: Reference) -> None:
-    from service.client import SequenceClient
+    from rnnserve.client import SequenceClient
 
     with SequenceClient(server.target, "charlm_lstm") as lm:
         text = lm.generate("def main(", 30)

@@ -13,8 +13,8 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from models.architectures import RecurrentSpec
-from models.publish import parse_config, publish, render_config
+from rnnserve.models.architectures import RecurrentSpec
+from rnnserve.models.publish import parse_config, publish, render_config
 from tests.factories import SIGNATURE, publish_versions, random_net
 from tests.server import RunningServer, serving
 

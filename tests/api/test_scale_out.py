@@ -329,8 +329,8 @@ def test_redis_down_and_back(reference, tmp_path) -> None:
 
 
 def test_a_state_of_another_shape_is_refused_after_a_reload(redis_server, tmp_path) -> None:
-    from models.architectures import RecurrentSpec
-    from models.publish import publish
+    from rnnserve.models.architectures import RecurrentSpec
+    from rnnserve.models.publish import publish
     from tests.factories import SIGNATURE, random_net
 
     def repository(hidden: int) -> Path:

@@ -14,10 +14,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.runtime.onnx import SPIN_NEVER, EngineSettings, OnnxRuntime
-from service.serving.model import Limits, ServedModel
-from service.serving.registry import ModelRegistry
-from service.serving.request import InferenceRequest, SequenceControl
+from rnnserve.runtime.onnx import SPIN_NEVER, EngineSettings, OnnxRuntime
+from rnnserve.serving.model import Limits, ServedModel
+from rnnserve.serving.registry import ModelRegistry
+from rnnserve.serving.request import InferenceRequest, SequenceControl
 from tests.conftest import BUNDLED
 
 MODEL = "charlm_lstm"

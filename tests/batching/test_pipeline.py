@@ -14,11 +14,11 @@ from contextlib import suppress
 
 import numpy as np
 
-from service.runtime.base import Runtime
-from service.runtime.onnx import SPIN_NEVER, EngineSettings, OnnxRuntime
-from service.serving.model import Limits, ServedModel
-from service.serving.registry import ModelRegistry
-from service.serving.request import InferenceRequest, InferenceResult, SequenceControl
+from rnnserve.runtime.base import Runtime
+from rnnserve.runtime.onnx import SPIN_NEVER, EngineSettings, OnnxRuntime
+from rnnserve.serving.model import Limits, ServedModel
+from rnnserve.serving.registry import ModelRegistry
+from rnnserve.serving.request import InferenceRequest, InferenceResult, SequenceControl
 from tests.batching.test_batcher import MODEL, TOLERANCE, VOCAB, reference
 from tests.conftest import BUNDLED
 

@@ -9,7 +9,8 @@ import sys
 
 def test_idle_sequences_measurement() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "service.bench.idle", "--sequences", "300", "--model", "sensor_gru"],
+        [sys.executable, "-m", "rnnserve_bench.idle", "--sequences", "300",
+         "--model", "sensor_gru"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from service.bench import torchserve
+from rnnserve_bench import torchserve
 from tests.conftest import ROOT, run_cli
 
 
@@ -88,7 +88,7 @@ def test_bench_runs_end_to_end(tmp_path) -> None:
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
 def test_gpu_script_refuses_a_machine_without_a_gpu() -> None:
     done = subprocess.run(
-        [str(ROOT / "service" / "bench" / "run-gpu.sh"), "--quick"],
+        [str(ROOT / "bench" / "run-gpu.sh"), "--quick"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -13,8 +13,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service.bench import torchserve
-from service.bench.workload import load_workload
+from rnnserve_bench import torchserve
+from rnnserve_bench.workload import load_workload
 from tests.batching.test_batcher import MODEL, TOLERANCE, VOCAB, reference
 from tests.conftest import BUNDLED
 

@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from service._pb import grpc_service_pb2 as pb
-from service.bench.loadgen import OPEN_INFERENCE
-from service.bench.options import BenchOptions
-from service.bench.procs import histogram_totals, process_cpu_seconds, start_echo, start_rnnserve
-from service.bench.workload import STREAM_OK_TAG, load_workload
+from rnnserve._pb import grpc_service_pb2 as pb
+from rnnserve_bench.loadgen import OPEN_INFERENCE
+from rnnserve_bench.options import BenchOptions
+from rnnserve_bench.procs import histogram_totals, process_cpu_seconds, start_echo, start_rnnserve
+from rnnserve_bench.workload import STREAM_OK_TAG, load_workload
 from tests.conftest import BUNDLED
 
 

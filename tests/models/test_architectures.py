@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.architectures import RecurrentNet, RecurrentSpec, recurrent_parameter_count
+from rnnserve.models.architectures import RecurrentNet, RecurrentSpec, recurrent_parameter_count
 
 SPECS = [
     RecurrentSpec(cell="lstm", input_size=5, hidden_size=7, output_size=3, num_layers=2),

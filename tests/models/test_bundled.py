@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 from google.protobuf import json_format
 
-from models.export import BATCH, TIME, declared_shapes
-from models.publish import parse_config, render_config
-from service._pb import model_config_pb2 as mc
+from rnnserve._pb import model_config_pb2 as mc
+from rnnserve.models.export import BATCH, TIME, declared_shapes
+from rnnserve.models.publish import parse_config, render_config
 from tests.conftest import BUNDLED
 
 MODELS = ("charlm_lstm", "sensor_gru", "digits_lstm")
@@ -126,7 +126,7 @@ def test_one_step_at_a_time_equals_the_whole_sequence(name: str) -> None:
 
 
 def test_digits_accuracy_on_the_held_out_split() -> None:
-    from models.zoo import DigitRows
+    from rnnserve.models.zoo import DigitRows
 
     task = DigitRows()
     test = task.split["test"]
@@ -141,7 +141,7 @@ def test_digits_accuracy_on_the_held_out_split() -> None:
 
 
 def test_sensor_forecast_beats_repeating_the_last_value() -> None:
-    from models.zoo import SensorForecast
+    from rnnserve.models.zoo import SensorForecast
 
     task = SensorForecast()
     forecasts = stream(session("sensor_gru"), task.series[None, :, None], 1)[0, :, 0]
@@ -156,7 +156,7 @@ def test_sensor_forecast_beats_repeating_the_last_value() -> None:
 
 
 def test_char_model_beats_the_unigram_baseline_by_far() -> None:
-    from models.zoo import CharLM
+    from rnnserve.models.zoo import CharLM
 
     task = CharLM()
     ids = task.test_ids[None, :]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from models.architectures import RecurrentNet, RecurrentSpec
-from models.cli import save_checkpoint
-from models.signature import Signature
+from rnnserve.models.architectures import RecurrentNet, RecurrentSpec
+from rnnserve.models.cli import save_checkpoint
+from rnnserve.models.signature import Signature
 
 
 def assert_clean_failure(done, code: int, *needles: str) -> None:

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.architectures import RecurrentSpec
-from models.export import (
+from rnnserve.models.architectures import RecurrentSpec
+from rnnserve.models.export import (
     BATCH,
     TIME,
     ExportError,
@@ -20,7 +20,7 @@ from models.export import (
     declared_shapes,
     export_onnx,
 )
-from models.publish import CARD_FILE, parse_config, publish
+from rnnserve.models.publish import CARD_FILE, parse_config, publish
 from tests.factories import SIGNATURE, random_net
 
 CASES = {

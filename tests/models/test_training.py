@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.training import TrainSettings, evaluate, fit
-from models.zoo import CharLM, DigitRows, SensorForecast
+from rnnserve.models.training import TrainSettings, evaluate, fit
+from rnnserve.models.zoo import CharLM, DigitRows, SensorForecast
 
 
 def test_truncated_bptt_run_on_the_char_corpus() -> None:

@@ -8,17 +8,17 @@ import uuid
 import numpy as np
 import pytest
 
-from service.errors import (
+from rnnserve.errors import (
     Aborted,
     SequenceNotFound,
     ShuttingDown,
     StateMismatch,
     StoreUnavailable,
 )
-from service.sessions.arena import StateArena
-from service.sessions.manager import Sequence
-from service.sessions.redis_store import RedisStore, redact
-from service.sessions.store import (
+from rnnserve.sessions.arena import StateArena
+from rnnserve.sessions.manager import Sequence
+from rnnserve.sessions.redis_store import RedisStore, redact
+from rnnserve.sessions.store import (
     UNCHANGED,
     Durability,
     MemoryStore,
@@ -29,7 +29,7 @@ from service.sessions.store import (
     encode_state,
     open_store,
 )
-from service.sessions.sync import Advance, StateSync
+from rnnserve.sessions.sync import Advance, StateSync
 from tests.redis_server import free_port, start_redis
 
 SHAPES = [(2, 4), (2, 4)]  # an LSTM's h and c: layers x hidden

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.config import bundled_repository
+from rnnserve.models import bundled_repository
 
 FULL_SESSIONS = (1, 16, 64, 256, 1024)
 QUICK_SESSIONS = (1, 64, 256)

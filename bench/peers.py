@@ -1,5 +1,5 @@
 """Triton's perf_analyzer against rnnserve, run when it is installed and skipped with a reason
-when it is not. (The peer server, TorchServe, is `service.bench.torchserve`.)"""
+when it is not. (The peer server, TorchServe, is `rnnserve_bench.torchserve`.)"""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from service.bench.workload import Workload
+from rnnserve_bench.workload import Workload
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from service.bench.workload import STREAM_METHOD, STREAM_OK_TAG, UNARY_METHOD, SequenceMessages
-from service.threads import cpu_between
+from rnnserve.threads import cpu_between
+from rnnserve_bench.workload import STREAM_METHOD, STREAM_OK_TAG, UNARY_METHOD, SequenceMessages
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Snapshot:
     batch_sum: float = 0.0
     batch_count: float = 0.0
     server_threads: Mapping[int, tuple[str, float]] = field(default_factory=dict)
-    """The server's threads: kind and CPU seconds of each (`service.threads.cpu_by_thread`)."""
+    """The server's threads: kind and CPU seconds of each (`rnnserve.threads.cpu_by_thread`)."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class _Window:
 
 
 def _decode_stream_error(reply: bytes) -> str:
-    from service._pb import grpc_service_pb2 as pb  # only on the error path
+    from rnnserve._pb import grpc_service_pb2 as pb  # only on the error path
 
     return pb.ModelStreamInferResponse.FromString(reply).error_message or "an empty response"
 

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from service.bench import inprocess, machine, peers, report, torchserve
-from service.bench.loadgen import (
+from rnnserve.runtime.onnx import EngineSettings
+from rnnserve_bench import inprocess, machine, peers, report, torchserve
+from rnnserve_bench.loadgen import (
     OPEN_INFERENCE,
     STREAM,
     UNARY,
@@ -25,16 +26,15 @@ from service.bench.loadgen import (
     StreamApi,
     run_load,
 )
-from service.bench.options import BenchOptions
-from service.bench.procs import (
+from rnnserve_bench.options import BenchOptions
+from rnnserve_bench.procs import (
     Measured,
     ProcessError,
     histogram_totals,
     start_echo,
     start_rnnserve,
 )
-from service.bench.workload import SequenceMessages, Workload, load_workload
-from service.runtime.onnx import EngineSettings
+from rnnserve_bench.workload import SequenceMessages, Workload, load_workload
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """How much memory idle sequences cost: open N sequences, leave them live, read the server's RSS.
 
-    python -m service.bench.idle --sequences 100000    (or: make bench-idle)
+    python -m rnnserve_bench.idle --sequences 100000    (or: make bench-idle)
 
 Prints one JSON object: RSS before and after, bytes of RSS per sequence, and the bytes of
 recurrent state each sequence holds, for comparison.
@@ -20,9 +20,9 @@ from typing import Any
 
 import grpc
 
-from service.bench.procs import ServerProcess, start_rnnserve
-from service.bench.workload import STREAM_METHOD, STREAM_OK_TAG, Workload, load_workload
-from service.config import bundled_repository
+from rnnserve.models import bundled_repository
+from rnnserve_bench.procs import ServerProcess, start_rnnserve
+from rnnserve_bench.workload import STREAM_METHOD, STREAM_OK_TAG, Workload, load_workload
 
 STREAMS = 32
 
@@ -70,7 +70,7 @@ def measure(server: ServerProcess, workload: Workload, sequences: int) -> dict[s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.bench.idle", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m rnnserve_bench.idle", description=__doc__)
     parser.add_argument("--sequences", type=int, default=100_000)
     parser.add_argument("--model", default="charlm_lstm")
     args = parser.parse_args(argv)

@@ -24,10 +24,10 @@ from types import TracebackType
 
 import numpy as np
 
-from service.api.codec import length_delimited as encode_field
-from service.bench.loadgen import StreamApi
-from service.bench.procs import ProcessError, process_cpu_seconds
-from service.bench.workload import SequenceMessages, Workload
+from rnnserve.api.codec import length_delimited as encode_field
+from rnnserve_bench.loadgen import StreamApi
+from rnnserve_bench.procs import ProcessError, process_cpu_seconds
+from rnnserve_bench.workload import SequenceMessages, Workload
 
 HANDLER = Path(__file__).with_name("torchserve_handler.py")
 MODEL_NAME = "rnn"

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.bench.workload import Workload
-from service.runtime.onnx import EngineSettings, OnnxRuntime
+from rnnserve.runtime.onnx import EngineSettings, OnnxRuntime
+from rnnserve_bench.workload import Workload
 
 logger = logging.getLogger(__name__)
 

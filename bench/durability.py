@@ -1,6 +1,6 @@
 """What durability costs: steps/s and latency of each state store and durability level.
 
-    python -m service.tools.durability_bench [--model charlm_lstm] [--sequences 64]
+    python -m rnnserve_bench.durability [--model charlm_lstm] [--sequences 64]
                                              [--seconds 10] [--redis-url redis://...]
 
 For each configuration (memory; redis at none, end and step) it starts a fresh server on
@@ -33,10 +33,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from service._pb import grpc_service_pb2 as pb
-from service._pb import grpc_service_pb2_grpc as pb_grpc
-from service._pb import model_config_pb2 as mc
-from service.bench.procs import PYTHON
+from rnnserve._pb import grpc_service_pb2 as pb
+from rnnserve._pb import grpc_service_pb2_grpc as pb_grpc
+from rnnserve._pb import model_config_pb2 as mc
+from rnnserve_bench.procs import PYTHON
 
 CONFIGURATIONS = (("memory", "none"), ("redis", "none"), ("redis", "end"), ("redis", "step"))
 WARM_UP_S = 1.0
@@ -128,7 +128,7 @@ def _server(workdir: Path, store: str, durability: str) -> Iterator[str]:
     workdir.mkdir(parents=True)
     port_file = workdir / "ports.json"
     command = [
-        *PYTHON, "-m", "service", "serve", "--grpc-port", "0", "--metrics-port", "-1",
+        *PYTHON, "-m", "rnnserve", "serve", "--grpc-port", "0", "--metrics-port", "-1",
         "--port-file", str(port_file), "--log-level", "WARNING",
         "--state-store", store, "--state-durability", durability,
     ]  # fmt: skip

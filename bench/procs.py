@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from service.threads import cpu_by_thread, stat_cpu
+from rnnserve.threads import cpu_by_thread, stat_cpu
 
 PYTHON = (sys.executable, "-P")
 """How servers under test are started: -P keeps the current folder off the module path, so a
@@ -102,7 +102,7 @@ class ServerProcess:
         return process_cpu_seconds(self.pid)
 
     def cpu_by_thread(self) -> dict[int, tuple[str, float]]:
-        """Each thread's kind and CPU seconds (`service.threads.cpu_by_thread`)."""
+        """Each thread's kind and CPU seconds (`rnnserve.threads.cpu_by_thread`)."""
         return cpu_by_thread(self.pid)
 
     def scrape(self) -> str:
@@ -138,7 +138,7 @@ class ServerProcess:
 def start_rnnserve(workdir: Path, server_args: Sequence[str]) -> ServerProcess:
     """The real server, started as tests/server.py and an operator start it."""
     command = [
-        *PYTHON, "-m", "service", "serve",
+        *PYTHON, "-m", "rnnserve", "serve",
         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
         *server_args,
     ]  # fmt: skip
@@ -147,7 +147,7 @@ def start_rnnserve(workdir: Path, server_args: Sequence[str]) -> ServerProcess:
 
 def start_echo(workdir: Path, repository: Path, model: str, steps: int) -> ServerProcess:
     command = [
-        *PYTHON, "-m", "service.bench.echo", "--model", model,
+        *PYTHON, "-m", "rnnserve_bench.echo", "--model", model,
         "--model-repository", str(repository), "--steps", str(steps),
     ]  # fmt: skip
     return ServerProcess(f"echo-t{steps}", command, workdir)

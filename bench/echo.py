@@ -1,6 +1,6 @@
 """The transport-only ceiling: a bare grpc.aio server that answers without any model.
 
-    python -m service.bench.echo --model charlm_lstm --steps 1 --port-file ports.json
+    python -m rnnserve_bench.echo --model charlm_lstm --steps 1 --port-file ports.json
 
 It serves ModelStreamInfer and ModelInfer on the same method paths as rnnserve, takes requests
 as bytes (no deserialization) and answers each with one response encoded at start-up, of the
@@ -23,8 +23,8 @@ from typing import Any
 
 import grpc
 
-from service.bench.workload import load_workload
-from service.config import bundled_repository
+from rnnserve.models import bundled_repository
+from rnnserve_bench.workload import load_workload
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ async def serve(host: str, port: int, port_file: Path | None, stream: bytes, una
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.bench.echo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m rnnserve_bench.echo", description=__doc__)
     parser.add_argument("--model", default="charlm_lstm", help="whose responses to imitate")
     parser.add_argument("--model-repository", type=Path, default=bundled_repository())
     parser.add_argument("--steps", type=int, default=1, help="time steps per response")

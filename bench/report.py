@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from service.threads import KINDS
+from rnnserve.threads import KINDS
 
 HEADLINE_SERIES = "stream T=1"
 THREADS = "server_cpu_by_thread_s_per_1000_steps"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service._pb import grpc_service_pb2 as pb
-from service.repository.layout import ModelEntry, scan
-from service.repository.signature import WIRE_DTYPES, wire_name
+from rnnserve._pb import grpc_service_pb2 as pb
+from rnnserve.repository.layout import ModelEntry, scan
+from rnnserve.repository.signature import WIRE_DTYPES, wire_name
 
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 UNARY_METHOD = "/inference.GRPCInferenceService/ModelInfer"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole benchmark on a GPU machine, with figures written to docs/bench/gpu-<GPU name>/.
 #
-#   service/bench/run-gpu.sh [more `rnnserve bench` flags]
+#   bench/run-gpu.sh [more `rnnserve bench` flags]
 #
 # Run it from a clone, in a Python environment with rnnserve installed with its `gpu` extra
 # (pip install -e '.[gpu,bench]'; onnxruntime-gpu replaces onnxruntime). Both the in-process
@@ -23,5 +23,5 @@ if ! "$python" -c 'import onnxruntime, sys; sys.exit("CUDAExecutionProvider" not
 fi
 out="docs/bench/gpu-$(echo "$gpu" | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')"
 echo "benchmarking on $gpu into $out"
-exec "$python" -m service bench --provider cuda --sessions 1,64,256,1024 --batches 1,64,256,1024 \
+exec "$python" -m rnnserve bench --provider cuda --sessions 1,64,256,1024 --batches 1,64,256,1024 \
     --out "$out" "$@"

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from rnnserve.runtime.onnx import EngineSettings
+from rnnserve.runtime.onnx import EngineSettings, Provider
 from rnnserve_bench import inprocess, machine, peers, report, torchserve
 from rnnserve_bench.loadgen import (
     OPEN_INFERENCE,
@@ -107,9 +107,9 @@ def run(options: BenchOptions) -> BenchReport:
 
 def _run_inprocess(options: BenchOptions, workload: Workload) -> list[dict[str, Any]]:
     settings = EngineSettings(
-        options.provider,
-        intra_op_threads=options.intra_op_threads,
-        inter_op_threads=options.inter_op_threads,
+        Provider(options.provider),
+        intra_op_threads=options.intra_op_threads or None,
+        inter_op_threads=options.inter_op_threads or None,
     )
     runtime = inprocess.open_runtime(workload, settings)
     points = []

@@ -11,6 +11,7 @@ from pathlib import Path
 from rnnserve import __version__
 from rnnserve.config import Settings, environment
 from rnnserve.errors import CommandError, ServiceError
+from rnnserve.logging import LogLevel
 from rnnserve.logging import configure as configure_logging
 from rnnserve.models import bundled_repository
 from rnnserve.models import cli as model_commands
@@ -155,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command != "serve":  # `serve` configures logging from its settings
-        configure_logging(args.global_log_level or "INFO", "text")
+        configure_logging(LogLevel(args.global_log_level or "INFO"))
     command: Callable[[argparse.Namespace], int] = args.run
     try:
         return command(args)

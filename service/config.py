@@ -9,79 +9,90 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import enum
 import inspect
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rnnserve.logging import LogFormat, LogLevel
 from rnnserve.models import bundled_repository
+from rnnserve.runtime.onnx import Provider, Spinning
+from rnnserve.sessions.connect import REDIS_SCHEMES
+from rnnserve.sessions.store import Durability
 
 ENV_PREFIX = "RNNSERVE_"
 
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting of `rnnserve serve`; each field's docstring is its `--help` text."""
+
     host: str = "127.0.0.1"
     """Address to listen on; 0.0.0.0 for every interface (as in a container)."""
     grpc_port: int = 8001
     """Port for the gRPC inference API (0 picks a free one)."""
-    metrics_port: int = 8002
-    """Port for Prometheus /metrics over HTTP (0 picks a free one; -1 turns it off)."""
+    metrics_port: int | None = 8002
+    """Port for Prometheus /metrics over HTTP (0 picks a free one; off turns it off)."""
     model_repository: Path = field(default_factory=bundled_repository)
     """Model repository in Triton's layout (default: the bundled models)."""
-    provider: str = "auto"
+    provider: Provider = Provider.AUTO
     """Execution provider: auto (CUDA when available, else CPU), cpu or cuda."""
-    intra_op_threads: int = 0
-    """ONNX Runtime threads inside one operator (0: ONNX Runtime's default)."""
-    inter_op_threads: int = 0
-    """ONNX Runtime threads across operators (0: ONNX Runtime's default)."""
-    ort_spinning: int = 1
-    """Whether ONNX Runtime's threads busy-wait for work: 0 never, 1 while a model call runs
-    (they stop as it returns), 2 always (ONNX Runtime's default; idle threads burn CPU)."""
+    intra_op_threads: int | None = None
+    """ONNX Runtime threads inside one operator (default: ONNX Runtime's choice)."""
+    inter_op_threads: int | None = None
+    """ONNX Runtime threads across operators (default: ONNX Runtime's choice)."""
+    ort_spinning: Spinning = Spinning.DURING_RUN
+    """Whether ONNX Runtime's threads busy-wait for work: never, during-run (while a model call
+    runs; they stop as it returns) or always (ONNX Runtime's default; idle threads burn CPU)."""
     parallel_min_work: int = 64
     """On the CPU, model calls of fewer rows x time steps than this run single-threaded, on a
     second ONNX Runtime session: splitting a small call across threads costs more CPU than it
     saves time. 0: every call uses the intra-op threads."""
-    inline_max_steps: int = 1
-    """A lone live sequence's batches of at most this many steps (rows x time steps) run on the
-    event loop itself: a hand-off to the worker thread and back costs about as much as such a
-    model call. Never with a shared state store. 0: none do."""
-    max_queue_delay_us: int = -1
-    """How long a step waits for others to batch with, in microseconds (-1: each model's config)."""
-    max_sequences: int = 0
-    """Live sequences each model version holds at most (0: each model's config)."""
-    idle_timeout_s: float = 0.0
-    """Evict a sequence after this many seconds without a request (0: each model's config)."""
-    max_steps_per_request: int = 0
-    """Time steps one request may carry at most (0: each model's config, else 4096)."""
+    inline_max_work: int = 1
+    """A lone live sequence's requests of at most this many rows x time steps run on the event
+    loop itself: a hand-off to the worker thread and back costs about as much as such a model
+    call. Never with a shared state store. 0: none do."""
+    max_queue_delay_us: int | None = None
+    """How long a request waits for others to batch with, in microseconds (default: each
+    model's config)."""
+    max_sequences: int | None = None
+    """Live sequences each model version holds at most (default: each model's config)."""
+    idle_timeout_s: float | None = None
+    """Evict a sequence after this many seconds without a request (default: each model's
+    config)."""
+    max_steps_per_request: int | None = None
+    """Time steps one request may carry at most (default: each model's config, else 4096)."""
     max_message_bytes: int = 64 * 1024 * 1024
     """Largest gRPC message accepted or sent."""
     unload_grace_s: float = 30.0
     """When a model version is unloaded, how long its live sequences may go on before they end."""
     shutdown_grace_s: float = 20.0
-    """On SIGTERM, how long in-flight requests (and, with a shared store, the hand-over of
+    """On SIGTERM, how long in-flight requests (and, with a shared state store, the hand-over of
     live states) get before the server exits."""
     state_store: str = "memory"
     """Where sequence states live beyond the replica that holds them: memory (this process
     only), or redis://[:password@]host:port/db (rediss:// for TLS), shared by replicas."""
-    state_durability: str = "step"
+    state_durability: Durability = Durability.STEP
     """With a shared state store: step (a response waits until its state is stored), end
     (states are stored only when the server shuts down) or none (never stored)."""
     state_store_timeout_s: float = 2.0
     """How long one round trip to the state store may take before requests fail UNAVAILABLE."""
-    repository_poll_s: float = 0.0
-    """Rescan the repository this often and load new versions (0: never)."""
+    repository_poll_s: float | None = None
+    """Rescan the repository this often, in seconds, and load new versions (default: never)."""
     port_file: Path | None = None
     """Once serving, write the bound ports here as JSON (for supervisors and tests)."""
-    log_level: str = "INFO"
+    log_level: LogLevel = LogLevel.INFO
     """DEBUG, INFO, WARNING or ERROR."""
-    log_format: str = "text"
+    log_format: LogFormat = LogFormat.TEXT
     """text (key=value) or json, one line per event."""
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field on `parser`, each with its help and environment variable."""
         docs = _field_docs(cls)
         for f in dataclasses.fields(cls):
             env = ENV_PREFIX + f.name.upper()
@@ -95,65 +106,85 @@ class Settings:
 
     @classmethod
     def from_sources(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+        """Settings from parsed flags, else `environ` (RNNSERVE_ + the name), else defaults.
+
+        Raises ValueError naming the flag and variable of a value that does not fit.
+        """
         values: dict[str, Any] = {}
-        hints = {f.name: f.type for f in dataclasses.fields(cls)}
-        for name, hint in hints.items():
-            raw = getattr(args, name, None)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            raw = getattr(args, f.name, None)
             if raw is None:
-                raw = environ.get(ENV_PREFIX + name.upper())
+                raw = environ.get(ENV_PREFIX + f.name.upper())
             if raw is None or raw == "":
                 continue
-            values[name] = _convert(name, str(hint), raw)
+            values[f.name] = _convert(f.name, hints[f.name], str(raw))
         settings = cls(**values)
         settings.validate()
         return settings
 
     def validate(self) -> None:
-        if self.provider not in {"auto", "cpu", "cuda"}:
-            raise ValueError(f"--provider must be auto, cpu or cuda, got {self.provider!r}")
-        if self.log_format not in {"text", "json"}:
-            raise ValueError(f"--log-format must be text or json, got {self.log_format!r}")
+        """Raise ValueError, naming the flag, for a value out of its range."""
         for name in ("grpc_port", "metrics_port"):
             port = getattr(self, name)
-            if not -1 <= port <= 65535 or (name == "grpc_port" and port < 0):
-                raise ValueError(f"--{name.replace('_', '-')} {port} is not a port number")
-        self._validate_engine()
-        if self.state_store != "memory" and not self.state_store.startswith(
-            ("redis://", "rediss://", "unix://")
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{_flag(name)} {port} is not a port number")
+        for name in ("inline_max_work", "parallel_min_work"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_flag(name)} must be 0 (none) or more")
+        for name in (
+            "intra_op_threads",
+            "inter_op_threads",
+            "max_sequences",
+            "max_steps_per_request",
+            "max_queue_delay_us",
+            "idle_timeout_s",
+            "repository_poll_s",
         ):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "max_queue_delay_us" else 1e-9):
+                least = "0 or more" if name == "max_queue_delay_us" else "positive"
+                raise ValueError(f"{_flag(name)} must be {least}, got {value:g}")
+        if self.state_store != "memory" and not self.state_store.startswith(REDIS_SCHEMES):
             raise ValueError(
                 f"--state-store must be memory or redis://host:port/db (rediss:// for TLS), "
                 f"got {self.state_store!r}"
             )
-        if self.state_durability not in {"step", "end", "none"}:
-            raise ValueError(
-                f"--state-durability must be step, end or none, got {self.state_durability!r}"
-            )
         if self.state_store_timeout_s <= 0:
             raise ValueError("--state-store-timeout-s must be positive")
 
-    def _validate_engine(self) -> None:
-        if self.ort_spinning not in {0, 1, 2}:
-            raise ValueError(f"--ort-spinning must be 0, 1 or 2, got {self.ort_spinning}")
-        if self.inline_max_steps < 0:
-            raise ValueError("--inline-max-steps must be 0 (never) or more")
-        if self.parallel_min_work < 0:
-            raise ValueError("--parallel-min-work must be 0 (never single-threaded) or more")
-        if self.max_steps_per_request < 0:
-            raise ValueError("--max-steps-per-request must be 0 (per model) or more")
+
+OFF = ("off", "none")
+"""Values that turn off a setting whose default is on (`--metrics-port off`)."""
 
 
-def _convert(name: str, hint: str, raw: str) -> Any:
-    flag = "--" + name.replace("_", "-")
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _convert(name: str, hint: Any, raw: str) -> Any:
+    """`raw` as the field's type: int, float, Path, an enum, or None for `off`."""
+    source = f"{_flag(name)} (or {ENV_PREFIX}{name.upper()})"
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+    optional = type(None) in typing.get_args(hint)
+    if optional and raw.lower() in OFF:
+        return None
+    kind = kinds[0]
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        try:
+            return kind(raw)
+        except ValueError:
+            choices = ", ".join(str(m.value) for m in kind)
+            raise ValueError(f"{source} must be {choices}; got {raw!r}") from None
     try:
-        if hint.startswith("int"):
+        if kind is int:
             return int(raw)
-        if hint.startswith("float"):
+        if kind is float:
             return float(raw)
-        if "Path" in hint:
-            return Path(raw)
     except ValueError as error:
-        raise ValueError(f"{flag} (or {ENV_PREFIX}{name.upper()}): {error}") from error
+        raise ValueError(f"{source}: {error}") from error
+    if kind is Path:
+        return Path(raw)
     return raw
 
 

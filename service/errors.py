@@ -70,3 +70,18 @@ class StoreUnavailable(ServiceError):
     """The state store cannot be reached; the message names it."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class RequestCancelled(ServiceError):
+    """The request was cancelled (its client went away) before it ran; it was not applied."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class InternalError(ServiceError):
+    """Something failed that the client cannot fix; the details are in the server log only."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str = "internal error; see the server log") -> None:
+        super().__init__(message)

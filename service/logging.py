@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import sys
@@ -22,9 +23,28 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(event)
 
 
-def configure(level: str = "INFO", fmt: str = "text") -> None:
+class LogFormat(enum.Enum):
+    """How each log line is written."""
+
+    TEXT = "text"
+    """key=value pairs."""
+    JSON = "json"
+    """One JSON object per line."""
+
+
+class LogLevel(enum.Enum):
+    """The least severe level logged."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+def configure(level: LogLevel = LogLevel.INFO, fmt: LogFormat = LogFormat.TEXT) -> None:
+    """Log to stderr at `level` and above, one line per event; replaces any handler before."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
+    if fmt is LogFormat.JSON:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(
@@ -32,4 +52,4 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level.value)

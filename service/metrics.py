@@ -1,20 +1,24 @@
 """Every Prometheus metric the server exports, in one place, on a registry of its own.
 
 Labels are few and fixed (model, version, stage, outcome, reason); never a sequence id.
-Sequence gauges and counters are read from the serving layer at scrape time, so the figures
-have one owner and cannot drift. GPU figures come from NVML when it is there, labelled
-`gpu_uuid` only and named as Triton names them, so `perf_analyzer --collect-metrics` reads them.
+Model, batch and sequence figures are read at scrape time from the frozen snapshots the engine
+publishes (`rnnserve.serving.snapshot`), so they have one owner and cannot drift; request
+durations are observed by the API as each request ends. GPU figures come from NVML when it is
+there, labelled `gpu_uuid` only and named as Triton names them, so `perf_analyzer
+--collect-metrics` reads them.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -24,9 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from rnnserve.batching.batcher import Step
-from rnnserve.serving.model import ServedModel
-from rnnserve.sessions.sync import EVENTS
+from rnnserve.serving.snapshot import ModelSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -37,23 +39,21 @@ LATENCY_BUCKETS = (
     1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-UNKNOWN_MODEL = "_unknown"
-"""Label for requests naming a model that is not served: client input never becomes a label."""
+Snapshots = Callable[[], Iterable[ModelSnapshot]]
 
 
 class Metrics:
-    def __init__(self, models: Callable[[], Iterable[ServedModel]]) -> None:
+    """The server's metrics: `registry` is what /metrics serves.
+
+    `snapshots` returns the engine's figures for every loaded model version; it is called at
+    each scrape, from the HTTP server's thread.
+    """
+
+    def __init__(self, snapshots: Snapshots) -> None:
         self.registry = CollectorRegistry()
         self._requests = _RequestCollector()
         self.registry.register(self._requests)
-        self.batch_size = Histogram(
-            "rnnserve_batch_size",
-            "Rows (sequences) per model call",
-            ["model", "version"],
-            buckets=BATCH_BUCKETS,
-            registry=self.registry,
-        )
-        self.registry.register(_ServingCollector(models))
+        self.registry.register(_ServingCollector(snapshots))
         self.registry.register(_GpuCollector())
 
     def observe_request(
@@ -65,10 +65,9 @@ class Metrics:
         queue_s: float | None = None,
         compute_s: float | None = None,
     ) -> None:
+        """One inference request ended: `outcome` is OK or a status code's name; durations in
+        seconds (queue and compute only for a request that ran)."""
         self._requests.observe(model, version, outcome, total_s, queue_s, compute_s)
-
-    def observe_batch(self, model: ServedModel, batch: Sequence[Step], compute_s: float) -> None:
-        self.batch_size.labels(*model.labels).observe(sum(s.rows for s in batch))
 
 
 class _RequestSeries:
@@ -166,11 +165,21 @@ class _RequestCollector(Collector):
 
 
 class _ServingCollector(Collector):
-    def __init__(self, models: Callable[[], Iterable[ServedModel]]) -> None:
-        self._models = models
+    """Model versions, batch sizes and sequences, from the engine's snapshots."""
+
+    def __init__(self, snapshots: Snapshots) -> None:
+        self._snapshots = snapshots
 
     def collect(self) -> Iterable[Metric]:
         labels = ["model", "version"]
+        info = GaugeMetricFamily(
+            "rnnserve_model_info",
+            "Loaded model versions and the execution provider each runs on",
+            labels=[*labels, "provider"],
+        )
+        batch_size = HistogramMetricFamily(
+            "rnnserve_batch_size", "Rows (sequences) per model call", labels=labels
+        )
         live = GaugeMetricFamily(
             "rnnserve_live_sequences", "Sequences whose state the server holds", labels=labels
         )
@@ -200,28 +209,37 @@ class _ServingCollector(Collector):
             "store failed)",
             labels=[*labels, "event"],
         )
-        info = GaugeMetricFamily(
-            "rnnserve_model_info",
-            "Loaded model versions and the execution provider each runs on",
-            labels=[*labels, "provider"],
-        )
-        for model in self._models():
-            key = list(model.labels)
-            info.add_metric([*key, model.runtime.provider], 1)
-            if model.sequences is None or model.arena is None:
+        for model in self._snapshots():
+            key = [model.name, str(model.version)]
+            info.add_metric([*key, model.provider], 1)
+            buckets, total = _batch_buckets(model)
+            batch_size.add_metric(key, buckets, total)
+            sequences = model.sequences
+            if sequences is None:
                 continue
-            live.add_metric(key, len(model.sequences.live))
-            memory.add_metric(key, model.state_bytes)
-            capacity.add_metric(key, model.arena.capacity)
-            counters = model.sequences.counters
-            starts.add_metric(key, counters.started)
-            ends.add_metric(key, counters.ended)
-            for reason in ("idle", "unloaded"):
-                evictions.add_metric([*key, reason], counters.evicted.get(reason, 0))
-            if model.sync is not None:
-                for event in EVENTS:
-                    store.add_metric([*key, event], model.sync.events[event])
-        return [live, memory, capacity, starts, ends, evictions, store, info]
+            live.add_metric(key, sequences.live)
+            memory.add_metric(key, sequences.state_bytes)
+            capacity.add_metric(key, sequences.capacity)
+            starts.add_metric(key, sequences.started)
+            ends.add_metric(key, sequences.ended)
+            evictions.add_metric([*key, "idle"], sequences.evicted_idle)
+            evictions.add_metric([*key, "unloaded"], sequences.evicted_unloaded)
+            for event, count in sequences.store_events.items():
+                store.add_metric([*key, event], count)
+        return [info, batch_size, live, memory, capacity, starts, ends, evictions, store]
+
+
+def _batch_buckets(model: ModelSnapshot) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative (le, count) buckets of the model's batch sizes, and their sum in rows."""
+    batches = model.statistics.batches
+    counts = [0] * (len(BATCH_BUCKETS) + 1)
+    total = 0
+    for size, figures in batches.items():
+        counts[bisect.bisect_left(BATCH_BUCKETS, size)] += figures.count
+        total += size * figures.count
+    cumulative = list(itertools.accumulate(counts))
+    bounds = [*(floatToGoString(b) for b in BATCH_BUCKETS), "+Inf"]  # type: ignore[no-untyped-call]
+    return list(zip(bounds, cumulative, strict=True)), float(total)
 
 
 class _GpuCollector(Collector):

@@ -30,7 +30,7 @@ from rnnserve.metrics import Metrics
 from rnnserve.runtime.onnx import EngineSettings, OnnxRuntime
 from rnnserve.serving.model import Limits
 from rnnserve.serving.registry import ModelRegistry
-from rnnserve.sessions.store import Durability, open_store
+from rnnserve.sessions.connect import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -47,27 +47,25 @@ class Server:
             spinning=settings.ort_spinning,
             parallel_min_work=settings.parallel_min_work,
         )
+        delay_us = settings.max_queue_delay_us
         limits = Limits(
             max_sequences=settings.max_sequences,
             idle_timeout_s=settings.idle_timeout_s,
-            max_queue_delay_s=settings.max_queue_delay_us / 1e6
-            if settings.max_queue_delay_us >= 0
-            else -1.0,
+            max_queue_delay_s=delay_us / 1e6 if delay_us is not None else None,
             max_steps_per_request=settings.max_steps_per_request,
-            inline_max_steps=settings.inline_max_steps,
+            inline_max_work=settings.inline_max_work,
         )
-        self.metrics = Metrics(lambda: self.registry.all_models())
         self.store = open_store(settings.state_store, settings.state_store_timeout_s)
-        self.durability = Durability(settings.state_durability)
+        self.durability = settings.state_durability
         self.registry = ModelRegistry(
             settings.model_repository,
             lambda path: OnnxRuntime(path, engine),
             limits,
             unload_grace_s=settings.unload_grace_s,
-            on_batch=self.metrics.observe_batch,
             store=self.store,
             durability=self.durability,
         )
+        self.metrics = Metrics(self.registry.snapshot)
         self.servicer = InferenceServicer(self.registry, self.metrics)
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
@@ -101,7 +99,7 @@ class Server:
         self.grpc_port = self._grpc.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {settings.host}:{settings.grpc_port}")
-        if settings.metrics_port >= 0:
+        if settings.metrics_port is not None:
             self._http, _ = start_http_server(
                 settings.metrics_port, settings.host, registry=self.metrics.registry
             )
@@ -110,8 +108,9 @@ class Server:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._background.append(asyncio.create_task(self._evict_idle()))
-        if settings.repository_poll_s > 0:
-            self._background.append(asyncio.create_task(self._poll_repository()))
+        if settings.repository_poll_s is not None:
+            poll = self._poll_repository(settings.repository_poll_s)
+            self._background.append(asyncio.create_task(poll))
         if settings.port_file is not None:
             _write_port_file(settings.port_file, self.grpc_port, self.metrics_port)
         logger.info(
@@ -137,9 +136,9 @@ class Server:
             await asyncio.sleep(1.0)
             self.registry.evict_idle()
 
-    async def _poll_repository(self) -> None:
+    async def _poll_repository(self, every_s: float) -> None:
         while True:
-            await asyncio.sleep(self.settings.repository_poll_s)
+            await asyncio.sleep(every_s)
             try:
                 await self.registry.load_all()
             except Exception:
@@ -157,9 +156,8 @@ class Server:
         deadline = loop.time() + grace
         logger.info("draining: no new sequences, %gs for in-flight requests", grace)
         if self.store.shared:
-            await self.registry.announce(grace)
-        self.servicer.draining = True
-        self.servicer.handing_over = self.store.shared
+            await self.registry.mark_moving(grace)
+        self.registry.stop_admitting(hand_over=self.store.shared)
         await self.health.enter_graceful_shutdown()
         for task in self._background:
             task.cancel()
@@ -179,7 +177,7 @@ class Server:
         """Let queued steps finish, then write every live state to the shared store."""
         if not await self.registry.quiesce(grace_s):
             logger.warning("steps still running after %gs; handing over what is stored", grace_s)
-        written = await self.registry.flush()
+        written = await self.registry.write_states()
         logger.info(
             "handed over to %s: %d sequence states written (durability %s)",
             self.store.name,

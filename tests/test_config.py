@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from rnnserve.config import Settings
+from rnnserve.logging import LogLevel
 from rnnserve.models import bundled_repository
+from rnnserve.runtime.onnx import Provider, Spinning
+from rnnserve.sessions.store import Durability
 
 
 def settings(argv: list[str], environ: dict[str, str]) -> Settings:
@@ -25,11 +28,12 @@ def test_defaults() -> None:
 
 
 def test_state_store_settings() -> None:
-    assert (settings([], {}).state_store, settings([], {}).state_durability) == ("memory", "step")
+    defaults = settings([], {})
+    assert (defaults.state_store, defaults.state_durability) == ("memory", Durability.STEP)
     environ = {"RNNSERVE_STATE_STORE": "rediss://:pw@db:6380/1", "RNNSERVE_STATE_DURABILITY": "end"}
     s = settings([], environ)
-    assert (s.state_store, s.state_durability) == ("rediss://:pw@db:6380/1", "end")
-    assert settings(["--state-durability", "none"], environ).state_durability == "none"
+    assert (s.state_store, s.state_durability) == ("rediss://:pw@db:6380/1", Durability.END)
+    assert settings(["--state-durability", "none"], environ).state_durability is Durability.NONE
 
 
 def test_environment_then_flag() -> None:
@@ -47,16 +51,27 @@ def test_environment_then_flag() -> None:
     ("argv", "environ", "needle"),
     [
         ([], {"RNNSERVE_GRPC_PORT": "http"}, "RNNSERVE_GRPC_PORT"),
-        (["--provider", "tpu"], {}, "--provider must be auto, cpu or cuda"),
+        (["--provider", "tpu"], {}, "--provider .* must be auto, cpu, cuda"),
         (["--grpc-port", "70000"], {}, "not a port number"),
-        (["--max-steps-per-request", "-1"], {}, "0 \\(per model\\) or more"),
-        (["--ort-spinning", "3"], {}, "--ort-spinning must be 0, 1 or 2"),
-        ([], {"RNNSERVE_INLINE_MAX_STEPS": "-1"}, "--inline-max-steps must be 0"),
+        (["--metrics-port", "-1"], {}, "not a port number"),
+        (["--max-steps-per-request", "0"], {}, "--max-steps-per-request must be positive"),
+        (["--ort-spinning", "3"], {}, "--ort-spinning .* must be never, during-run, always"),
+        ([], {"RNNSERVE_INLINE_MAX_WORK": "-1"}, "--inline-max-work must be 0"),
         (["--state-store", "etcd://x"], {}, "--state-store must be memory or redis://"),
-        ([], {"RNNSERVE_STATE_DURABILITY": "always"}, "--state-durability must be step, end"),
+        ([], {"RNNSERVE_STATE_DURABILITY": "always"}, "RNNSERVE_STATE_DURABILITY.* must be step"),
         (["--state-store-timeout-s", "0"], {}, "--state-store-timeout-s must be positive"),
     ],
 )
 def test_bad_values_name_the_setting(argv, environ, needle) -> None:
     with pytest.raises(ValueError, match=needle):
         settings(argv, environ)
+
+
+def test_enumerated_settings_and_off() -> None:
+    s = settings(["--provider", "cpu", "--ort-spinning", "never", "--metrics-port", "off"], {})
+    assert (s.provider, s.ort_spinning, s.metrics_port) == (Provider.CPU, Spinning.NEVER, None)
+    assert settings(["--ort-spinning", "2"], {}).ort_spinning is Spinning.ALWAYS  # as before
+    assert settings([], {"RNNSERVE_LOG_LEVEL": "DEBUG"}).log_level is LogLevel.DEBUG
+    defaults = settings([], {})
+    assert defaults.max_queue_delay_us is None and defaults.intra_op_threads is None
+    assert settings(["--max-queue-delay-us", "0"], {}).max_queue_delay_us == 0

@@ -15,12 +15,12 @@ import pytest
 from prometheus_client import generate_latest
 
 from rnnserve.metrics import Metrics
-from rnnserve.runtime.onnx import PROVIDERS, EngineSettings, OnnxRuntime
+from rnnserve.runtime.onnx import PROVIDERS, EngineSettings, OnnxRuntime, Provider
 from rnnserve.serving.model import Limits
 from rnnserve.serving.registry import ModelRegistry
 from rnnserve.serving.request import InferenceRequest, SequenceControl
-from tests.batching.test_batcher import MODEL, VOCAB, reference
 from tests.conftest import BUNDLED
+from tests.serving.test_model import MODEL, VOCAB, reference
 
 GPU_TOLERANCE = 1e-4
 """cuDNN and cuBLAS sum in another order than the CPU kernels."""
@@ -37,25 +37,21 @@ def _nvml_works() -> bool:
 
 
 needs_cuda = pytest.mark.skipif(
-    PROVIDERS["cuda"] not in ort.get_available_providers(),
+    PROVIDERS[Provider.CUDA] not in ort.get_available_providers(),
     reason="no CUDA execution provider (onnxruntime-gpu and a GPU)",
 )
 
 
 @needs_cuda
-def test_sequences_on_the_gpu_match_the_cpu() -> None:
-    asyncio.run(step_on_the_gpu())
-
-
-async def step_on_the_gpu() -> None:
+async def test_sequences_on_the_gpu_match_the_cpu() -> None:
     registry = ModelRegistry(
         BUNDLED,
-        lambda path: OnnxRuntime(path, EngineSettings(provider="cuda")),
+        lambda path: OnnxRuntime(path, EngineSettings(provider=Provider.CUDA)),
         Limits(max_queue_delay_s=0.0),
     )
     await registry.load_all()
     model = registry.get(MODEL)
-    assert model.batcher.runtime.provider == PROVIDERS["cuda"]
+    assert model.runtime.provider == PROVIDERS[Provider.CUDA]
     tokens = np.random.default_rng(5).integers(0, VOCAB, size=(4, 6, 1), dtype=np.int64)
     try:
         for t in range(tokens.shape[1]):

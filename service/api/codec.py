@@ -289,8 +289,8 @@ def _response_parts(result: InferenceResult, request_id: str) -> list[bytes]:
     parts = [_response_head(result.model, result.version)]
     if request_id:
         parts.append(_field(3, request_id.encode()))
-    for key, value in result.extra.items():
-        parts.append(_parameter_entry(key, value))
+    if result.sequence_version is not None:
+        parts.append(_parameter_entry("sequence_version", result.sequence_version))
     outputs = result.outputs
     for name, array in outputs.items():
         parts.append(_output_head(name, array.dtype.str, array.shape))
@@ -345,14 +345,9 @@ def length_delimited(number: int, payload: bytes) -> bytes:
     return _field(number, payload)
 
 
-def _parameter_entry(key: str, value: object) -> bytes:
-    """Field 4: one entry of the map<string, InferParameter> `parameters`."""
-    if isinstance(value, bool):
-        parameter = bytes((1 << 3 | _VARINT,)) + _varint(int(value))
-    elif isinstance(value, int):
-        parameter = bytes((2 << 3 | _VARINT,)) + _varint(value)
-    else:
-        parameter = _field(3, str(value).encode())
+def _parameter_entry(key: str, value: int) -> bytes:
+    """Field 4: one entry of the map<string, InferParameter> `parameters`, an int64_param."""
+    parameter = bytes((2 << 3 | _VARINT,)) + _varint(value)
     return _field(4, b"".join((_map_key(key), _field(2, parameter))))
 
 

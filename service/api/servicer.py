@@ -1,8 +1,10 @@
 """inference.GRPCInferenceService: the Open Inference Protocol with Triton's extensions.
 
-This layer only translates between protocol messages and the serving layer. Errors are mapped
-to status codes in one place: `_unary` for unary calls, and `_failed` for inference requests,
-whose error a stream carries in its response and a unary call as its status.
+This layer only translates between protocol messages and the engine (`rnnserve.serving`):
+it decodes a request, hands it to the model version the registry resolves, and encodes the
+outcome that comes back. Errors become statuses through `rnnserve.api.status` alone: a unary
+call carries its error as its status, a stream in the response's `error_message` (as Triton
+does), and the stream stays open.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -27,12 +29,12 @@ from rnnserve.api.codec import (
     encode_stream_error,
     encode_stream_response,
 )
-from rnnserve.batching.batcher import Step
-from rnnserve.errors import ServiceError, ShuttingDown
-from rnnserve.metrics import UNKNOWN_MODEL, Metrics
-from rnnserve.serving.model import ModelState, ServedModel
+from rnnserve.api.status import status_of
+from rnnserve.errors import ServiceError
+from rnnserve.serving.model import ModelState
 from rnnserve.serving.registry import ModelRegistry
-from rnnserve.serving.request import InferenceRequest, InferenceResult
+from rnnserve.serving.request import InferenceResult, Outcome
+from rnnserve.serving.snapshot import ModelSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,27 @@ EXTENSIONS = (
 )
 """What ServerMetadata advertises: only what is implemented."""
 
-INTERNAL_ERROR = "internal error; see the server log"
+UNKNOWN_MODEL = "_unknown"
+"""Metric label for requests naming a model that is not served: client input never becomes a
+label."""
+
+
+class RequestObserver(Protocol):
+    """Where the outcome and durations of each inference request go (the server's metrics)."""
+
+    def observe_request(
+        self,
+        model: str,
+        version: str,
+        outcome: str,
+        total_s: float,
+        queue_s: float | None = None,
+        compute_s: float | None = None,
+    ) -> None:
+        """One request of model `version`: `outcome` is OK or a status code's name; durations
+        in seconds (total: decode to encode; queue and compute: the engine's)."""
+        ...
+
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -53,28 +75,26 @@ Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]
 
 
 def _unary(method: Handler[Request, Response]) -> Handler[Request, Response]:
+    """A unary method whose errors end the call with their status (`status_of`)."""
+
     @functools.wraps(method)
     async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
         try:
             return await method(self, request, context)
-        except ServiceError as error:
-            await context.abort(error.code, str(error))
-        except Exception:
-            logger.exception("unexpected error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
+        except Exception as error:  # noqa: BLE001 - mapped to a status in one place
+            await context.abort(*status_of(error))
         raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
+    """The Open Inference Protocol over the model registry; `observer` hears every request."""
+
+    def __init__(self, registry: ModelRegistry, observer: RequestObserver) -> None:
         self.registry = registry
-        self.metrics = metrics
+        self.observer = observer
         self.decoder = RequestDecoder()
-        self.draining = False
-        self.handing_over = False
-        """Draining with a shared state store: live sequences are refused too, to move on."""
 
     # ------------------------------------------------------------------ health
     async def ServerLive(
@@ -85,7 +105,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: Any
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=not self.draining and bool(self.registry.models))
+        return pb.ServerReadyResponse(ready=self.registry.ready)
 
     @_unary
     async def ModelReady(
@@ -95,7 +115,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model = self.registry.get(request.name, request.version)
         except ServiceError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=model.state is ModelState.READY and not self.draining)
+        return pb.ModelReadyResponse(ready=model.state is ModelState.READY and self.registry.ready)
 
     # ------------------------------------------------------------------ metadata
     @_unary
@@ -135,15 +155,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Any
     ) -> pb.ModelStatisticsResponse:
+        snapshots = self.registry.snapshot()
         if request.name:
-            selected = [self.registry.get(request.name, request.version)]
-            if not request.version:
-                selected = list(self.registry.models.get(request.name, {}).values())
-        else:
-            selected = self.registry.all_models()
+            model = self.registry.get(request.name, request.version)  # or NOT_FOUND
+            snapshots = [
+                s
+                for s in snapshots
+                if s.name == model.name and (not request.version or s.version == model.version)
+            ]
         response = pb.ModelStatisticsResponse()
-        for model in selected:
-            _statistics(model, response.model_stats.add())
+        for snapshot in snapshots:
+            _statistics(snapshot, response.model_stats.add())
         return response
 
     # ------------------------------------------------------------------ repository
@@ -198,34 +220,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.CudaSharedMemoryUnregisterResponse()
 
     # ------------------------------------------------------------------ inference
-    def _resolve(self, request: InferenceRequest) -> ServedModel:
-        control = request.sequence
-        if self.draining and (control.start or not control.id):
-            raise ShuttingDown("the server is shutting down and takes no new sequences")
-        if self.handing_over and control.id:
-            raise ShuttingDown(
-                "the server is shutting down and hands its sequences over to the state store; "
-                "send this request to another replica, which continues the sequence"
-            )
-        if control.id:
-            return self.registry.for_sequence(
-                request.model, request.version, control.id, control.start
-            )
-        return self.registry.get(request.model, request.version)
-
     async def ModelInfer(self, data: bytes, context: Any) -> bytes:
         """Decode, run and encode one request; record its metrics whatever the outcome."""
         started = time.perf_counter()
         labels = (UNKNOWN_MODEL, "")
         try:
             request = self.decoder.decode(data)
-            model = self._resolve(request)
+            model = self.registry.resolve(request)
             labels = model.labels
             result = await model.infer(request)
             response = encode_response(result, request.id)
         except Exception as error:  # noqa: BLE001 - mapped to a status in one place
-            code, text = self._failed(error, labels, started)
-            await context.abort(code, text)
+            await context.abort(*self._failed(error, labels, started))
         except asyncio.CancelledError as error:
             self._failed(error, labels, started)
             raise
@@ -249,10 +255,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await reader
 
     async def _read_stream(self, request_iterator: AsyncIterator[bytes], outbox: _Outbox) -> None:
-        """Queue each request's step as it arrives; its completion puts the answer in `outbox`.
+        """Submit each request as it arrives; its outcome puts the answer in `outbox`.
 
-        No task or future per request: a step is queued synchronously (so the steps of one
-        sequence keep their order) and the batcher calls its completion when it ran.
+        No task or future per request: a request is submitted synchronously (so the requests
+        of one sequence keep their order) and the engine calls back once with its outcome.
         """
         try:
             async for data in request_iterator:
@@ -263,44 +269,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _stream_one(self, data: bytes, outbox: _Outbox) -> None:
         started = time.perf_counter()
-        labels = (UNKNOWN_MODEL, "")
         try:
             request = self.decoder.decode(data)
+            model = self.registry.resolve(request)
         except Exception as error:  # noqa: BLE001 - each request is answered, the stream lives on
-            outbox.put(self._stream_failure(_echo_of(data), error, labels, started))
+            echo = _echo_of(data)
+            code, text = self._failed(error, (UNKNOWN_MODEL, ""), started)
+            outbox.put(encode_stream_error(*echo, f"[{code.name}] {text}"))
             return
-        echo = (request.model, request.version, request.id)
+        labels = model.labels
 
-        def done(step: Step) -> None:
-            try:
-                result = model.finish(step)
-                response = encode_stream_response(result, request.id)
-            except BaseException as error:  # noqa: BLE001 - cancelled steps are answered too
-                outbox.put(self._stream_failure(echo, error, labels, started))
-                return
-            self._succeeded(result, labels, started)
-            outbox.put(response)
+        def answer(outcome: Outcome | Exception) -> None:
+            if isinstance(outcome, InferenceResult):
+                outbox.put(encode_stream_response(outcome, request.id))
+                self._succeeded(outcome, labels, started)
+            else:
+                code, text = self._failed(outcome, labels, started)
+                outbox.put(
+                    encode_stream_error(
+                        request.model, request.version, request.id, f"[{code.name}] {text}"
+                    )
+                )
 
         try:
-            model = self._resolve(request)
-            labels = model.labels
-            model.submit(request, done)
-        except Exception as error:  # noqa: BLE001
-            outbox.put(self._stream_failure(echo, error, labels, started))
-
-    def _stream_failure(
-        self,
-        echo: tuple[str, str, str],
-        error: BaseException,
-        labels: tuple[str, str],
-        started: float,
-    ) -> bytes:
-        """The stream's answer to a failed request, which names its model, version and id."""
-        code, text = self._failed(error, labels, started)
-        return encode_stream_error(*echo, f"[{code.name}] {text}")
+            model.submit(request, answer)
+        except Exception as error:  # noqa: BLE001 - a model stopped meanwhile: still answered
+            answer(error)
 
     def _succeeded(self, result: InferenceResult, labels: tuple[str, str], started: float) -> None:
-        self.metrics.observe_request(
+        self.observer.observe_request(
             *labels, "OK", time.perf_counter() - started, result.queue_s, result.compute_s
         )
 
@@ -308,14 +305,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, error: BaseException, labels: tuple[str, str], started: float
     ) -> tuple[grpc.StatusCode, str]:
         """Record a failed request; the status code and message its client gets."""
-        if isinstance(error, ServiceError):
-            code, text = error.code, str(error)
-        elif isinstance(error, asyncio.CancelledError):
-            code, text = grpc.StatusCode.CANCELLED, "the request was cancelled"
-        else:
-            logger.error("unexpected error on an inference request", exc_info=error)
-            code, text = grpc.StatusCode.INTERNAL, INTERNAL_ERROR
-        self.metrics.observe_request(*labels, code.name, time.perf_counter() - started)
+        code, text = status_of(error)
+        self.observer.observe_request(*labels, code.name, time.perf_counter() - started)
         return code, text
 
 
@@ -397,8 +388,8 @@ _WIRE_METHODS = frozenset({"ModelInfer", "ModelStreamInfer"})
 """Methods whose requests arrive and responses leave as wire bytes (see `codec`)."""
 
 
-def _statistics(model: ServedModel, out: pb.ModelStatistics) -> None:
-    stats = model.stats
+def _statistics(model: ModelSnapshot, out: pb.ModelStatistics) -> None:
+    stats = model.statistics
     out.name = model.name
     out.version = str(model.version)
     out.last_inference = stats.last_inference_ms
@@ -410,7 +401,7 @@ def _statistics(model: ServedModel, out: pb.ModelStatistics) -> None:
     infer.queue.count, infer.queue.ns = stats.success_count, stats.queue_ns
     infer.compute_infer.count, infer.compute_infer.ns = stats.success_count, stats.compute_ns
     infer.compute_input.count = infer.compute_output.count = stats.success_count
-    for size, (count, ns) in sorted(stats.batches.items()):
+    for size, figures in sorted(stats.batches.items()):
         batch = out.batch_stats.add(batch_size=size)
-        batch.compute_infer.count, batch.compute_infer.ns = count, ns
-        batch.compute_input.count = batch.compute_output.count = count
+        batch.compute_infer.count, batch.compute_infer.ns = figures.count, figures.compute_ns
+        batch.compute_input.count = batch.compute_output.count = figures.count

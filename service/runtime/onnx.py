@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -23,29 +24,57 @@ _DTYPES: dict[str, np.dtype[np.generic]] = {
     "tensor(float16)": np.dtype(np.float16),
     "tensor(bool)": np.dtype(np.bool_),
 }
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-SPIN_NEVER, SPIN_DURING_RUN, SPIN_ALWAYS = 0, 1, 2
+
+
+class Provider(enum.Enum):
+    """Which execution provider a model runs on."""
+
+    AUTO = "auto"
+    """CUDA when the GPU build of ONNX Runtime and a GPU are there, else the CPU."""
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+PROVIDERS = {Provider.CPU: "CPUExecutionProvider", Provider.CUDA: "CUDAExecutionProvider"}
+"""ONNX Runtime's name of each execution provider."""
+
+
+class Spinning(enum.Enum):
+    """Whether ONNX Runtime's threads busy-wait for work."""
+
+    NEVER = "never"
+    DURING_RUN = "during-run"
+    """While a model call runs; they stop as it returns."""
+    ALWAYS = "always"
+    """ONNX Runtime's own default: idle threads burn CPU between calls too."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> Spinning | None:
+        # The numbers earlier releases took (--ort-spinning 0, 1, 2).
+        return {"0": cls.NEVER, "1": cls.DURING_RUN, "2": cls.ALWAYS}.get(str(value))
 
 
 @dataclass(frozen=True)
 class EngineSettings:
-    provider: str = "auto"
-    """auto (CUDA when available, else CPU), cpu or cuda."""
-    intra_op_threads: int = 0
-    """Threads inside one operator; 0 lets ONNX Runtime choose."""
-    inter_op_threads: int = 0
-    spinning: int = SPIN_ALWAYS
-    """Whether ONNX Runtime's threads busy-wait for work: SPIN_NEVER, SPIN_DURING_RUN (while a
-    model call runs; they stop as it returns) or SPIN_ALWAYS (ONNX Runtime's own default)."""
+    """How ONNX Runtime runs every model of the server."""
+
+    provider: Provider = Provider.AUTO
+    intra_op_threads: int | None = None
+    """Threads inside one operator; None lets ONNX Runtime choose."""
+    inter_op_threads: int | None = None
+    """Threads across operators; None lets ONNX Runtime choose."""
+    spinning: Spinning = Spinning.ALWAYS
     parallel_min_work: int = 0
     """On the CPU with several intra-op threads, calls of less work than this (rows x time
     steps, the `work` given to `run`) run on a second, single-threaded session. 0: none do."""
 
 
-def choose_provider(wanted: str) -> str:
+def choose_provider(wanted: Provider) -> str:
+    """ONNX Runtime's name of the provider to ask for; RuntimeError when it is not built in."""
     available = ort.get_available_providers()
-    if wanted == "auto":
-        return PROVIDERS["cuda"] if PROVIDERS["cuda"] in available else PROVIDERS["cpu"]
+    cuda, cpu = PROVIDERS[Provider.CUDA], PROVIDERS[Provider.CPU]
+    if wanted is Provider.AUTO:
+        return cuda if cuda in available else cpu
     provider = PROVIDERS[wanted]
     if provider not in available:
         raise RuntimeError(
@@ -74,20 +103,21 @@ class OnnxRuntime:
         threads = settings.intra_op_threads or _usable_cores()
         self.parallel_min_work = 0
         self.serial_session = self.session
-        if settings.parallel_min_work > 0 and threads > 1 and self.provider == PROVIDERS["cpu"]:
+        cpu = PROVIDERS[Provider.CPU]
+        if settings.parallel_min_work > 0 and threads > 1 and self.provider == cpu:
             self.parallel_min_work = settings.parallel_min_work
             self.serial_session = self._open(path, settings, 1)
 
     @staticmethod
-    def _open(path: Path, settings: EngineSettings, threads: int) -> ort.InferenceSession:
+    def _open(path: Path, settings: EngineSettings, threads: int | None) -> ort.InferenceSession:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = settings.inter_op_threads
+        options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's choice
+        options.inter_op_num_threads = settings.inter_op_threads or 0
         options.log_severity_level = 3
-        spin = "0" if settings.spinning == SPIN_NEVER else "1"
+        spin = "0" if settings.spinning is Spinning.NEVER else "1"
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        if settings.spinning == SPIN_DURING_RUN:
+        if settings.spinning is Spinning.DURING_RUN:
             # Spinning inside a call saves a thread wake-up per parallel section (an LSTM
             # call has several per time step); spinning between calls burns the CPU that
             # gRPC and the event loop need.

@@ -1,4 +1,10 @@
-"""One loaded model version: its graph, its state arena, its sequences and its batcher."""
+"""One loaded model version: it checks a request, plans its work, and answers it once.
+
+The path of one request: `submit` checks the request against the model's signature and turns
+it into a frozen `Work` (for a sequence: started, resumed or ended here); the batcher decides
+when it runs; `BatchExecution` runs it; `_complete` releases what it held, counts it, and hands
+its outcome (an `InferenceResult` or a `ServiceError`) to the caller's callback, once.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +12,30 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from rnnserve._pb import model_config_pb2 as mc
-from rnnserve.batching.batcher import SequenceBatcher, Step
-from rnnserve.errors import InvalidArgument, InvalidModelRepository, ModelNotReady
-from rnnserve.repository.signature import (
-    ModelSignature,
-    TensorSpec,
-    signature_of,
-    wire_name_of,
+from rnnserve.batching.batcher import Cancelled, SequenceBatcher, Ticket
+from rnnserve.errors import (
+    InternalError,
+    InvalidArgument,
+    InvalidModelRepository,
+    ModelNotReady,
+    RequestCancelled,
+    ServiceError,
 )
+from rnnserve.repository.signature import ModelSignature, TensorSpec, signature_of, wire_name_of
 from rnnserve.runtime.base import Runtime
-from rnnserve.serving.request import InferenceRequest, InferenceResult
+from rnnserve.serving.execution import BatchExecution, Ran, Result, Work
+from rnnserve.serving.request import InferenceRequest, InferenceResult, OnOutcome, Outcome
+from rnnserve.serving.snapshot import ModelSnapshot, SequenceSnapshot
+from rnnserve.serving.statistics import Statistics
 from rnnserve.sessions.arena import StateArena
-from rnnserve.sessions.manager import SequenceManager
+from rnnserve.sessions.manager import EvictionReason, SequenceManager
 from rnnserve.sessions.store import Durability, MemoryStore, StateStore
 from rnnserve.sessions.sync import StateSync
 
@@ -32,33 +43,41 @@ logger = logging.getLogger(__name__)
 
 
 class ModelState(enum.Enum):
+    """Where a loaded model version is in its life."""
+
     READY = "READY"
     UNLOADING = "UNLOADING"
+    """Unloaded: takes no new sequences; its live ones go on until the unload grace ends."""
     UNAVAILABLE = "UNAVAILABLE"
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-model limits; zero or negative values defer to the model's config.pbtxt."""
+    """Per-model limits set for the whole server; None defers to each model's config.pbtxt."""
 
-    max_sequences: int = 0
-    idle_timeout_s: float = 0.0
-    max_queue_delay_s: float = -1.0
-    max_steps_per_request: int = 0
-    inline_max_steps: int = 1
-    """A lone sequence's batches of at most this many rows x time steps run on the event loop
-    (0: none)."""
+    max_sequences: int | None = None
+    idle_timeout_s: float | None = None
+    max_queue_delay_s: float | None = None
+    max_steps_per_request: int | None = None
+    """Time steps one request may carry."""
+    inline_max_work: int = 1
+    """A lone sequence's requests of at most this many rows x time steps run on the event
+    loop (0: none do)."""
 
 
 DEFAULT_MAX_STEPS = 4096
+"""Time steps one request may carry when neither the server nor the config says."""
 MAX_CHECKED_SHAPES = 1024
 """Input shapes a model remembers as checked."""
 
 
-def _config_int(config: mc.ModelConfig, key: str) -> int:
-    """An integer from the config's `parameters`, 0 when absent."""
+def _config_int(config: mc.ModelConfig, key: str) -> int | None:
+    """A whole number from the config's `parameters`; None when absent.
+
+    Raises InvalidModelRepository when the parameter is not a whole number.
+    """
     if key not in config.parameters:
-        return 0
+        return None
     text = config.parameters[key].string_value
     if not text.isdigit():
         raise InvalidModelRepository(
@@ -67,27 +86,19 @@ def _config_int(config: mc.ModelConfig, key: str) -> int:
     return int(text)
 
 
-@dataclass
-class Statistics:
-    """Cumulative figures for ModelStatistics, in Triton's terms (durations in ns)."""
+@dataclass(frozen=True)
+class SequenceSupport:
+    """A streamable model's one optional part: its live sequences, their state arena, and
+    the sync of that arena with the state store."""
 
-    inference_count: int = 0
-    execution_count: int = 0
-    success_count: int = 0
-    success_ns: int = 0
-    fail_count: int = 0
-    fail_ns: int = 0
-    queue_ns: int = 0
-    compute_ns: int = 0
-    last_inference_ms: int = 0
-    batches: dict[int, list[int]] = field(default_factory=dict)
-    """batch size -> [count, compute ns]."""
-
-
-BatchHook = Callable[["ServedModel", Sequence[Step], float], None]
+    manager: SequenceManager
+    arena: StateArena
+    sync: StateSync
 
 
 class ServedModel:
+    """One loaded model version (event loop only, but for `snapshot`)."""
+
     def __init__(
         self,
         name: str,
@@ -96,55 +107,45 @@ class ServedModel:
         path: Path,
         runtime: Runtime,
         limits: Limits,
-        on_batch: BatchHook | None = None,
         store: StateStore | None = None,
         durability: Durability = Durability.STEP,
     ) -> None:
         self.name = name
         self.version = version
-        self.labels = (name, str(version))
-        """Its metric labels: model and version."""
         self.config = config
         self.path = path
         self.runtime = runtime
-        self.limits = limits
         self.signature: ModelSignature = signature_of(config, runtime)
         sig = self.signature
-        self.idle_timeout_s = limits.idle_timeout_s or sig.idle_timeout_s
+        self.idle_timeout_s = (
+            limits.idle_timeout_s if limits.idle_timeout_s is not None else sig.idle_timeout_s
+        )
         self.max_steps = (
             limits.max_steps_per_request
             or _config_int(config, "max_steps_per_request")
             or DEFAULT_MAX_STEPS
         )
-        capacity = limits.max_sequences or sig.max_sequences
-        self.arena = StateArena([s.dims for s in sig.states], capacity) if sig.streamable else None
         store = store if store is not None else MemoryStore()
-        self.sync = (
-            StateSync(store, durability, name, version, self.arena, self.idle_timeout_s)
-            if self.arena is not None
-            else None
+        self.sequences = self._sequence_support(limits, store, durability)
+        delay = (
+            limits.max_queue_delay_s if limits.max_queue_delay_s is not None else sig.queue_delay_s
         )
-        self.sequences = (
-            SequenceManager(
-                f"{name} (version {version})", self.arena, self.idle_timeout_s, store.shared
-            )
-            if self.arena is not None
-            else None
-        )
-        delay = limits.max_queue_delay_s if limits.max_queue_delay_s >= 0 else sig.queue_delay_s
+        # Inline runs would block the event loop on a shared store's round trips.
+        inline_max_work = 0 if store.shared else limits.inline_max_work
         self.stats = Statistics()
-        self._on_batch = on_batch
-        self.batcher = SequenceBatcher(
+        support = self.sequences
+        self._batcher: SequenceBatcher[Work, Result] = SequenceBatcher(
             f"{name}-{version}",
-            runtime,
-            sig.states,
-            self.arena,
+            BatchExecution(
+                runtime,
+                sig.states,
+                support.arena if support is not None else None,
+                support.sync if support is not None else None,
+            ),
+            self._complete,
             sig.max_batch_size,
             delay,
-            observer=self._batch_done,
-            sync=self.sync,
-            inline_max_steps=limits.inline_max_steps,
-            lone=lambda: self.sequences is not None and len(self.sequences.live) <= 1,
+            may_run_inline=self._lone_sequence_rule(inline_max_work) if support else None,
         )
         self.state = ModelState.READY
         self._inputs = {t.name: t for t in sig.inputs}
@@ -154,163 +155,276 @@ class ServedModel:
         self._checked_inputs: dict[tuple[tuple[str, str, tuple[int, ...]], ...], tuple[int, int]]
         self._checked_inputs = {}
 
+    def _sequence_support(
+        self, limits: Limits, store: StateStore, durability: Durability
+    ) -> SequenceSupport | None:
+        sig = self.signature
+        if not sig.streamable:
+            return None
+        capacity = limits.max_sequences or sig.max_sequences
+        arena = StateArena([s.dims for s in sig.states], capacity)
+        label = f"{self.name} (version {self.version})"
+        return SequenceSupport(
+            SequenceManager(label, arena, self.idle_timeout_s, adopt=store.shared),
+            arena,
+            StateSync(store, durability, self.name, self.version, arena, self.idle_timeout_s),
+        )
+
+    def _lone_sequence_rule(self, max_work: int) -> Callable[[Work], bool]:
+        """Work that may run inline: a lone live sequence's, of at most `max_work` rows x T.
+
+        Only for a lone sequence: with company, the work that arrives while a batch runs on
+        the worker thread makes the next batch, and running single items inline would starve
+        that.
+        """
+        live = self.sequences.manager.live if self.sequences is not None else {}
+
+        def rule(work: Work) -> bool:
+            return (
+                work.sequence is not None
+                and work.rows * work.time_steps <= max_work
+                and len(live) <= 1
+            )
+
+        return rule
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        """Its metric labels: model and version."""
+        return self.name, str(self.version)
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self.batcher.start()
+        """Start serving (on the event loop)."""
+        self._batcher.start()
 
     async def stop(self) -> None:
+        """Run the work that is queued, then stop; the model takes no request after this."""
         self.state = ModelState.UNAVAILABLE
-        await self.batcher.stop()
+        await self._batcher.stop()
+
+    async def retire(self, grace_s: float) -> None:
+        """Unload: take no new sequences; let live ones run up to `grace_s` seconds, then end
+        the rest (their next request hears that the version was unloaded) and stop."""
+        self.state = ModelState.UNLOADING
+        deadline = time.monotonic() + grace_s
+        while self.live_sequences and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.sequences is not None:
+            manager = self.sequences.manager
+            for sequence in list(manager.live.values()):
+                manager.evict(
+                    sequence,
+                    f"version {self.version} of model {self.name} was unloaded",
+                    EvictionReason.UNLOADED,
+                )
+        await self.stop()
 
     @property
     def live_sequences(self) -> int:
-        return len(self.sequences.live) if self.sequences is not None else 0
-
-    @property
-    def state_bytes(self) -> int:
-        return self.arena.used * self.arena.bytes_per_slot if self.arena is not None else 0
+        return len(self.sequences.manager.live) if self.sequences is not None else 0
 
     def holds(self, sequence_id: object) -> bool:
-        return self.sequences is not None and sequence_id in self.sequences.live
+        """Whether `sequence_id` is one of its live sequences."""
+        return self.sequences is not None and sequence_id in self.sequences.manager.live
 
     @property
     def busy(self) -> bool:
-        """Steps are queued or running."""
-        return self.batcher.busy
+        """Work is queued or running."""
+        return self._batcher.busy
 
-    async def announce(self, ttl_s: float) -> int:
-        """Mark in the state store the states `flush` is about to write (shutdown)."""
-        if self.sync is None or self.sequences is None:
-            return 0
-        sync, live = self.sync, list(self.sequences.live.values())
-        return await self.batcher.on_worker(lambda: sync.announce(live, ttl_s))
+    def evict_idle(self, now: float | None = None) -> int:
+        """Evict sequences idle for over the idle timeout at `now` (`time.monotonic()`
+        seconds; the current time when None); how many were."""
+        return len(self.sequences.manager.evict_idle(now)) if self.sequences is not None else 0
 
-    async def flush(self) -> int:
-        """Write every live state to the state store where durability asks (shutdown)."""
-        if self.sync is None or self.sequences is None:
+    async def mark_moving(self, ttl_s: float) -> int:
+        """Mark in the state store the states `write_states` is about to write (hand-over at
+        shutdown), for `ttl_s` seconds; how many. Raises StoreUnavailable."""
+        if self.sequences is None:
             return 0
-        sync, live = self.sync, list(self.sequences.live.values())
-        return await self.batcher.on_worker(lambda: sync.flush(live))
+        sync, live = self.sequences.sync, list(self.sequences.manager.live.values())
+        return await self._batcher.on_worker(lambda: sync.mark_moving(live, ttl_s))
+
+    async def write_states(self) -> int:
+        """Write every live state to the state store where durability asks (hand-over at
+        shutdown); how many were. Raises StoreUnavailable."""
+        if self.sequences is None:
+            return 0
+        sync, live = self.sequences.sync, list(self.sequences.manager.live.values())
+        return await self._batcher.on_worker(lambda: sync.write_all(live))
+
+    def snapshot(self) -> ModelSnapshot:
+        """Its figures as they are now; safe from any thread."""
+        sequences = None
+        support = self.sequences
+        if support is not None:
+            counters = support.manager.counters
+            arena = support.arena
+            sequences = SequenceSnapshot(
+                live=len(support.manager.live),
+                capacity=arena.capacity,
+                state_bytes=arena.used * arena.bytes_per_slot,
+                started=counters.started,
+                ended=counters.ended,
+                evicted_idle=counters.evicted_idle,
+                evicted_unloaded=counters.evicted_unloaded,
+                store_events=dict(support.sync.events),
+            )
+        return ModelSnapshot(
+            self.name,
+            self.version,
+            self.state.value,
+            self.runtime.provider,
+            self.stats.snapshot(),
+            sequences,
+        )
 
     # ------------------------------------------------------------------ inference
     async def infer(self, request: InferenceRequest) -> InferenceResult:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Run one request; its result. Raises the ServiceError that answers it.
 
-        def wake(_: Step) -> None:
-            if not done.done():
-                done.set_result(None)
+        If the caller is cancelled before the request ran, it never runs.
+        """
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
 
-        step = self.submit(request, wake)
+        def deliver(outcome: Outcome) -> None:
+            if not future.done():
+                future.set_result(outcome)
+
+        ticket = self.submit(request, deliver)
         try:
-            await done
-        except BaseException:
-            step.abandoned = True
-            self._release(step, failed=True)
+            outcome = await future
+        except asyncio.CancelledError:
+            if ticket is not None:
+                ticket.cancel()
             raise
-        return self.finish(step)
+        if isinstance(outcome, ServiceError):
+            raise outcome
+        return outcome
 
-    def submit(self, request: InferenceRequest, on_done: Callable[[Step], None]) -> Step:
-        """Check the request and queue its step; `on_done(step)` is called once it ran.
+    def submit(self, request: InferenceRequest, on_outcome: OnOutcome) -> Ticket[Work] | None:
+        """Check the request and queue its work; `on_outcome` hears how it ended, once.
 
-        `on_done` runs on the event loop and should call `finish`. Synchronous on purpose: the
-        steps of one sequence are queued in the order their requests arrive, whatever callers
-        await in between.
+        A request that fails its checks is answered at once (a ServiceError, before this
+        returns) and None is returned; otherwise the ticket, to cancel it. Synchronous on
+        purpose: the requests of one sequence are queued in the order they arrive, whatever
+        callers await in between. Call on the event loop.
         """
         try:
-            if self.state is not ModelState.READY and not request.sequence.id:
-                raise ModelNotReady(f"model {self.name} version {self.version} is being unloaded")
-            rows, steps = self._check_inputs(request.inputs)
-            outputs = self._check_outputs(request.outputs)
-            model_inputs = {n: request.inputs[n] for n in self._inputs}
-            step = self._plan(request, model_inputs, rows, steps, outputs)
-        except Exception:
-            self.stats.fail_count += 1
-            raise
-        step.on_done = on_done
-        sequence = step.sequence
-        if sequence is not None:
+            work = self._plan(request, on_outcome)
+        except ServiceError as error:
+            self.stats.refused()
+            on_outcome(error)
+            return None
+        sequence = work.sequence
+        if sequence is not None and self.sequences is not None:
             sequence.pending += 1
-            if request.sequence.end:
-                self.sequences.end(sequence)  # type: ignore[union-attr]
-        self.batcher.submit(step)
-        return step
+            if work.end:
+                self.sequences.manager.end(sequence)
+        return self._batcher.submit(work)
 
-    def finish(self, step: Step) -> InferenceResult:
-        """Release what the step held; its result, or its error raised."""
-        outputs = step.result
-        self._release(step, failed=outputs is None)
-        if step.error is not None:
-            raise step.error
-        if outputs is None:
-            raise asyncio.CancelledError("the step was abandoned before it ran")
-        result = InferenceResult(self.name, self.version, outputs, step.queue_s, step.compute_s)
-        if step.sequence is not None:
-            result.extra["sequence_version"] = step.version
-        return result
-
-    def _release(self, step: Step, failed: bool) -> None:
-        sequence = step.sequence
-        if sequence is not None:
-            if failed and not sequence.held:
-                # Its state never reached the slot (a failed first step or load): drop it.
-                self.sequences.forget(sequence, "its first request failed")  # type: ignore[union-attr]
-            self.sequences.step_finished(sequence)  # type: ignore[union-attr]
-        elapsed_ns = int((time.perf_counter() - step.enqueued) * 1e9)
-        stats = self.stats
-        if failed:
-            stats.fail_count += 1
-            stats.fail_ns += elapsed_ns
-        else:
-            stats.success_count += 1
-            stats.success_ns += elapsed_ns
-
-    def _plan(
+    def _complete(
         self,
-        request: InferenceRequest,
-        inputs: dict[str, np.ndarray],
-        rows: int,
-        steps: int,
-        outputs: tuple[str, ...],
-    ) -> Step:
+        batch: Sequence[Work],
+        outcomes: Sequence[Result | Exception],
+        queue_s: Sequence[float],
+        compute_s: float,
+    ) -> None:
+        """On the event loop, once per batch: release, count and answer each request."""
+        now = time.perf_counter()
+        ok = ok_ns = failed = failed_ns = 0
+        ran = False
+        for work, outcome, waited in zip(batch, outcomes, queue_s, strict=True):
+            answer: Outcome
+            if isinstance(outcome, Ran):
+                ran = True
+                answer = InferenceResult(
+                    self.name,
+                    self.version,
+                    outcome.outputs,
+                    waited,
+                    compute_s,
+                    outcome.sequence_version,
+                )
+            else:
+                answer = _service_error(outcome)
+                ran = ran or isinstance(outcome, ServiceError)
+            elapsed_ns = int((now - work.received) * 1e9)
+            if isinstance(answer, ServiceError):
+                failed, failed_ns = failed + 1, failed_ns + elapsed_ns
+            else:
+                ok, ok_ns = ok + 1, ok_ns + elapsed_ns
+            self._release(work, isinstance(answer, ServiceError))
+            try:
+                work.on_outcome(answer)
+            except Exception:  # noqa: BLE001 - one caller's failure must not stop the others
+                logger.exception("answering a request to model %s failed", self.name)
+        rows = sum(w.rows for w in batch) if ran else 0
+        self.stats.completed(
+            rows, int(compute_s * 1e9), int(sum(queue_s) * 1e9), (ok, ok_ns), (failed, failed_ns)
+        )
+
+    def _release(self, work: Work, failed: bool) -> None:
+        sequence, support = work.sequence, self.sequences
+        if sequence is None or support is None:
+            return
+        if failed and not sequence.held:
+            # Its state never reached the slot (a failed first step or load): drop it.
+            support.manager.forget(sequence, "its first request failed")
+        support.manager.request_finished(sequence)
+
+    def _plan(self, request: InferenceRequest, on_outcome: OnOutcome) -> Work:
+        """The request's work; raises the ServiceError that refuses it."""
+        if self.state is not ModelState.READY and not request.sequence.id:
+            raise ModelNotReady(f"model {self.name} version {self.version} is being unloaded")
+        rows, time_steps = self._check_inputs(request.inputs)
+        outputs = self._check_outputs(request.outputs)
+        inputs = {n: request.inputs[n] for n in self._inputs}
+        received = time.perf_counter()
         control = request.sequence
-        given_states = [n for n in self._state_inputs if n in request.inputs]
         if control.id:
-            return self._sequence_step(request, inputs, rows, steps, outputs, given_states)
+            return self._sequence_work(
+                request, inputs, rows, time_steps, outputs, on_outcome, received
+            )
         if control.start or control.end or control.expect_version is not None:
             raise InvalidArgument(
                 "sequence_start, sequence_end and sequence_version need a sequence_id (a "
                 "non-zero integer or a non-empty string) naming the sequence"
             )
         if not self.signature.states:
-            return Step(inputs, rows, steps, outputs)
-        if len(given_states) != len(self._state_inputs):
-            missing = [n for n in self._state_inputs if n not in request.inputs]
+            return Work(inputs, rows, time_steps, outputs, on_outcome, received)
+        missing = [n for n in self._state_inputs if n not in request.inputs]
+        if missing:
             raise InvalidArgument(
                 f"model {self.name} carries recurrent state: either send sequence_id with "
                 f"sequence_start=true on a sequence's first request and let the server keep the "
                 f"state, or send every state tensor yourself (missing: {', '.join(missing)})"
             )
-        states = [self._check_state(request.inputs[n], n, rows) for n in self._state_inputs]
-        return Step(inputs, rows, steps, outputs, states=states)
+        states = tuple(self._check_state(request.inputs[n], n, rows) for n in self._state_inputs)
+        return Work(inputs, rows, time_steps, outputs, on_outcome, received, states=states)
 
-    def _sequence_step(
+    def _sequence_work(
         self,
         request: InferenceRequest,
         inputs: dict[str, np.ndarray],
         rows: int,
-        steps: int,
+        time_steps: int,
         outputs: tuple[str, ...],
-        given_states: list[str],
-    ) -> Step:
+        on_outcome: OnOutcome,
+        received: float,
+    ) -> Work:
+        control = request.sequence
         if self.sequences is None:
             raise InvalidArgument(
                 f"model {self.name} is not streamable (a bidirectional or whole-sequence model "
                 f"cannot carry state between requests); send each whole sequence in one request "
                 f"without sequence_id"
             )
+        given_states = [n for n in self._state_inputs if n in request.inputs]
         if given_states:
             raise InvalidArgument(
-                f"request for sequence {request.sequence.id!r} also sends state tensors "
+                f"request for sequence {control.id!r} also sends state tensors "
                 f"({', '.join(given_states)}); with a sequence_id the server holds the state"
             )
         if rows != 1:
@@ -318,28 +432,31 @@ class ServedModel:
                 f"a request in a sequence carries one sequence: its batch size must be 1, got "
                 f"{rows}"
             )
-        control = request.sequence
+        assert control.id is not None  # the caller checked
+        manager = self.sequences.manager
         if control.start:
             if self.state is not ModelState.READY:
                 raise ModelNotReady(
                     f"model {self.name} version {self.version} is being unloaded and takes no "
                     f"new sequences"
                 )
-            sequence, _ = self.sequences.start(control.id)  # type: ignore[arg-type]
+            sequence, _ = manager.start(control.id)
         else:
-            sequence = self.sequences.resume(control.id)  # type: ignore[arg-type]
-        return Step(
+            sequence = manager.resume(control.id)
+        return Work(
             inputs,
             rows,
-            steps,
+            time_steps,
             outputs,
+            on_outcome,
+            received,
             sequence=sequence,
             start=control.start,
             end=control.end,
             expect=control.expect_version,
         )
 
-    def _check_inputs(self, inputs: dict[str, np.ndarray]) -> tuple[int, int]:
+    def _check_inputs(self, inputs: Mapping[str, np.ndarray]) -> tuple[int, int]:
         """Batch rows and time steps of the request, or InvalidArgument saying what is wrong."""
         # Requests come in few shapes (a stream repeats one); each is checked once.
         key = tuple((name, array.dtype.str, array.shape) for name, array in inputs.items())
@@ -351,7 +468,7 @@ class ServedModel:
             self._checked_inputs[key] = known
         return known
 
-    def _check_new_inputs(self, inputs: dict[str, np.ndarray]) -> tuple[int, int]:
+    def _check_new_inputs(self, inputs: Mapping[str, np.ndarray]) -> tuple[int, int]:
         unknown = [n for n in inputs if n not in self._inputs and n not in self._state_inputs]
         if unknown:
             raise InvalidArgument(
@@ -361,13 +478,13 @@ class ServedModel:
         missing = [n for n in self._inputs if n not in inputs]
         if missing:
             raise InvalidArgument(f"model {self.name} needs input {', '.join(missing)}")
-        rows = steps = -1
+        rows = time_steps = -1
         for name, spec in self._inputs.items():
             array = inputs[name]
             self._check_tensor(array, spec)
             if rows == -1:
-                rows, steps = array.shape[0], array.shape[1]
-            elif array.shape[:2] != (rows, steps):
+                rows, time_steps = array.shape[0], array.shape[1]
+            elif array.shape[:2] != (rows, time_steps):
                 raise InvalidArgument(
                     f"inputs disagree on batch and time axes: {name} is {list(array.shape)}"
                 )
@@ -376,12 +493,12 @@ class ServedModel:
                 f"batch size {rows} is outside 1..{self.signature.max_batch_size} for model "
                 f"{self.name}"
             )
-        if not 1 <= steps <= self.max_steps:
+        if not 1 <= time_steps <= self.max_steps:
             raise InvalidArgument(
                 f"a request to model {self.name} carries 1..{self.max_steps} time steps, got "
-                f"{steps}"
+                f"{time_steps}"
             )
-        return rows, steps
+        return rows, time_steps
 
     def _check_tensor(self, array: np.ndarray, spec: TensorSpec) -> None:
         if array.dtype != spec.dtype:
@@ -417,33 +534,11 @@ class ServedModel:
             )
         return requested or self._default_outputs
 
-    def _batch_done(self, batch: Sequence[Step], compute_s: float) -> None:
-        stats = self.stats
-        rows = sum(s.rows for s in batch)
-        compute_ns = int(compute_s * 1e9)
-        stats.inference_count += rows
-        stats.execution_count += 1
-        stats.compute_ns += compute_ns * len(batch)
-        stats.queue_ns += int(sum(s.queue_s for s in batch) * 1e9)
-        stats.last_inference_ms = int(time.time() * 1000)
-        per_size = stats.batches.setdefault(rows, [0, 0])
-        per_size[0] += 1
-        per_size[1] += compute_ns
-        if self._on_batch is not None:
-            self._on_batch(self, batch, compute_s)
 
-    # ------------------------------------------------------------------ unloading
-    async def drain(self, grace_s: float) -> None:
-        """Take no new sequences; let live ones run up to `grace_s`, then end the rest."""
-        self.state = ModelState.UNLOADING
-        deadline = time.monotonic() + grace_s
-        while self.live_sequences and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.sequences is not None:
-            for sequence in list(self.sequences.live.values()):
-                self.sequences.evict(
-                    sequence,
-                    f"version {self.version} of model {self.name} was unloaded",
-                    reason="unloaded",
-                )
-        await self.stop()
+def _service_error(outcome: Exception) -> ServiceError:
+    """The ServiceError that answers a request whose work did not run (see the batcher)."""
+    if isinstance(outcome, ServiceError):
+        return outcome
+    if isinstance(outcome, Cancelled):
+        return RequestCancelled("the request was cancelled before it ran; it was not applied")
+    return InternalError()  # the batcher logged the failure with its traceback

@@ -8,21 +8,36 @@ Unload rule: an unloaded version (by RepositoryModelUnload, or by a reload that 
 takes no new sequences at once (new ones go to the latest remaining version); its live sequences
 may go on for up to `unload_grace_s` seconds, in the background; after that the rest are ended,
 and their next request fails saying the version was unloaded.
+
+Shutdown rule (`Admission`): draining, the registry refuses new sequences and requests without
+one, and lets live sequences go on; handing over (with a shared state store), it refuses every
+request in a sequence too, so that clients continue on another replica.
+
+The registry runs on the event loop; `snapshot()` may be called from any thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rnnserve._pb import model_config_pb2 as mc
-from rnnserve.errors import InvalidArgument, ModelNotFound, ModelNotReady, ServiceError
+from rnnserve.errors import (
+    InvalidArgument,
+    ModelNotFound,
+    ModelNotReady,
+    ServiceError,
+    ShuttingDown,
+)
 from rnnserve.repository.layout import ModelEntry, scan
 from rnnserve.runtime.base import Runtime
-from rnnserve.serving.model import BatchHook, Limits, ModelState, ServedModel
+from rnnserve.serving.model import Limits, ModelState, ServedModel
+from rnnserve.serving.request import InferenceRequest
+from rnnserve.serving.snapshot import ModelSnapshot
 from rnnserve.sessions.store import Durability, MemoryStore, StateStore
 
 logger = logging.getLogger(__name__)
@@ -30,8 +45,21 @@ logger = logging.getLogger(__name__)
 RuntimeFactory = Callable[[Path], Runtime]
 
 
+class Admission(enum.Enum):
+    """Which requests the registry takes."""
+
+    OPEN = "open"
+    DRAINING = "draining"
+    """Shutting down: no new sequences and no requests outside one; live sequences go on."""
+    HANDING_OVER = "handing_over"
+    """Shutting down with a shared store: no request in a sequence either (another replica
+    continues it from the store)."""
+
+
 @dataclass(frozen=True)
 class IndexEntry:
+    """One row of RepositoryIndex."""
+
     name: str
     version: str
     state: str
@@ -39,6 +67,7 @@ class IndexEntry:
 
 
 def versions_to_serve(entry: ModelEntry) -> list[int]:
+    """The versions Triton's `version_policy` asks for (latest 1 by default), ascending."""
     policy = entry.config.version_policy
     available = list(entry.versions)
     which = policy.WhichOneof("policy_choice")
@@ -51,13 +80,14 @@ def versions_to_serve(entry: ModelEntry) -> list[int]:
 
 
 class ModelRegistry:
+    """The models being served, and which requests go to which (see the module docstring)."""
+
     def __init__(
         self,
         repository: Path,
         runtime_factory: RuntimeFactory,
         limits: Limits,
         unload_grace_s: float = 30.0,
-        on_batch: BatchHook | None = None,
         store: StateStore | None = None,
         durability: Durability = Durability.STEP,
     ) -> None:
@@ -67,15 +97,46 @@ class ModelRegistry:
         self._runtime_factory = runtime_factory
         self.limits = limits
         self.unload_grace_s = unload_grace_s
-        self._on_batch = on_batch
+        self.admission = Admission.OPEN
         self.models: dict[str, dict[int, ServedModel]] = {}
+        # Every loaded version, replaced whole on each change: another thread reads it as it is.
+        self._published: tuple[ServedModel, ...] = ()
         self._failures: dict[str, str] = {}
         self._unloaded: dict[str, str] = {}
-        self._draining: set[asyncio.Task[None]] = set()
+        self._retiring: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lookups
+    @property
+    def ready(self) -> bool:
+        """Whether the server takes new work: models are loaded and it is not shutting down."""
+        return self.admission is Admission.OPEN and bool(self.models)
+
+    def resolve(self, request: InferenceRequest) -> ServedModel:
+        """The model version that serves `request` (the version rule, the shutdown rule).
+
+        Raises ShuttingDown, ModelNotFound, ModelNotReady or InvalidArgument.
+        """
+        control = request.sequence
+        if self.admission is not Admission.OPEN:
+            if control.start or not control.id:
+                raise ShuttingDown("the server is shutting down and takes no new sequences")
+            if self.admission is Admission.HANDING_OVER:
+                raise ShuttingDown(
+                    "the server is shutting down and hands its sequences over to the state "
+                    "store; send this request to another replica, which continues the sequence"
+                )
+        if control.id and not request.version and not control.start:
+            for _, model in sorted(self.models.get(request.model, {}).items(), reverse=True):
+                if model.holds(control.id):
+                    return model
+        return self.get(request.model, request.version)
+
     def get(self, name: str, version: str = "") -> ServedModel:
+        """Version `version` of model `name`, or its latest ready version when empty.
+
+        Raises ModelNotFound, ModelNotReady or InvalidArgument (a version that is not a number).
+        """
         versions = self.models.get(name)
         if not versions:
             reason = self._failures.get(name)
@@ -103,20 +164,19 @@ class ModelRegistry:
             raise ModelNotReady(f"model {name} has no ready version")
         return ready[-1]
 
-    def for_sequence(
-        self, name: str, version: str, sequence_id: object, start: bool
-    ) -> ServedModel:
-        if version or start:
-            return self.get(name, version)
-        for _, model in sorted(self.models.get(name, {}).items(), reverse=True):
-            if model.holds(sequence_id):
-                return model
-        return self.get(name)
+    def all_models(self) -> tuple[ServedModel, ...]:
+        """Every loaded version (safe from any thread)."""
+        return self._published
 
-    def all_models(self) -> list[ServedModel]:
-        return [m for versions in self.models.values() for m in versions.values()]
+    def snapshot(self) -> list[ModelSnapshot]:
+        """The figures of every loaded version, as they are now (safe from any thread)."""
+        return [model.snapshot() for model in self._published]
+
+    def _publish(self) -> None:
+        self._published = tuple(m for versions in self.models.values() for m in versions.values())
 
     def index(self) -> list[IndexEntry]:
+        """RepositoryIndex: every model on disk or loaded, with its state."""
         entries: list[IndexEntry] = []
         try:
             on_disk = {e.name: e for e in scan(self.repository)}
@@ -161,6 +221,7 @@ class ModelRegistry:
                 for version in wanted:
                     if version not in current:
                         current[version] = await self._load_version(entry, version)
+                        self._publish()
             except ServiceError as error:
                 self._failures[name] = str(error)
                 if not current:
@@ -169,7 +230,7 @@ class ModelRegistry:
             self._failures.pop(name, None)
             self._unloaded.pop(name, None)
             for version in [v for v in current if v not in wanted]:
-                self._drain_in_background(name, version)
+                self._retire_in_background(name, version)
 
     async def _load_version(self, entry: ModelEntry, version: int) -> ServedModel:
         path = entry.model_file(version)
@@ -190,7 +251,6 @@ class ModelRegistry:
             path,
             runtime,
             self.limits,
-            on_batch=self._on_batch,
             store=self.store,
             durability=self.durability,
         )
@@ -212,23 +272,29 @@ class ModelRegistry:
                 raise ModelNotFound(f"model {name!r} is not loaded")
             self._unloaded[name] = "unloaded by request"
             for version in list(versions):
-                self._drain_in_background(name, version)
+                self._retire_in_background(name, version)
 
-    def _drain_in_background(self, name: str, version: int) -> None:
+    def _retire_in_background(self, name: str, version: int) -> None:
         model = self.models[name][version]
         model.state = ModelState.UNLOADING
-        task = asyncio.create_task(self._drain(model), name=f"unload-{name}-{version}")
-        self._draining.add(task)
-        task.add_done_callback(self._draining.discard)
+        task = asyncio.create_task(self._retire(model), name=f"unload-{name}-{version}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
-    async def _drain(self, model: ServedModel) -> None:
-        await model.drain(self.unload_grace_s)
+    async def _retire(self, model: ServedModel) -> None:
+        await model.retire(self.unload_grace_s)
         versions = self.models.get(model.name, {})
         if versions.get(model.version) is model:
             del versions[model.version]
             if not versions:
                 del self.models[model.name]
+            self._publish()
         logger.info("unloaded model %s version %d", model.name, model.version)
+
+    # ------------------------------------------------------------------ shutting down
+    def stop_admitting(self, hand_over: bool) -> None:
+        """Refuse new sequences from now on; with `hand_over`, every stateful request too."""
+        self.admission = Admission.HANDING_OVER if hand_over else Admission.DRAINING
 
     async def quiesce(self, timeout_s: float) -> bool:
         """Wait until no step is queued or running (up to `timeout_s`); whether that happened."""
@@ -239,20 +305,20 @@ class ModelRegistry:
             await asyncio.sleep(0.005)
         return True
 
-    async def announce(self, ttl_s: float) -> None:
+    async def mark_moving(self, ttl_s: float) -> None:
         """Mark in the state store the live states a hand-over is about to write."""
         for model in self.all_models():
             try:
-                await model.announce(ttl_s)
+                await model.mark_moving(ttl_s)
             except ServiceError as error:
                 logger.error("hand-over of model %s not announced: %s", model.name, error)
 
-    async def flush(self) -> int:
+    async def write_states(self) -> int:
         """Write every live state to the state store where durability asks; how many were."""
         written = 0
         for model in self.all_models():
             try:
-                written += await model.flush()
+                written += await model.write_states()
             except ServiceError as error:
                 logger.error(
                     "states of model %s version %d not handed over: %s",
@@ -263,21 +329,23 @@ class ModelRegistry:
         return written
 
     async def stop(self) -> None:
-        for task in list(self._draining):
+        """Stop every model (after the work queued on it ran)."""
+        for task in list(self._retiring):
             task.cancel()
         await asyncio.gather(*(m.stop() for m in self.all_models()))
 
-    def evict_idle(self) -> dict[ServedModel, int]:
-        evicted: dict[ServedModel, int] = {}
+    def evict_idle(self, now: float | None = None) -> int:
+        """Evict the sequences idle for over their model's idle timeout at `now`
+        (`time.monotonic()` seconds; the current time when None); how many were."""
+        evicted = 0
         for model in self.all_models():
-            if model.sequences is not None:
-                gone = model.sequences.evict_idle()
-                if gone:
-                    evicted[model] = len(gone)
-                    logger.info(
-                        "evicted %d idle sequences of model %s version %d",
-                        len(gone),
-                        model.name,
-                        model.version,
-                    )
+            gone = model.evict_idle(now)
+            if gone:
+                evicted += gone
+                logger.info(
+                    "evicted %d idle sequences of model %s version %d",
+                    gone,
+                    model.name,
+                    model.version,
+                )
         return evicted

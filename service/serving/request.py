@@ -1,17 +1,27 @@
-"""An inference request as the domain sees it: arrays, not protobuf."""
+"""An inference request and its outcome as the engine sees them: arrays, not protobuf.
+
+Both are frozen values: a request goes down once, its outcome (an `InferenceResult` or a
+`ServiceError`) comes back up once.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
-SequenceId = int | str
+from rnnserve.errors import ServiceError
+from rnnserve.sessions.sequence import SequenceId
 
 
 @dataclass(frozen=True, slots=True)
 class SequenceControl:
-    """Triton's sequence extension: which sequence, and whether this step begins or ends it."""
+    """Triton's sequence extension: which sequence, and whether this request begins or ends it.
+
+    Request parameters `sequence_id`, `sequence_start` and `sequence_end` (Triton's sequence
+    extension); `sequence_version` is rnnserve's own.
+    """
 
     id: SequenceId | None = None
     start: bool = False
@@ -23,23 +33,36 @@ class SequenceControl:
 NO_SEQUENCE = SequenceControl()
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class InferenceRequest:
+    """One request: tensors by input name, each [B, T, ...] (batch rows, time steps, features)."""
+
     model: str
-    inputs: dict[str, np.ndarray]
+    inputs: Mapping[str, np.ndarray]
     version: str = ""
     """Empty: the latest ready version (or, for a live sequence, the one it started on)."""
     outputs: tuple[str, ...] = ()
     """Requested outputs; empty means every output of the model."""
     sequence: SequenceControl = NO_SEQUENCE
     id: str = ""
+    """The client's request id, echoed in the response."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class InferenceResult:
+    """What a request produced: output tensors by name, each [B, T, ...]."""
+
     model: str
     version: int
-    outputs: dict[str, np.ndarray]
+    outputs: Mapping[str, np.ndarray]
     queue_s: float = 0.0
+    """Seconds the request waited for its batch."""
     compute_s: float = 0.0
-    extra: dict[str, object] = field(default_factory=dict)
+    """Seconds its batch took: state gather, store round trips, model call and scatter."""
+    sequence_version: int | None = None
+    """For a request in a sequence: how many requests its state has advanced through."""
+
+
+Outcome = InferenceResult | ServiceError
+OnOutcome = Callable[[Outcome], None]
+"""Called once, on the event loop, with a submitted request's outcome."""

@@ -14,43 +14,47 @@ Runs on the event loop only. The rules:
 
 from __future__ import annotations
 
+import enum
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rnnserve.errors import CapacityExhausted, SequenceNotFound
 from rnnserve.sessions.arena import StateArena
+from rnnserve.sessions.sequence import LiveSequence, SequenceId
 
-SequenceId = int | str
 _REMEMBERED_ENDINGS = 10_000
 
 
-@dataclass(eq=False)
-class Sequence:
-    id: SequenceId
-    slot: int
-    last_used: float
-    pending: int = 0
-    """Steps submitted and not yet run."""
-    steps: int = 0
-    # The fields below are the batch worker's: it alone reads and writes them, one batch at a
-    # time, and a sequence is in at most one batch.
-    held: bool = False
-    """The slot holds the sequence's state (set once its first step or its load succeeded)."""
-    version: int = 0
-    """Requests the state has advanced through (the store record's version counter)."""
-    stamp: bytes = b""
-    """Stamp of the store record the slot matches; empty when none was written or read."""
+class EvictionReason(enum.Enum):
+    """Why the server ended a sequence its client had not ended."""
+
+    IDLE = "idle"
+    """No request for the idle timeout."""
+    UNLOADED = "unloaded"
+    """Its model version was unloaded and the unload grace ran out."""
 
 
 @dataclass
 class Counters:
+    """Cumulative counts since the model version loaded; plain integers, so a metrics scrape
+    from another thread reads them whole."""
+
     started: int = 0
+    """STARTs, restarts of a live id included."""
     ended: int = 0
-    evicted: dict[str, int] = field(default_factory=dict)
+    """Sequences ended by their client (END)."""
+    evicted_idle: int = 0
+    evicted_unloaded: int = 0
 
 
 class SequenceManager:
+    """The live sequences of one model version (event loop only).
+
+    Raises CapacityExhausted when the arena is full and SequenceNotFound for a continuation
+    of a sequence that is not live, each with a message a client can act on.
+    """
+
     def __init__(
         self, model: str, arena: StateArena, idle_timeout_s: float, adopt: bool = False
     ) -> None:
@@ -59,12 +63,12 @@ class SequenceManager:
         self.idle_timeout_s = idle_timeout_s
         self.adopt = adopt
         """Continuations for ids not held here load from a shared store (else they fail)."""
-        self.live: dict[SequenceId, Sequence] = {}
+        self.live: dict[SequenceId, LiveSequence] = {}
         self.counters = Counters()
         # Why recently gone ids went, for error messages a person can act on.
         self._gone: OrderedDict[SequenceId, str] = OrderedDict()
 
-    def start(self, sequence_id: SequenceId) -> tuple[Sequence, bool]:
+    def start(self, sequence_id: SequenceId) -> tuple[LiveSequence, bool]:
         """The sequence to run a START step on, and whether it was a restart of a live one."""
         now = time.monotonic()
         sequence = self.live.get(sequence_id)
@@ -76,19 +80,20 @@ class SequenceManager:
         self.counters.started += 1
         return sequence, False
 
-    def _allocate(self, sequence_id: SequenceId, now: float) -> Sequence:
+    def _allocate(self, sequence_id: SequenceId, now: float) -> LiveSequence:
         slot = self.arena.allocate()
         if slot is None:
             raise CapacityExhausted(
                 f"model {self.model} already holds its maximum of {self.arena.capacity} live "
                 f"sequences; end finished sequences (sequence_end=true) or retry later"
             )
-        sequence = Sequence(sequence_id, slot, now)
+        sequence = LiveSequence(sequence_id, slot, now)
         self.live[sequence_id] = sequence
         self._gone.pop(sequence_id, None)
         return sequence
 
-    def resume(self, sequence_id: SequenceId) -> Sequence:
+    def resume(self, sequence_id: SequenceId) -> LiveSequence:
+        """The live sequence a continuation runs on (adopted from a shared store if asked)."""
         sequence = self.live.get(sequence_id)
         if sequence is None and self.adopt:
             return self._allocate(sequence_id, time.monotonic())
@@ -101,14 +106,14 @@ class SequenceManager:
         sequence.last_used = time.monotonic()
         return sequence
 
-    def end(self, sequence: Sequence) -> None:
+    def end(self, sequence: LiveSequence) -> None:
         """Remove the id now; free the slot once no step of it is pending."""
         if self.live.get(sequence.id) is sequence:
             del self.live[sequence.id]
             self._remember(sequence.id, "it ended")
             self.counters.ended += 1
 
-    def forget(self, sequence: Sequence, why: str) -> None:
+    def forget(self, sequence: LiveSequence, why: str) -> None:
         """Drop a sequence whose state never reached its slot; the slot frees once idle."""
         if self.live.get(sequence.id) is sequence:
             del self.live[sequence.id]
@@ -116,25 +121,34 @@ class SequenceManager:
             if sequence.pending == 0:
                 self.arena.release(sequence.slot)
 
-    def step_finished(self, sequence: Sequence) -> None:
-        """A submitted step ran (or failed); free the slot of an ended sequence once idle."""
+    def request_finished(self, sequence: LiveSequence) -> None:
+        """A submitted request ran (or failed); free the slot of an ended sequence once idle."""
         sequence.pending -= 1
-        sequence.steps += 1
         if sequence.pending == 0 and self.live.get(sequence.id) is not sequence:
             self.arena.release(sequence.slot)
 
     def evict_idle(self, now: float | None = None) -> list[SequenceId]:
+        """Evict the sequences idle for over the idle timeout at `now` (`time.monotonic()`
+        seconds; the current time when None); their ids."""
         now = time.monotonic() if now is None else now
         deadline = now - self.idle_timeout_s
         idle = [s for s in self.live.values() if s.last_used < deadline and s.pending == 0]
         for sequence in idle:
-            self.evict(sequence, f"evicted after {self.idle_timeout_s:g} s without a request")
+            self.evict(
+                sequence,
+                f"evicted after {self.idle_timeout_s:g} s without a request",
+                EvictionReason.IDLE,
+            )
         return [s.id for s in idle]
 
-    def evict(self, sequence: Sequence, why: str, reason: str = "idle") -> None:
+    def evict(self, sequence: LiveSequence, why: str, reason: EvictionReason) -> None:
+        """End a live sequence on the server's initiative; `why` is what its client is told."""
         del self.live[sequence.id]
         self._remember(sequence.id, why)
-        self.counters.evicted[reason] = self.counters.evicted.get(reason, 0) + 1
+        if reason is EvictionReason.IDLE:
+            self.counters.evicted_idle += 1
+        else:
+            self.counters.evicted_unloaded += 1
         if sequence.pending == 0:
             self.arena.release(sequence.slot)
 

@@ -33,7 +33,7 @@ from typing import Protocol
 
 import numpy as np
 
-SequenceId = int | str
+from rnnserve.sessions.sequence import SequenceId
 
 MAGIC = b"RNNS"
 FORMAT = 1
@@ -196,17 +196,3 @@ class MemoryStore:
 
     def close(self) -> None:
         pass
-
-
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-
-
-def open_store(url: str, timeout_s: float) -> StateStore:
-    """The store a `--state-store` value names; redis is imported only when asked for."""
-    if url == "memory":
-        return MemoryStore()
-    if url.startswith(REDIS_SCHEMES):
-        from rnnserve.sessions.redis_store import RedisStore
-
-        return RedisStore(url, timeout_s)
-    raise ValueError(f"unknown state store {url!r}: use memory or redis://host:port/db")

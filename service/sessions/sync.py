@@ -17,7 +17,7 @@ Durability `step` (the store is the truth, the arena a cache of it):
 Durability `end` and `none`: a sequence held here runs from memory with no store traffic. A
 sequence not held here is *taken* from the store (read and deleted in one operation), so a
 state handed over at shutdown is continued by exactly one replica; a START deletes any stale
-record of the same id. At `end`, `flush` writes every held state when the replica shuts down.
+record of the same id. At `end`, `write_all` writes every held state when the replica shuts down.
 
 With the memory store nothing is read or written; only the checks on the sequence remain.
 """
@@ -39,7 +39,7 @@ from rnnserve.errors import (
     StoreUnavailable,
 )
 from rnnserve.sessions.arena import StateArena
-from rnnserve.sessions.manager import Sequence as LiveSequence
+from rnnserve.sessions.sequence import LiveSequence
 from rnnserve.sessions.store import (
     MOVING,
     STAMP_OFFSET,
@@ -273,10 +273,10 @@ class StateSync:
         )
 
     # ------------------------------------------------------------------ handing over
-    def announce(self, sequences: Sequence[LiveSequence], ttl_s: float) -> int:
+    def mark_moving(self, sequences: Sequence[LiveSequence], ttl_s: float) -> int:
         """Mark where the states of `sequences` will be written, before refusing their requests.
 
-        A request refused here and sent to another replica before `flush` is done then finds
+        A request refused here and sent to another replica before `write_all` is done then finds
         the mark, and is told to retry (UNAVAILABLE), not that the sequence is unknown.
         """
         if not self.store.shared or self.durability is not Durability.END:
@@ -287,7 +287,7 @@ class StateSync:
             self.store.write([Write(self.key(s), MOVING, ttl_s=ttl_s) for s in chunk])
         return len(held)
 
-    def flush(self, sequences: Sequence[LiveSequence]) -> int:
+    def write_all(self, sequences: Sequence[LiveSequence]) -> int:
         """Write every held state (graceful shutdown at durability `end`); how many were."""
         if not self.store.shared or self.durability is not Durability.END:
             return 0

@@ -22,13 +22,8 @@ def built_with_protobuf(result: InferenceResult, request_id: str) -> pb.ModelInf
     response = pb.ModelInferResponse(
         model_name=result.model, model_version=str(result.version), id=request_id
     )
-    for key, value in result.extra.items():
-        if isinstance(value, bool):
-            response.parameters[key].bool_param = value
-        elif isinstance(value, int):
-            response.parameters[key].int64_param = value
-        else:
-            response.parameters[key].string_param = str(value)
+    if result.sequence_version is not None:
+        response.parameters["sequence_version"].int64_param = result.sequence_version
     for name, array in result.outputs.items():
         datatype = {"float32": "FP32", "int64": "INT64", "bool": "BOOL"}[array.dtype.name]
         response.outputs.add(name=name, datatype=datatype, shape=array.shape)
@@ -37,7 +32,7 @@ def built_with_protobuf(result: InferenceResult, request_id: str) -> pb.ModelInf
 
 
 RESULTS = [
-    ({"logits": np.arange(97, dtype=np.float32).reshape(1, 1, 97)}, {"sequence_version": 1}, "7"),
+    ({"logits": np.arange(97, dtype=np.float32).reshape(1, 1, 97)}, 1, "7"),
     (
         {
             # A 5,000-value output: its length takes a varint of more than two bytes.
@@ -46,16 +41,16 @@ RESULTS = [
             "ids": np.array([[-3, 2**40]], np.int64),
             "mask": np.array([[True, False]]),
         },
-        {"sequence_version": 2**35, "flag": True, "note": "é", "negative": -5},
+        2**35,
         "request-ü-" + "x" * 200,
     ),
-    ({"empty": np.zeros((0, 3), np.float32)}, {}, ""),
+    ({"empty": np.zeros((0, 3), np.float32)}, None, ""),
 ]
 
 
-@pytest.mark.parametrize(("outputs", "extra", "request_id"), RESULTS)
-def test_wire_bytes_parse_as_the_message(outputs, extra, request_id) -> None:
-    result = InferenceResult("charlm_lstm", 12, outputs, extra=dict(extra))
+@pytest.mark.parametrize(("outputs", "sequence_version", "request_id"), RESULTS)
+def test_wire_bytes_parse_as_the_message(outputs, sequence_version, request_id) -> None:
+    result = InferenceResult("charlm_lstm", 12, outputs, sequence_version=sequence_version)
     expected = built_with_protobuf(result, request_id)
     assert pb.ModelInferResponse.FromString(encode_response(result, request_id)) == expected
     stream = pb.ModelStreamInferResponse.FromString(encode_stream_response(result, request_id))

@@ -177,7 +177,7 @@ def test_bad_settings_fail_cleanly(cli, tmp_path) -> None:
         "--grpc-port",
         "0",
         "--metrics-port",
-        "-1",
+        "off",
         "--model-repository",
         str(tmp_path / "missing"),
     )

@@ -15,7 +15,7 @@ import pytest
 
 from rnnserve_bench import torchserve
 from rnnserve_bench.workload import load_workload
-from tests.batching.test_batcher import MODEL, TOLERANCE, VOCAB, reference
+from tests.serving.test_model import MODEL, TOLERANCE, VOCAB, reference
 from tests.conftest import BUNDLED
 
 found = torchserve.find()

@@ -16,8 +16,9 @@ from rnnserve.errors import (
     StoreUnavailable,
 )
 from rnnserve.sessions.arena import StateArena
-from rnnserve.sessions.manager import Sequence
+from rnnserve.sessions.connect import open_store
 from rnnserve.sessions.redis_store import RedisStore, redact
+from rnnserve.sessions.sequence import LiveSequence
 from rnnserve.sessions.store import (
     UNCHANGED,
     Durability,
@@ -27,7 +28,6 @@ from rnnserve.sessions.store import (
     Write,
     decode_state,
     encode_state,
-    open_store,
 )
 from rnnserve.sessions.sync import Advance, StateSync
 from tests.redis_server import free_port, start_redis
@@ -159,11 +159,11 @@ class Replica:
     def __init__(self, store, durability=Durability.STEP, shapes=SHAPES, model="sync") -> None:
         self.arena = StateArena(shapes, 8)
         self.sync = StateSync(store, durability, model, 1, self.arena, 60.0)
-        self.held: dict[str, Sequence] = {}
+        self.held: dict[str, LiveSequence] = {}
 
-    def sequence(self, sid: str) -> Sequence:
+    def sequence(self, sid: str) -> LiveSequence:
         if sid not in self.held:
-            self.held[sid] = Sequence(sid, self.arena.allocate(), 0.0)
+            self.held[sid] = LiveSequence(sid, self.arena.allocate(), 0.0)
         return self.held[sid]
 
     def prepare(self, sid: str, start=False, end=False, expect=None) -> Advance:
@@ -226,14 +226,14 @@ def test_state_of_another_shape_is_refused(store) -> None:
         wider.prepare(sid)
 
 
-def test_durability_end_hands_over_through_flush_and_take(store) -> None:
+def test_durability_end_hands_over_through_write_all_and_take(store) -> None:
     a, b = Replica(store, Durability.END), Replica(store, Durability.END)
     sid = uuid.uuid4().hex
     a.step(sid, 1, start=True)
     a.step(sid, 2)
     with pytest.raises(SequenceNotFound):
         b.prepare(sid)  # nothing written yet at `end`
-    assert a.sync.flush(list(a.held.values())) == 1
+    assert a.sync.write_all(list(a.held.values())) == 1
     b.held.clear()
     b.step(sid, 4)
     assert b.state(sid) == 7
@@ -245,10 +245,10 @@ def test_a_request_that_overtakes_a_hand_over_is_told_to_retry(store) -> None:
     a, b = Replica(store, Durability.END), Replica(store, Durability.END)
     sid = uuid.uuid4().hex
     a.step(sid, 1, start=True)
-    assert a.sync.announce(list(a.held.values()), 10.0) == 1
+    assert a.sync.mark_moving(list(a.held.values()), 10.0) == 1
     with pytest.raises(ShuttingDown, match="being handed over"):
         b.prepare(sid)
-    a.sync.flush(list(a.held.values()))
+    a.sync.write_all(list(a.held.values()))
     b.held.clear()
     b.step(sid, 2)
     assert b.state(sid) == 3

@@ -1,0 +1,191 @@
+"""Running one batch of work: state gather, store prepare, model call, store commit, scatter.
+
+`BatchExecution` is what the batcher is given as its `execute`: it runs on the batch worker
+thread (or inline on the event loop for a lone sequence) and returns one outcome per item, an
+`Ran` or a `ServiceError`. A step that fails in the store round trips fails alone; the rest of
+the batch runs. With a state store, the worker brings the batch's slots up to date before the
+model call and stores the new states after it (`rnnserve.sessions.sync`), before the arena is
+updated and before any response is released.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rnnserve.errors import ServiceError
+from rnnserve.repository.signature import StateSpec
+from rnnserve.runtime.base import Runtime
+from rnnserve.serving.request import OnOutcome
+from rnnserve.sessions.arena import StateArena
+from rnnserve.sessions.sequence import LiveSequence
+from rnnserve.sessions.sync import Advance, StateSync
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Work:
+    """One checked request's work: `rows` batch rows of `time_steps` time steps.
+
+    Made by the served model, scheduled by the batcher, run by `BatchExecution`; never
+    changed on the way. Inputs are [rows, time_steps, ...] (token ids: [rows, time_steps]).
+    """
+
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    time_steps: int
+    outputs: tuple[str, ...]
+    """The output names to return."""
+    on_outcome: OnOutcome
+    """Whom the outcome goes to, once the work ran (see `ServedModel.submit`)."""
+    received: float
+    """`time.perf_counter()` when the request was submitted, in seconds."""
+    sequence: LiveSequence | None = None
+    """Server-held state: read from and written back to this sequence's arena slot."""
+    start: bool = False
+    """Begin from the zero state instead of the slot's contents."""
+    end: bool = False
+    """The sequence's last request: its stored state is deleted."""
+    expect: int | None = None
+    """Run only if the sequence is at this version (the request's sequence_version)."""
+    states: tuple[np.ndarray, ...] | None = None
+    """Client-held state (explicit-state mode), one array per state, [rows, ...]."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ran:
+    """The outcome of work that ran: its outputs, and its sequence's version after it."""
+
+    outputs: Outputs
+    sequence_version: int | None = None
+
+
+Result = Ran | ServiceError
+
+
+@dataclass(frozen=True)
+class BatchExecution:
+    """Runs batches of one model version: `self(batch)` -> one `Ran` or ServiceError per item.
+
+    `arena` and `sync` are the model's sequence support (None for a whole-sequence model).
+    Raises whatever the runtime raises for a failed model call (the batcher then fails the
+    whole batch).
+    """
+
+    runtime: Runtime
+    states: tuple[StateSpec, ...]
+    arena: StateArena | None = None
+    sync: StateSync | None = None
+
+    def __call__(self, batch: Sequence[Work]) -> list[Result]:
+        """On the worker thread: prepare, then run the items that may run; one answer each."""
+        advances = {
+            k: Advance(work.sequence, work.start, work.end, work.expect)
+            for k, work in enumerate(batch)
+            if work.sequence is not None
+        }
+        answers: list[Result | None] = [None] * len(batch)
+        if self.sync is not None and advances:
+            keys = list(advances)
+            for j, error in self.sync.prepare(list(advances.values())).items():
+                answers[keys[j]] = error
+                del advances[keys[j]]
+        runnable = [(k, w) for k, w in enumerate(batch) if answers[k] is None]
+        if runnable:
+            self._run(runnable, advances, answers)
+        return [a if a is not None else Ran({}) for a in answers]
+
+    def _run(
+        self,
+        items: list[tuple[int, Work]],
+        advances: dict[int, Advance],
+        answers: list[Result | None],
+    ) -> None:
+        """Stack, gather, run, commit, scatter, split; answers[k] for each item k."""
+        if len(items) == 1:
+            feeds = dict(items[0][1].inputs)
+        else:
+            feeds = {n: np.concatenate([w.inputs[n] for _, w in items]) for n in items[0][1].inputs}
+        offsets = [0]
+        for _, work in items:
+            offsets.append(offsets[-1] + work.rows)
+        held = [(k, offsets[i]) for i, (k, _) in enumerate(items) if k in advances]
+        # The usual batch: one row per held sequence, nothing else. Its rows are then the
+        # gathered slots in order, and the new states need no picking out.
+        every_row_held = len(held) == offsets[-1]
+        row_index = np.asarray([row for _, row in held], dtype=np.intp)
+        slot_index = np.asarray([advances[k].sequence.slot for k, _ in held], dtype=np.intp)
+        zero_rows = [row for k, row in held if advances[k].start]
+        if self.states:
+            feeds.update(
+                self._stack_states(
+                    [w for _, w in items], offsets, row_index, slot_index, zero_rows, every_row_held
+                )
+            )
+        results = self.runtime.run(feeds, offsets[-1] * items[0][1].time_steps)
+        if held:
+            states = [
+                results[s.output_name] if every_row_held else results[s.output_name][row_index]
+                for s in self.states
+            ]
+            self._keep_states(held, advances, states, slot_index, answers)
+        for (k, work), row in zip(items, offsets, strict=False):
+            if answers[k] is not None:
+                continue
+            version = work.sequence.version if work.sequence is not None else None
+            answers[k] = Ran({n: results[n][row : row + work.rows] for n in work.outputs}, version)
+
+    def _keep_states(
+        self,
+        held: list[tuple[int, int]],
+        advances: dict[int, Advance],
+        states: list[np.ndarray],
+        slot_index: np.ndarray,
+        answers: list[Result | None],
+    ) -> None:
+        """Store the new states (where durability asks), then scatter those that were kept."""
+        errors: dict[int, ServiceError] = {}
+        if self.sync is not None:
+            errors = self.sync.commit([advances[k] for k, _ in held], states)
+            for j, error in errors.items():
+                answers[held[j][0]] = error
+        if self.arena is None:
+            return
+        if not errors:
+            self.arena.put(slot_index, states)
+        elif len(errors) < len(held):
+            kept = np.ones(len(held), dtype=bool)
+            kept[list(errors)] = False
+            self.arena.put(slot_index[kept], [s[kept] for s in states])
+
+    def _stack_states(
+        self,
+        batch: Sequence[Work],
+        offsets: list[int],
+        row_index: np.ndarray,
+        slot_index: np.ndarray,
+        zero_rows: list[int],
+        every_row_held: bool,
+    ) -> dict[str, np.ndarray]:
+        """The batch's input states: gathered from the arena, zeros, or the client's own."""
+        gathered = (
+            self.arena.take(slot_index) if self.arena is not None and len(slot_index) else None
+        )
+        stacked: dict[str, np.ndarray] = {}
+        for k, state in enumerate(self.states):
+            if gathered is not None and every_row_held:
+                rows = gathered[k]  # a fresh array: `take` copies out of the arena
+            else:
+                rows = np.empty((offsets[-1], *state.dims), dtype=np.float32)
+                if gathered is not None:
+                    rows[row_index] = gathered[k]
+            if zero_rows:
+                rows[zero_rows] = 0.0
+            for work, row in zip(batch, offsets, strict=False):
+                if work.states is not None:
+                    rows[row : row + work.rows] = work.states[k]
+            stacked[state.input_name] = rows
+        return stacked

@@ -1,0 +1,34 @@
+"""A live sequence: one stream of requests whose recurrent state the server holds.
+
+`SequenceId` is Triton's correlation id: a non-zero unsigned integer or a non-empty string
+(Triton's sequence extension, `sequence_id`). An integer and a string are different sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SequenceId = int | str
+
+
+@dataclass(eq=False, slots=True)
+class LiveSequence:
+    """A sequence this replica holds: its id, its slot in the state arena and its bookkeeping.
+
+    The sequence manager (event loop) owns `last_used` and `pending`; the batch worker owns
+    `held`, `version` and `stamp` (a sequence is in at most one batch at a time).
+    """
+
+    id: SequenceId
+    slot: int
+    """Row of the state arena holding its state."""
+    last_used: float
+    """`time.monotonic()` of its latest request, for idle eviction (seconds)."""
+    pending: int = 0
+    """Requests submitted and not yet finished."""
+    held: bool = False
+    """The slot holds the sequence's state (set once its first step or its load succeeded)."""
+    version: int = 0
+    """Requests the state has advanced through (the store record's version counter)."""
+    stamp: bytes = b""
+    """Stamp of the store record the slot matches; empty when none was written or read."""

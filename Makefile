@@ -12,7 +12,7 @@ PERF_ANALYZER := build/perf_analyzer/bin/perf_analyzer
 
 .DEFAULT_GOAL := help
 .PHONY: help serve bench test install install-test system-deps perf-analyzer torchserve bench-idle \
-	proto lint format train bench-durability clean
+	proto lint format train bench-durability bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'

@@ -1,7 +1,7 @@
 """What durability costs: steps/s and latency of each state store and durability level.
 
     python -m rnnserve_bench.durability [--model charlm_lstm] [--sequences 64]
-                                             [--seconds 10] [--redis-url redis://...]
+                                        [--seconds 10] [--redis-url redis://...]
 
 For each configuration (memory; redis at none, end and step) it starts a fresh server on
 loopback, drives `--sequences` concurrent sequences closed-loop (each sequence sends its next
@@ -53,7 +53,9 @@ class Outcome:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m rnnserve_bench.durability", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--model", default="charlm_lstm", help="a bundled streaming model")
     parser.add_argument(
         "--sequences", type=int, nargs="+", default=[1, 64], help="concurrent sequences (loads)"

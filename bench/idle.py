@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as workdir:
         flags = ["--max-sequences", str(args.sequences), "--log-level", "WARNING"]
         with start_rnnserve(Path(workdir), flags) as server:
-            print(json.dumps(measure(server, workload, args.sequences)))  # noqa: T201
+            print(json.dumps(measure(server, workload, args.sequences)))
     return 0
 
 

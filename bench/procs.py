@@ -136,7 +136,7 @@ class ServerProcess:
 
 
 def start_rnnserve(workdir: Path, server_args: Sequence[str]) -> ServerProcess:
-    """The real server, started as tests/server.py and an operator start it."""
+    """The real server, started as an operator starts it (tests/server.py does the same)."""
     command = [
         *PYTHON, "-m", "rnnserve", "serve",
         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",

@@ -142,7 +142,7 @@ def _run_train(args: argparse.Namespace) -> int:
             },
             indent=2,
         )
-    )  # noqa: T201
+    )
     return 0
 
 
@@ -222,5 +222,5 @@ def _run_export(args: argparse.Namespace) -> int:
             },
             indent=2,
         )
-    )  # noqa: T201
+    )
     return 0

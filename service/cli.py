@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from rnnserve import __version__
@@ -17,6 +18,9 @@ from rnnserve.models import bundled_repository
 from rnnserve.models import cli as model_commands
 from rnnserve.repository.layout import scan
 from rnnserve.server import serve
+
+COMMANDS_GROUP = "rnnserve.commands"
+"""Entry points that add commands to `rnnserve` (the benchmark's `bench`)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,15 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    # The benchmark is a plug-in (entry point group `rnnserve.commands`), never a dependency:
+    # the server installs and runs without it.
+    how = (
+        "the benchmark is not installed: it is the rnnserve-bench package, in the bench/ folder "
+        "of a clone of rnnserve; install it with `pip install -e ./bench` there (or run "
+        "`make install`)"
+    )
+    found = entry_points(group=COMMANDS_GROUP, name="bench")
+    if not found:
+        raise CommandError(how, exit_code=1)
     try:
-        from rnnserve_bench.cli import main as bench_main
+        bench_main = next(iter(found)).load()
     except ImportError as error:
-        raise CommandError(
-            "the benchmark is not installed: it is the rnnserve-bench package, in the bench/ "
-            "folder of a clone of rnnserve; install it with `pip install -e ./bench` there (or "
-            "run `make install`)",
-            exit_code=1,
-        ) from error
+        raise CommandError(f"{how} ({error})", exit_code=1) from error
     code: int = bench_main(args.bench_args)
     return code
 
@@ -138,7 +147,7 @@ def _run_models(args: argparse.Namespace) -> int:
         inputs = ", ".join(i.name for i in entry.config.input)
         outputs = ", ".join(o.name for o in entry.config.output)
         versions = ",".join(map(str, entry.versions)) or "none"
-        print(f"{entry.name}\tversions {versions}\t{kind}\t{inputs} -> {outputs}")  # noqa: T201
+        print(f"{entry.name}\tversions {versions}\t{kind}\t{inputs} -> {outputs}")
     return 0
 
 

@@ -238,7 +238,7 @@ class SequenceBatcher(Generic[W, R]):
         """`execute` on the batch; its failure becomes every item's outcome."""
         try:
             outcomes: Sequence[R | Exception] = self._execute([t.item for t in batch])
-        except Exception as failure:  # noqa: BLE001 - every waiting request must hear of it
+        except Exception as failure:  # every waiting request must hear of it
             logger.error("batch of %d on model %s failed", len(batch), self.name, exc_info=failure)
             return [failure] * len(batch)
         if len(outcomes) != len(batch):
@@ -273,7 +273,7 @@ class SequenceBatcher(Generic[W, R]):
     ) -> None:
         try:
             self._complete([t.item for t in batch], outcomes, queue_s, compute_s)
-        except Exception:  # noqa: BLE001 - one caller's failure must not stop the batcher
+        except Exception:  # one caller's failure must not stop the batcher
             logger.exception("completing a batch of model %s failed", self.name)
 
     def _take(self) -> tuple[list[Ticket[W]], list[Ticket[W]]]:

@@ -358,7 +358,7 @@ class ServedModel:
             self._release(work, isinstance(answer, ServiceError))
             try:
                 work.on_outcome(answer)
-            except Exception:  # noqa: BLE001 - one caller's failure must not stop the others
+            except Exception:  # one caller's failure must not stop the others
                 logger.exception("answering a request to model %s failed", self.name)
         rows = sum(w.rows for w in batch) if ran else 0
         self.stats.completed(

@@ -141,7 +141,13 @@ def test_unload_ends_live_sequences_after_the_grace_period(client, repository) -
     assert caught.value.status() == "StatusCode.UNAVAILABLE"
     # Within the grace period the live sequence goes on.
     client.infer("multi_gru", [x_input(x)], sequence_id=90)
-    time.sleep(GRACE_S + 1.5)
+    # Once the grace is over the version is gone from the index (bounded wait, no fixed sleep).
+    deadline = time.monotonic() + GRACE_S + 30
+    while any(
+        m.name == "multi_gru" and m.version for m in client.get_model_repository_index().models
+    ):
+        assert time.monotonic() < deadline, "the unloaded version never went away"
+        time.sleep(0.05)
     with pytest.raises(InferenceServerException) as caught:
         client.infer("multi_gru", [x_input(x)], sequence_id=90)
     assert caught.value.status() == "StatusCode.NOT_FOUND"

@@ -146,7 +146,10 @@ def test_sigterm_drains_and_exits(tmp_path) -> None:
 
         worker = threading.Thread(target=keep_going)
         worker.start()
-        time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while not results:  # requests are flowing
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(30) == 0
         worker.join(30)

@@ -15,8 +15,8 @@ import pytest
 
 from rnnserve_bench import torchserve
 from rnnserve_bench.workload import load_workload
-from tests.serving.test_model import MODEL, TOLERANCE, VOCAB, reference
 from tests.conftest import BUNDLED
+from tests.serving.test_model import MODEL, TOLERANCE, VOCAB, reference
 
 found = torchserve.find()
 pytestmark = pytest.mark.skipif(isinstance(found, str), reason=str(found))

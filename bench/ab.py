@@ -70,14 +70,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 result.percentile_ms(99),
                             )
                         )
-    print("| series | sequences | A steps/s | B steps/s | B/A | A p50/p99 ms | B p50/p99 ms |")
+    print(
+        "| series | sequences | A steps/s | B steps/s | B/A (median of rounds, range) "
+        "| A p50/p99 ms | B p50/p99 ms |"
+    )
     print("|---|---|---|---|---|---|---|")
     for s in series:
         for sessions in args.sessions:
             a = [statistics.median(v) for v in zip(*figures["A", s.label, sessions], strict=True)]
             b = [statistics.median(v) for v in zip(*figures["B", s.label, sessions], strict=True)]
+            # Each round's B next to the same round's A: the drift between rounds cancels.
+            ratios = [
+                pb[0] / pa[0]
+                for pa, pb in zip(
+                    figures["A", s.label, sessions], figures["B", s.label, sessions], strict=True
+                )
+            ]
             print(
-                f"| {s.label} | {sessions} | {a[0]:,.0f} | {b[0]:,.0f} | {b[0] / a[0]:.2f} "
+                f"| {s.label} | {sessions} | {a[0]:,.0f} | {b[0]:,.0f} "
+                f"| {statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f}) "
                 f"| {a[1]:.2f} / {a[2]:.2f} | {b[1]:.2f} / {b[2]:.2f} |"
             )
     return 0

@@ -24,6 +24,8 @@ COMMANDS_GROUP = "rnnserve.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `rnnserve` parser: --version, --log-level, and one subcommand per job (models, serve,
+    generate, bench and the model commands of `rnnserve.models.cli`)."""
     parser = argparse.ArgumentParser(
         prog="rnnserve",
         description="Serve recurrent networks (LSTM, GRU, RNN) with server-side streaming state.",
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="serve a model repository over gRPC (port 8001) with metrics (port 8002)",
+        help=f"serve a model repository over gRPC (port {Settings.grpc_port}) with metrics "
+        f"(port {Settings.metrics_port})",
         description="Serve the models of a repository over the Open Inference Protocol (gRPC), "
         "holding each sequence's recurrent state between requests. Every option can also be "
         "set through the environment variable shown in brackets.",
@@ -63,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         "gRPC stream (the server carries the LSTM state), then continues the text.",
     )
     generate.add_argument("prompt", help="text to start from")
-    generate.add_argument("--url", default="127.0.0.1:8001", help="server address (host:port)")
+    generate.add_argument(
+        "--url",
+        default=f"{Settings.host}:{Settings.grpc_port}",
+        help="server address (host:port)",
+    )
     generate.add_argument("--model", default="charlm_lstm", help="a model with a vocabulary")
     generate.add_argument("--length", type=int, default=80, help="characters to generate")
     generate.add_argument(

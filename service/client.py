@@ -27,6 +27,14 @@ class ClientError(Exception):
 
 
 class SequenceClient:
+    """One sequence of `model` on one ModelStreamInfer stream to `url` (host:port); blocking.
+
+    Reads the model's config (ModelConfig) first and uses its first input and first output; the
+    first `step` starts the sequence (Triton's sequence extension), `close` ends it. A random
+    non-zero integer id is chosen when `sequence_id` is not given. Transport failures raise
+    grpc.RpcError; a step the server refuses raises ClientError.
+    """
+
     def __init__(self, url: str, model: str, sequence_id: int | str | None = None) -> None:
         self.model = model
         self.sequence_id = sequence_id or secrets.randbits(62) + 1
@@ -71,6 +79,7 @@ class SequenceClient:
         return result
 
     def encode(self, text: str) -> np.ndarray:
+        """`text` as int64 token ids [T] of the model's vocabulary; unknown characters are 0."""
         index = {ch: i for i, ch in enumerate(self.vocabulary)}
         return np.array([index.get(ch, 0) for ch in text], dtype=np.int64)
 
@@ -94,6 +103,8 @@ class SequenceClient:
         return "".join(text)
 
     def close(self) -> None:
+        """End the sequence if it is open (a step of zeros with sequence_end=true), then close
+        the stream and the channel."""
         if self._started and not self._ended:
             # End the sequence so the server frees its state now rather than at idle timeout.
             with_zeros = np.zeros((1, *(max(d, 1) for d in self.config.input[0].dims)))

@@ -205,4 +205,5 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def environment() -> Mapping[str, str]:
+    """The process environment, where the RNNSERVE_ variables of `Settings` are read."""
     return os.environ

@@ -25,14 +25,21 @@ class ServiceError(Exception):
 
 
 class InvalidArgument(ServiceError):
+    """A request the client must fix: malformed, or names, types or shapes the model refuses."""
+
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class ModelNotFound(ServiceError):
+    """No model, or no loaded version, of that name (never there, or unloaded)."""
+
     code = grpc.StatusCode.NOT_FOUND
 
 
 class ModelNotReady(ServiceError):
+    """A model that cannot serve now: it failed to load, has no ready version, or is being
+    unloaded."""
+
     code = grpc.StatusCode.UNAVAILABLE
 
 
@@ -43,14 +50,22 @@ class SequenceNotFound(ServiceError):
 
 
 class CapacityExhausted(ServiceError):
+    """A new sequence for a model version that already holds its maximum of live sequences."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class ShuttingDown(ServiceError):
+    """The server (or the replica handing the sequence over) is shutting down: retry, on
+    another replica."""
+
     code = grpc.StatusCode.UNAVAILABLE
 
 
 class InvalidModelRepository(ServiceError):
+    """A model repository, or a model in it, that cannot be served: layout, config.pbtxt, or a
+    config that contradicts the graph."""
+
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 

@@ -38,6 +38,13 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 class Server:
+    """The parts wired from one Settings: state store, model registry, gRPC services (inference,
+    health, reflection) and the metrics endpoint.
+
+    On the event loop: `start`, then `wait` until `request_stop`, then `stop`. Opening the
+    state store raises ValueError for a `state_store` of no known kind.
+    """
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         engine = EngineSettings(
@@ -76,6 +83,13 @@ class Server:
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
+        """Load the models and listen: gRPC, and metrics over HTTP when a port is set; health
+        turns SERVING.
+
+        `grpc_port` and `metrics_port` become the ports bound (0 in the settings picks a free
+        one); the port file, if asked for, is written. Raises OSError when the gRPC port cannot
+        be bound, InvalidModelRepository when the repository cannot be read.
+        """
         settings = self.settings
         if self.store.shared:
             await self._check_store()
@@ -145,12 +159,17 @@ class Server:
                 logger.exception("repository poll failed")
 
     def request_stop(self) -> None:
+        """Let `wait` return (the SIGTERM and SIGINT handler); calling it again does nothing."""
         self._stopping.set()
 
     async def wait(self) -> None:
+        """Return once `request_stop` has been called."""
         await self._stopping.wait()
 
     async def stop(self) -> None:
+        """Shut down within `shutdown_grace_s` seconds: drain, or hand the sequences over to a
+        shared store (see the module docstring); then stop gRPC, the models, the store and the
+        metrics endpoint."""
         grace = self.settings.shutdown_grace_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
@@ -193,6 +212,7 @@ def _write_port_file(path: Path, grpc_port: int, metrics_port: int) -> None:
 
 
 async def serve(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully; raises what `start` raises."""
     server = Server(settings)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

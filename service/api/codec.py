@@ -50,6 +50,12 @@ _SEQUENCE_PARAMETERS = frozenset(
 
 
 def sequence_control(parameters: Mapping[str, pb.InferParameter]) -> SequenceControl:
+    """The sequence control a request's `parameters` carry; NO_SEQUENCE when they name none.
+
+    sequence_id (int64, uint64 or string), sequence_start and sequence_end (bool or integer) are
+    Triton's sequence extension; sequence_version (a non-negative integer) is rnnserve's own.
+    Raises InvalidArgument for a parameter of another type.
+    """
     if not parameters or _SEQUENCE_PARAMETERS.isdisjoint(parameters):
         return NO_SEQUENCE
     sequence_id: int | str | None = None
@@ -98,6 +104,11 @@ def _flag(parameters: Mapping[str, pb.InferParameter], name: str) -> bool:
 
 
 def decode_request(message: pb.ModelInferRequest) -> InferenceRequest:
+    """The InferenceRequest a parsed ModelInferRequest carries, each input an array of its shape.
+
+    Raises InvalidArgument: raw_input_contents not one per input, an input given twice, or a
+    tensor its data does not fit (`decode_tensor`).
+    """
     raw = message.raw_input_contents
     if raw and len(raw) != len(message.inputs):
         raise InvalidArgument(
@@ -146,6 +157,12 @@ class RequestDecoder:
         self._templates: dict[bytes, _Template] = {}
 
     def decode(self, data: bytes) -> InferenceRequest:
+        """The InferenceRequest that ModelInferRequest wire bytes carry; raw tensors are views
+        of `data`, not copies.
+
+        A request that differs from one decoded before only in its tensor bytes and id reuses
+        that decode; any other goes through protobuf. Raises InvalidArgument.
+        """
         split = _split(data)
         if split is None:
             return self._decode(data, None)
@@ -191,6 +208,7 @@ class RequestDecoder:
 
 
 def parse_request(data: bytes) -> pb.ModelInferRequest:
+    """`data` parsed as a ModelInferRequest; InvalidArgument when it is not one."""
     try:
         return pb.ModelInferRequest.FromString(data)
     except DecodeError as error:
@@ -246,6 +264,12 @@ def _read_varint(data: bytes, position: int) -> tuple[int, int]:
 
 
 def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
+    """One input as an array of its shape: a view of `raw` (little-endian bytes) when given,
+    else read from its typed `contents`.
+
+    Raises InvalidArgument for a datatype with no numpy type (BYTES), a negative dimension, or
+    data whose size does not fit the shape.
+    """
     dtype = WIRE_DTYPES.get(tensor.datatype)
     if dtype is None:
         supported = ", ".join(WIRE_DTYPES)
@@ -263,11 +287,17 @@ def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
                 f"{count * dtype.itemsize} bytes, got {len(raw)}"
             )
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
-    values = getattr(tensor.contents, _CONTENTS_FIELD[tensor.datatype])
+    field = _CONTENTS_FIELD.get(tensor.datatype)
+    if field is None:  # FP16 has no typed contents field in the protocol
+        raise InvalidArgument(
+            f"input {tensor.name}: {tensor.datatype} travels as raw bytes only "
+            f"(raw_input_contents), not in typed contents"
+        )
+    values = getattr(tensor.contents, field)
     if len(values) != count:
         raise InvalidArgument(
             f"input {tensor.name}: shape {list(shape)} needs {count} values, got {len(values)} "
-            f"in contents.{_CONTENTS_FIELD[tensor.datatype]}"
+            f"in contents.{field}"
         )
     return np.asarray(values, dtype=dtype).reshape(shape)
 

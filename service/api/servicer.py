@@ -100,17 +100,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: Any
     ) -> pb.ServerLiveResponse:
+        """Liveness (Open Inference Protocol): live=true whenever the server answers; OK."""
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: Any
     ) -> pb.ServerReadyResponse:
+        """Readiness (OIP): true while models are loaded and no shutdown has begun; OK."""
         return pb.ServerReadyResponse(ready=self.registry.ready)
 
     @_unary
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Any
     ) -> pb.ModelReadyResponse:
+        """Model readiness (OIP): version and server ready; an unknown one is false, OK."""
         try:
             model = self.registry.get(request.name, request.version)
         except ServiceError:
@@ -122,6 +125,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Any
     ) -> pb.ServerMetadataResponse:
+        """Server metadata (OIP): name, version and the extensions implemented; OK."""
         return pb.ServerMetadataResponse(
             name="rnnserve", version=__version__, extensions=list(EXTENSIONS)
         )
@@ -130,8 +134,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
+        """Model metadata (OIP): versions, platform, inputs and outputs (batch axis -1, states
+        left out); NOT_FOUND, UNAVAILABLE, or INVALID_ARGUMENT for a version not a number."""
         model = self.registry.get(request.name, request.version)
-        versions = sorted(self.registry.models.get(model.name, {}))
+        versions = self.registry.versions(model.name)
         response = pb.ModelMetadataResponse(
             name=model.name, versions=[str(v) for v in versions], platform=model.config.platform
         )
@@ -146,6 +152,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Any
     ) -> pb.ModelConfigResponse:
+        """Triton's ModelConfig of the version; NOT_FOUND, UNAVAILABLE or INVALID_ARGUMENT."""
         model = self.registry.get(request.name, request.version)
         config = mc.ModelConfig()
         config.CopyFrom(model.config)
@@ -155,6 +162,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Any
     ) -> pb.ModelStatisticsResponse:
+        """Triton's ModelStatistics (statistics extension) of every loaded version, or of the
+        named model's; NOT_FOUND, UNAVAILABLE or INVALID_ARGUMENT (as ModelMetadata)."""
         snapshots = self.registry.snapshot()
         if request.name:
             model = self.registry.get(request.name, request.version)  # or NOT_FOUND
@@ -173,6 +182,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Any
     ) -> pb.RepositoryIndexResponse:
+        """Triton's repository index: models on disk or loaded, with state and reason; OK."""
         response = pb.RepositoryIndexResponse()
         for entry in self.registry.index():
             if request.ready and entry.state != "READY":
@@ -186,6 +196,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
+        """Load or reload a model by folder name (Triton's model_repository extension);
+        NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION (invalid repository) or UNAVAILABLE."""
         await self.registry.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
@@ -193,6 +205,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
+        """Unload every version of a model, its live sequences retiring in the background
+        (Triton's model_repository extension); NOT_FOUND when it is not loaded."""
         await self.registry.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
@@ -202,26 +216,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryStatus(
         self, request: pb.SystemSharedMemoryStatusRequest, context: Any
     ) -> pb.SystemSharedMemoryStatusResponse:
+        """Triton's system shared-memory status: no region is ever registered, so none; OK."""
         return pb.SystemSharedMemoryStatusResponse()
 
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
     ) -> pb.SystemSharedMemoryUnregisterResponse:
+        """Triton's system shared-memory unregister: nothing is registered; OK."""
         return pb.SystemSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryStatus(
         self, request: pb.CudaSharedMemoryStatusRequest, context: Any
     ) -> pb.CudaSharedMemoryStatusResponse:
+        """Triton's CUDA shared-memory status: no region is ever registered, so none; OK."""
         return pb.CudaSharedMemoryStatusResponse()
 
     async def CudaSharedMemoryUnregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
     ) -> pb.CudaSharedMemoryUnregisterResponse:
+        """Triton's CUDA shared-memory unregister: nothing is registered; OK."""
         return pb.CudaSharedMemoryUnregisterResponse()
 
     # ------------------------------------------------------------------ inference
     async def ModelInfer(self, data: bytes, context: Any) -> bytes:
-        """Decode, run and encode one request; record its metrics whatever the outcome."""
+        """One inference (OIP); its metrics are recorded whatever the outcome.
+
+        An error is the call's status: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (sequence
+        not live, stored state of other shapes), RESOURCE_EXHAUSTED (no free sequence slot),
+        ABORTED (lost a race, or sequence_version differs), UNAVAILABLE (model not ready,
+        shutting down, state store down), CANCELLED; anything unexpected INTERNAL.
+        """
         started = time.perf_counter()
         labels = (UNKNOWN_MODEL, "")
         try:
@@ -241,9 +265,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[bytes], context: Any
     ) -> AsyncIterator[bytes]:
-        """Requests are taken in arrival order and answered as they finish.
+        """Triton's streaming inference: requests are taken in arrival order and answered as
+        they finish.
 
-        An error answers that request alone (in `error_message`); the stream stays open.
+        An error answers that request alone, in `error_message` as "[CODE] message" (the codes
+        of ModelInfer); the stream stays open and ends OK.
         """
         outbox = _Outbox()
         reader = asyncio.create_task(self._read_stream(request_iterator, outbox))

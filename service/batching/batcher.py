@@ -141,7 +141,7 @@ class SequenceBatcher(Generic[W, R]):
 
     async def stop(self) -> None:
         """Run what is waiting, then stop the worker thread."""
-        while self.busy:
+        while self.busy or self._worker_jobs:  # never block the loop in shutdown() below
             await asyncio.sleep(0.001)
         self._stopped = True
         self._executor.shutdown(wait=True)
@@ -292,9 +292,11 @@ class SequenceBatcher(Generic[W, R]):
                 continue
             item = ticket.item
             key = id(item.sequence) if item.sequence is not None else None
-            fits = (
-                time_steps is None or item.time_steps == time_steps
-            ) and rows + item.rows <= self.max_batch_size
+            # An item wider than a batch runs alone rather than never (callers should not
+            # submit one, but a stuck worker would spin and hold the GIL).
+            fits = not batch or (
+                item.time_steps == time_steps and rows + item.rows <= self.max_batch_size
+            )
             if key in seen or not fits:
                 deferred.append(ticket)
             else:

@@ -20,6 +20,9 @@ MODEL_FILE = "model.onnx"
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """One model folder of the repository: its config (named after the folder), its versions
+    and its path."""
+
     name: str
     config: mc.ModelConfig
     versions: tuple[int, ...]
@@ -28,15 +31,27 @@ class ModelEntry:
 
     @property
     def streamable(self) -> bool:
+        """Whether the config has sequence_batching: the server carries its state."""
         return self.config.HasField("sequence_batching")
 
     def model_file(self, version: int) -> Path:
+        """<path>/<version>/<default_model_filename, or model.onnx>."""
         return self.path / str(version) / (self.config.default_model_filename or MODEL_FILE)
 
 
 def read_config(path: Path) -> mc.ModelConfig:
+    """The ModelConfig in a config.pbtxt (protobuf text format).
+
+    Raises InvalidModelRepository when it cannot be read or does not parse.
+    """
     try:
-        return text_format.Parse(path.read_text(), mc.ModelConfig())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidModelRepository(
+            f"{path}: cannot read the model configuration: {error}"
+        ) from error
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
     except text_format.ParseError as error:
         raise InvalidModelRepository(f"{path}: not a valid model configuration: {error}") from error
 

@@ -35,12 +35,15 @@ def wire_name_of(dtype: np.dtype[np.generic]) -> str:
 
 
 def wire_name(data_type: int) -> str:
+    """The protocol's name for a config's data type (TYPE_FP32: FP32, TYPE_STRING: BYTES)."""
     name = mc.DataType.Name(data_type).removeprefix("TYPE_")
     return "BYTES" if name == "STRING" else name
 
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """An input or output as the config declares it."""
+
     name: str
     datatype: str
     """The protocol's name for the element type, e.g. FP32."""
@@ -49,11 +52,16 @@ class TensorSpec:
 
     @property
     def dtype(self) -> np.dtype[np.generic]:
+        """The numpy type it travels as (little-endian float32 for FP32)."""
         return WIRE_DTYPES[self.datatype]
 
 
 @dataclass(frozen=True)
 class StateSpec:
+    """A recurrent state (sequence_batching's `state`): the graph input it is fed through, the
+    graph output its next value comes from, and its shape without the batch axis (float32
+    [layers*directions, H])."""
+
     input_name: str
     output_name: str
     dims: tuple[int, ...]
@@ -61,6 +69,13 @@ class StateSpec:
 
 @dataclass(frozen=True)
 class ModelSignature:
+    """What a model takes and returns, and how its sequences are served (`signature_of`).
+
+    `inputs` and `outputs` leave the states out; `streamable`: the config has sequence_batching;
+    `idle_timeout_s`, `max_sequences` and `queue_delay_s` (seconds) come from it (60 s, 1024 and
+    0 when it does not say).
+    """
+
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     states: tuple[StateSpec, ...]
@@ -72,6 +87,7 @@ class ModelSignature:
 
     @property
     def state_bytes_per_sequence(self) -> int:
+        """Bytes of float32 state one sequence holds, every state together."""
         return sum(int(np.prod(s.dims)) * 4 for s in self.states)
 
 

@@ -11,6 +11,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """A graph input or output as the runtime reports it; its shape leads with the batch axis."""
+
     name: str
     dtype: np.dtype[np.generic]
     shape: tuple[int | str | None, ...]

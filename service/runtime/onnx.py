@@ -136,6 +136,12 @@ class OnnxRuntime:
     def run(
         self, feeds: Mapping[str, np.ndarray], work: int | None = None
     ) -> dict[str, np.ndarray]:
+        """Every output of one model call on `feeds`, by name.
+
+        `feeds`: arrays by input name, [B, T, ...] (states [B, layers*directions, H]). A call
+        of less `work` (rows x time steps) than `parallel_min_work` runs on the single-threaded
+        session. Raises ONNX Runtime's errors as they are.
+        """
         small = work is not None and work < self.parallel_min_work
         session = self.serial_session if small else self.session
         results = session.run(self._output_names, dict(feeds))

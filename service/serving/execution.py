@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,12 +27,12 @@ from rnnserve.sessions.sync import Advance, StateSync
 Outputs = dict[str, np.ndarray]
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class Work:
+class Work(NamedTuple):
     """One checked request's work: `rows` batch rows of `time_steps` time steps.
 
     Made by the served model, scheduled by the batcher, run by `BatchExecution`; never
-    changed on the way. Inputs are [rows, time_steps, ...] (token ids: [rows, time_steps]).
+    changed on the way (immutable; a NamedTuple for speed, see `rnnserve.serving.request`).
+    Inputs are [rows, time_steps, ...] (token ids: [rows, time_steps]).
     """
 
     inputs: Mapping[str, np.ndarray]
@@ -55,8 +56,7 @@ class Work:
     """Client-held state (explicit-state mode), one array per state, [rows, ...]."""
 
 
-@dataclass(frozen=True, slots=True)
-class Ran:
+class Ran(NamedTuple):
     """The outcome of work that ran: its outputs, and its sequence's version after it."""
 
     outputs: Outputs

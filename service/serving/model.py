@@ -222,6 +222,7 @@ class ServedModel:
 
     @property
     def live_sequences(self) -> int:
+        """How many sequences it holds live (0 for a whole-sequence model)."""
         return len(self.sequences.manager.live) if self.sequences is not None else 0
 
     def holds(self, sequence_id: object) -> bool:

@@ -164,6 +164,10 @@ class ModelRegistry:
             raise ModelNotReady(f"model {name} has no ready version")
         return ready[-1]
 
+    def versions(self, name: str) -> list[int]:
+        """The loaded versions of model `name`, ascending (none when it is not loaded)."""
+        return sorted(self.models.get(name, {}))
+
     def all_models(self) -> tuple[ServedModel, ...]:
         """Every loaded version (safe from any thread)."""
         return self._published
@@ -265,7 +269,7 @@ class ModelRegistry:
         return model
 
     async def unload(self, name: str) -> None:
-        """Stop taking new sequences on every version of `name`; drain them in the background."""
+        """Stop taking new sequences on every version of `name`; retire them in the background."""
         async with self._lock:
             versions = self.models.get(name)
             if not versions:

@@ -71,6 +71,13 @@ def redact(url: str) -> str:
 
 
 class RedisStore:
+    """The state store on a Redis server a URL names (`redis://`, `rediss://`, `unix://`).
+
+    Each `read` or `write` is one pipelined round trip; `timeout_s` bounds connecting and
+    each reply, in seconds. A round trip that fails raises StoreUnavailable; an operation that
+    fails alone has a StoreUnavailable as its result.
+    """
+
     shared = True
 
     def __init__(self, url: str, timeout_s: float) -> None:
@@ -86,6 +93,7 @@ class RedisStore:
         )
 
     def read(self, reads: Sequence[Read]) -> list[ReadResult]:
+        """GET each record, GETDEL it (`take`), or validate it by script (`unless`)."""
         commands: list[tuple[Any, ...]] = []
         for op in reads:
             if op.unless:
@@ -99,6 +107,8 @@ class RedisStore:
         ]
 
     def write(self, writes: Sequence[Write]) -> list[WriteResult]:
+        """SET each record (PX: its ttl in milliseconds) or DEL it; by compare-and-set script
+        when it names the stamp it `expect`s."""
         commands: list[tuple[Any, ...]] = []
         for op in writes:
             ttl_ms = max(1, round(op.ttl_s * 1000)) if op.ttl_s > 0 else 0
@@ -121,12 +131,14 @@ class RedisStore:
         return results
 
     def ping(self) -> None:
+        """PING Redis; StoreUnavailable when it does not answer."""
         try:
             self._redis.ping()
         except RedisError as error:
             raise self._failure(error) from error
 
     def close(self) -> None:
+        """Close its connections."""
         self._redis.close()
 
     def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:

@@ -61,6 +61,9 @@ class Durability(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class StoredState:
+    """A decoded record: version, tag, and one sequence's state tensors, without the batch axis
+    ([layers*directions, H] each)."""
+
     version: int
     """Requests the state has advanced through (1 after the START request)."""
     tag: int
@@ -68,14 +71,18 @@ class StoredState:
 
     @property
     def stamp(self) -> bytes:
+        """Its 16-byte stamp: version and tag, as bytes 8..23 of its record hold them."""
         return _STAMP.pack(self.version, self.tag)
 
 
 def new_tag() -> int:
+    """A random 64-bit tag, for the stamp of a record about to be written."""
     return secrets.randbits(64)
 
 
 def encode_state(version: int, tag: int, tensors: Sequence[np.ndarray]) -> bytes:
+    """The record of one sequence's state `tensors` at `version`, stamped with `tag` (the
+    format is in the module docstring; values are written little-endian)."""
     parts = [_HEADER.pack(MAGIC, FORMAT, len(tensors), 0, version, tag)]
     for tensor in tensors:
         array = np.ascontiguousarray(tensor, dtype=tensor.dtype.newbyteorder("<"))
@@ -136,6 +143,8 @@ class StateKey:
 
 @dataclass(frozen=True, slots=True)
 class Read:
+    """One record to read, by its key (a StateKey as a string)."""
+
     key: str
     unless: bytes = b""
     """A stamp: answer UNCHANGED rather than the record while the record still has it."""
@@ -145,6 +154,8 @@ class Read:
 
 @dataclass(frozen=True, slots=True)
 class Write:
+    """One record to write or delete, by its key (a StateKey as a string)."""
+
     key: str
     record: bytes | None
     """The new record, or None to delete it."""
@@ -170,13 +181,21 @@ class StateStore(Protocol):
     shared: bool
     """Whether other processes see what is written (False: nothing is ever read back)."""
 
-    def read(self, reads: Sequence[Read]) -> list[ReadResult]: ...
+    def read(self, reads: Sequence[Read]) -> list[ReadResult]:
+        """One round trip: a result per read, in order."""
+        ...
 
-    def write(self, writes: Sequence[Write]) -> list[WriteResult]: ...
+    def write(self, writes: Sequence[Write]) -> list[WriteResult]:
+        """One round trip: a result per write, in order."""
+        ...
 
-    def ping(self) -> None: ...
+    def ping(self) -> None:
+        """Return once the store answers; StoreUnavailable when it does not."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release its connections; nothing is read or written after this."""
+        ...
 
 
 class MemoryStore:
@@ -186,13 +205,17 @@ class MemoryStore:
     shared = False
 
     def read(self, reads: Sequence[Read]) -> list[ReadResult]:
+        """No record, for every read."""
         return [None for _ in reads]
 
     def write(self, writes: Sequence[Write]) -> list[WriteResult]:
+        """Every write applied (and forgotten)."""
         return [True for _ in writes]
 
     def ping(self) -> None:
+        """Always answers."""
         pass
 
     def close(self) -> None:
+        """Nothing to release."""
         pass

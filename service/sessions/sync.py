@@ -59,8 +59,8 @@ from rnnserve.sessions.store import (
 
 logger = logging.getLogger(__name__)
 
-_FLUSH_CHUNK = 1000
-"""Records per round trip when flushing, so one pipeline never grows without bound."""
+_WRITE_CHUNK = 1000
+"""Records per round trip when writing every state, so one pipeline never grows without bound."""
 
 
 @dataclass(eq=False, slots=True)
@@ -84,6 +84,12 @@ store operations that failed."""
 
 
 class StateSync:
+    """Keeps one model version's arena and the state store in step (see the module docstring).
+
+    Used on the batch worker only. With a store that is not shared, durability is `none`;
+    `ttl_s` is the seconds a record lives unwritten (the model's idle timeout).
+    """
+
     def __init__(
         self,
         store: StateStore,
@@ -105,6 +111,7 @@ class StateSync:
         """Counts by event; written by the batch worker, read by metrics scrapes."""
 
     def key(self, sequence: LiveSequence) -> str:
+        """The store key of `sequence`'s record."""
         return str(StateKey(self.model, self.version, sequence.id))
 
     # ------------------------------------------------------------------ before the model call
@@ -282,8 +289,8 @@ class StateSync:
         if not self.store.shared or self.durability is not Durability.END:
             return 0
         held = [s for s in sequences if s.held]
-        for first in range(0, len(held), _FLUSH_CHUNK):
-            chunk = held[first : first + _FLUSH_CHUNK]
+        for first in range(0, len(held), _WRITE_CHUNK):
+            chunk = held[first : first + _WRITE_CHUNK]
             self.store.write([Write(self.key(s), MOVING, ttl_s=ttl_s) for s in chunk])
         return len(held)
 
@@ -292,8 +299,8 @@ class StateSync:
         if not self.store.shared or self.durability is not Durability.END:
             return 0
         held = [s for s in sequences if s.held]
-        for first in range(0, len(held), _FLUSH_CHUNK):
-            chunk = held[first : first + _FLUSH_CHUNK]
+        for first in range(0, len(held), _WRITE_CHUNK):
+            chunk = held[first : first + _WRITE_CHUNK]
             slots = np.asarray([s.slot for s in chunk], dtype=np.intp)
             tensors = self.arena.take(slots)
             writes = [

@@ -127,7 +127,9 @@ class Completions:
         return [i for call in self.calls for i in call.ids]
 
     def outcome(self, item_id: str) -> object:
-        (outcome,) = [o for c in self.calls for i, o in zip(c.ids, c.outcomes) if i == item_id]
+        (outcome,) = [
+            o for c in self.calls for i, o in zip(c.ids, c.outcomes, strict=True) if i == item_id
+        ]
         return outcome
 
     def of(self, item_id: str) -> Completion:
@@ -256,6 +258,18 @@ async def test_a_later_item_of_a_sequence_does_not_overtake_a_deferred_one(
     batcher.submit(Item("a2", a, time_steps=1))
     await harness.complete.wait("b1", "a1", "a2")
     assert harness.execute.batches == [["b1"], ["a1"], ["a2"]]
+
+
+async def test_a_deferred_item_keeps_its_place_when_a_batch_fills(harness: Harness) -> None:
+    # The batch fills at "b1", before "a3" is looked at: "a2" must still run before "a3".
+    batcher = harness.batcher(max_batch_size=2)
+    a = Stream("a")
+    for item in [Item("a1", a), Item("a2", a), Item("b1", Stream("b"))]:
+        batcher.submit(item)
+    batcher.submit(Item("c1", Stream("c")))
+    batcher.submit(Item("a3", a))
+    await harness.complete.wait("a1", "a2", "a3", "b1", "c1")
+    assert harness.execute.batches == [["a1", "b1"], ["a2", "c1"], ["a3"]]
 
 
 async def test_items_with_different_time_steps_do_not_share_a_batch(harness: Harness) -> None:
@@ -529,3 +543,28 @@ async def test_stop_runs_what_is_queued_and_then_refuses_items(harness: Harness)
     with pytest.raises(RuntimeError, match=f"the batcher of model {NAME} is stopped"):
         batcher.submit(Item("after", Stream("a")))
     assert harness.complete.ids.count("after") == 0
+
+
+async def test_an_item_wider_than_a_batch_runs_alone_rather_than_never(harness: Harness) -> None:
+    batcher = harness.batcher(max_batch_size=2)
+    batcher.submit(Item("wide", Stream("w"), rows=3))
+    batcher.submit(Item("next", Stream("n")))
+    await harness.complete.wait("wide", "next")
+    assert harness.execute.batches == [["wide"], ["next"]]
+
+
+async def test_stop_waits_for_a_job_on_the_worker_without_blocking_the_loop(
+    harness: Harness,
+) -> None:
+    batcher = harness.batcher()
+    gate = harness.gate()
+    job = asyncio.create_task(batcher.on_worker(lambda: gate.wait(WAIT_S)))
+    await asyncio.sleep(0.01)  # the job runs on the worker
+    stopping = asyncio.create_task(batcher.stop())
+    ticks = 0
+    for _ in range(20):  # the loop keeps turning while stop() waits for the job
+        await asyncio.sleep(0.001)
+        ticks += 1
+    assert ticks == 20 and not stopping.done()
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(job, stopping), WAIT_S)

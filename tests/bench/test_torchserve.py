@@ -22,7 +22,7 @@ found = torchserve.find()
 pytestmark = pytest.mark.skipif(isinstance(found, str), reason=str(found))
 
 
-def test_torchserve_answers_each_sequence_as_the_model_run_alone(tmp_path) -> None:
+async def test_torchserve_answers_each_sequence_as_the_model_run_alone(tmp_path) -> None:
     assert not isinstance(found, str)
     binary, archiver = found
     workload = load_workload(BUNDLED, MODEL)
@@ -30,7 +30,7 @@ def test_torchserve_answers_each_sequence_as_the_model_run_alone(tmp_path) -> No
     rng = np.random.default_rng(17)
     tokens = rng.integers(0, VOCAB, size=(4, 5, 2), dtype=np.int64)  # sequences, requests, T
     with torchserve.TorchServe(binary, store, tmp_path) as server:
-        answers = asyncio.run(stream_all(server.target, tokens))
+        answers = await stream_all(server.target, tokens)
         assert server.cpu_seconds() > 0
     for s in range(len(tokens)):
         expected = reference(tokens[s])

@@ -25,9 +25,13 @@ $(VENV)/.installed: pyproject.toml bench/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e . -e ./bench
 	@touch $@
 
+$(VENV)/.installed-lint: pyproject.toml bench/pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]' -e ./bench
+	@touch $@ $(VENV)/.installed
+
 $(VENV)/.installed-test: pyproject.toml bench/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[train,test]' -e './bench[peers]' '$(TORCH_PIN)'
-	@touch $@ $(VENV)/.installed
+	@touch $@ $(VENV)/.installed $(VENV)/.installed-lint
 
 install: $(VENV)/.installed ## virtualenv with rnnserve and its benchmark (rnnserve-bench; no torch)
 
@@ -68,7 +72,7 @@ test: system-deps install-test $(PERF_ANALYZER) lint ## install everything, lint
 proto: install-test ## regenerate service/_pb from proto/*.proto
 	$(BIN)/python proto/generate.py
 
-lint: install-test ## ruff and mypy (strict on the server); `make test` runs it first
+lint: $(VENV)/.installed-lint ## ruff and mypy (strict on the server; no torch needed); `make test` runs it first
 	$(BIN)/ruff check service models bench tests proto
 	$(BIN)/ruff format --check service models bench tests proto
 	@# mypy cannot follow the package-dir mapping: a tree of links with the installed layout.

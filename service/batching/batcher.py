@@ -254,27 +254,20 @@ class SequenceBatcher(Generic[W, R]):
         queue_s: Sequence[float],
         compute_s: float,
     ) -> None:
-        """On the event loop: complete a batch the worker ran or dropped."""
+        """On the event loop: complete a batch that ran (on the worker or inline) or was
+        dropped."""
         self._unanswered -= len(batch)
-        self._completed(batch, outcomes, queue_s, compute_s)
-
-    def _run_inline(self, ticket: Ticket[W]) -> None:
-        started = time.perf_counter()
-        outcomes = self._run([ticket])
-        compute_s = time.perf_counter() - started
-        self._completed([ticket], outcomes, [started - ticket.submitted], compute_s)
-
-    def _completed(
-        self,
-        batch: Sequence[Ticket[W]],
-        outcomes: Sequence[R | Exception],
-        queue_s: Sequence[float],
-        compute_s: float,
-    ) -> None:
         try:
             self._complete([t.item for t in batch], outcomes, queue_s, compute_s)
         except Exception:  # one caller's failure must not stop the batcher
             logger.exception("completing a batch of model %s failed", self.name)
+
+    def _run_inline(self, ticket: Ticket[W]) -> None:
+        self._unanswered += 1
+        started = time.perf_counter()
+        outcomes = self._run([ticket])
+        compute_s = time.perf_counter() - started
+        self._finish([ticket], outcomes, [started - ticket.submitted], compute_s)
 
     def _take(self) -> tuple[list[Ticket[W]], list[Ticket[W]]]:
         """The next batch from the ready items (under the lock), and the cancelled ones."""

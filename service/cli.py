@@ -111,14 +111,20 @@ def _run_bench(args: argparse.Namespace) -> int:
 def _run_generate(args: argparse.Namespace) -> int:
     import grpc
 
+    if args.length < 0 or args.temperature < 0:
+        raise CommandError("--length and --temperature must be 0 or more")
+
     from rnnserve.client import ClientError, SequenceClient
 
     try:
         with SequenceClient(args.url, args.model) as client:
             text = client.generate(args.prompt, args.length, args.temperature)
     except grpc.RpcError as error:
+        hint = ""
+        if error.code() is grpc.StatusCode.UNAVAILABLE:
+            hint = " (is `rnnserve serve` running there? --url names another address)"
         raise CommandError(
-            f"{args.url}: {error.code().name}: {error.details()}", exit_code=1
+            f"{args.url}: {error.code().name}: {error.details()}{hint}", exit_code=1
         ) from error
     except ClientError as error:
         raise CommandError(str(error), exit_code=1) from error

@@ -101,7 +101,7 @@ class Settings:
                 dest=f.name,
                 default=None,
                 metavar=f.name.split("_")[-1].upper(),
-                help=f"{docs.get(f.name, '')} [{env}]",
+                help=f"{docs.get(f.name, '')} [{env}{_shown(f)}]",
             )
 
     @classmethod
@@ -128,7 +128,10 @@ class Settings:
         for name in ("grpc_port", "metrics_port"):
             port = getattr(self, name)
             if port is not None and not 0 <= port <= 65535:
-                raise ValueError(f"{_flag(name)} {port} is not a port number")
+                off = (
+                    " (0 picks a free one; off turns metrics off)" if name == "metrics_port" else ""
+                )
+                raise ValueError(f"{_flag(name)} {port} is not a port number{off}")
         for name in ("inline_max_work", "parallel_min_work"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be 0 (none) or more")
@@ -154,6 +157,18 @@ class Settings:
             raise ValueError("--state-store-timeout-s must be positive")
 
 
+def _shown(f: dataclasses.Field[Any]) -> str:
+    """`; default: X` for a field's default as a flag spells it; nothing for None (the
+    field's docstring says what None means)."""
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        value = f.default
+    if value is None:
+        return ""
+    return f"; default: {value.value if isinstance(value, enum.Enum) else value}"
+
+
 OFF = ("off", "none")
 """Values that turn off a setting whose default is on (`--metrics-port off`)."""
 
@@ -171,18 +186,22 @@ def _convert(name: str, hint: Any, raw: str) -> Any:
         return None
     kind = kinds[0]
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
-        try:
-            return kind(raw)
-        except ValueError:
-            choices = ", ".join(str(m.value) for m in kind)
-            raise ValueError(f"{source} must be {choices}; got {raw!r}") from None
+        for spelling in (raw, raw.lower(), raw.upper()):  # INFO or info, cpu or CPU
+            try:
+                return kind(spelling)
+            except ValueError:
+                continue
+        choices = ", ".join(str(m.value) for m in kind)
+        raise ValueError(f"{source} must be {choices}; got {raw!r}")
     try:
         if kind is int:
             return int(raw)
         if kind is float:
             return float(raw)
-    except ValueError as error:
-        raise ValueError(f"{source}: {error}") from error
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        off = " or off" if optional else ""
+        raise ValueError(f"{source} must be {what}{off}; got {raw!r}") from None
     if kind is Path:
         return Path(raw)
     return raw

@@ -76,7 +76,7 @@ class Server:
         self.servicer = InferenceServicer(self.registry, self.metrics)
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
-        self.metrics_port = 0
+        self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: Any = None
         self._background: list[asyncio.Task[None]] = []
@@ -128,11 +128,10 @@ class Server:
         if settings.port_file is not None:
             _write_port_file(settings.port_file, self.grpc_port, self.metrics_port)
         logger.info(
-            "serving grpc=%s:%d metrics=%s:%d models=%s",
+            "serving grpc=%s:%d metrics=%s models=%s",
             settings.host,
             self.grpc_port,
-            settings.host,
-            self.metrics_port,
+            f"{settings.host}:{self.metrics_port}" if self.metrics_port is not None else "off",
             ",".join(f"{m.name}:{m.version}" for m in self.registry.all_models()),
         )
 
@@ -205,7 +204,7 @@ class Server:
         )
 
 
-def _write_port_file(path: Path, grpc_port: int, metrics_port: int) -> None:
+def _write_port_file(path: Path, grpc_port: int, metrics_port: int | None) -> None:
     staging = path.with_suffix(path.suffix + ".tmp")
     staging.write_text(json.dumps({"grpc": grpc_port, "metrics": metrics_port}))
     staging.replace(path)

@@ -53,7 +53,8 @@ def test_environment_then_flag() -> None:
         ([], {"RNNSERVE_GRPC_PORT": "http"}, "RNNSERVE_GRPC_PORT"),
         (["--provider", "tpu"], {}, "--provider .* must be auto, cpu, cuda"),
         (["--grpc-port", "70000"], {}, "not a port number"),
-        (["--metrics-port", "-1"], {}, "not a port number"),
+        (["--metrics-port", "-1"], {}, "not a port number .*off turns metrics off"),
+        (["--metrics-port", "abc"], {}, "must be a whole number or off; got 'abc'"),
         (["--max-steps-per-request", "0"], {}, "--max-steps-per-request must be positive"),
         (["--ort-spinning", "3"], {}, "--ort-spinning .* must be never, during-run, always"),
         ([], {"RNNSERVE_INLINE_MAX_WORK": "-1"}, "--inline-max-work must be 0"),
@@ -72,6 +73,7 @@ def test_enumerated_settings_and_off() -> None:
     assert (s.provider, s.ort_spinning, s.metrics_port) == (Provider.CPU, Spinning.NEVER, None)
     assert settings(["--ort-spinning", "2"], {}).ort_spinning is Spinning.ALWAYS  # as before
     assert settings([], {"RNNSERVE_LOG_LEVEL": "DEBUG"}).log_level is LogLevel.DEBUG
+    assert settings(["--log-level", "debug", "--provider", "CPU"], {}).log_level is LogLevel.DEBUG
     defaults = settings([], {})
     assert defaults.max_queue_delay_us is None and defaults.intra_op_threads is None
     assert settings(["--max-queue-delay-us", "0"], {}).max_queue_delay_us == 0

@@ -115,7 +115,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelReadyResponse:
         """Model readiness (OIP): version and server ready; an unknown one is false, OK."""
         try:
-            model = self.registry.get(request.name, request.version)
+            model = self.registry.get(request.name, request.version, any_state=True)
         except ServiceError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=model.state is ModelState.READY and self.registry.ready)
@@ -136,7 +136,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelMetadataResponse:
         """Model metadata (OIP): versions, platform, inputs and outputs (batch axis -1, states
         left out); NOT_FOUND, UNAVAILABLE, or INVALID_ARGUMENT for a version not a number."""
-        model = self.registry.get(request.name, request.version)
+        model = self.registry.get(request.name, request.version, any_state=True)
         versions = self.registry.versions(model.name)
         response = pb.ModelMetadataResponse(
             name=model.name, versions=[str(v) for v in versions], platform=model.config.platform
@@ -153,7 +153,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelConfigRequest, context: Any
     ) -> pb.ModelConfigResponse:
         """Triton's ModelConfig of the version; NOT_FOUND, UNAVAILABLE or INVALID_ARGUMENT."""
-        model = self.registry.get(request.name, request.version)
+        model = self.registry.get(request.name, request.version, any_state=True)
         config = mc.ModelConfig()
         config.CopyFrom(model.config)
         return pb.ModelConfigResponse(config=config)
@@ -166,7 +166,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         named model's; NOT_FOUND, UNAVAILABLE or INVALID_ARGUMENT (as ModelMetadata)."""
         snapshots = self.registry.snapshot()
         if request.name:
-            model = self.registry.get(request.name, request.version)  # or NOT_FOUND
+            model = self.registry.get(request.name, request.version, any_state=True)  # or NOT_FOUND
             snapshots = [
                 s
                 for s in snapshots

@@ -103,7 +103,7 @@ class ModelRegistry:
         self._published: tuple[ServedModel, ...] = ()
         self._failures: dict[str, str] = {}
         self._unloaded: dict[str, str] = {}
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[ServedModel, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lookups
@@ -132,8 +132,9 @@ class ModelRegistry:
                     return model
         return self.get(request.model, request.version)
 
-    def get(self, name: str, version: str = "") -> ServedModel:
-        """Version `version` of model `name`, or its latest ready version when empty.
+    def get(self, name: str, version: str = "", any_state: bool = False) -> ServedModel:
+        """Version `version` of model `name`, or when empty its latest ready version (with
+        `any_state`, its latest loaded one, as metadata and statistics describe it).
 
         Raises ModelNotFound, ModelNotReady or InvalidArgument (a version that is not a number).
         """
@@ -159,10 +160,14 @@ class ModelRegistry:
                     f"model {name} has no version {version} loaded; loaded versions: {served}"
                 )
             return model
-        ready = [m for v, m in sorted(versions.items()) if m.state is ModelState.READY]
-        if not ready:
-            raise ModelNotReady(f"model {name} has no ready version")
-        return ready[-1]
+        loaded = [m for _, m in sorted(versions.items())]
+        ready = [m for m in loaded if m.state is ModelState.READY]
+        if any_state or ready:
+            return (ready or loaded)[-1]
+        raise ModelNotReady(
+            f"model {name} is being unloaded and takes no new sequences (its live ones go on "
+            f"for up to {self.unload_grace_s:g} s); load it again with RepositoryModelLoad"
+        )
 
     def versions(self, name: str) -> list[int]:
         """The loaded versions of model `name`, ascending (none when it is not loaded)."""
@@ -223,7 +228,10 @@ class ModelRegistry:
             current = self.models.setdefault(name, {})
             try:
                 for version in wanted:
-                    if version not in current:
+                    model = current.get(version)
+                    if model is not None and model.state is ModelState.UNLOADING:
+                        self._keep(model)  # still in its grace: it serves on, sequences too
+                    elif model is None or model.state is not ModelState.READY:
                         current[version] = await self._load_version(entry, version)
                         self._publish()
             except ServiceError as error:
@@ -281,9 +289,29 @@ class ModelRegistry:
     def _retire_in_background(self, name: str, version: int) -> None:
         model = self.models[name][version]
         model.state = ModelState.UNLOADING
+        logger.info(
+            "unloading model %s version %d: no new sequences; %d live ones may go on for %g s",
+            name,
+            version,
+            model.live_sequences,
+            self.unload_grace_s,
+        )
         task = asyncio.create_task(self._retire(model), name=f"unload-{name}-{version}")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[model] = task
+
+        def retired(done: asyncio.Task[None]) -> None:
+            if self._retiring.get(model) is done:
+                del self._retiring[model]
+
+        task.add_done_callback(retired)
+
+    def _keep(self, model: ServedModel) -> None:
+        """Call off the retirement of a version still in its unload grace (a load came)."""
+        task = self._retiring.pop(model, None)
+        if task is not None:
+            task.cancel()
+        model.state = ModelState.READY
+        logger.info("model %s version %d loaded again; it was unloading", model.name, model.version)
 
     async def _retire(self, model: ServedModel) -> None:
         await model.retire(self.unload_grace_s)
@@ -334,7 +362,7 @@ class ModelRegistry:
 
     async def stop(self) -> None:
         """Stop every model (after the work queued on it ran)."""
-        for task in list(self._retiring):
+        for task in list(self._retiring.values()):
             task.cancel()
         await asyncio.gather(*(m.stop() for m in self.all_models()))
 

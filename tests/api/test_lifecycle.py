@@ -162,6 +162,34 @@ def test_unload_ends_live_sequences_after_the_grace_period(client, repository) -
     assert again.as_numpy("y").shape == (1, 1, 2)
 
 
+def test_a_load_during_the_unload_grace_keeps_the_version_and_its_sequences(
+    client, repository
+) -> None:
+    x = np.ones((1, 1, 3), np.float32)
+    first = client.infer("reload_gru", [x_input(x)], sequence_id=95, sequence_start=True)
+    client.unload_model("reload_gru")
+    assert not client.is_model_ready("reload_gru")
+    # Still described while it unloads: statistics and metadata name it, a START is told why.
+    assert client.get_model_metadata("reload_gru").name == "reload_gru"
+    stats = client.get_inference_statistics("reload_gru").model_stats
+    assert stats and stats[0].inference_count >= 1
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("reload_gru", [x_input(x)], sequence_id=96, sequence_start=True)
+    assert caught.value.status() == "StatusCode.UNAVAILABLE"
+    assert "being unloaded" in caught.value.message()
+    client.load_model("reload_gru")
+    assert client.is_model_ready("reload_gru")  # at once, not after the grace
+    deadline = time.monotonic() + GRACE_S + 1.0
+    while time.monotonic() < deadline:  # past the grace the version and the sequence remain
+        time.sleep(0.1)
+    version = first.get_response().model_version
+    rest = client.infer("reload_gru", [x_input(x)], sequence_id=95, sequence_end=True)
+    assert rest.get_response().model_version == version
+    index = [(m.version, m.state) for m in client.get_model_repository_index().models
+             if m.name == "reload_gru"]  # fmt: skip
+    assert index == [(version, "READY")]
+
+
 def test_loading_an_unknown_model_fails_clearly(client) -> None:
     with pytest.raises(InferenceServerException) as caught:
         client.load_model("nothing_here")

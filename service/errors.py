@@ -87,6 +87,13 @@ class StoreUnavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class AnswerTooLarge(ServiceError):
+    """The answer to a request would not fit in one gRPC message (--max-message-bytes); the
+    request was refused before it ran."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class RequestCancelled(ServiceError):
     """The request was cancelled (its client went away) before it ran; it was not applied."""
 

@@ -61,6 +61,7 @@ class Server:
             max_queue_delay_s=delay_us / 1e6 if delay_us is not None else None,
             max_steps_per_request=settings.max_steps_per_request,
             inline_max_work=settings.inline_max_work,
+            max_answer_bytes=settings.max_message_bytes,
         )
         self.store = open_store(settings.state_store, settings.state_store_timeout_s)
         self.durability = settings.state_durability

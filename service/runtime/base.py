@@ -19,15 +19,26 @@ class TensorInfo:
     """Declared shape; a string or None is a dynamic axis."""
 
 
+class InvalidInput(ValueError):
+    """The model cannot run on the values it was given (an index outside its table, ...); the
+    message is the runtime's own, for the client whose input it was."""
+
+
 class Runtime(Protocol):
     """A loaded model graph. `run` is synchronous and thread-safe; call it off the event loop."""
 
     provider: str
     inputs: Sequence[TensorInfo]
     outputs: Sequence[TensorInfo]
+    index_bounds: Mapping[str, int]
+    """Integer inputs used as indices into a table of the graph (an embedding): the table's
+    size, so valid values are 0..size-1. Inputs the runtime cannot bound are absent."""
 
     def run(
         self, feeds: Mapping[str, np.ndarray], work: int | None = None
     ) -> dict[str, np.ndarray]:
-        """The named outputs. `work` (rows x time steps), when given, may choose how it runs."""
+        """The named outputs. `work` (rows x time steps), when given, may choose how it runs.
+
+        Raises InvalidInput when the values of `feeds` are what the model cannot run on.
+        """
         ...

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from rnnserve.runtime.base import TensorInfo
+from rnnserve.runtime.base import InvalidInput, TensorInfo
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ class Provider(enum.Enum):
     CPU = "cpu"
     CUDA = "cuda"
 
+
+_OrtInvalidArgument = ort.capi.onnxruntime_pybind11_state.InvalidArgument
 
 PROVIDERS = {Provider.CPU: "CPUExecutionProvider", Provider.CUDA: "CUDAExecutionProvider"}
 """ONNX Runtime's name of each execution provider."""
@@ -100,6 +102,7 @@ class OnnxRuntime:
         self.inputs: Sequence[TensorInfo] = [self._info(a) for a in self.session.get_inputs()]
         self.outputs: Sequence[TensorInfo] = [self._info(a) for a in self.session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
+        self.index_bounds: Mapping[str, int] = index_bounds(path)
         threads = settings.intra_op_threads or _usable_cores()
         self.parallel_min_work = 0
         self.serial_session = self.session
@@ -113,7 +116,9 @@ class OnnxRuntime:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's choice
         options.inter_op_num_threads = settings.inter_op_threads or 0
-        options.log_severity_level = 3
+        # Fatal only: a failed call raises, and is reported once, by whoever handles it (ONNX
+        # Runtime's own error lines go to stderr unformatted, past --log-format json).
+        options.log_severity_level = 4
         spin = "0" if settings.spinning is Spinning.NEVER else "1"
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)
@@ -140,12 +145,43 @@ class OnnxRuntime:
 
         `feeds`: arrays by input name, [B, T, ...] (states [B, layers*directions, H]). A call
         of less `work` (rows x time steps) than `parallel_min_work` runs on the single-threaded
-        session. Raises ONNX Runtime's errors as they are.
+        session. Raises InvalidInput for ONNX Runtime's INVALID_ARGUMENT (values the model
+        cannot take), and ONNX Runtime's other errors as they are.
         """
         small = work is not None and work < self.parallel_min_work
         session = self.serial_session if small else self.session
-        results = session.run(self._output_names, dict(feeds))
+        try:
+            results = session.run(self._output_names, dict(feeds))
+        except _OrtInvalidArgument as error:
+            raise InvalidInput(str(error).removeprefix("[ONNXRuntimeError] : 2 : ")) from error
         return dict(zip(self._output_names, results, strict=True))
+
+
+def index_bounds(path: Path) -> dict[str, int]:
+    """Graph inputs used as the indices of a Gather from a constant table (an embedding), with
+    the table's size along the gathered axis; valid values are 0..size-1.
+
+    ONNX's Gather also takes negative indices, counting from the end (onnx.ai Operators:
+    Gather), which for token ids only hides a client's mistake; they are refused too.
+    """
+    import onnx  # at load only: its protobuf parse of the graph, without the weights' data
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    tables = {t.name: list(t.dims) for t in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    bounds: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2:
+            continue
+        table, indices = node.input[0], node.input[1]
+        if table not in tables or indices not in inputs:
+            continue
+        dims = tables[table]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        size = dims[axis] if -len(dims) <= axis < len(dims) else 0
+        if size > 0:
+            bounds[indices] = min(size, bounds.get(indices, size))
+    return bounds
 
 
 def _usable_cores() -> int:

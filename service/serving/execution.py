@@ -1,28 +1,33 @@
 """Running one batch of work: state gather, store prepare, model call, store commit, scatter.
 
 `BatchExecution` is what the batcher is given as its `execute`: it runs on the batch worker
-thread (or inline on the event loop for a lone sequence) and returns one outcome per item, an
-`Ran` or a `ServiceError`. A step that fails in the store round trips fails alone; the rest of
-the batch runs. With a state store, the worker brings the batch's slots up to date before the
-model call and stores the new states after it (`rnnserve.sessions.sync`), before the arena is
-updated and before any response is released.
+thread (or inline on the event loop for a lone sequence) and returns one outcome per item, a
+`Ran` or a `ServiceError`. A request that fails in the store round trips fails alone, and so
+does one whose values the model call fails on (the batch is run again request by request to
+find it: a failed call applies nothing); the rest of the batch runs. With a state store, the
+worker brings the batch's slots up to date before the model call and stores the new states
+after it (`rnnserve.sessions.sync`), before the arena is updated and before any response is
+released.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-from rnnserve.errors import ServiceError
+from rnnserve.errors import InternalError, InvalidArgument, ServiceError
 from rnnserve.repository.signature import StateSpec
-from rnnserve.runtime.base import Runtime
+from rnnserve.runtime.base import InvalidInput, Runtime
 from rnnserve.serving.request import OnOutcome
 from rnnserve.sessions.arena import StateArena
 from rnnserve.sessions.sequence import LiveSequence
 from rnnserve.sessions.sync import Advance, StateSync
+
+logger = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
 
@@ -94,8 +99,20 @@ class BatchExecution:
                 answers[keys[j]] = error
                 del advances[keys[j]]
         runnable = [(k, w) for k, w in enumerate(batch) if answers[k] is None]
-        if runnable:
-            self._run(runnable, advances, answers)
+        try:
+            if runnable:
+                self._run(runnable, advances, answers)
+        except Exception as failure:  # noqa: BLE001 - charged to its culprits only, below
+            if len(runnable) == 1:
+                answers[runnable[0][0]] = _answer_to(failure)
+            else:
+                # Nothing was applied: find the culprits by running each request alone, so a
+                # client's bad input fails its own request and no batch-mate's.
+                for item in runnable:
+                    try:
+                        self._run([item], advances, answers)
+                    except Exception as alone:  # noqa: BLE001 - this request's own failure
+                        answers[item[0]] = _answer_to(alone)
         return [a if a is not None else Ran({}) for a in answers]
 
     def _run(
@@ -189,3 +206,13 @@ class BatchExecution:
                     rows[row : row + work.rows] = work.states[k]
             stacked[state.input_name] = rows
         return stacked
+
+
+def _answer_to(failure: Exception) -> ServiceError:
+    """The error that answers a request whose model call failed on its own."""
+    if isinstance(failure, ServiceError):
+        return failure
+    if isinstance(failure, InvalidInput):
+        return InvalidArgument(f"the model cannot run on this request's inputs: {failure}")
+    logger.error("a model call failed", exc_info=failure)
+    return InternalError()

@@ -21,6 +21,7 @@ import numpy as np
 from rnnserve._pb import model_config_pb2 as mc
 from rnnserve.batching.batcher import Cancelled, SequenceBatcher, Ticket
 from rnnserve.errors import (
+    AnswerTooLarge,
     InternalError,
     InvalidArgument,
     InvalidModelRepository,
@@ -63,8 +64,14 @@ class Limits:
     inline_max_work: int = 1
     """A lone sequence's requests of at most this many rows x time steps run on the event
     loop (0: none do)."""
+    max_answer_bytes: int | None = None
+    """The largest answer the transport carries (its largest message); larger ones are refused
+    before they run. None: no limit."""
 
 
+ANSWER_OVERHEAD_BYTES = 1024
+"""What an answer carries besides its tensors' bytes, at most: model name, version, request
+id (counted apart), parameters, and each output's name, type and shape (protobuf framing)."""
 DEFAULT_MAX_STEPS = 4096
 """Time steps one request may carry when neither the server nor the config says."""
 MAX_CHECKED_SHAPES = 1024
@@ -152,6 +159,16 @@ class ServedModel:
         self._state_inputs = [s.input_name for s in sig.states]
         self._outputs = {t.name for t in sig.outputs} | {s.output_name for s in sig.states}
         self._default_outputs = tuple(t.name for t in sig.outputs)
+        self._max_answer_bytes = limits.max_answer_bytes
+        self._answer_sizes = _answer_sizes(sig)
+        """Per output: (bytes per row and time step, bytes per row not per time step)."""
+        self._warn_if_answers_cannot_fit()
+        self._index_bounds = {
+            name: size
+            for name, size in runtime.index_bounds.items()
+            if name in self._inputs and self._inputs[name].dtype.kind in "iu"
+        }
+        """Integer inputs that index a table of the graph: the table's size (values 0..size-1)."""
         self._checked_inputs: dict[tuple[tuple[str, str, tuple[int, ...]], ...], tuple[int, int]]
         self._checked_inputs = {}
 
@@ -161,11 +178,13 @@ class ServedModel:
         sig = self.signature
         if not sig.streamable:
             return None
-        capacity = limits.max_sequences or sig.max_sequences
-        arena = StateArena([s.dims for s in sig.states], capacity)
+        limit = limits.max_sequences or sig.max_sequences
+        # Twice the limit in slots: an ended sequence keeps its slot until its last request
+        # ran, outside the limit. np.zeros commits memory only as slots are first used.
+        arena = StateArena([s.dims for s in sig.states], 2 * limit)
         label = f"{self.name} (version {self.version})"
         return SequenceSupport(
-            SequenceManager(label, arena, self.idle_timeout_s, adopt=store.shared),
+            SequenceManager(label, arena, self.idle_timeout_s, adopt=store.shared, limit=limit),
             arena,
             StateSync(store, durability, self.name, self.version, arena, self.idle_timeout_s),
         )
@@ -264,7 +283,7 @@ class ServedModel:
             arena = support.arena
             sequences = SequenceSnapshot(
                 live=len(support.manager.live),
-                capacity=arena.capacity,
+                capacity=support.manager.limit,
                 state_bytes=arena.used * arena.bytes_per_slot,
                 started=counters.started,
                 ended=counters.ended,
@@ -380,7 +399,11 @@ class ServedModel:
         if self.state is not ModelState.READY and not request.sequence.id:
             raise ModelNotReady(f"model {self.name} version {self.version} is being unloaded")
         rows, time_steps = self._check_inputs(request.inputs)
+        if self._index_bounds:
+            self._check_indices(request.inputs)
         outputs = self._check_outputs(request.outputs)
+        if self._max_answer_bytes is not None:
+            self._check_answer_size(rows, time_steps, outputs, len(request.id))
         inputs = {n: request.inputs[n] for n in self._inputs}
         received = time.perf_counter()
         control = request.sequence
@@ -501,6 +524,68 @@ class ServedModel:
             )
         return rows, time_steps
 
+    def _warn_if_answers_cannot_fit(self) -> None:
+        limit, outputs = self._max_answer_bytes, tuple(t.name for t in self.signature.outputs)
+        if limit is None:
+            return
+        largest = self.answer_bytes(1, self.max_steps, outputs)
+        if largest > limit:
+            per_step = self.answer_bytes(1, 1, outputs) - self.answer_bytes(1, 0, outputs)
+            fits = (limit - self.answer_bytes(1, 0, outputs)) // max(per_step, 1)
+            logger.warning(
+                "model %s version %d: a request of %d time steps (its most) would be answered "
+                "with %d bytes, over --max-message-bytes %d; such requests are refused beyond "
+                "%d time steps",
+                self.name,
+                self.version,
+                self.max_steps,
+                largest,
+                limit,
+                fits,
+            )
+
+    def answer_bytes(self, rows: int, time_steps: int, outputs: Sequence[str]) -> int:
+        """The most bytes an answer of `rows` x `time_steps` with `outputs` takes on the wire."""
+        sizes = self._answer_sizes
+        per_row = sum(sizes[n][0] * time_steps + sizes[n][1] for n in outputs)
+        return rows * per_row + ANSWER_OVERHEAD_BYTES
+
+    def _check_answer_size(
+        self, rows: int, time_steps: int, outputs: tuple[str, ...], id_bytes: int
+    ) -> None:
+        """AnswerTooLarge when the answer could not travel: known before the model runs, so a
+        refused request changes no state (a stream would otherwise lose it after the fact)."""
+        limit = self._max_answer_bytes
+        assert limit is not None
+        # The request id is echoed: up to 4 bytes a character in UTF-8.
+        size = self.answer_bytes(rows, time_steps, outputs) + 4 * id_bytes
+        if size <= limit:
+            return
+        per_step = rows * sum(self._answer_sizes[n][0] for n in outputs)
+        fixed = self.answer_bytes(rows, 0, outputs) + 4 * id_bytes
+        fits = (limit - fixed) // per_step if per_step else 0
+        raise AnswerTooLarge(
+            f"the answer to this request ({rows} x {time_steps} time steps of "
+            f"{', '.join(outputs)}) would take {size:,} bytes, over the server's largest "
+            f"message of {limit:,} bytes (--max-message-bytes); send at most {max(fits, 0)} "
+            f"time steps per request, or ask for fewer outputs"
+        )
+
+    def _check_indices(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """InvalidArgument when an index-valued input (token ids) is outside its table."""
+        for name, size in self._index_bounds.items():
+            array = inputs[name]
+            if array.size == 1:  # a stream's usual step: a Python comparison is cheapest
+                if 0 <= array.item() < size:
+                    continue
+            elif not ((array < 0) | (array >= size)).any():
+                continue
+            low, high = int(array.min()), int(array.max())
+            raise InvalidArgument(
+                f"input {name} of model {self.name} takes values 0..{size - 1} (the size of the "
+                f"table it indexes, e.g. a vocabulary), got {low if low < 0 else high}"
+            )
+
     def _check_tensor(self, array: np.ndarray, spec: TensorSpec) -> None:
         if array.dtype != spec.dtype:
             raise InvalidArgument(
@@ -534,6 +619,18 @@ class ServedModel:
                 f"are {', '.join(sorted(self._outputs))}"
             )
         return requested or self._default_outputs
+
+
+def _answer_sizes(signature: ModelSignature) -> dict[str, tuple[int, int]]:
+    """Each output's bytes per batch row: (per time step, not per time step). A dynamic axis
+    (-1) is the time axis; the states' outputs have none."""
+    sizes: dict[str, tuple[int, int]] = {}
+    for spec in signature.outputs:
+        fixed = int(np.prod([d for d in spec.dims if d >= 0])) * spec.dtype.itemsize
+        sizes[spec.name] = (fixed, 0) if -1 in spec.dims else (0, fixed)
+    for state in signature.states:
+        sizes[state.output_name] = (0, int(np.prod(state.dims)) * 4)
+    return sizes
 
 
 def _service_error(outcome: Exception) -> ServiceError:

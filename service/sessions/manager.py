@@ -56,10 +56,19 @@ class SequenceManager:
     """
 
     def __init__(
-        self, model: str, arena: StateArena, idle_timeout_s: float, adopt: bool = False
+        self,
+        model: str,
+        arena: StateArena,
+        idle_timeout_s: float,
+        adopt: bool = False,
+        limit: int | None = None,
     ) -> None:
         self.model = model
         self.arena = arena
+        self.limit = limit if limit is not None else arena.capacity
+        """Most live sequences. The arena may have more slots than this: a sequence's slot is
+        freed when its last request has run, and an ended sequence still finishing holds its
+        slot as headroom the limit does not count."""
         self.idle_timeout_s = idle_timeout_s
         self.adopt = adopt
         """Continuations for ids not held here load from a shared store (else they fail)."""
@@ -81,11 +90,17 @@ class SequenceManager:
         return sequence, False
 
     def _allocate(self, sequence_id: SequenceId, now: float) -> LiveSequence:
+        if len(self.live) >= self.limit:
+            raise CapacityExhausted(
+                f"model {self.model} already holds its maximum of {self.limit} live "
+                f"sequences; end finished sequences (sequence_end=true) or retry later"
+            )
         slot = self.arena.allocate()
         if slot is None:
+            finishing = self.arena.used - len(self.live)
             raise CapacityExhausted(
-                f"model {self.model} already holds its maximum of {self.arena.capacity} live "
-                f"sequences; end finished sequences (sequence_end=true) or retry later"
+                f"model {self.model} has no free state slot: {finishing} sequences that ended "
+                f"are still finishing their last requests; retry in a moment"
             )
         sequence = LiveSequence(sequence_id, slot, now)
         self.live[sequence_id] = sequence

@@ -94,6 +94,29 @@ def test_wrong_dtype(client) -> None:
     still_serving(client)
 
 
+@pytest.mark.parametrize("token", [97, 200, -1])
+def test_a_token_outside_the_vocabulary(client, token: int) -> None:
+    tensor = triton.InferInput("tokens", [1, 2], "INT64")
+    tensor.set_data_from_numpy(np.asarray([[5, token]], np.int64))
+    expect_error(
+        lambda: client.infer("charlm_lstm", [tensor], sequence_id=6, sequence_start=True),
+        "INVALID_ARGUMENT",
+        "tokens of model charlm_lstm takes values 0..96",
+        f"got {token}",
+    )
+    still_serving(client)
+
+
+def test_fp16_in_typed_contents(stub) -> None:
+    request = pb.ModelInferRequest(model_name="sensor_gru")
+    request.inputs.add(name="reading", datatype="FP16", shape=[1, 1, 1])
+    request.inputs[0].contents.fp32_contents.append(1.0)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "raw bytes only" in caught.value.details()
+
+
 def test_wrong_shape(client) -> None:
     x = np.zeros((1, 2, 7), np.float32)
     expect_error(

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from rnnserve.errors import InvalidArgument, SequenceNotFound, ServiceError
+from rnnserve.errors import CapacityExhausted, InvalidArgument, SequenceNotFound, ServiceError
 from rnnserve.runtime.base import Runtime
 from rnnserve.runtime.onnx import EngineSettings, OnnxRuntime, Provider, Spinning
 from rnnserve.serving.model import Limits, ServedModel
@@ -57,6 +57,7 @@ class Watched:
         self.provider = inner.provider
         self.inputs = inner.inputs
         self.outputs = inner.outputs
+        self.index_bounds = inner.index_bounds
         self.rows: list[int] = []
         self.threads: list[str] = []
         self.release = threading.Event()
@@ -326,3 +327,92 @@ async def test_a_callback_that_raises_does_not_keep_others_from_their_answers(en
     assert_first_steps([await asyncio.wait_for(answered, WAIT_S)], [2])
     await until(lambda: not model.busy)
     assert model.live_sequences == 0
+
+
+def token_step(sequence: object, token: int, start: bool) -> InferenceRequest:
+    return InferenceRequest(
+        MODEL,
+        {"tokens": np.full((1, 1), token, dtype=np.int64)},
+        outputs=("logits",),
+        sequence=SequenceControl(sequence, start=start),
+    )
+
+
+@pytest.mark.parametrize("bad", [97, 200, -1, -98])
+async def test_a_token_outside_the_vocabulary_is_refused_alone(engine, bad: int) -> None:
+    _, model, watched = engine
+    refused = await submit(model, token_step("v", bad, start=True))
+    assert isinstance(refused, InvalidArgument)
+    assert "takes values 0..96" in str(refused) and str(bad) in str(refused)
+    assert not model.holds("v") and watched.rows == []  # refused before it was queued
+
+
+@pytest.mark.parametrize(
+    "engine", [(Limits(max_queue_delay_s=0.0, inline_max_work=0), True)], indirect=True
+)
+@pytest.mark.parametrize("checked", [True, False])
+async def test_a_bad_request_fails_alone_and_its_batch_mates_are_answered_as_without_it(
+    engine, checked: bool
+) -> None:
+    """With the range check (`checked`) the bad request never reaches the batch; without it
+    (a model whose table the server cannot see), the failed batched call is run again request
+    by request, and only the culprit fails, with ONNX Runtime's reason as INVALID_ARGUMENT."""
+    _, model, watched = engine
+    if not checked:
+        model._index_bounds = {}
+    held = submit(model, token_step("held", 3, start=True))
+    await until(lambda: bool(watched.rows))  # the worker is held: what follows is one batch
+    old_first = submit(model, token_step("old", 5, start=True))
+    watched.release.set()
+    await asyncio.wait_for(asyncio.gather(held, old_first), WAIT_S)
+    watched.release.clear()  # hold the next call (the first of an emptied record) again
+    watched.rows.clear()
+    blocker = submit(model, token_step("blocker", 1, start=True))
+    await until(lambda: bool(watched.rows))
+    batch = [
+        submit(model, token_step("old", 200, start=False)),  # the bad one, mid-sequence
+        submit(model, token_step("new", 7, start=True)),  # a START batched with it
+        submit(model, token_step("held", 9, start=False)),
+    ]
+    watched.release.set()
+    bad, new, other = await asyncio.wait_for(asyncio.gather(*batch), WAIT_S)
+    await asyncio.wait_for(blocker, WAIT_S)
+    assert isinstance(bad, InvalidArgument), bad
+    assert ("takes values 0..96" if checked else "out of data bounds") in str(bad)
+    assert_first_steps([new], [7])
+    assert isinstance(other, InferenceResult)
+    np.testing.assert_allclose(
+        other.outputs["logits"], reference(np.asarray([[3], [9]], np.int64))[1], atol=TOLERANCE
+    )
+    # The bad request changed nothing: "old" goes on from its first step; "new" lives.
+    after = await submit(model, token_step("old", 8, start=False))
+    assert isinstance(after, InferenceResult) and after.sequence_version == 2
+    np.testing.assert_allclose(
+        after.outputs["logits"], reference(np.asarray([[5], [8]], np.int64))[1], atol=TOLERANCE
+    )
+    assert model.holds("new")
+
+
+@pytest.mark.parametrize(
+    "engine", [(Limits(max_sequences=2, inline_max_work=0), True)], indirect=True
+)
+async def test_an_ended_sequence_no_longer_counts_against_the_limit(engine) -> None:
+    _, model, watched = engine
+    first = submit(model, token_step("a", 1, start=True))
+    await until(lambda: bool(watched.rows))  # the worker is busy: what follows is queued
+    ending = submit(
+        model,
+        InferenceRequest(
+            MODEL,
+            {"tokens": np.full((1, 1), 2, np.int64)},
+            outputs=("logits",),
+            sequence=SequenceControl("b", start=True, end=True),
+        ),
+    )
+    admitted = submit(model, token_step("c", 3, start=True))
+    assert model.snapshot().sequences.live == 2  # a and c; b ended, its request still queued
+    watched.release.set()
+    results = await asyncio.wait_for(asyncio.gather(first, ending, admitted), WAIT_S)
+    assert_first_steps(results, [1, 2, 3])
+    refused = await submit(model, token_step("d", 4, start=True))
+    assert isinstance(refused, CapacityExhausted) and "maximum of 2" in str(refused)

@@ -175,6 +175,26 @@ def test_a_full_arena_refuses_new_sequences_and_names_its_maximum() -> None:
     assert c.slot == a.slot
 
 
+def test_the_limit_counts_live_sequences_not_slots_still_finishing() -> None:
+    """Issue 12: a START is admitted while the live sequences, ENDs received counted out, are
+    below the limit; an ended sequence's slot is headroom until its last request ran."""
+    sequences = SequenceManager(MODEL, StateArena(SHAPES, 4), IDLE_S, limit=2)
+    a, _ = sequences.start("a")
+    b, _ = sequences.start("b")
+    submitted(sequences, b, end=True)  # its END is queued, not yet run: its slot stays held
+    c, _ = sequences.start("c")  # live: a and c
+    assert len({a.slot, b.slot, c.slot}) == 3
+    with pytest.raises(CapacityExhausted, match="maximum of 2 live sequences"):
+        sequences.start("d")
+    submitted(sequences, c, end=True)
+    d, _ = sequences.start("d")  # live: a and d; b and c still finishing fill the arena
+    submitted(sequences, d, end=True)
+    with pytest.raises(CapacityExhausted, match="3 sequences that ended are still finishing"):
+        sequences.start("e")
+    sequences.request_finished(b)
+    assert sequences.start("e")[0].slot == b.slot
+
+
 # ---------------------------------------------------------------- eviction
 
 

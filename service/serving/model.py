@@ -162,6 +162,7 @@ class ServedModel:
         self._max_answer_bytes = limits.max_answer_bytes
         self._answer_sizes = _answer_sizes(sig)
         """Per output: (bytes per row and time step, bytes per row not per time step)."""
+        self._answer_bytes_seen: dict[tuple[int, int, tuple[str, ...]], int] = {}
         self._warn_if_answers_cannot_fit()
         self._index_bounds = {
             name: size
@@ -551,18 +552,24 @@ class ServedModel:
         return rows * per_row + ANSWER_OVERHEAD_BYTES
 
     def _check_answer_size(
-        self, rows: int, time_steps: int, outputs: tuple[str, ...], id_bytes: int
+        self, rows: int, time_steps: int, outputs: tuple[str, ...], id_chars: int
     ) -> None:
         """AnswerTooLarge when the answer could not travel: known before the model runs, so a
         refused request changes no state (a stream would otherwise lose it after the fact)."""
         limit = self._max_answer_bytes
         assert limit is not None
-        # The request id is echoed: up to 4 bytes a character in UTF-8.
-        size = self.answer_bytes(rows, time_steps, outputs) + 4 * id_bytes
+        key = (rows, time_steps, outputs)
+        size = self._answer_bytes_seen.get(key)
+        if size is None:
+            size = self.answer_bytes(rows, time_steps, outputs)
+            if len(self._answer_bytes_seen) >= MAX_CHECKED_SHAPES:
+                self._answer_bytes_seen.clear()
+            self._answer_bytes_seen[key] = size
+        size += 4 * id_chars  # the request id is echoed: up to 4 bytes a character in UTF-8
         if size <= limit:
             return
         per_step = rows * sum(self._answer_sizes[n][0] for n in outputs)
-        fixed = self.answer_bytes(rows, 0, outputs) + 4 * id_bytes
+        fixed = self.answer_bytes(rows, 0, outputs) + 4 * id_chars
         fits = (limit - fixed) // per_step if per_step else 0
         raise AnswerTooLarge(
             f"the answer to this request ({rows} x {time_steps} time steps of "

@@ -9,9 +9,13 @@ TORCH_PIN ?= torch==2.13.0
 # Java for TorchServe (the benchmark's peer).
 SYSTEM_PACKAGES ?= libb64-0d redis-server openjdk-17-jre-headless
 PERF_ANALYZER := build/perf_analyzer/bin/perf_analyzer
+# The real Triton 2.51 (CPU), the conformance suite's peer (tests/conformance), set up from the
+# project's shared peers folder (../shared beside the repository, in CI as here).
+SHARED ?= ../shared
+TRITON := build/triton/run
 
 .DEFAULT_GOAL := help
-.PHONY: help serve bench test install install-test system-deps perf-analyzer torchserve bench-idle \
+.PHONY: help serve bench test install install-test system-deps perf-analyzer triton torchserve bench-idle \
 	proto lint format train bench-durability bench-gpu clean
 
 help: ## list the targets
@@ -66,7 +70,17 @@ torchserve: system-deps install-test ## TorchServe 0.12 and Java, the peer `make
 
 perf-analyzer: $(PERF_ANALYZER) ## Triton's C++ load generator, into build/perf_analyzer
 
-test: system-deps install-test $(PERF_ANALYZER) lint ## install everything, lint, run the test suite
+# `run` is written last, so its presence means the setup finished. The prefix is absolute: the
+# launcher records it. The backend library is copied read-only: a rerun could not overwrite it.
+$(TRITON):
+	@[ -x "$(SHARED)/peers/triton/setup" ] || { echo "make triton: $(SHARED)/peers/triton/setup \
+	is missing; it comes with the project's shared folder (set SHARED=...)" >&2; exit 1; }
+	rm -f build/triton/backends/onnxruntime/libtriton_onnxruntime.so
+	$(SHARED)/peers/triton/setup $(CURDIR)/build/triton
+
+triton: $(TRITON) ## the real Triton 2.51 (CPU), the conformance suite's peer, into build/triton
+
+test: system-deps install-test $(PERF_ANALYZER) $(TRITON) lint ## install everything, lint, run the test suite
 	$(BIN)/python -m pytest
 
 proto: install-test ## regenerate service/_pb from proto/*.proto

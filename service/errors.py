@@ -44,9 +44,14 @@ class ModelNotReady(ServiceError):
 
 
 class SequenceNotFound(ServiceError):
-    """A continuation for a sequence that is not live (never started, ended or evicted)."""
+    """A continuation for a sequence that is not live (never started, ended or evicted).
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    INVALID_ARGUMENT, as Triton's sequence batcher answers a request without START for a
+    sequence it does not hold ("must specify the START flag on the first request of the
+    sequence"); clients key their retries on it. The message says which id and why.
+    """
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class CapacityExhausted(ServiceError):

@@ -308,8 +308,13 @@ def encode_response(result: InferenceResult, request_id: str) -> bytes:
 
 
 def encode_stream_response(result: InferenceResult, request_id: str) -> bytes:
-    """A ModelStreamInferResponse carrying `result`, as wire bytes."""
+    """A ModelStreamInferResponse carrying `result`, as wire bytes.
+
+    Like Triton's, it carries the parameter `triton_final_response: true`: each request has
+    exactly one answer, and clients written for Triton's decoupled streams read it as such.
+    """
     parts = _response_parts(result, request_id)
+    parts.append(_FINAL_RESPONSE)
     size = sum(map(len, parts))
     # Field 2 (infer_response) around the parts, joined once: the tensor bytes are copied once.
     return b"".join((_KEYS[2], _varint(size), *parts))
@@ -379,6 +384,15 @@ def _parameter_entry(key: str, value: int) -> bytes:
     """Field 4: one entry of the map<string, InferParameter> `parameters`, an int64_param."""
     parameter = bytes((2 << 3 | _VARINT,)) + _varint(value)
     return _field(4, b"".join((_map_key(key), _field(2, parameter))))
+
+
+def _bool_parameter_entry(key: str, value: bool) -> bytes:
+    """Field 4: one entry of the map<string, InferParameter> `parameters`, a bool_param."""
+    parameter = bytes((1 << 3 | _VARINT,)) + _varint(int(value))
+    return _field(4, b"".join((_field(1, key.encode()), _field(2, parameter))))
+
+
+_FINAL_RESPONSE = _bool_parameter_entry("triton_final_response", True)
 
 
 @functools.lru_cache(maxsize=64)

@@ -160,7 +160,7 @@ def test_continuation_of_an_unknown_sequence(client) -> None:
         lambda: client.infer(
             "sensor_gru", [infer_input("sensor_gru", ONE_STEP)], sequence_id=424242
         ),
-        "FAILED_PRECONDITION",
+        "INVALID_ARGUMENT",
         "424242",
         "never started",
         "sequence_start=true",
@@ -178,7 +178,7 @@ def test_continuation_after_the_end(client) -> None:
     )
     expect_error(
         lambda: client.infer("sensor_gru", [infer_input("sensor_gru", ONE_STEP)], sequence_id=31),
-        "FAILED_PRECONDITION",
+        "INVALID_ARGUMENT",
         "31",
         "ended",
     )
@@ -264,7 +264,7 @@ def test_errors_on_a_stream_leave_it_open(client) -> None:
         stream.close()
     errors = [str(error) for result, error in results.values() if error is not None]
     assert len(errors) == 2
-    assert any("FAILED_PRECONDITION" in e and "555" in e for e in errors)
+    assert any("INVALID_ARGUMENT" in e and "555" in e for e in errors)
     assert any("NOT_FOUND" in e and "nope" in e for e in errors)
     good = [r for r, e in results.values() if e is None]
     assert len(good) == 1 and good[0].get_response().id == "good"

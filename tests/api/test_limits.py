@@ -73,7 +73,7 @@ def test_idle_sequences_are_evicted(client, server) -> None:
         time.sleep(0.05)
     with pytest.raises(InferenceServerException) as caught:
         step(client, 10)
-    assert caught.value.status() == "StatusCode.FAILED_PRECONDITION"
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "evicted after 1 s without a request" in caught.value.message()
 
 

@@ -85,7 +85,7 @@ def test_failed_requests_are_counted_by_status(server, client) -> None:
             sequence_id=123456789,
         )
     scrape = server.scrape()
-    assert 'outcome="FAILED_PRECONDITION"' in scrape
+    assert 'outcome="INVALID_ARGUMENT"' in scrape
     assert "sequence_id" not in scrape  # never a sequence id as a label
 
 

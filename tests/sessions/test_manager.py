@@ -37,7 +37,7 @@ def submitted(sequences: SequenceManager, sequence: LiveSequence, end: bool = Fa
 def not_live_message(sequences: SequenceManager, sequence_id: int | str) -> str:
     with pytest.raises(SequenceNotFound) as raised:
         sequences.resume(sequence_id)
-    assert raised.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert raised.value.code is grpc.StatusCode.INVALID_ARGUMENT
     message = str(raised.value)
     assert f"sequence {sequence_id!r} of model {MODEL} is not live" in message
     assert "sequence_start=true" in message  # what the client can do about it

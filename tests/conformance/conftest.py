@@ -1,0 +1,105 @@
+"""Both servers on the bundled repository for the whole session, and their answers, kept.
+
+Each (server, transport, case) runs once: the test of that server and the test comparing the
+two servers read the same answers, in whichever order they run.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Iterator
+from typing import Protocol
+
+import pytest
+
+from tests.conformance.cases import CASES, Ids
+from tests.conformance.protocol import Call, Outcome, Reference, run_stream, run_unary
+from tests.conftest import BUNDLED
+from tests.server import RunningServer, serving
+from tests.triton_server import MISSING, RunningTriton, triton_installed, triton_serving
+
+SERVERS = {"rnnserve": "rnnserve_server", "triton": "triton_server"}
+"""Each server's name in test ids, and its fixture."""
+
+TRANSPORTS = ("unary", "stream")
+
+
+class Server(Protocol):
+    process: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def target(self) -> str: ...
+
+    def alive(self) -> bool: ...
+
+    def log_text(self) -> str: ...
+
+
+@pytest.fixture(scope="session")
+def rnnserve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    workdir = tmp_path_factory.mktemp("rnnserve")
+    with serving(workdir, "--model-repository", str(BUNDLED)) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningTriton]:
+    if not triton_installed():
+        pytest.skip(MISSING)
+    with triton_serving(tmp_path_factory.mktemp("triton"), BUNDLED) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def reference() -> Reference:
+    return Reference()
+
+
+class Observations:
+    """What each server answered to each case over each transport, run on first demand."""
+
+    def __init__(self, reference: Reference) -> None:
+        self._reference = reference
+        self._calls: dict[tuple[str, str], list[Call]] = {}
+        self._outcomes: dict[tuple[str, str, str], list[Outcome]] = {}
+
+    def calls(self, case: str, transport: str) -> list[Call]:
+        key = (case, transport)
+        if key not in self._calls:
+            number = list(CASES).index(case) * len(TRANSPORTS) + TRANSPORTS.index(transport)
+            ids = Ids(base=1_000 * (number + 1), label=f"{case}/{transport}")
+            self._calls[key] = CASES[case].calls(ids, self._reference)
+        return self._calls[key]
+
+    def outcomes(self, name: str, server: Server, case: str, transport: str) -> list[Outcome]:
+        key = (name, case, transport)
+        if key not in self._outcomes:
+            calls = self.calls(case, transport)
+            expect_alive(name, server)
+            try:
+                if transport == "unary":
+                    outcomes = run_unary(server.target, calls)
+                else:
+                    outcomes = run_stream(server.target, calls, CASES[case].pipelined)
+            finally:
+                expect_alive(name, server)  # a dead server's answers mislead: say it died
+            self._outcomes[key] = outcomes
+        return self._outcomes[key]
+
+
+@pytest.fixture(scope="session")
+def observations(reference: Reference) -> Observations:
+    return Observations(reference)
+
+
+def expect_alive(name: str, server: Server) -> None:
+    if server.alive():
+        return
+    code = server.process.returncode
+    ended = f"died of {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+    log = server.log_text()[-6_000:]
+    pytest.fail(f"{name} (pid {server.pid}) {ended}; its log ends:\n{log}", pytrace=False)

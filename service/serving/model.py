@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -170,6 +171,7 @@ class ServedModel:
             if name in self._inputs and self._inputs[name].dtype.kind in "iu"
         }
         """Integer inputs that index a table of the graph: the table's size (values 0..size-1)."""
+        self._float_inputs = tuple(n for n, t in self._inputs.items() if t.dtype.kind == "f")
         self._checked_inputs: dict[tuple[tuple[str, str, tuple[int, ...]], ...], tuple[int, int]]
         self._checked_inputs = {}
 
@@ -402,6 +404,8 @@ class ServedModel:
         rows, time_steps = self._check_inputs(request.inputs)
         if self._index_bounds:
             self._check_indices(request.inputs)
+        for name in self._float_inputs:
+            _check_finite(request.inputs[name], f"input {name} of model {self.name}")
         outputs = self._check_outputs(request.outputs)
         if self._max_answer_bytes is not None:
             self._check_answer_size(rows, time_steps, outputs, len(request.id))
@@ -616,6 +620,7 @@ class ServedModel:
                 f"state {name} must be FP32 of shape {[rows, *dims]}, got "
                 f"{wire_name_of(array.dtype)}{list(array.shape)}"
             )
+        _check_finite(array, f"state {name} of model {self.name}")
         return array
 
     def _check_outputs(self, requested: tuple[str, ...]) -> tuple[str, ...]:
@@ -626,6 +631,20 @@ class ServedModel:
                 f"are {', '.join(sorted(self._outputs))}"
             )
         return requested or self._default_outputs
+
+
+def _check_finite(array: np.ndarray, what: str) -> None:
+    """InvalidArgument for a NaN or an infinity: a recurrent state would carry it into every
+    later step of the sequence, which could then only be started again."""
+    if array.size == 1:  # a stream's usual step: a Python check is cheapest
+        if math.isfinite(array.item()):
+            return
+    elif np.isfinite(array).all():
+        return
+    raise InvalidArgument(
+        f"{what} holds NaN or infinity; a recurrent state would carry it into every later "
+        f"step of the sequence"
+    )
 
 
 def _answer_sizes(signature: ModelSignature) -> dict[str, tuple[int, int]]:

@@ -107,6 +107,31 @@ def test_a_token_outside_the_vocabulary(client, token: int) -> None:
     still_serving(client)
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_reading_that_is_not_a_number(client, value: float) -> None:
+    x = np.asarray([[[24.0], [value]]], np.float32)
+    expect_error(
+        lambda: client.infer(
+            "sensor_gru", [infer_input("sensor_gru", x)], sequence_id=8, sequence_start=True
+        ),
+        "INVALID_ARGUMENT",
+        "input reading of model sensor_gru holds NaN or infinity",
+    )
+    still_serving(client)
+
+
+def test_an_explicit_state_that_is_not_a_number(client) -> None:
+    h = np.zeros((1, 2, 64), np.float32)
+    h[0, 1, 5] = np.nan
+    state = triton.InferInput("h_in", list(h.shape), "FP32")
+    state.set_data_from_numpy(h)
+    expect_error(
+        lambda: client.infer("sensor_gru", [infer_input("sensor_gru", ONE_STEP), state]),
+        "INVALID_ARGUMENT",
+        "state h_in of model sensor_gru holds NaN or infinity",
+    )
+
+
 def test_fp16_in_typed_contents(stub) -> None:
     request = pb.ModelInferRequest(model_name="sensor_gru")
     request.inputs.add(name="reading", datatype="FP16", shape=[1, 1, 1])

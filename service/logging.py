@@ -41,9 +41,26 @@ class LogLevel(enum.Enum):
     ERROR = "ERROR"
 
 
+class _ClientLeftMidWrite(logging.Filter):
+    """gRPC's record of an answer it was writing when its client went away: it logs the failed
+    write at ERROR with a traceback (grpc/grpc#32551), though nothing failed on the server. One
+    line at INFO says what happened instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "grpc._cython.cygrpc" and str(record.msg).startswith(
+            "ExecuteBatchError raised in core by servicer method"
+        ):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "a client left while its answer was being written", None
+            record.exc_info = record.exc_text = None
+            return logging.getLogger().isEnabledFor(logging.INFO)
+        return True
+
+
 def configure(level: LogLevel = LogLevel.INFO, fmt: LogFormat = LogFormat.TEXT) -> None:
     """Log to stderr at `level` and above, one line per event; replaces any handler before."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_ClientLeftMidWrite())
     if fmt is LogFormat.JSON:
         handler.setFormatter(_JsonFormatter())
     else:

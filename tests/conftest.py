@@ -37,3 +37,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRe
     running = start_redis(tmp_path_factory.mktemp("redis"))
     yield running
     running.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The figures tests record (`record_property("figures", ...)`: the stress and chaos runs'
+    requests, errors by kind and memory), printed at the end of every run, passed or not."""
+    lines = [
+        f"{report.nodeid}: {value}"
+        for outcome in ("passed", "failed")
+        for report in terminalreporter.stats.get(outcome, [])
+        for name, value in getattr(report, "user_properties", ())
+        if name == "figures" and report.when == "call"
+    ]
+    if lines:
+        terminalreporter.section("figures")
+        for line in lines:
+            terminalreporter.write_line(line)

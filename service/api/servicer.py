@@ -4,7 +4,9 @@ This layer only translates between protocol messages and the engine (`rnnserve.s
 it decodes a request, hands it to the model version the registry resolves, and encodes the
 outcome that comes back. Errors become statuses through `rnnserve.api.status` alone: a unary
 call carries its error as its status, a stream in the response's `error_message` (as Triton
-does), and the stream stays open.
+does), and the stream stays open. A call that ends before its answers are out (cancelled,
+disconnected, past its deadline, or cut off by shutdown) cancels its requests that have not
+started: they never run and are not applied.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ EXTENSIONS = (
 UNKNOWN_MODEL = "_unknown"
 """Metric label for requests naming a model that is not served: client input never becomes a
 label."""
+
+
+class Cancellable(Protocol):
+    """What the engine hands back for a queued request (`ServedModel.submit`)."""
+
+    def cancel(self) -> None:
+        """Drop the request unless it has started."""
+        ...
 
 
 class RequestObserver(Protocol):
@@ -269,7 +279,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         they finish.
 
         An error answers that request alone, in `error_message` as "[CODE] message" (the codes
-        of ModelInfer); the stream stays open and ends OK.
+        of ModelInfer); the stream stays open and ends OK. A client that half-closes gets every
+        answer; a stream that ends otherwise (cancelled, disconnected, deadline, shutdown)
+        drops its requests that have not started, as ModelInfer does.
         """
         outbox = _Outbox()
         reader = asyncio.create_task(self._read_stream(request_iterator, outbox))
@@ -277,7 +289,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             while (response := await outbox.next()) is not None:
                 yield response
         finally:
-            reader.cancel()
+            reader.cancel()  # first: nothing is submitted after this
+            # Nothing is outstanding after a normal end; otherwise no one waits for the rest.
+            outbox.cancel_outstanding()
         await reader
 
     async def _read_stream(self, request_iterator: AsyncIterator[bytes], outbox: _Outbox) -> None:
@@ -304,23 +318,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outbox.put(encode_stream_error(*echo, f"[{code.name}] {text}"))
             return
         labels = model.labels
+        ticket: Cancellable | None = None
+        answered = False  # the answer may come inside `submit`: refused, or run inline
 
         def answer(outcome: Outcome | Exception) -> None:
+            nonlocal answered
+            answered = True
             if isinstance(outcome, InferenceResult):
-                outbox.put(encode_stream_response(outcome, request.id))
+                outbox.put(encode_stream_response(outcome, request.id), ticket)
                 self._succeeded(outcome, labels, started)
             else:
                 code, text = self._failed(outcome, labels, started)
                 outbox.put(
                     encode_stream_error(
                         request.model, request.version, request.id, f"[{code.name}] {text}"
-                    )
+                    ),
+                    ticket,
                 )
 
         try:
-            model.submit(request, answer)
+            ticket = model.submit(request, answer)
         except Exception as error:  # noqa: BLE001 - a model stopped meanwhile: still answered
             answer(error)
+            return
+        if ticket is not None and not answered:
+            outbox.track(ticket)
 
     def _succeeded(self, result: InferenceResult, labels: tuple[str, str], started: float) -> None:
         self.observer.observe_request(
@@ -346,24 +368,40 @@ def _echo_of(data: bytes) -> tuple[str, str, str]:
 
 
 class _Outbox:
-    """One stream's answers in the order they are ready, and whether more are coming."""
+    """One stream's answers in the order they are ready, whether more are coming, and the
+    queued requests they will answer (to cancel them when no one is left to read them)."""
 
-    __slots__ = ("_items", "_waiter", "_outstanding", "_closed")
+    __slots__ = ("_items", "_waiter", "_outstanding", "_closed", "_queued")
 
     def __init__(self) -> None:
         self._items: deque[bytes] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._outstanding = 0
         self._closed = False
+        self._queued: set[Cancellable] = set()
 
     def expect(self) -> None:
         """A request was read; its answer will come through `put`."""
         self._outstanding += 1
 
-    def put(self, response: bytes) -> None:
+    def track(self, ticket: Cancellable) -> None:
+        """A request was queued as `ticket`, to be answered later through `put`."""
+        self._queued.add(ticket)
+
+    def put(self, response: bytes, ticket: Cancellable | None = None) -> None:
+        """The answer to a request; `ticket` is the one it was queued as, if any."""
+        if ticket is not None:
+            self._queued.discard(ticket)
         self._items.append(response)
         self._outstanding -= 1
         self._wake()
+
+    def cancel_outstanding(self) -> None:
+        """No one will read the answers still to come: drop the requests that have not
+        started (they are answered CANCELLED and never applied); a running one finishes."""
+        queued, self._queued = self._queued, set()
+        for ticket in queued:
+            ticket.cancel()
 
     def close(self) -> None:
         """No more requests: the stream ends once every answer is out."""

@@ -392,8 +392,9 @@ class ServedModel:
         sequence, support = work.sequence, self.sequences
         if sequence is None or support is None:
             return
-        if failed and not sequence.held:
-            # Its state never reached the slot (a failed first step or load): drop it.
+        if failed and not sequence.held and sequence.pending == 1:
+            # Its state never reached the slot (a failed first step or load), and no request
+            # of it is still queued (a START sent again after this one): drop it.
             support.manager.forget(sequence, "its first request failed")
         support.manager.request_finished(sequence)
 

@@ -416,3 +416,28 @@ async def test_an_ended_sequence_no_longer_counts_against_the_limit(engine) -> N
     assert_first_steps(results, [1, 2, 3])
     refused = await submit(model, token_step("d", 4, start=True))
     assert isinstance(refused, CapacityExhausted) and "maximum of 2" in str(refused)
+
+
+@pytest.mark.parametrize(
+    "engine", [(Limits(max_queue_delay_s=0.0, inline_max_work=0), True)], indirect=True
+)
+async def test_a_start_sent_again_after_a_cancelled_one_keeps_its_sequence(engine) -> None:
+    """The first START is cancelled while queued (its client's deadline); the client sends the
+    START again and is answered: the drop of the first must not forget the sequence."""
+    _, model, watched = engine
+    busy = submit(model, token_step("busy", 1, start=True))
+    await until(lambda: bool(watched.rows))  # the worker is held
+    first = asyncio.create_task(model.infer(token_step("x", 2, start=True)))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    with suppress(asyncio.CancelledError):
+        await first
+    again = submit(model, token_step("x", 2, start=True))
+    watched.release.set()
+    results = await asyncio.wait_for(asyncio.gather(busy, again), WAIT_S)
+    assert_first_steps(results, [1, 2])
+    after = await submit(model, token_step("x", 3, start=False))
+    assert isinstance(after, InferenceResult), after
+    np.testing.assert_allclose(
+        after.outputs["logits"], reference(np.asarray([[2], [3]], np.int64))[1], atol=TOLERANCE
+    )

@@ -91,8 +91,11 @@ class Workload:
         return self.response(steps).SerializeToString()
 
     def stream_response(self, steps: int) -> bytes:
-        reply = pb.ModelStreamInferResponse(infer_response=self.response(steps))
-        return reply.SerializeToString()
+        """The stream's answer: the response, with `triton_final_response` as rnnserve's (and
+        Triton's) stream answers carry it."""
+        response = self.response(steps)
+        response.parameters["triton_final_response"].bool_param = True
+        return pb.ModelStreamInferResponse(infer_response=response).SerializeToString()
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ def test_transport_responses_have_the_logits_shape(workload, steps) -> None:
     assert (output.name, output.datatype, list(output.shape)) == ("logits", "FP32", [1, steps, 97])
     assert len(reply.infer_response.raw_output_contents[0]) == steps * 97 * 4
     unary = pb.ModelInferResponse.FromString(workload.unary_response(steps))
+    assert reply.infer_response.parameters["triton_final_response"].bool_param  # streams only
+    del reply.infer_response.parameters["triton_final_response"]
     assert unary == reply.infer_response
 
 

@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     series = [Series(STREAM, t) for t in args.steps] + ([Series(UNARY, 1)] if args.unary else [])
     serve = ["serve", "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0"]
     ids = _Ids()
-    figures: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
+    figures: dict[tuple[str, str, int], list[tuple[float, float, float, float]]] = {}
     with ExitStack() as stack:
         servers = {
             name: stack.enter_context(
@@ -68,13 +68,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 result.steps_per_s,
                                 result.percentile_ms(50),
                                 result.percentile_ms(99),
+                                # Server CPU per step drifts less than throughput does.
+                                result.cpu_per_1000_steps("server_cpu_s") * 1000,
                             )
                         )
     print(
         "| series | sequences | A steps/s | B steps/s | B/A (median of rounds, range) "
-        "| A p50/p99 ms | B p50/p99 ms |"
+        "| A p50/p99 ms | B p50/p99 ms | server CPU us/step A, B |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for s in series:
         for sessions in args.sessions:
             a = [statistics.median(v) for v in zip(*figures["A", s.label, sessions], strict=True)]
@@ -89,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"| {s.label} | {sessions} | {a[0]:,.0f} | {b[0]:,.0f} "
                 f"| {statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f}) "
-                f"| {a[1]:.2f} / {a[2]:.2f} | {b[1]:.2f} / {b[2]:.2f} |"
+                f"| {a[1]:.2f} / {a[2]:.2f} | {b[1]:.2f} / {b[2]:.2f} | {a[3]:.0f}, {b[3]:.0f} |"
             )
     return 0
 

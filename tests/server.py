@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.child import ChildServer
+
 START_TIMEOUT_S = 90.0
 """Loading the bundled models takes a few seconds; a busy test machine, more."""
 
@@ -28,7 +30,7 @@ class Ports:
     """None when the server was started with `--metrics-port -1`."""
 
 
-class RunningServer:
+class RunningServer(ChildServer):
     """`rnnserve serve` on 127.0.0.1 with `flags`, its output in `workdir/rnnserve.log`."""
 
     def __init__(self, workdir: Path, flags: tuple[str, ...]) -> None:
@@ -61,20 +63,6 @@ class RunningServer:
             time.sleep(0.05)
         ports = json.loads(port_file.read_text())  # written whole: the server renames it in
         return Ports(ports["grpc"], ports["metrics"] or None)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.ports.grpc}"
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def scrape(self) -> str:
         """The Prometheus exposition text of /metrics."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from tests.child import ChildServer
 from tests.conftest import BUNDLED, ROOT
 
 TRITON_RUN = Path(os.environ.get("RNNSERVE_TRITON_RUN", ROOT / "build" / "triton" / "run"))
@@ -53,7 +54,7 @@ def free_ports(count: int) -> list[int]:
             probe.close()
 
 
-class RunningTriton:
+class RunningTriton(ChildServer):
     """`tritonserver` serving `repository` on 127.0.0.1, its output in `workdir/triton.log`."""
 
     def __init__(self, workdir: Path, repository: Path = BUNDLED) -> None:
@@ -95,17 +96,6 @@ class RunningTriton:
                     )
                 time.sleep(0.05)
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.ports.grpc}"
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
     def death(self) -> str:
         """How the process ended, in words ("" while it runs)."""
         code = self.process.poll()
@@ -114,9 +104,6 @@ class RunningTriton:
         if code < 0:
             return f"(pid {self.pid}) died of {signal.Signals(-code).name}"
         return f"(pid {self.pid}) exited with {code}"
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
         """SIGKILL: on SIGTERM Triton waits its 30 s exit timeout for the live sequences."""

@@ -406,7 +406,8 @@ class ServedModel:
         if self._index_bounds:
             self._check_indices(request.inputs)
         for name in self._float_inputs:
-            _check_finite(request.inputs[name], f"input {name} of model {self.name}")
+            if not _finite(request.inputs[name]):
+                raise _not_finite(f"input {name} of model {self.name}")
         outputs = self._check_outputs(request.outputs)
         if self._max_answer_bytes is not None:
             self._check_answer_size(rows, time_steps, outputs, len(request.id))
@@ -621,7 +622,8 @@ class ServedModel:
                 f"state {name} must be FP32 of shape {[rows, *dims]}, got "
                 f"{wire_name_of(array.dtype)}{list(array.shape)}"
             )
-        _check_finite(array, f"state {name} of model {self.name}")
+        if not _finite(array):
+            raise _not_finite(f"state {name} of model {self.name}")
         return array
 
     def _check_outputs(self, requested: tuple[str, ...]) -> tuple[str, ...]:
@@ -634,15 +636,17 @@ class ServedModel:
         return requested or self._default_outputs
 
 
-def _check_finite(array: np.ndarray, what: str) -> None:
-    """InvalidArgument for a NaN or an infinity: a recurrent state would carry it into every
-    later step of the sequence, which could then only be started again."""
+def _finite(array: np.ndarray) -> bool:
+    """Whether `array` holds no NaN and no infinity."""
     if array.size == 1:  # a stream's usual step: a Python check is cheapest
-        if math.isfinite(array.item()):
-            return
-    elif np.isfinite(array).all():
-        return
-    raise InvalidArgument(
+        return math.isfinite(array.item())
+    return bool(np.isfinite(array).all())
+
+
+def _not_finite(what: str) -> InvalidArgument:
+    """The error for a NaN or an infinity: a recurrent state would carry it into every later
+    step of the sequence, which could then only be started again."""
+    return InvalidArgument(
         f"{what} holds NaN or infinity; a recurrent state would carry it into every later "
         f"step of the sequence"
     )

@@ -251,10 +251,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, data: bytes, context: Any) -> bytes:
         """One inference (OIP); its metrics are recorded whatever the outcome.
 
-        An error is the call's status: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (sequence
-        not live, stored state of other shapes), RESOURCE_EXHAUSTED (no free sequence slot),
-        ABORTED (lost a race, or sequence_version differs), UNAVAILABLE (model not ready,
-        shutting down, state store down), CANCELLED; anything unexpected INTERNAL.
+        An error is the call's status: INVALID_ARGUMENT (a bad input or value, or a sequence
+        that is not live), NOT_FOUND, FAILED_PRECONDITION (a stored state of other shapes),
+        RESOURCE_EXHAUSTED (at the sequence limit, or an answer too large), ABORTED (lost a
+        race, or sequence_version differs), UNAVAILABLE (model not ready, shutting down, state
+        store down), CANCELLED; anything unexpected INTERNAL.
         """
         started = time.perf_counter()
         labels = (UNKNOWN_MODEL, "")

@@ -17,9 +17,9 @@ def build_parser(prog: str = "rnnserve bench") -> argparse.ArgumentParser:
         prog=prog,
         description="In one run on this machine: ONNX Runtime in-process on the model file "
         "(the compute limit), rnnserve over gRPC on loopback with N concurrent sequences "
-        "(stream and unary), and a bare gRPC server answering same-size responses with the "
-        "same client (the transport limit). Writes results.json, results.md and plots, and "
-        "prints the table and the headline ratios last.",
+        "(stream and unary), the real Triton beside it point by point, and a bare gRPC server "
+        "answering same-size responses with the same client (the transport limit). Writes "
+        "results.json, results.md and plots, and prints the table and the headline ratios last.",
     )
     bench.add_argument("--quick", action="store_true", help="about a minute: fewer, shorter points")
     bench.add_argument("--model", default="charlm_lstm", help="a streaming model (charlm_lstm)")
@@ -54,7 +54,15 @@ def build_parser(prog: str = "rnnserve bench") -> argparse.ArgumentParser:
         help="pass a flag to `rnnserve serve`, e.g. --server-arg=--max-queue-delay-us=200",
     )
     bench.add_argument("--no-unary", action="store_true", help="skip the ModelInfer points")
-    bench.add_argument("--no-peers", action="store_true", help="skip perf_analyzer")
+    bench.add_argument(
+        "--no-peers", action="store_true", help="skip the peers: Triton, TorchServe, perf_analyzer"
+    )
+    bench.add_argument(
+        "--triton",
+        type=Path,
+        metavar="PATH",
+        help="Triton's launcher, as `make triton` writes it (build/triton/run in the checkout)",
+    )
     return bench
 
 
@@ -90,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             server_args=tuple(args.server_arg),
             unary=not args.no_unary,
             peers=not args.no_peers,
+            triton=args.triton,
         )
         report = runner.run(options)
     except (ValueError, OSError, RuntimeError, ServiceError) as error:

@@ -46,7 +46,11 @@ class BenchOptions:
     unary: bool = True
     """Measure ModelInfer (unary) as well as the stream."""
     peers: bool = True
-    """Run perf_analyzer against rnnserve (when installed) and look for TorchServe."""
+    """Measure Triton and TorchServe and run perf_analyzer against rnnserve (each when
+    installed)."""
+    triton: Path | None = None
+    """Triton's launcher, `run REPOSITORY HTTP GRPC METRICS` (None: build/triton/run in the
+    checkout, where `make triton` installs it)."""
     compare_channels: bool = True
     """Measure the transport ceiling with one channel per 64 sequences too."""
 

@@ -15,7 +15,7 @@ from rnnserve_bench.workload import Workload
 
 logger = logging.getLogger(__name__)
 
-REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 PERF_ANALYZER = Path("build") / "perf_analyzer" / "bin" / "perf_analyzer"
 SEQUENCE_LENGTH = 20
 

@@ -50,6 +50,16 @@ class Measured(Protocol):
     def cpu_by_thread(self) -> dict[int, tuple[str, float]]: ...
 
 
+class Restartable(Measured, Protocol):
+    """A peer that may crash under load: the runner records how it ended and starts it again."""
+
+    def death(self) -> str:
+        """How the process ended, in words ("" while it runs)."""
+        ...
+
+    def restart(self) -> None: ...
+
+
 class ServerProcess:
     """A server started with `--port-file`, stopped with SIGTERM on exit from its `with`."""
 

@@ -12,6 +12,8 @@ from rnnserve.threads import KINDS
 
 HEADLINE_SERIES = "stream T=1"
 THREADS = "server_cpu_by_thread_s_per_1000_steps"
+SERVERS = ("rnnserve", "triton", "transport")
+"""The order of each point's rows."""
 
 
 def headline(results: dict[str, Any], sessions: int) -> dict[str, Any]:
@@ -25,6 +27,7 @@ def headline(results: dict[str, Any], sessions: int) -> dict[str, Any]:
     alone = _find(results["inprocess"], batch=1, steps=1)
     return {
         "sessions": sessions,
+        "triton": _against_triton(results, sorted({1, sessions})),
         "E": _ratio(served["steps_per_s"], transport["requests_per_s"]),
         "R": _ratio(served["steps_per_s"], alone["steps_per_s"]),
         "rnnserve_steps_per_s": served["steps_per_s"],
@@ -33,9 +36,44 @@ def headline(results: dict[str, Any], sessions: int) -> dict[str, Any]:
     }
 
 
+def _against_triton(results: dict[str, Any], sessions: list[int]) -> list[dict[str, Any]]:
+    """rnnserve's steps/s over Triton's at each of `sessions`, where both were measured."""
+    found = []
+    for n in sessions:
+        try:
+            theirs = _find(results.get("triton", []), series=HEADLINE_SERIES, sessions=n)
+            ours = _find(results["rnnserve"], series=HEADLINE_SERIES, sessions=n)
+        except LookupError:
+            continue
+        found.append(
+            {
+                "sessions": n,
+                "ratio": _ratio(ours["steps_per_s"], theirs["steps_per_s"]),
+                "rnnserve_steps_per_s": ours["steps_per_s"],
+                "triton_steps_per_s": theirs["steps_per_s"],
+                "triton_errors": theirs["errors"],
+                "triton_crashed": theirs.get("crashed", False),
+            }
+        )
+    return found
+
+
 def headline_lines(figures: dict[str, Any]) -> tuple[str, ...]:
     n = figures["sessions"]
+    versus = [
+        f"{f['ratio']:.2f} at {f['sessions']} sequence{'s' if f['sessions'] > 1 else ''} "
+        f"({f['rnnserve_steps_per_s']:,.0f} / {f['triton_steps_per_s']:,.0f} steps/s"
+        f"{', Triton crashed' if f['triton_crashed'] else ''}"
+        f"{', Triton errors' if f['triton_errors'] else ''})"
+        for f in figures.get("triton", [])
+    ]
+    lines = (
+        (f"rnnserve / Triton {', '.join(versus)} (1 step per request, stream, same client)",)
+        if versus
+        else ()
+    )
     return (
+        *lines,
         f"E = {figures['E']:.2f}  rnnserve {figures['rnnserve_steps_per_s']:,.0f} steps/s "
         f"({n} sequences, 1 step per request, stream) / transport-only ceiling "
         f"{figures['transport_messages_per_s']:,.0f} messages/s ({n} streams, same client)",
@@ -103,6 +141,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"revision {revision}, load {m['load_average_1m_at_start']} at start. "
         f"{options['duration_s']:g} s per point after {options['warmup_s']:g} s of warm-up; "
         "CPU is seconds per 1,000 steps.",
+        *_triton_section(results),
         "",
         "## In-process ONNX Runtime (the compute limit)",
         "",
@@ -120,7 +159,7 @@ def markdown(results: dict[str, Any]) -> str:
     )  # fmt: skip
     lines += [
         "",
-        "## Over gRPC on loopback: rnnserve and the transport-only ceiling",
+        "## Over gRPC on loopback: rnnserve, Triton and the transport-only ceiling",
         "",
         "Closed loops, one per sequence; `transport` is a bare grpc.aio server answering "
         "pre-encoded responses of rnnserve's size, driven by the same client. "
@@ -129,9 +168,9 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     ceiling = {(p["series"], p["sessions"]): p for p in results["transport"]}
     rows = []
+    served = _served(results)
     for p in sorted(
-        results["rnnserve"] + results["transport"],
-        key=lambda p: (_series_order(p["series"]), p["sessions"], p["server"] != "rnnserve"),
+        served, key=lambda p: (_series_order(p["series"]), p["sessions"], _server_order(p))
     ):
         echo = ceiling.get((p["series"], p["sessions"]))
         share = (
@@ -155,7 +194,7 @@ def markdown(results: dict[str, Any]) -> str:
         ],
         rows,
     )  # fmt: skip
-    failed = [p for p in results["rnnserve"] + results["transport"] if p["errors"]]
+    failed = [p for p in served if p["errors"]]
     if failed:
         lines += ["", "Errors (the first of each point):", ""]
         lines += [
@@ -163,7 +202,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"first: {p['first_error']}"
             for p in failed
         ]
-    lines += _thread_table(results["rnnserve"] + results["transport"])
+    lines += _thread_table(served)
     if results.get("channels"):
         lines += ["", "## Channels (transport ceiling, stream T=1)", ""]
         lines += _table(
@@ -181,6 +220,11 @@ def markdown(results: dict[str, Any]) -> str:
     for name, peer in results["peers"].items():
         if "skipped" in peer:
             lines.append(f"- {name}: skipped ({peer['skipped'].splitlines()[0]})")
+        elif name == "triton":
+            lines.append(
+                f"- triton {peer['version']}, the model repository unchanged, every point "
+                "(above), same client"
+            )
         elif name == "torchserve":
             lines.append(_torchserve_line(peer, results))
         else:
@@ -229,10 +273,75 @@ def _thread_table(points: list[dict[str, Any]]) -> list[str]:
             *(_num(p[THREADS].get(kind, math.nan) * 1000, 1) for kind in KINDS),
             _num(p["server_cpu_s_per_1000_steps"] * 1000, 1),
         ]
-        for p in sorted(shown, key=lambda p: (p["sessions"], p["server"] != "rnnserve"))
+        for p in sorted(shown, key=lambda p: (p["sessions"], _server_order(p)))
     ]  # fmt: skip
     header = ["server", "sessions", "event loop", "batch", "grpc", "other", "all"]
     return lines + _table(header, rows)
+
+
+def _served(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The points measured over gRPC at every sessions value: rnnserve's, Triton's, the
+    transport's."""
+    return results["rnnserve"] + results.get("triton", []) + results["transport"]
+
+
+def _server_order(point: dict[str, Any]) -> int:
+    return SERVERS.index(point["server"]) if point["server"] in SERVERS else len(SERVERS)
+
+
+def _triton_section(results: dict[str, Any]) -> list[str]:
+    """rnnserve against Triton point by point: what the run is mostly for."""
+    peer = results["peers"].get("triton", {"skipped": "not measured"})
+    if "skipped" in peer:
+        return ["", f"Triton: skipped ({peer['skipped'].splitlines()[0]})."]
+    theirs = {(p["series"], p["sessions"]): p for p in results.get("triton", [])}
+    rows = []
+    for p in sorted(results["rnnserve"], key=lambda p: (_series_order(p["series"]), p["sessions"])):
+        t = theirs.get((p["series"], p["sessions"]))
+        if t is None:
+            continue
+        rows.append(
+            [
+                p["series"], str(p["sessions"]), _num(p["steps_per_s"]), _num(t["steps_per_s"]),
+                _num(_ratio(p["steps_per_s"], t["steps_per_s"]), 2), _num(p["p99_ms"], 2),
+                _num(t["p99_ms"], 2), _num(p["server_cpu_s_per_1000_steps"], 4),
+                _num(t["server_cpu_s_per_1000_steps"], 4),
+                str(t["errors"]) + (" (crashed)" if t.get("crashed") else ""),
+            ]
+        )  # fmt: skip
+    s = peer["settings"]
+    groups = ", ".join(f"{g['count']} x {g['kind']}" for g in s["instance_group"]) or "none"
+    lines = [
+        "",
+        f"## rnnserve and Triton {peer['version']}, point by point",
+        "",
+        "The same client, model repository and sequences; at each point rnnserve, Triton and the "
+        "transport ceiling run back to back, in alternating order. Triton's settings, from its "
+        f"ModelConfig of the model: instance group {groups}, max batch size "
+        f"{s['max_batch_size']}, sequence batcher `{s['scheduler']}` (preferred batch sizes "
+        f"{s['preferred_batch_size']}, max queue delay {s['max_queue_delay_microseconds']} µs, "
+        f"{s['max_candidate_sequences']} candidate sequences): its defaults for the "
+        "repository's config.pbtxt.",
+        "",
+    ]
+    lines += _table(
+        [
+            "series", "sessions", "rnnserve steps/s", "Triton steps/s", "rnnserve / Triton",
+            "rnnserve p99 ms", "Triton p99 ms", "rnnserve CPU", "Triton CPU", "Triton errors",
+        ],
+        rows,
+    )  # fmt: skip
+    crashes = peer.get("crashes", [])
+    if crashes:
+        lines += ["", f"Triton crashed {len(crashes)} times and was started again:", ""]
+        lines += [
+            f"- {c['series']}, {c['sessions']} sessions, {c['when']}: {c['death']}; last log "
+            f"line: `{(c['log_tail'].splitlines() or ['(empty)'])[-1][:200]}`"
+            for c in crashes
+        ]
+    if peer.get("stopped"):
+        lines += ["", f"Triton was not measured after that: it {peer['stopped']}."]
+    return lines
 
 
 def _series_order(label: str) -> tuple[int, str]:
@@ -247,12 +356,14 @@ def plot(results: dict[str, Any], out: Path) -> tuple[Path, ...]:
     import matplotlib.pyplot as plt
 
     series = sorted({p["series"] for p in results["rnnserve"]}, key=_series_order)
-    styles = {"rnnserve": "-o", "transport": "--s"}
+    styles = {"rnnserve": "-o", "triton": "-.^", "transport": "--s"}
 
     figure, axes = plt.subplots(figsize=(8, 5))
-    for server in ("rnnserve", "transport"):
+    for server in SERVERS:
         for label in series:
-            points = [p for p in results[server] if p["series"] == label]
+            points = [p for p in results.get(server, []) if p["series"] == label]
+            if not points:
+                continue
             axes.plot(
                 [p["sessions"] for p in points],
                 [p["steps_per_s"] for p in points],
@@ -279,9 +390,11 @@ def plot(results: dict[str, Any], out: Path) -> tuple[Path, ...]:
     )
 
     figure, axes = plt.subplots(figsize=(8, 5))
-    for server in ("rnnserve", "transport"):
+    for server in SERVERS:
         for label in series:
-            points = [p for p in results[server] if p["series"] == label]
+            points = [p for p in results.get(server, []) if p["series"] == label]
+            if not points:
+                continue
             sessions = [p["sessions"] for p in points]
             (line,) = axes.plot(
                 sessions,

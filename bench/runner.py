@@ -1,5 +1,6 @@
-"""One benchmark run: in-process ONNX Runtime, rnnserve over gRPC, the transport-only ceiling
-and the peers, one after another on the same machine, so the figures compare."""
+"""One benchmark run: in-process ONNX Runtime, rnnserve over gRPC, the real Triton, the
+transport-only ceiling and the other peers, one after another on the same machine, so the
+figures compare."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import subprocess
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from rnnserve.runtime.onnx import EngineSettings, Provider
-from rnnserve_bench import inprocess, machine, peers, report, torchserve
+from rnnserve_bench import inprocess, machine, peers, report, torchserve, triton
 from rnnserve_bench.loadgen import (
     OPEN_INFERENCE,
     STREAM,
@@ -30,6 +31,7 @@ from rnnserve_bench.options import BenchOptions
 from rnnserve_bench.procs import (
     Measured,
     ProcessError,
+    Restartable,
     histogram_totals,
     start_echo,
     start_rnnserve,
@@ -44,6 +46,18 @@ SETTLE_S = 0.2
 """Pause between points, so one point's END requests do not run into the next one's clock."""
 CHANNEL_SESSIONS = 64
 """The transport ceiling is measured with one channel per this many sequences too."""
+CONTENDERS = ("rnnserve", "triton", "transport")
+"""Measured at each point in this order, then in the reverse order at the next."""
+LOG_TAIL_LINES = 40
+"""Lines of a crashed peer's log kept in the results."""
+
+
+class ServerDied(ProcessError):
+    """A server was found dead at the end of a point; `result` is what the point measured."""
+
+    def __init__(self, server: Measured, series: Series, result: LoadResult) -> None:
+        super().__init__(f"{server.name} died during {series.label}:\n{server.log_tail()}")
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,18 @@ class BenchReport:
     markdown: str
     headline: tuple[str, ...]
     files: tuple[Path, ...]
+
+
+@dataclass
+class PeerRun:
+    """A peer through one run: its points, and the crashes it was restarted after."""
+
+    server: Restartable | None
+    """None once it could not be started again."""
+    points: list[dict[str, Any]] = field(default_factory=list)
+    crashes: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str = ""
+    """Why it was not measured after some point ("" while it is)."""
 
 
 @dataclass
@@ -146,11 +172,12 @@ def _server_flags(options: BenchOptions) -> list[str]:
 
 
 def _run_servers(options: BenchOptions, workload: Workload) -> dict[str, Any]:
-    """rnnserve, the transport-only server and TorchServe, all started first and measured point
-    by point: each rnnserve point right next to the transport's, in alternating order.
+    """rnnserve, Triton, the transport-only server and TorchServe, all started first and
+    measured point by point: each rnnserve point right next to Triton's and the transport's,
+    in alternating order.
 
     The machine's speed drifts over minutes (on the shared VM, the transport's figures once
-    doubled from one part of a run to the next), and E compares these two.
+    doubled from one part of a run to the next), and E and the Triton ratios compare these.
     """
     logs, ids = options.out / "logs", _Ids()
     ours: list[dict[str, Any]] = []
@@ -162,6 +189,16 @@ def _run_servers(options: BenchOptions, workload: Workload) -> dict[str, Any]:
             steps: stack.enter_context(start_echo(logs, options.repository, workload.model, steps))
             for steps in options.steps
         }
+        started = _start_triton(options, workload, stack)
+        if isinstance(started, str):
+            found["triton"] = {"skipped": started}
+            rival = PeerRun(None, stopped=started)
+        else:
+            found["triton"] = {
+                "version": triton.VERSION,
+                "settings": triton.settings(started.model_config(workload.model)),
+            }
+            rival = PeerRun(started)
         peer = _start_torchserve(options, workload, stack)
         if isinstance(peer, str):
             found["torchserve"] = {"skipped": peer}
@@ -170,11 +207,15 @@ def _run_servers(options: BenchOptions, workload: Workload) -> dict[str, Any]:
         for series in series_of(options):
             for sessions in options.sessions:
                 echo = echoes[series.steps]
-                pair = [
-                    ("rnnserve", server, sample_ours, ours),
-                    ("transport", echo, _sampler(echo), transport),
-                ]
-                for name, target, sample, points in pair[:: 1 if turn % 2 == 0 else -1]:
+                plain = {
+                    "rnnserve": (server, sample_ours, ours),
+                    "transport": (echo, _sampler(echo), transport),
+                }
+                for name in CONTENDERS[:: 1 if turn % 2 == 0 else -1]:
+                    if name == "triton":
+                        peer_point(options, workload, rival, series, sessions, ids)
+                        continue
+                    target, sample, points = plain[name]
                     result = _point(options, workload, target, series, sessions, ids, sample)
                     points.append(_load_point(name, series, result))
                 turn += 1
@@ -193,7 +234,82 @@ def _run_servers(options: BenchOptions, workload: Workload) -> dict[str, Any]:
             )
         else:
             found["perf_analyzer"] = {"skipped": "--no-peers"}
-    return {"rnnserve": ours, "transport": transport, "channels": channels, "peers": found}
+    if "skipped" not in found["triton"]:
+        found["triton"].update(crashes=rival.crashes, stopped=rival.stopped)
+    return {
+        "rnnserve": ours,
+        "triton": rival.points,
+        "transport": transport,
+        "channels": channels,
+        "peers": found,
+    }
+
+
+def _start_triton(
+    options: BenchOptions, workload: Workload, stack: ExitStack
+) -> triton.Triton | str:
+    """Triton serving the model repository, stopped with `stack`; or why it is not measured."""
+    if not options.peers:
+        return "--no-peers"
+    found = triton.find(options.triton or triton.DEFAULT_RUN)
+    if isinstance(found, str):
+        return found
+    try:
+        return stack.enter_context(
+            triton.Triton(found, options.repository, options.out / "logs" / "triton")
+        )
+    except (OSError, ProcessError) as error:
+        logger.warning("triton did not start: %s", error)
+        return f"triton did not start: {str(error).splitlines()[0]}"
+
+
+def peer_point(
+    options: BenchOptions,
+    workload: Workload,
+    peer: PeerRun,
+    series: Series,
+    sessions: int,
+    ids: _Ids,
+) -> None:
+    """One point of a peer that may crash: a crash is recorded and the peer started again, so
+    the run goes on (Triton 2.51 has died of SIGSEGV under heavy streaming)."""
+    server = peer.server
+    if server is None:
+        return
+    if not server.alive():  # between points
+        _crashed(peer, server, series, sessions, "between points")
+        if peer.server is None:
+            return
+    try:
+        result = _point(options, workload, server, series, sessions, ids, _sampler(server))
+    except ServerDied as died:
+        point = _load_point(server.name, series, died.result)
+        point["crashed"] = True
+        peer.points.append(point)
+        _crashed(peer, server, series, sessions, "during the point")
+    else:
+        peer.points.append(_load_point(server.name, series, result))
+
+
+def _crashed(peer: PeerRun, server: Restartable, series: Series, sessions: int, when: str) -> None:
+    crash = {
+        "series": series.label,
+        "sessions": sessions,
+        "when": when,
+        "death": server.death(),
+        "log_tail": server.log_tail(LOG_TAIL_LINES),
+    }
+    peer.crashes.append(crash)
+    logger.warning(
+        "%s %s at %s, %d sessions (%s); starting it again",
+        server.name, crash["death"], series.label, sessions, when,
+    )  # fmt: skip
+    try:
+        server.restart()
+    except (OSError, ProcessError) as error:
+        peer.server = None
+        peer.stopped = f"did not start again after a crash: {str(error).splitlines()[0]}"
+        logger.warning("%s %s", server.name, peer.stopped)
 
 
 def _start_torchserve(
@@ -296,7 +412,7 @@ def _point(
     messages = [encode(first + i, series.steps) for i in range(sessions)]
     result = asyncio.run(run_load(server.target, spec, messages, sample, api))
     if not server.alive():
-        raise RuntimeError(f"{server.name} died during {series.label}:\n{server.log_tail()}")
+        raise ServerDied(server, series, result)
     logger.info(
         "%s %s, %d sessions on %d channels: %.0f steps/s, p50 %.2f ms, p99 %.2f ms, %d errors%s",
         server.name,

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from rnnserve_bench import torchserve
+from rnnserve_bench import torchserve, triton
 from tests.conftest import ROOT, run_cli
 
 
@@ -62,9 +62,10 @@ def test_bench_runs_end_to_end(tmp_path) -> None:
     for p in results["rnnserve"]:
         assert p["response_bytes"] == sizes[("transport", p["series"])] > 0, p["series"]
 
-    assert set(results["peers"]) == {"torchserve", "perf_analyzer"}
+    assert set(results["peers"]) == {"triton", "torchserve", "perf_analyzer"}
     for name, peer in results["peers"].items():
-        assert "skipped" in peer or peer["steps_per_s"] > 0, (name, peer)
+        assert "skipped" in peer or name == "triton" or peer["steps_per_s"] > 0, (name, peer)
+    _check_triton(results, done.stdout, expected)
     peer = results["peers"]["torchserve"]
     if not isinstance(torchserve.find(), str):  # `make test` installs it
         assert "skipped" not in peer, peer
@@ -83,6 +84,28 @@ def test_bench_runs_end_to_end(tmp_path) -> None:
     assert last[1].startswith(f"R = {headline['R']:.2f}"), last
     assert "| rnnserve | stream T=1 | 4 |" in done.stdout
     assert "## Server CPU by thread (stream T=1)" in done.stdout
+
+
+def _check_triton(results: dict, stdout: str, expected: set) -> None:
+    """Triton's points beside rnnserve's, where `make triton` installed it (`make test` does)."""
+    peer = results["peers"]["triton"]
+    if isinstance(triton.find(), str):
+        assert "skipped" in peer and results["triton"] == [], peer
+        return
+    assert "skipped" not in peer, peer
+    assert {"kind": "KIND_CPU", "count": 2} in peer["settings"]["instance_group"]
+    points = results["triton"]
+    crashed = {(c["series"], c["sessions"]) for c in peer["crashes"]}
+    assert {(p["series"], p["sessions"]) for p in points} | crashed == expected
+    for p in points:
+        assert p["server"] == "triton"
+        if (p["series"], p["sessions"]) not in crashed:  # it has died of SIGSEGV under load
+            assert p["errors"] == 0, p["first_error"]
+            assert p["steps_per_s"] > 0 and p["server_cpu_s_per_1000_steps"] > 0, p
+    assert "## rnnserve and Triton 2.51, point by point" in stdout
+    assert "| triton | stream T=1 | 4 |" in stdout or ("stream T=1", 4) in crashed
+    assert [f["sessions"] for f in results["headline"]["triton"]] == [1, 4]
+    assert "rnnserve / Triton " in stdout
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")

@@ -60,7 +60,37 @@ class Restartable(Measured, Protocol):
     def restart(self) -> None: ...
 
 
-class ServerProcess:
+class HasGrpcPort(Protocol):
+    @property
+    def grpc(self) -> int: ...
+
+
+class ChildServer:
+    """A server process the benchmark started; subclasses set `process`, `log_path`, `ports`."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    ports: HasGrpcPort
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class ServerProcess(ChildServer):
     """A server started with `--port-file`, stopped with SIGTERM on exit from its `with`."""
 
     def __init__(self, name: str, command: Sequence[str], workdir: Path) -> None:
@@ -90,23 +120,6 @@ class ServerProcess:
             time.sleep(0.05)
         ports = json.loads(self._port_file.read_text())
         return Ports(ports["grpc"], ports.get("metrics"))
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.ports.grpc}"
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def cpu_seconds(self) -> float:
         return process_cpu_seconds(self.pid)

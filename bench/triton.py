@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from rnnserve.threads import cpu_by_thread
-from rnnserve_bench.procs import ProcessError, process_cpu_seconds
+from rnnserve_bench.procs import ChildServer, ProcessError, process_cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 """The checkout: the bench package is installed from its bench/ folder."""
@@ -64,7 +64,7 @@ def free_ports(count: int) -> list[int]:
             probe.close()
 
 
-class Triton:
+class Triton(ChildServer):
     """`tritonserver` serving `repository` on 127.0.0.1, its output in `workdir/triton.log`
     (a restart keeps the earlier logs as triton.1.log, triton.2.log, ...)."""
 
@@ -128,17 +128,6 @@ class Triton:
         self.stop()
         self._start()
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.ports.grpc}"
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
     def death(self) -> str:
         """How the process ended, in words ("" while it runs)."""
         code = self.process.poll()
@@ -147,9 +136,6 @@ class Triton:
         if code < 0:
             return f"(pid {self.pid}) died of {signal.Signals(-code).name}"
         return f"(pid {self.pid}) exited with {code}"
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def cpu_seconds(self) -> float:
         """The last reading stays once the process is gone, so a point it dies in still ends."""

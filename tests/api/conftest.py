@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +43,24 @@ class Reference:
         }
 
     def run(self, model: str, x: np.ndarray) -> np.ndarray:
+        """The model's main output for `x` [B, T, ...] from the zero state."""
+        return self.outputs(model, x)[OUTPUTS[model]]
+
+    def outputs(
+        self,
+        model: str,
+        x: np.ndarray,
+        names: Sequence[str] = (),
+        state: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """`names` (the main output by default) for `x` from `state` (zero where not given)."""
         session = self._sessions[model]
         feeds = {INPUTS[model]: x}
         for tensor in session.get_inputs()[1:]:
-            feeds[tensor.name] = np.zeros((x.shape[0], *tensor.shape[1:]), np.float32)
-        return session.run([OUTPUTS[model]], feeds)[0]
+            zero = np.zeros((x.shape[0], *tensor.shape[1:]), np.float32)
+            feeds[tensor.name] = (state or {}).get(tensor.name, zero)
+        wanted = list(names or (OUTPUTS[model],))
+        return dict(zip(wanted, session.run(wanted, feeds), strict=True))
 
 
 @pytest.fixture(scope="session")

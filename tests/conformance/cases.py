@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tests.conformance.protocol import INPUTS, MODELS, OUTPUTS, Call, Reference, Tensor
+from tests.api.conftest import INPUTS, MODELS, OUTPUTS, Reference
+from tests.conformance.protocol import Call, Tensor
 
 
 class Ids:
@@ -55,7 +56,7 @@ def sequence(
 ) -> list[Call]:
     """`x` cut into requests of `sizes` steps; `before`: what the sequence already ran."""
     whole = x if before is None else np.concatenate([before, x], axis=1)
-    expected = reference.run(model, whole)[OUTPUTS[model]][:, whole.shape[1] - x.shape[1] :]
+    expected = reference.run(model, whole)[:, whole.shape[1] - x.shape[1] :]
     bounds = np.cumsum([0, *sizes])
     assert bounds[-1] == x.shape[1]
     return [
@@ -233,7 +234,7 @@ def state_output(ids: Ids, reference: Reference, rng: np.random.Generator) -> li
             end=True,
             outputs=outputs,
             refused=True,
-            expect=reference.run("sensor_gru", x, outputs),
+            expect=reference.outputs("sensor_gru", x, outputs),
         )
     ]
 
@@ -248,7 +249,7 @@ def explicit_state(ids: Ids, reference: Reference, rng: np.random.Generator) -> 
             (Tensor("reading", x), Tensor("h_in", h)),
             outputs=outputs,
             refused=True,
-            expect=reference.run("sensor_gru", x, outputs, state={"h_in": h}),
+            expect=reference.outputs("sensor_gru", x, outputs, state={"h_in": h}),
         )
     ]
 

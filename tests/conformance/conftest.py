@@ -13,8 +13,9 @@ from typing import Protocol
 
 import pytest
 
+from tests.api.conftest import Reference
 from tests.conformance.cases import CASES, Ids
-from tests.conformance.protocol import Call, Outcome, Reference, run_stream, run_unary
+from tests.conformance.protocol import Call, Outcome, run_stream, run_unary
 from tests.conftest import BUNDLED
 from tests.server import RunningServer, serving
 from tests.triton_server import MISSING, RunningTriton, triton_installed, triton_serving

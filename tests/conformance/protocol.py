@@ -11,21 +11,14 @@ import queue
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import BUNDLED
-
-MODELS = ("charlm_lstm", "sensor_gru", "digits_lstm")
-INPUTS = {"charlm_lstm": "tokens", "sensor_gru": "reading", "digits_lstm": "pixels"}
-OUTPUTS = {"charlm_lstm": "logits", "sensor_gru": "forecast", "digits_lstm": "probabilities"}
 DATATYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
 
 TIMEOUT_S = 30.0
@@ -245,31 +238,3 @@ def _stream_on_the_wire(
     if response.error_message:
         return in_band_refusal(response.error_message)
     return answer(triton.InferResult(response.infer_response))
-
-
-class Reference:
-    """The committed ONNX graphs run in-process over whole sequences: what servers must match."""
-
-    def __init__(self, repository: Path = BUNDLED) -> None:
-        self._sessions = {
-            name: ort.InferenceSession(
-                str(repository / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
-            )
-            for name in MODELS
-        }
-
-    def run(
-        self,
-        model: str,
-        x: np.ndarray,
-        outputs: Sequence[str] = (),
-        state: Mapping[str, np.ndarray] | None = None,
-    ) -> dict[str, np.ndarray]:
-        """`outputs` (the model's main output by default) for `x` from `state` (zero)."""
-        session = self._sessions[model]
-        feeds = {INPUTS[model]: x}
-        for tensor in session.get_inputs()[1:]:
-            zero = np.zeros((x.shape[0], *tensor.shape[1:]), np.float32)
-            feeds[tensor.name] = (state or {}).get(tensor.name, zero)
-        names = list(outputs or (OUTPUTS[model],))
-        return dict(zip(names, session.run(names, feeds), strict=True))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -359,17 +359,13 @@ def plot(results: dict[str, Any], out: Path) -> tuple[Path, ...]:
     styles = {"rnnserve": "-o", "triton": "-.^", "transport": "--s"}
 
     figure, axes = plt.subplots(figsize=(8, 5))
-    for server in SERVERS:
-        for label in series:
-            points = [p for p in results.get(server, []) if p["series"] == label]
-            if not points:
-                continue
-            axes.plot(
-                [p["sessions"] for p in points],
-                [p["steps_per_s"] for p in points],
-                styles[server],
-                label=f"{server} {label}",
-            )
+    for server, label, points in _lines(results, series):
+        axes.plot(
+            [p["sessions"] for p in points],
+            [p["steps_per_s"] for p in points],
+            styles[server],
+            label=f"{server} {label}",
+        )
     for p in results["inprocess"]:
         if p["batch"] == 1:
             axes.axhline(p["steps_per_s"], color="grey", linewidth=0.8, linestyle=":")
@@ -390,25 +386,21 @@ def plot(results: dict[str, Any], out: Path) -> tuple[Path, ...]:
     )
 
     figure, axes = plt.subplots(figsize=(8, 5))
-    for server in SERVERS:
-        for label in series:
-            points = [p for p in results.get(server, []) if p["series"] == label]
-            if not points:
-                continue
-            sessions = [p["sessions"] for p in points]
-            (line,) = axes.plot(
-                sessions,
-                [p["p50_ms"] for p in points],
-                styles[server],
-                label=f"{server} {label} p50",
-            )
-            axes.plot(
-                sessions,
-                [p["p99_ms"] for p in points],
-                styles[server][-1] + ":",
-                color=line.get_color(),
-                label=f"{server} {label} p99",
-            )
+    for server, label, points in _lines(results, series):
+        sessions = [p["sessions"] for p in points]
+        (line,) = axes.plot(
+            sessions,
+            [p["p50_ms"] for p in points],
+            styles[server],
+            label=f"{server} {label} p50",
+        )
+        axes.plot(
+            sessions,
+            [p["p99_ms"] for p in points],
+            styles[server][-1] + ":",
+            color=line.get_color(),
+            label=f"{server} {label} p99",
+        )
     latency = _save_plot(
         figure,
         axes,
@@ -418,6 +410,17 @@ def plot(results: dict[str, Any], out: Path) -> tuple[Path, ...]:
         legend={"fontsize": 7, "ncol": 2},
     )
     return throughput, latency
+
+
+def _lines(
+    results: dict[str, Any], series: list[str]
+) -> Iterator[tuple[str, str, list[dict[str, Any]]]]:
+    """Each server's points of each series, as the plots draw them: (server, series, points)."""
+    for server in SERVERS:
+        for label in series:
+            points = [p for p in results.get(server, []) if p["series"] == label]
+            if points:
+                yield server, label, points
 
 
 def _save_plot(

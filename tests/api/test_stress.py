@@ -573,18 +573,30 @@ def run_good_sequence(
     tally = chaos.tally
     base = tracked.sent
     for a, b in cuts(tracked.length - base, rng):
-        chunk = tracked.data[:, base + a : base + b]
-        start, end = base + a == 0, base + b == tracked.length
-        sent = time.monotonic()
-        try:
-            answer = infer(client, tracked.model, tracked.sid, chunk, start=start, end=end)
-        except InferenceServerException as error:
-            refused_good(tally, tracked, error, f"steps {base + a}..{base + b} (end={end})")
+        end = base + b == tracked.length
+        where = f"steps {base + a}..{base + b} (end={end})"
+        if not send_good(client, tracked, tally, base + a, base + b, where):
             break
-        tracked.last_sent = sent
-        tally.count("good requests answered")
-        tracked.accept(chunk, answer, tally)
     tracked.verify(chaos.reference, tally)
+
+
+def send_good(
+    client: triton.InferenceServerClient, tracked: Tracked, tally: Tally, a: int, b: int, where: str
+) -> bool:
+    """Send steps a..b of a good sequence and check the answer; False if it was refused."""
+    chunk = tracked.data[:, a:b]
+    sent = time.monotonic()
+    try:
+        answer = infer(
+            client, tracked.model, tracked.sid, chunk, start=a == 0, end=b == tracked.length
+        )
+    except InferenceServerException as error:
+        refused_good(tally, tracked, error, where)
+        return False
+    tracked.last_sent = sent
+    tally.count("good requests answered")
+    tracked.accept(chunk, answer, tally)
+    return True
 
 
 def good_unary(chaos: Chaos, rng: np.random.Generator) -> None:
@@ -875,19 +887,10 @@ def bad_inputs(chaos: Chaos, rng: np.random.Generator) -> None:
             for a, b in cuts(tracked.length, rng):
                 if rng.random() < 0.4:
                     send_bad(chaos, client, tracked, rng)
-                chunk = tracked.data[:, a:b]
-                sent = time.monotonic()
-                try:
-                    answer = infer(
-                        client, tracked.model, tracked.sid, chunk,
-                        start=a == 0, end=b == tracked.length,
-                    )  # fmt: skip
-                except InferenceServerException as error:
-                    refused_good(tally, tracked, error, f"steps {a}..{b}, between bad requests")
+                if not send_good(
+                    client, tracked, tally, a, b, f"steps {a}..{b}, between bad requests"
+                ):
                     break
-                tracked.last_sent = sent
-                tally.count("good requests answered")
-                tracked.accept(chunk, answer, tally)
             tracked.verify(chaos.reference, tally)
 
 

@@ -85,11 +85,6 @@ class ModelSignature:
     max_sequences: int
     queue_delay_s: float
 
-    @property
-    def state_bytes_per_sequence(self) -> int:
-        """Bytes of float32 state one sequence holds, every state together."""
-        return sum(int(np.prod(s.dims)) * 4 for s in self.states)
-
 
 def _tensor(entry: mc.ModelInput | mc.ModelOutput) -> TensorSpec:
     datatype = wire_name(entry.data_type)

@@ -36,8 +36,16 @@ def build_parser(prog: str = "rnnserve bench") -> argparse.ArgumentParser:
     bench.add_argument(
         "--steps", type=_numbers, default=(1, 32), help="time steps per request (1,32)"
     )
-    bench.add_argument("--duration", type=float, help="seconds measured per point (5; quick 1)")
+    bench.add_argument(
+        "--duration", type=float, help="seconds measured per point and round (3; quick 1)"
+    )
     bench.add_argument("--warmup", type=float, help="seconds before each point (0.5; quick 0.2)")
+    bench.add_argument(
+        "--repeats",
+        type=int,
+        help="measurements of each point per server, alternating their order; the report "
+        "gives the median and the range (3; quick 1)",
+    )
     bench.add_argument(
         "--sessions-per-channel", type=int, default=1024, help="sequences per gRPC channel (1024)"
     )
@@ -87,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
             batches=args.batches,
             duration_s=args.duration,
             warmup_s=args.warmup,
+            repeats=args.repeats,
             model=args.model,
             repository=args.model_repository,
             out=args.out,

@@ -28,10 +28,13 @@ class BenchOptions:
     """Batch sizes of the in-process ONNX Runtime runs."""
     steps: tuple[int, ...] = (1, 32)
     """Time steps per request (per call in-process); unary requests carry one."""
-    duration_s: float = 5.0
-    """Measured seconds per point."""
+    duration_s: float = 3.0
+    """Measured seconds per point and round."""
     warmup_s: float = 0.5
     """Seconds run before each point's measurement starts."""
+    repeats: int = 3
+    """Measurements of each point per server, in rounds that alternate the servers' order;
+    the report gives the median and the range."""
     sessions_per_channel: int = 1024
     """Sequences sharing one gRPC channel (one TCP connection); on loopback one channel is
     cheaper for the client than several (the run measures both at 256 sequences)."""
@@ -61,6 +64,8 @@ class BenchOptions:
                 raise ValueError(f"--{name} needs one or more positive whole numbers")
         if 1 not in self.steps or 1 not in self.batches:
             raise ValueError("--steps and --batches must include 1: the headline figures use it")
+        if self.repeats < 1:
+            raise ValueError("--repeats must be at least 1")
         if self.duration_s <= 0 or self.warmup_s < 0:
             raise ValueError("--duration must be positive and --warmup at least 0")
         if self.provider not in {"auto", "cpu", "cuda"}:
@@ -77,14 +82,16 @@ class BenchOptions:
         batches: tuple[int, ...] | None = None,
         duration_s: float | None = None,
         warmup_s: float | None = None,
+        repeats: int | None = None,
         **given: object,
     ) -> BenchOptions:
         """Options from the command line: what is not given comes from --quick or the full run."""
         return cls(
             sessions=sessions or (QUICK_SESSIONS if quick else FULL_SESSIONS),
             batches=batches or (QUICK_BATCHES if quick else FULL_BATCHES),
-            duration_s=duration_s or (1.0 if quick else 5.0),
+            duration_s=duration_s or (1.0 if quick else 3.0),
             warmup_s=warmup_s if warmup_s is not None else (0.2 if quick else 0.5),
+            repeats=repeats or (1 if quick else 3),
             compare_channels=not quick,
             **given,  # type: ignore[arg-type]
         )

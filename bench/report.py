@@ -139,7 +139,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{''.join(f'GPU {g}, ' for g in m.get('gpus') or [])}Python {m['python']}, "
         f"onnxruntime {m['packages']['onnxruntime']}, grpcio {m['packages']['grpcio']}, "
         f"revision {revision}, load {m['load_average_1m_at_start']} at start. "
-        f"{options['duration_s']:g} s per point after {options['warmup_s']:g} s of warm-up; "
+        f"{options['duration_s']:g} s per point after {options['warmup_s']:g} s of warm-up, "
+        f"{options.get('repeats', 1)} rounds per point; "
         "CPU is seconds per 1,000 steps.",
         *_triton_section(results),
         "",
@@ -302,9 +303,10 @@ def _triton_section(results: dict[str, Any]) -> list[str]:
             continue
         rows.append(
             [
-                p["series"], str(p["sessions"]), _num(p["steps_per_s"]), _num(t["steps_per_s"]),
-                _num(_ratio(p["steps_per_s"], t["steps_per_s"]), 2), _num(p["p99_ms"], 2),
-                _num(t["p99_ms"], 2), _num(p["server_cpu_s_per_1000_steps"], 4),
+                p["series"], str(p["sessions"]), _spread(p, "steps_per_s"),
+                _spread(t, "steps_per_s"), _num(_ratio(p["steps_per_s"], t["steps_per_s"]), 2),
+                _paired(p, t), _spread(p, "p99_ms", 2), _spread(t, "p99_ms", 2),
+                _num(p["server_cpu_s_per_1000_steps"], 4),
                 _num(t["server_cpu_s_per_1000_steps"], 4),
                 str(t["errors"]) + (" (crashed)" if t.get("crashed") else ""),
             ]
@@ -316,7 +318,11 @@ def _triton_section(results: dict[str, Any]) -> list[str]:
         f"## rnnserve and Triton {peer['version']}, point by point",
         "",
         "The same client, model repository and sequences; at each point rnnserve, Triton and the "
-        "transport ceiling run back to back, in alternating order. Triton's settings, from its "
+        "transport ceiling run back to back, in rounds that alternate their order. Each figure "
+        "is that of the round with the median steps/s, with the range over the rounds in "
+        "brackets; `per round` is the range "
+        "of rnnserve / Triton over the rounds, each round's two measurements taken a few "
+        "seconds apart. Triton's settings, from its "
         f"ModelConfig of the model: instance group {groups}, max batch size "
         f"{s['max_batch_size']}, sequence batcher `{s['scheduler']}` (preferred batch sizes "
         f"{s['preferred_batch_size']}, max queue delay {s['max_queue_delay_microseconds']} µs, "
@@ -327,7 +333,8 @@ def _triton_section(results: dict[str, Any]) -> list[str]:
     lines += _table(
         [
             "series", "sessions", "rnnserve steps/s", "Triton steps/s", "rnnserve / Triton",
-            "rnnserve p99 ms", "Triton p99 ms", "rnnserve CPU", "Triton CPU", "Triton errors",
+            "per round", "rnnserve p99 ms", "Triton p99 ms", "rnnserve CPU", "Triton CPU",
+            "Triton errors",
         ],
         rows,
     )  # fmt: skip
@@ -342,6 +349,27 @@ def _triton_section(results: dict[str, Any]) -> list[str]:
     if peer.get("stopped"):
         lines += ["", f"Triton was not measured after that: it {peer['stopped']}."]
     return lines
+
+
+def _spread(point: dict[str, Any], key: str, digits: int = 0) -> str:
+    """The median round's figure, and the range over the rounds where there were several."""
+    rounds = point.get(f"{key}_rounds", [])
+    median = _num(point[key], digits)
+    if len(rounds) < 2:
+        return median
+    return f"{median} ({_num(min(rounds), digits)}-{_num(max(rounds), digits)})"
+
+
+def _paired(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
+    """The range of rnnserve / Triton over the rounds both were measured in."""
+    # A peer that stopped for good has fewer rounds: pair those it has.
+    pairs = zip(
+        ours.get("steps_per_s_rounds", []), theirs.get("steps_per_s_rounds", []), strict=False
+    )
+    ratios = [_ratio(a, b) for a, b in pairs]
+    if len(ratios) < 2:
+        return ""
+    return f"{_num(min(ratios), 2)}-{_num(max(ratios), 2)}"
 
 
 def _series_order(label: str) -> tuple[int, str]:

@@ -208,17 +208,15 @@ def _run_servers(options: BenchOptions, workload: Workload) -> dict[str, Any]:
             for sessions in options.sessions:
                 echo = echoes[series.steps]
                 plain = {
-                    "rnnserve": (server, sample_ours, ours),
-                    "transport": (echo, _sampler(echo), transport),
+                    "rnnserve": (server, sample_ours),
+                    "transport": (echo, _sampler(echo)),
                 }
-                for name in CONTENDERS[:: 1 if turn % 2 == 0 else -1]:
-                    if name == "triton":
-                        peer_point(options, workload, rival, series, sessions, ids)
-                        continue
-                    target, sample, points = plain[name]
-                    result = _point(options, workload, target, series, sessions, ids, sample)
-                    points.append(_load_point(name, series, result))
-                turn += 1
+                rounds = _rounds(options, workload, plain, rival, series, sessions, ids, turn)
+                turn += options.repeats
+                for name, points in (("rnnserve", ours), ("triton", rival.points)):
+                    if rounds[name]:
+                        points.append(median_point(rounds[name]))
+                transport.append(median_point(rounds["transport"]))
                 headline = (report.HEADLINE_SERIES, options.headline_sessions)
                 if not isinstance(peer, str) and (series.label, sessions) == headline:
                     found["torchserve"] = _torchserve_point(options, workload, peer, ids)
@@ -243,6 +241,32 @@ def _run_servers(options: BenchOptions, workload: Workload) -> dict[str, Any]:
         "channels": channels,
         "peers": found,
     }
+
+
+def _rounds(
+    options: BenchOptions,
+    workload: Workload,
+    plain: dict[str, tuple[Measured, Callable[[], Snapshot]]],
+    rival: PeerRun,
+    series: Series,
+    sessions: int,
+    ids: _Ids,
+    turn: int,
+) -> dict[str, list[dict[str, Any]]]:
+    """Each contender's measurements of one point, `options.repeats` rounds of them, the order
+    reversed from one round to the next (the first round's order set by `turn`)."""
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
+    for round_ in range(options.repeats):
+        for name in CONTENDERS[:: 1 if (turn + round_) % 2 == 0 else -1]:
+            if name == "triton":
+                measured = peer_point(options, workload, rival, series, sessions, ids)
+                if measured is not None:
+                    rounds[name].append(measured)
+                continue
+            target, sample = plain[name]
+            result = _point(options, workload, target, series, sessions, ids, sample)
+            rounds[name].append(_load_point(name, series, result))
+    return rounds
 
 
 def _start_triton(
@@ -270,25 +294,41 @@ def peer_point(
     series: Series,
     sessions: int,
     ids: _Ids,
-) -> None:
+) -> dict[str, Any] | None:
     """One point of a peer that may crash: a crash is recorded and the peer started again, so
-    the run goes on (Triton 2.51 has died of SIGSEGV under heavy streaming)."""
+    the run goes on (Triton 2.51 has died of SIGSEGV under heavy streaming). None when the
+    peer could not be started again."""
     server = peer.server
     if server is None:
-        return
+        return None
     if not server.alive():  # between points
         _crashed(peer, server, series, sessions, "between points")
-        if peer.server is None:
-            return
+        server = peer.server
+        if server is None:
+            return None
     try:
         result = _point(options, workload, server, series, sessions, ids, _sampler(server))
     except ServerDied as died:
         point = _load_point(server.name, series, died.result)
         point["crashed"] = True
-        peer.points.append(point)
         _crashed(peer, server, series, sessions, "during the point")
-    else:
-        peer.points.append(_load_point(server.name, series, result))
+        return point
+    return _load_point(server.name, series, result)
+
+
+def median_point(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's point from its repeated measurements: the round with the median steps/s
+    (the lower of the two middle ones for an even count), with every round's steps/s and p99
+    beside it, the errors of all rounds, and `crashed` if the server died in any."""
+    ranked = sorted(rounds, key=lambda p: p["steps_per_s"])
+    point = dict(ranked[(len(ranked) - 1) // 2])
+    point["rounds"] = len(rounds)
+    point["steps_per_s_rounds"] = [p["steps_per_s"] for p in rounds]
+    point["p99_ms_rounds"] = [p["p99_ms"] for p in rounds]
+    point["errors"] = sum(p["errors"] for p in rounds)
+    point["first_error"] = next((p["first_error"] for p in rounds if p["errors"]), "")
+    point["crashed"] = any(p.get("crashed", False) for p in rounds)
+    return point
 
 
 def _crashed(peer: PeerRun, server: Restartable, series: Series, sessions: int, when: str) -> None:

@@ -85,32 +85,39 @@ def peer(tmp_path, monkeypatch):
     fake.stop()
 
 
-def measure(run: runner.PeerRun, sessions: int) -> None:
+def measure(run: runner.PeerRun, sessions: int) -> dict | None:
     series = runner.Series("stream", 1)
-    runner.peer_point(OPTIONS, WORKLOAD, run, series, sessions, runner._Ids())  # type: ignore[arg-type]
+    return runner.peer_point(OPTIONS, WORKLOAD, run, series, sessions, runner._Ids())  # type: ignore[arg-type]
 
 
 def test_a_peer_that_dies_mid_point_is_recorded_and_started_again(peer) -> None:
     run = runner.PeerRun(peer)
     peer.kill_next = True
-    measure(run, 1)
+    crashed = measure(run, 1)
     assert peer.alive() and peer.starts == 2
     [crash] = run.crashes
     assert crash["sessions"] == 1 and crash["when"] == "during the point"
     assert crash["death"] == "died of SIGKILL" and "Signal (11)" in crash["log_tail"]
-    assert run.points[0]["crashed"] and run.points[0]["errors"] == 3
+    assert crashed is not None and crashed["crashed"] and crashed["errors"] == 3
 
-    measure(run, 2)  # the run goes on with the fresh process
-    assert [p["sessions"] for p in run.points] == [1, 2] and "crashed" not in run.points[1]
+    fine = measure(run, 2)  # the run goes on with the fresh process
+    assert fine is not None and fine["sessions"] == 2 and "crashed" not in fine
     assert len(run.crashes) == 1 and run.stopped == ""
+
+    # Rounds of one point: the median round speaks for it, the crash is not forgotten.
+    point = runner.median_point([fine, crashed, {**fine, "steps_per_s": 3 * fine["steps_per_s"]}])
+    assert point["steps_per_s"] == fine["steps_per_s"] and point["rounds"] == 3
+    assert point["crashed"] and point["errors"] == 3 and point["first_error"] == "UNAVAILABLE"
+    assert sorted(point["steps_per_s_rounds"]) == sorted(
+        [fine["steps_per_s"], crashed["steps_per_s"], 3 * fine["steps_per_s"]]
+    )
 
 
 def test_a_peer_found_dead_between_points_or_that_will_not_restart_stops_cleanly(peer) -> None:
     run = runner.PeerRun(peer)
     peer.stop()
     peer.can_restart = False
-    measure(run, 1)  # found dead before the point, and it will not start again
+    assert measure(run, 1) is None  # found dead before the point, and it will not start again
     assert run.crashes[0]["when"] == "between points"
     assert run.server is None and "would not start" in run.stopped
-    measure(run, 2)  # later points are skipped, not failed
-    assert run.points == []
+    assert measure(run, 2) is None  # later points are skipped, not failed

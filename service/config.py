@@ -75,12 +75,17 @@ class Settings:
     live states) get before the server exits."""
     state_store: str = "memory"
     """Where sequence states live beyond the replica that holds them: memory (this process
-    only), or redis://[:password@]host:port/db (rediss:// for TLS), shared by replicas."""
+    only), or redis://[:password@]host:port/db (rediss:// for TLS), or the primary of Redis
+    Sentinels, redis+sentinel://[:password@]host:port[,host:port...]/primary-name[/db];
+    shared by replicas."""
     state_durability: Durability = Durability.STEP
     """With a shared state store: step (a response waits until its state is stored), end
     (states are stored only when the server shuts down) or none (never stored)."""
     state_store_timeout_s: float = 2.0
     """How long one round trip to the state store may take before requests fail UNAVAILABLE."""
+    state_min_replicas: int = 0
+    """At durability step with Redis: a step is acknowledged only once its state reached this
+    many replicas (Redis WAIT, within --state-store-timeout-s); otherwise it fails UNAVAILABLE."""
     repository_poll_s: float | None = None
     """Rescan the repository this often, in seconds, and load new versions (default: never)."""
     port_file: Path | None = None
@@ -148,13 +153,21 @@ class Settings:
             if value is not None and value < (0 if name == "max_queue_delay_us" else 1e-9):
                 least = "0 or more" if name == "max_queue_delay_us" else "positive"
                 raise ValueError(f"{_flag(name)} must be {least}, got {value:g}")
+        self._validate_store()
+
+    def _validate_store(self) -> None:
         if self.state_store != "memory" and not self.state_store.startswith(REDIS_SCHEMES):
             raise ValueError(
-                f"--state-store must be memory or redis://host:port/db (rediss:// for TLS), "
-                f"got {self.state_store!r}"
+                f"--state-store must be memory, redis://host:port/db (rediss:// for TLS) or "
+                f"redis+sentinel://host:port[,host:port...]/primary-name, got "
+                f"{self.state_store!r}"
             )
         if self.state_store_timeout_s <= 0:
             raise ValueError("--state-store-timeout-s must be positive")
+        if self.state_min_replicas < 0:
+            raise ValueError("--state-min-replicas must be 0 or more")
+        if self.state_min_replicas and not self.state_store.startswith(REDIS_SCHEMES):
+            raise ValueError("--state-min-replicas needs a Redis --state-store")
 
 
 def _shown(f: dataclasses.Field[Any]) -> str:

@@ -28,7 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from rnnserve.serving.snapshot import ModelSnapshot
+from rnnserve.serving.snapshot import ROUND_TRIP_BUCKETS, ModelSnapshot, StoreSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +40,23 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 Snapshots = Callable[[], Iterable[ModelSnapshot]]
+StoreSnapshots = Callable[[], StoreSnapshot | None]
 
 
 class Metrics:
     """The server's metrics: `registry` is what /metrics serves.
 
-    `snapshots` returns the engine's figures for every loaded model version; it is called at
-    each scrape, from the HTTP server's thread.
+    `snapshots` returns the engine's figures for every loaded model version, `store` the
+    shared state store's (None: no store metrics); both are called at each scrape, from the
+    HTTP server's thread.
     """
 
-    def __init__(self, snapshots: Snapshots) -> None:
+    def __init__(self, snapshots: Snapshots, store: StoreSnapshots = lambda: None) -> None:
         self.registry = CollectorRegistry()
         self._requests = _RequestCollector()
         self.registry.register(self._requests)
         self.registry.register(_ServingCollector(snapshots))
+        self.registry.register(_StoreCollector(store))
         self.registry.register(_GpuCollector())
 
     def observe_request(
@@ -227,6 +230,37 @@ class _ServingCollector(Collector):
             for event, count in sequences.store_events.items():
                 store.add_metric([*key, event], count)
         return [info, batch_size, live, memory, capacity, starts, ends, evictions, store]
+
+
+class _StoreCollector(Collector):
+    """The shared state store's round trips, failovers and replication failures."""
+
+    def __init__(self, store: StoreSnapshots) -> None:
+        self._store = store
+
+    def collect(self) -> Iterable[Metric]:
+        figures = self._store()
+        if figures is None:
+            return []
+        round_trips = HistogramMetricFamily(
+            "rnnserve_state_store_round_trip_seconds",
+            "Round trips to the state store (one per batch and direction), by duration",
+        )
+        bounds = [*(floatToGoString(b) for b in ROUND_TRIP_BUCKETS), "+Inf"]  # type: ignore[no-untyped-call]
+        cumulative = list(itertools.accumulate(figures.round_trips))
+        round_trips.add_metric([], list(zip(bounds, cumulative, strict=True)), figures.round_trip_s)
+        failovers = CounterMetricFamily(
+            "rnnserve_state_store_failovers",
+            "Times the state store's primary moved to another server (Redis Sentinel)",
+        )
+        failovers.add_metric([], figures.failovers)
+        replication = CounterMetricFamily(
+            "rnnserve_state_store_replication_failures",
+            "Write round trips that fewer than --state-min-replicas replicas acknowledged in "
+            "time (their steps failed UNAVAILABLE)",
+        )
+        replication.add_metric([], figures.replication_failures)
+        return [round_trips, failovers, replication]
 
 
 def _batch_buckets(model: ModelSnapshot) -> tuple[list[tuple[str, float]], float]:

@@ -63,7 +63,9 @@ class Server:
             inline_max_work=settings.inline_max_work,
             max_answer_bytes=settings.max_message_bytes,
         )
-        self.store = open_store(settings.state_store, settings.state_store_timeout_s)
+        self.store = open_store(
+            settings.state_store, settings.state_store_timeout_s, settings.state_min_replicas
+        )
         self.durability = settings.state_durability
         self.registry = ModelRegistry(
             settings.model_repository,
@@ -73,7 +75,7 @@ class Server:
             store=self.store,
             durability=self.durability,
         )
-        self.metrics = Metrics(self.registry.snapshot)
+        self.metrics = Metrics(self.registry.snapshot, self.store.statistics)
         self.servicer = InferenceServicer(self.registry, self.metrics)
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0

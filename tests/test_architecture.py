@@ -118,7 +118,7 @@ def test_layers_import_only_downward(layer: str, forbidden: tuple[str, ...]) -> 
 
 def test_metrics_read_only_the_engines_snapshots() -> None:
     engine = {i for i in GRAPH["rnnserve.metrics"] if i.startswith("rnnserve.")}
-    assert engine == {"rnnserve.serving.snapshot", "rnnserve.serving.snapshot.ModelSnapshot"}
+    assert engine and all(i.startswith("rnnserve.serving.snapshot") for i in engine), engine
 
 
 def test_the_servicer_sees_no_work_item() -> None:

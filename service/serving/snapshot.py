@@ -11,6 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from rnnserve.sessions.store import ROUND_TRIP_BUCKETS, StoreStatistics
+
+StoreSnapshot = StoreStatistics
+"""What the shared state store has seen (None where the store is memory)."""
+__all__ = ["ROUND_TRIP_BUCKETS", "StoreSnapshot"]
+
 
 @dataclass(frozen=True, slots=True)
 class BatchFigures:

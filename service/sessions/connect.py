@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from rnnserve.sessions.store import MemoryStore, StateStore
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-"""URL schemes of a Redis state store (TCP, TLS, a Unix socket)."""
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+"""URL schemes of a Redis state store (TCP, TLS, a Unix socket, the primary of Sentinels)."""
 
 
-def open_store(url: str, timeout_s: float) -> StateStore:
+def open_store(url: str, timeout_s: float, min_replicas: int = 0) -> StateStore:
     """The store `url` names: `memory`, or a Redis URL (`REDIS_SCHEMES`).
 
-    `timeout_s` bounds one round trip to the store, in seconds. Raises ValueError for a URL
-    of no known kind.
+    `timeout_s` bounds one round trip to the store, in seconds; `min_replicas` is how many
+    replicas each write must reach (Redis only). Raises ValueError for a URL of no known kind,
+    or for a replica count the store cannot give.
     """
-    if url == "memory":
+    if url == "memory" and not min_replicas:
         return MemoryStore()
     if url.startswith(REDIS_SCHEMES):
         from rnnserve.sessions.redis_store import RedisStore
 
-        return RedisStore(url, timeout_s)
+        return RedisStore(url, timeout_s, min_replicas)
+    if min_replicas:
+        raise ValueError("--state-min-replicas needs a Redis state store")
     raise ValueError(f"unknown state store {url!r}: use memory or redis://host:port/db")

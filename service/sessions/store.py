@@ -5,8 +5,8 @@ only sees what durability asks for (see `rnnserve.sessions.sync`), in at most on
 per batch and direction. Two stores:
 
 - `memory` (the default): nothing leaves the process; a restart loses every live sequence.
-- `redis` (`redis://`, `rediss://`, `unix://`): states outlive the replica and any replica
-  can continue any sequence (`rnnserve.sessions.redis_store`).
+- `redis` (`redis://`, `rediss://`, `unix://`, `redis+sentinel://`): states outlive the
+  replica and any replica can continue any sequence (`rnnserve.sessions.redis_store`).
 
 A record is compact binary, never pickle (a store is shared, so what it holds is untrusted):
 
@@ -171,6 +171,28 @@ WriteResult = bool | Exception
 """True when applied, False when the record's stamp was not the expected one."""
 
 
+ROUND_TRIP_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+"""Upper bounds, in seconds, of the store round-trip histogram's buckets (a loopback Redis
+answers in about 0.1 ms; the store timeout defaults to 2 s)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatistics:
+    """What a shared store has seen since the server started, for the metrics."""
+
+    round_trips: tuple[int, ...]
+    """Round trips by duration: one count per bucket of ROUND_TRIP_BUCKETS (a duration lands
+    in the first bucket whose bound it does not exceed), then one for longer ones."""
+    round_trip_s: float
+    """The seconds all round trips took together."""
+    failovers: int
+    """Times the primary moved to another server (Sentinel)."""
+    replication_failures: int
+    """Round trips whose writes did not reach --state-min-replicas replicas in time."""
+
+
 class StateStore(Protocol):
     """Where states go beyond the arena. Methods are synchronous and thread-safe: the batch
     workers call them, never the event loop. Each call is one round trip; an error of the
@@ -191,6 +213,10 @@ class StateStore(Protocol):
 
     def ping(self) -> None:
         """Return once the store answers; StoreUnavailable when it does not."""
+        ...
+
+    def statistics(self) -> StoreStatistics | None:
+        """Counts so far, safe from any thread; None for a store that has none."""
         ...
 
     def close(self) -> None:
@@ -215,6 +241,10 @@ class MemoryStore:
     def ping(self) -> None:
         """Always answers."""
         pass
+
+    def statistics(self) -> None:
+        """No traffic to count."""
+        return None
 
     def close(self) -> None:
         """Nothing to release."""

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import typing
@@ -231,6 +232,9 @@ def test_probes_ask_the_grpc_health_service_on_8001() -> None:
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"] == {"port": 8001}, probe
         assert "tcpSocket" not in c[probe]
+    # A replacement is ready before an old pod goes.
+    rollout = one(docs, "Deployment")["spec"]["strategy"]
+    assert rollout["rollingUpdate"]["maxUnavailable"] == 0
     # Model loading is what the startup probe waits for; liveness must not cut it short.
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
@@ -473,6 +477,25 @@ def test_monitoring_objects_point_at_the_metrics_port() -> None:
     assert [g["name"] for g in rule["spec"]["groups"]] == ["rnnserve-example"]
     policy = one(docs, "NetworkPolicy")["spec"]
     assert sorted(r["ports"][0]["port"] for r in policy["ingress"]) == [8001, 8002]
+
+
+def test_prometheus_rule_takes_the_charts_rule_files(tmp_path: Path) -> None:
+    chart = tmp_path / "rnnserve"
+    shutil.copytree(CHART, chart)
+    (chart / "rules").mkdir()
+    (chart / "rules" / "latency.yaml").write_text(
+        "groups:\n"
+        "  - name: from-file\n"
+        "    rules:\n"
+        "      - record: rnnserve:requests:rate5m\n"
+        "        expr: sum(rate(rnnserve_requests_total[5m]))\n"
+    )
+    done = helm("template", "rnnserve", str(chart), *values("full"))
+    assert done.returncode == 0, done.stderr
+    rule = one([d for d in yaml.safe_load_all(done.stdout) if d], "PrometheusRule")
+    groups = rule["spec"]["groups"]
+    assert [g["name"] for g in groups] == ["from-file", "rnnserve-example"]
+    assert groups[0]["rules"][0]["record"] == "rnnserve:requests:rate5m"
 
 
 def test_kustomize_base_is_the_charts_fresh_render() -> None:

@@ -21,6 +21,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client import generate_latest
@@ -546,6 +547,11 @@ def test_kserve_runtime_serves_grpc_v2_with_arguments_the_server_takes() -> None
     )
     assert runtime["spec"]["protocolVersions"] == ["grpc-v2"]
     (c,) = runtime["spec"]["containers"]
+    # The runtime's container is a core Container: its schema applies, strictly.
+    as_pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": {}}
+    as_pod["spec"]["containers"] = [c]
+    for version in (OLDEST, NEWEST):
+        kubernetes_validate.validate(as_pod, version, strict=True)
     assert c["command"] == ["rnnserve", "serve"]
     parser = argparse.ArgumentParser()
     Settings.add_arguments(parser)

@@ -9,6 +9,8 @@ TORCH_PIN ?= torch==2.13.0
 # Java for TorchServe (the benchmark's peer).
 SYSTEM_PACKAGES ?= libb64-0d redis-server openjdk-17-jre-headless
 PERF_ANALYZER := build/perf_analyzer/bin/perf_analyzer
+# helm v4 and kubectl (kustomize), from a PyPI wheel, for the chart tests (tests/deploy).
+HELM := build/helm/bin/helm
 # The real Triton 2.51 (CPU), the conformance suite's peer (tests/conformance), set up from the
 # project's shared peers folder (../shared beside the repository, in CI as here).
 SHARED ?= ../shared
@@ -16,7 +18,7 @@ TRITON := build/triton/run
 
 .DEFAULT_GOAL := help
 .PHONY: help serve bench test install install-test system-deps perf-analyzer triton torchserve bench-idle \
-	proto lint format train bench-durability bench-gpu clean
+	proto lint format train bench-durability bench-gpu clean helm manifests
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -70,6 +72,15 @@ torchserve: system-deps install-test ## TorchServe 0.12 and Java, the peer `make
 
 perf-analyzer: $(PERF_ANALYZER) ## Triton's C++ load generator, into build/perf_analyzer
 
+$(HELM): tests/tools/install-helm.sh
+	bash tests/tools/install-helm.sh build/helm
+
+helm: $(HELM) ## helm v4 and kubectl (with kustomize), into build/helm
+
+manifests: $(HELM) ## render the kustomize base from the Helm chart (deploy/kustomize/base)
+	$(HELM) template rnnserve deploy/helm/rnnserve -f deploy/kustomize/values.yaml \
+		> deploy/kustomize/base/rnnserve.yaml
+
 # `run` is written last, so its presence means the setup finished. The prefix is absolute: the
 # launcher records it. The backend library is copied read-only: a rerun could not overwrite it.
 $(TRITON):
@@ -80,7 +91,7 @@ $(TRITON):
 
 triton: $(TRITON) ## the real Triton 2.51 (CPU), the conformance suite's peer, into build/triton
 
-test: system-deps install-test $(PERF_ANALYZER) $(TRITON) lint ## install everything, lint, run the test suite
+test: system-deps install-test $(PERF_ANALYZER) $(TRITON) $(HELM) lint ## install everything, lint, run the test suite
 	$(BIN)/python -m pytest
 
 proto: install-test ## regenerate service/_pb from proto/*.proto

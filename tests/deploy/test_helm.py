@@ -1,0 +1,568 @@
+"""The Helm chart (deploy/helm/rnnserve), the kustomize base and overlay (deploy/kustomize) and the
+KServe manifests (deploy/kserve), checked with the real tools: `helm lint` and `helm template`
+(helm v4), `kubectl kustomize`, and `kubernetes-validate --strict` against Kubernetes' own
+schemas. No API server runs here, so what a cluster would check at admission is checked by
+schema; what the server would make of the rendered settings is checked by the server's own
+Settings parser."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from prometheus_client import generate_latest
+
+from rnnserve.config import Settings
+from rnnserve.metrics import Metrics
+from tests.conftest import ROOT
+
+CHART = ROOT / "deploy" / "helm" / "rnnserve"
+VALUES = CHART / "ci"
+BROKEN = Path(__file__).with_name("broken-values.yaml")
+KUSTOMIZE = ROOT / "deploy" / "kustomize"
+KSERVE = ROOT / "deploy" / "kserve"
+TOOLS = ROOT / "build" / "helm" / "bin"
+HELM = TOOLS / "helm"
+KUBECTL = TOOLS / "kubectl"
+
+OLDEST = "1.27.0"
+"""The chart's kubeVersion floor (gRPC probes are GA from 1.27)."""
+NEWEST = "1.37.0"
+"""The newest schemas kubernetes-validate holds."""
+CRDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"),
+    ("serving.kserve.io/v1beta1", "InferenceService"),
+}
+"""Custom resources: no schema in kubernetes-validate (it warns); checked by hand below."""
+CHART_SETTINGS = {
+    "host",
+    "grpc_port",
+    "metrics_port",
+    "model_repository",
+    "provider",
+    "shutdown_grace_s",
+    "state_store",
+    "state_durability",
+}
+"""Server settings the chart sets from its own values; every other one goes through `config`."""
+FUTURE_VARIABLES = {"RNNSERVE_TLS_CERT", "RNNSERVE_TLS_KEY", "RNNSERVE_TLS_CLIENT_CA"}
+"""Set by the chart for the TLS flags of the security issue; today's server ignores them."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tools() -> None:
+    """helm and kubectl, as `make test` installs them (a no-op once they are there)."""
+    subprocess.run(
+        ["bash", "tests/tools/install-helm.sh", "build/helm"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=300,
+    )
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    # Helm's own cache and config stay out of the user's home.
+    home = ROOT / "build" / "helm" / "home"
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+    return subprocess.run(
+        [str(HELM), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60
+    )
+
+
+@functools.cache
+def render_text(*args: str, kube: str = NEWEST) -> str:
+    done = helm("template", "rnnserve", str(CHART), "--kube-version", kube, *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def render(*args: str, kube: str = NEWEST) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(render_text(*args, kube=kube)) if d]
+
+
+def values(name: str) -> tuple[str, str]:
+    return ("-f", str(VALUES / f"{name}-values.yaml"))
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str = "rnnserve") -> dict[str, Any]:
+    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+def pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]
+
+
+def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (found,) = pod(docs)["containers"]
+    return found
+
+
+def env(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container(docs)["env"]}
+
+
+def validate(text: str, tmp_path: Path, *versions: str) -> list[str]:
+    """kubernetes-validate --strict on `text`; the kinds it had no schema for."""
+    path = tmp_path / "manifests.yaml"
+    path.write_text(text)
+    flags = [arg for version in versions for arg in ("-k", version)]
+    done = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", *flags, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return re.findall(r"Couldn't find schema for kind (\w+)", done.stdout)
+
+
+def check_custom_resources(docs: list[dict[str, Any]]) -> None:
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in CRDS:
+            assert doc["metadata"]["name"]
+            assert isinstance(doc["spec"], dict) and doc["spec"]
+
+
+NAMES = ["default", "gpu", "redis", "tls", "full"]
+
+
+def test_lint() -> None:
+    for name in NAMES:
+        done = helm("lint", "--strict", str(CHART), *values(name))
+        assert done.returncode == 0, f"{name}: {done.stdout}{done.stderr}"
+        assert "1 chart(s) linted, 0 chart(s) failed" in done.stdout
+
+
+# The preStop sleep action of the full values arrives in 1.30.
+@pytest.mark.parametrize(
+    ("name", "kube"),
+    [(n, v) for n in NAMES for v in ("1.30.0" if n == "full" else OLDEST, NEWEST)],
+)
+def test_rendered_manifests_pass_strict_schema_validation(
+    name: str, kube: str, tmp_path: Path
+) -> None:
+    text = render_text(*values(name), kube=kube)
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    unchecked = validate(text, tmp_path, kube)
+    assert sorted(unchecked) == sorted(
+        d["kind"] for d in docs if (d["apiVersion"], d["kind"]) in CRDS
+    )
+    check_custom_resources(docs)
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "ConfigMap", "ServiceAccount"} <= kinds
+    assert {"HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
+    if name == "full":
+        assert {"NetworkPolicy", "ServiceMonitor", "PrometheusRule"} <= kinds
+
+
+def test_broken_values_fail_at_render_with_the_schemas_messages() -> None:
+    done = helm("template", "rnnserve", str(CHART), "-f", str(BROKEN))
+    assert done.returncode != 0
+    assert not done.stdout
+    assert "values don't meet the specifications of the schema" in done.stderr
+    for message in (
+        "at '/profile': value must be one of 'cpu', 'gpu'",
+        "at '/shutdownGraceSeconds': got string, want number",
+        "at '/config': additional properties 'intra_op_thread' not allowed",
+        "at '/stateStore/redis/url'",
+        "at '/resources/limits/memory'",
+    ):
+        assert message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("--set", "autoscaling.enabled=true", "--set", "resources.requests=null"),
+            "autoscaling.enabled needs resources.requests.cpu",
+        ),
+        (
+            ("--set", "preStopSleepSeconds=5", "--kube-version", OLDEST),
+            "preStopSleepSeconds needs Kubernetes 1.30",
+        ),
+        (("--set", "metrics.prometheusRule.enabled=true"), "no rule groups"),
+        (("--set", "tls.enabled=true"), "at '/tls/secretName': minLength"),
+        (
+            (
+                "--set",
+                "stateStore.redis.enabled=true",
+                "--set",
+                "stateStore.redis.url=redis://:secret@redis:6379/0",
+                "--set",
+                "stateStore.redis.passwordSecret.name=redis",
+            ),
+            "at '/stateStore/redis/url'",
+        ),
+    ],
+)
+def test_inconsistent_values_fail_with_a_message(args: tuple[str, ...], message: str) -> None:
+    done = helm("template", "rnnserve", str(CHART), *args)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
+
+
+def test_probes_ask_the_grpc_health_service_on_8001() -> None:
+    docs = render()
+    c = container(docs)
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 8001, "metrics": 8002}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"] == {"port": 8001}, probe
+        assert "tcpSocket" not in c[probe]
+    # A replacement is ready before an old pod goes.
+    rollout = one(docs, "Deployment")["spec"]["strategy"]
+    assert rollout["rollingUpdate"]["maxUnavailable"] == 0
+    # Model loading is what the startup probe waits for; liveness must not cut it short.
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+
+
+def test_services_carry_grpc_and_metrics_and_a_headless_one_grpc_only() -> None:
+    docs = render()
+    ports = {p["name"]: p for p in one(docs, "Service")["spec"]["ports"]}
+    assert ports["grpc"]["port"] == 8001 and ports["grpc"]["appProtocol"] == "grpc"
+    assert ports["metrics"]["port"] == 8002
+    headless = one(docs, "Service", "rnnserve-headless")["spec"]
+    assert headless["clusterIP"] == "None"
+    assert [p["port"] for p in headless["ports"]] == [8001]
+    labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    for service in (one(docs, "Service")["spec"], headless):
+        assert service["selector"].items() <= labels.items()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_security_context_is_restricted(name: str) -> None:
+    docs = render(*values(name))
+    spec = pod(docs)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 10001
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["automountServiceAccountToken"] is False
+    sc = container(docs)["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    # A read-only root filesystem still needs somewhere to write temporary files.
+    (tmp,) = [m for m in container(docs)["volumeMounts"] if m["mountPath"] == "/tmp"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == tmp["name"]]
+    assert "emptyDir" in volume
+
+
+def test_gpu_profile_asks_for_a_gpu_on_gpu_nodes() -> None:
+    cpu, gpu = render(*values("default")), render(*values("gpu"))
+    limits = container(gpu)["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+    assert limits["memory"] == "8Gi"
+    assert container(gpu)["image"] == "rnnserve:0.1.0-gpu"
+    assert env(gpu)["RNNSERVE_PROVIDER"]["value"] == "cuda"
+    assert pod(gpu)["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod(gpu)[
+        "tolerations"
+    ]
+    assert "nvidia.com/gpu" not in container(cpu)["resources"].get("limits", {})
+    assert container(cpu)["image"] == "rnnserve:0.1.0"
+    assert env(cpu)["RNNSERVE_PROVIDER"]["value"] == "cpu"
+    assert "nodeSelector" not in pod(cpu) and "tolerations" not in pod(cpu)
+
+
+@pytest.mark.parametrize(
+    ("args", "grace", "pre_stop"),
+    [
+        ((), 20.0, 0),
+        (values("full"), 42.5, 5),
+        (("--set", "shutdownGraceSeconds=90", "--set", "terminationMarginSeconds=1"), 90, 0),
+    ],
+)
+def test_termination_grace_outlasts_the_servers_drain(
+    args: tuple[str, ...], grace: float, pre_stop: int
+) -> None:
+    docs = render(*args)
+    config = one(docs, "ConfigMap")["data"]
+    assert float(config["RNNSERVE_SHUTDOWN_GRACE_S"]) == grace
+    period = pod(docs)["terminationGracePeriodSeconds"]
+    assert isinstance(period, int)
+    assert period > pre_stop + grace
+    assert period >= pre_stop + math.ceil(grace) + 1
+    sleep = container(docs).get("lifecycle", {}).get("preStop", {}).get("sleep", {})
+    assert sleep.get("seconds", 0) == pre_stop
+
+
+def test_redis_password_comes_from_a_secret_never_from_values() -> None:
+    text = render_text(*values("redis"))
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    variables = list(env(docs))
+    password = env(docs)["REDIS_PASSWORD"]
+    assert password["valueFrom"]["secretKeyRef"] == {"name": "redis", "key": "redis-password"}
+    store = env(docs)["RNNSERVE_STATE_STORE"]["value"]
+    assert store == "redis://:$(REDIS_PASSWORD)@redis-master.redis.svc:6379/0"
+    # The kubelet expands $(VAR) only from variables defined earlier in the list.
+    assert variables.index("REDIS_PASSWORD") < variables.index("RNNSERVE_STATE_STORE")
+    assert one(docs, "ConfigMap")["data"]["RNNSERVE_STATE_DURABILITY"] == "step"
+    assert "RNNSERVE_STATE_STORE" not in one(docs, "ConfigMap")["data"]
+
+    full = render(*values("full"))
+    url = env(full)["RNNSERVE_STATE_STORE"]
+    assert url["valueFrom"]["secretKeyRef"] == {"name": "rnnserve-redis", "key": "url"}
+    assert "REDIS_PASSWORD" not in env(full)
+
+
+def test_tls_mounts_the_secret_and_probes_the_port() -> None:
+    docs = render(*values("tls"))
+    c = container(docs)
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "tls"]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod(docs)["volumes"] if v["name"] == "tls"]
+    assert volume["secret"]["secretName"] == "rnnserve-tls"
+    files = {
+        "RNNSERVE_TLS_CERT": "tls.crt",
+        "RNNSERVE_TLS_KEY": "tls.key",
+        "RNNSERVE_TLS_CLIENT_CA": "ca.crt",
+    }
+    for variable, key in files.items():
+        assert env(docs)[variable]["value"] == f"{mount['mountPath']}/{key}"
+    # The kubelet's gRPC probe cannot present a client certificate.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["tcpSocket"] == {"port": "grpc"} and "grpc" not in c[probe]
+
+
+def test_model_repository_volume_is_mounted_where_the_server_looks() -> None:
+    docs = render(*values("full"))
+    path = one(docs, "ConfigMap")["data"]["RNNSERVE_MODEL_REPOSITORY"]
+    (mount,) = [m for m in container(docs)["volumeMounts"] if m["name"] == "model-repository"]
+    assert mount == {"name": "model-repository", "mountPath": path, "readOnly": True}
+    (volume,) = [v for v in pod(docs)["volumes"] if v["name"] == "model-repository"]
+    assert volume["persistentVolumeClaim"]["claimName"] == "rnnserve-models"
+    default = render()
+    assert "model-repository" not in {m["name"] for m in container(default)["volumeMounts"]}
+
+
+def server_environment(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """The environment the container starts with: the ConfigMap, then `env` as the kubelet
+    resolves it (Secrets stand in with made-up values, $(VAR) expanded)."""
+    secrets = {
+        ("redis", "redis-password"): "s3cret",
+        ("rnnserve-redis", "url"): "redis://:s3cret@redis:6379/0",
+    }
+    environ = dict(one(docs, "ConfigMap")["data"])
+    for variable in container(docs)["env"]:
+        if "valueFrom" in variable:
+            ref = variable["valueFrom"]["secretKeyRef"]
+            environ[variable["name"]] = secrets[ref["name"], ref["key"]]
+        else:
+            value = re.sub(r"\$\((\w+)\)", lambda m: environ[m[1]], variable["value"])
+            environ[variable["name"]] = value
+    return environ
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_server_takes_every_setting_the_chart_renders(name: str) -> None:
+    docs = render(*values(name))
+    environ = server_environment(docs)
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    ours = {v for v in environ if v.startswith("RNNSERVE_")}
+    unknown = {v for v in ours if v.removeprefix("RNNSERVE_").lower() not in fields}
+    assert unknown <= FUTURE_VARIABLES, unknown
+    settings = Settings.from_sources(argparse.Namespace(), environ)
+    assert (settings.host, settings.grpc_port, settings.metrics_port) == ("0.0.0.0", 8001, 8002)
+    assert str(settings.model_repository) == "/opt/rnnserve/models"
+    assert settings.provider.value == ("cuda" if name == "gpu" else "cpu")
+    grace = float(one(docs, "ConfigMap")["data"]["RNNSERVE_SHUTDOWN_GRACE_S"])
+    assert settings.shutdown_grace_s == grace
+    if name == "redis":
+        assert settings.state_store == "redis://:s3cret@redis-master.redis.svc:6379/0"
+        assert settings.state_store_timeout_s == 1.5
+    elif name == "full":
+        assert settings.state_store.startswith("redis://")
+        assert (settings.max_sequences, settings.idle_timeout_s) == (4096, None)
+        assert settings.log_level.value == "WARNING"
+    else:
+        assert settings.state_store == "memory"
+
+
+def test_schema_config_names_every_other_server_setting() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    config = schema["properties"]["config"]
+    assert config["additionalProperties"] is False
+    names = set(config["properties"])
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    assert names | CHART_SETTINGS == fields
+    assert not names & CHART_SETTINGS
+    hints = typing.get_type_hints(Settings)
+    for name, rule in config["properties"].items():
+        kinds = [k for k in typing.get_args(hints[name]) if k is not type(None)] or [hints[name]]
+        choices = getattr(kinds[0], "__members__", None)
+        if choices:
+            assert {str(m.value) for m in choices.values()} <= set(rule["enum"]), name
+    durability = schema["properties"]["stateStore"]["properties"]["durability"]["enum"]
+    assert set(durability) == {m.value for m in hints["state_durability"]}
+
+
+def test_autoscaler_scales_on_cpu_and_optionally_on_live_sequences() -> None:
+    default = one(render(), "HorizontalPodAutoscaler")["spec"]
+    assert default["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "rnnserve",
+    }
+    assert [m["type"] for m in default["metrics"]] == ["Resource"]
+    assert default["metrics"][0]["resource"]["name"] == "cpu"
+    assert "replicas" not in one(render(), "Deployment")["spec"]
+
+    full = one(render(*values("full")), "HorizontalPodAutoscaler")["spec"]
+    (pods,) = [m["pods"] for m in full["metrics"] if m["type"] == "Pods"]
+    assert pods["target"] == {"type": "AverageValue", "averageValue": "500"}
+    # The metric the adapter serves is one the server exports, as a gauge.
+    exported = generate_latest(Metrics(lambda: []).registry).decode()
+    assert f"# TYPE {pods['metric']['name']} gauge" in exported
+
+    fixed = render("--set", "autoscaling.enabled=false", "--set", "replicaCount=3")
+    assert one(fixed, "Deployment")["spec"]["replicas"] == 3
+    assert not [d for d in fixed if d["kind"] == "HorizontalPodAutoscaler"]
+
+
+def test_disruption_budget_and_spread_select_the_pods() -> None:
+    docs = render()
+    labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    pdb = one(docs, "PodDisruptionBudget")["spec"]
+    assert pdb["maxUnavailable"] == 1
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+    spread = pod(docs)["topologySpreadConstraints"]
+    assert {s["topologyKey"] for s in spread} == {
+        "kubernetes.io/hostname",
+        "topology.kubernetes.io/zone",
+    }
+    for constraint in spread:
+        assert constraint["labelSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_monitoring_objects_point_at_the_metrics_port() -> None:
+    docs = render(*values("full"))
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("metrics", "/metrics")
+    # Only the Service that has a metrics port matches: no pod is scraped twice.
+    selected = [
+        d
+        for d in docs
+        if d["kind"] == "Service"
+        and monitor["spec"]["selector"]["matchLabels"].items() <= d["metadata"]["labels"].items()
+    ]
+    with_metrics = [s for s in selected if "metrics" in {p["name"] for p in s["spec"]["ports"]}]
+    assert [s["metadata"]["name"] for s in with_metrics] == ["rnnserve"]
+    rule = one(docs, "PrometheusRule")
+    assert [g["name"] for g in rule["spec"]["groups"]] == ["rnnserve-example"]
+    policy = one(docs, "NetworkPolicy")["spec"]
+    assert sorted(r["ports"][0]["port"] for r in policy["ingress"]) == [8001, 8002]
+
+
+def test_prometheus_rule_takes_the_charts_rule_files(tmp_path: Path) -> None:
+    chart = tmp_path / "rnnserve"
+    shutil.copytree(CHART, chart)
+    (chart / "rules").mkdir()
+    (chart / "rules" / "latency.yaml").write_text(
+        "groups:\n"
+        "  - name: from-file\n"
+        "    rules:\n"
+        "      - record: rnnserve:requests:rate5m\n"
+        "        expr: sum(rate(rnnserve_requests_total[5m]))\n"
+    )
+    done = helm("template", "rnnserve", str(chart), *values("full"))
+    assert done.returncode == 0, done.stderr
+    rule = one([d for d in yaml.safe_load_all(done.stdout) if d], "PrometheusRule")
+    groups = rule["spec"]["groups"]
+    assert [g["name"] for g in groups] == ["from-file", "rnnserve-example"]
+    assert groups[0]["rules"][0]["record"] == "rnnserve:requests:rate5m"
+
+
+def test_kustomize_base_is_the_charts_fresh_render() -> None:
+    committed = (KUSTOMIZE / "base" / "rnnserve.yaml").read_text()
+    fresh = render_text("-f", str(KUSTOMIZE / "values.yaml"))
+    assert committed == fresh, "deploy/kustomize/base is stale: run `make manifests`"
+    assert "helm.sh/chart" not in committed and "managed-by" not in committed
+
+
+def kustomize(path: Path) -> str:
+    done = subprocess.run(
+        [str(KUBECTL), "kustomize", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize("overlay", ["base", "overlays/gpu"])
+def test_kustomize_builds_pass_strict_schema_validation(overlay: str, tmp_path: Path) -> None:
+    text = kustomize(KUSTOMIZE / overlay)
+    assert validate(text, tmp_path, OLDEST, NEWEST) == []
+    assert {d["kind"] for d in yaml.safe_load_all(text)} >= {"Deployment", "Service"}
+
+
+def by_name(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs if d}
+
+
+def test_kustomize_gpu_overlay_is_the_charts_gpu_profile() -> None:
+    overlay = by_name(list(yaml.safe_load_all(kustomize(KUSTOMIZE / "overlays" / "gpu"))))
+    chart = by_name(render("-f", str(KUSTOMIZE / "values.yaml"), "--set", "profile=gpu"))
+    assert overlay.keys() == chart.keys()
+    for key, doc in chart.items():
+        assert overlay[key] == doc, key
+
+
+def test_kserve_runtime_serves_grpc_v2_with_arguments_the_server_takes() -> None:
+    (runtime,) = yaml.safe_load_all((KSERVE / "servingruntime.yaml").read_text())
+    (service,) = yaml.safe_load_all((KSERVE / "inferenceservice.yaml").read_text())
+    check_custom_resources([runtime, service])
+    assert (runtime["apiVersion"], runtime["kind"]) == (
+        "serving.kserve.io/v1alpha1",
+        "ServingRuntime",
+    )
+    assert (service["apiVersion"], service["kind"]) == (
+        "serving.kserve.io/v1beta1",
+        "InferenceService",
+    )
+    assert runtime["spec"]["protocolVersions"] == ["grpc-v2"]
+    (c,) = runtime["spec"]["containers"]
+    # The runtime's container is a core Container: its schema applies, strictly.
+    as_pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": {}}
+    as_pod["spec"]["containers"] = [c]
+    for version in (OLDEST, NEWEST):
+        kubernetes_validate.validate(as_pod, version, strict=True)
+    assert c["command"] == ["rnnserve", "serve"]
+    parser = argparse.ArgumentParser()
+    Settings.add_arguments(parser)
+    environ = {e["name"]: e["value"] for e in c["env"]}
+    settings = Settings.from_sources(parser.parse_args(c["args"]), environ)
+    assert str(settings.model_repository) == "/mnt/models"
+    assert (settings.host, settings.grpc_port) == ("0.0.0.0", 8001)
+    assert [p["containerPort"] for p in c["ports"]] == [settings.grpc_port]
+    assert c["readinessProbe"]["grpc"]["port"] == settings.grpc_port
+    model = service["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    assert model["modelFormat"]["name"] in formats

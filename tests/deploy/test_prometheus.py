@@ -335,7 +335,8 @@ def test_every_dashboard_query_returns_data(
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     has_gpu = GPU_METRICS.search(server.scrape()) is not None
-    checked, skipped, empty = [], [], []
+    answers: dict[str, list[dict[str, Any]]] = {}
+    skipped, empty = [], []
     for panel in panels:
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
         for target in panel["targets"]:
@@ -347,13 +348,22 @@ def test_every_dashboard_query_returns_data(
             if GPU_METRICS.search(expr) and not has_gpu:
                 skipped.append(panel["title"])
                 continue
-            found = values(prometheus.query(expr))
-            checked.append(panel["title"])
-            if not any(math.isfinite(v) for v in found):
-                empty.append(f"{panel['title']} [{target['refId']}]: {expr} -> {found}")
+            samples = prometheus.query(expr)
+            answers.setdefault(panel["title"], []).extend(samples)
+            if not any(math.isfinite(v) for v in values(samples)):
+                empty.append(f"{panel['title']} [{target['refId']}]: {expr} -> {samples}")
     assert empty == [], "\n".join(empty)
     kinds = {p["type"] for p in panels}
     assert {"timeseries", "heatmap", "stat", "table"} <= kinds
-    assert len(set(checked)) >= 12, checked
+    assert len(answers) >= 12, list(answers)
+    # What the traffic did shows where it should.
+    throughput = {
+        s["metric"]["model"]: float(s["value"][1])
+        for s in answers["Throughput (requests/s) by model"]
+    }
+    assert set(throughput) == set(Traffic.MODELS) and min(throughput.values()) > 0, throughput
+    (refused,) = answers["Failed requests/s by outcome"]
+    assert refused["metric"] == {"model": "sensor_gru", "outcome": "INVALID_ARGUMENT"}, refused
+    assert values(answers["Replicas up"]) == [1.0]
     if not has_gpu:
         assert sorted(set(skipped)) == ["GPU memory", "GPU utilization"], skipped

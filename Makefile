@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch (a plain `torch` requirement may pull a multi-GB CUDA build).
 TORCH_PIN ?= torch==2.13.0
 # Debian packages the tests need: libb64 for Triton's perf_analyzer, Redis for the state store,
-# Java for TorchServe (the benchmark's peer).
-SYSTEM_PACKAGES ?= libb64-0d redis-server openjdk-17-jre-headless
+# Java for TorchServe (the benchmark's peer), Prometheus and promtool for deploy/prometheus (the
+# tests run their own instance on a free port, whatever the package starts).
+SYSTEM_PACKAGES ?= libb64-0d redis-server openjdk-17-jre-headless prometheus
 PERF_ANALYZER := build/perf_analyzer/bin/perf_analyzer
 # helm v4 and kubectl (kustomize), from a PyPI wheel, for the chart tests (tests/deploy).
 HELM := build/helm/bin/helm

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import secrets
+import urllib.parse
 from collections.abc import Iterator
 from types import TracebackType
 
@@ -20,6 +21,16 @@ import numpy as np
 from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve._pb import grpc_service_pb2_grpc as pb_grpc
 from rnnserve.repository.signature import WIRE_DTYPES, wire_name
+
+SEQUENCE_ID_HEADER = "x-sequence-id"
+"""The gRPC metadata key a consistent-hash router keeps a sequence's requests together by."""
+
+
+def sequence_id_header(sequence_id: int | str) -> str:
+    """The header's value for `sequence_id`: the id percent-encoded, so integer ids and ids of
+    letters, digits and -._~ go unchanged (gRPC metadata values are printable ASCII, and a
+    router needs a stable value, not the id itself)."""
+    return urllib.parse.quote(str(sequence_id), safe="")
 
 
 class ClientError(Exception):
@@ -33,6 +44,9 @@ class SequenceClient:
     first `step` starts the sequence (Triton's sequence extension), `close` ends it. A random
     non-zero integer id is chosen when `sequence_id` is not given. Transport failures raise
     grpc.RpcError; a step the server refuses raises ClientError.
+
+    The stream carries the id in the SEQUENCE_ID_HEADER header as well: a proxy reads headers,
+    not request bodies, and routes on it (see deploy/envoy/envoy.yaml).
     """
 
     def __init__(self, url: str, model: str, sequence_id: int | str | None = None) -> None:
@@ -48,7 +62,8 @@ class SequenceClient:
         self.vocabulary = self.config.parameters["vocabulary"].string_value
         self._requests: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
         self._responses: Iterator[pb.ModelStreamInferResponse] = stub.ModelStreamInfer(
-            iter(self._requests.get, None)
+            iter(self._requests.get, None),
+            metadata=((SEQUENCE_ID_HEADER, sequence_id_header(self.sequence_id)),),
         )
         self._started = False
         self._ended = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -265,9 +266,10 @@ def test_serving_image_holds_no_compiler_pip_or_torch(image: str) -> None:
 def test_gpu_image_definition_builds_to_its_requirements_which_resolve(
     base_image: str, tmp_path: Path
 ) -> None:
-    """The stage that lists the GPU image's requirements is built (podman parses every stage
-    of the file to do so), and pip resolves them to wheels for the image's Python and glibc:
-    onnxruntime-gpu and NVIDIA's CUDA and cuDNN wheels, never the CPU onnxruntime beside it."""
+    """The stage that lists the GPU image's requirements is built, and pip resolves them to
+    wheels for the image's Python and glibc: onnxruntime-gpu and NVIDIA's CUDA and cuDNN
+    wheels, never the CPU onnxruntime beside it. (podman skips the stages a target does not
+    need, unparsed; hadolint, above, reads them all.)"""
     iid = tmp_path / "iid"
     podman(
         "build", "--format", "docker", "--layers", "-f", str(DEPLOY / "Containerfile.gpu"),
@@ -297,3 +299,37 @@ def test_gpu_image_definition_builds_to_its_requirements_which_resolve(
     assert "onnxruntime-gpu" in names and "onnxruntime" not in names, names
     for library in ("nvidia-cudnn", "nvidia-cublas", "nvidia-cuda-runtime", "nvidia-ml-py"):
         assert any(name.startswith(library) for name in names), (library, names)
+
+
+def serving_stage(containerfile: Path) -> dict[str, list[str]]:
+    """The last stage's instructions by keyword, continuation lines joined, comments dropped;
+    ENV split into one `NAME=value` per setting."""
+    text = re.sub(r"\\\n\s*", " ", containerfile.read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    stage = [line for line in lines if not line.startswith("#")]
+    last_from = max(i for i, line in enumerate(stage) if line.startswith("FROM "))
+    instructions: dict[str, list[str]] = {}
+    for line in stage[last_from + 1 :]:
+        keyword, _, rest = line.partition(" ")
+        values = rest.split() if keyword == "ENV" else [rest]
+        instructions.setdefault(keyword, []).extend(values)
+    return instructions
+
+
+def test_gpu_image_runs_as_the_cpu_image_does() -> None:
+    """The GPU image, which no test builds whole, starts, runs, is probed and stops as the
+    CPU image the tests run: only its NVIDIA settings, its CUDA libraries' loader path and
+    its health check's start period differ."""
+    cpu = serving_stage(DEPLOY / "Containerfile")
+    gpu = serving_stage(DEPLOY / "Containerfile.gpu")
+    for keyword in ("USER", "EXPOSE", "STOPSIGNAL", "ENTRYPOINT"):
+        assert gpu[keyword] == cpu[keyword], keyword
+    # The same probe; the GPU image may take longer to start (CUDA initialises first).
+    (cpu_probe,), (gpu_probe,) = cpu["HEALTHCHECK"], gpu["HEALTHCHECK"]
+    assert gpu_probe.split(" CMD ")[1] == cpu_probe.split(" CMD ")[1]
+    assert [e for e in gpu["ENV"] if not e.startswith("NVIDIA_")] == cpu["ENV"]
+    assert {"NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_DRIVER_CAPABILITIES=compute,utility"} <= set(
+        gpu["ENV"]
+    )
+    assert [c for c in gpu["COPY"] if "ld.so.conf.d" not in c] == cpu["COPY"]
+    assert gpu["RUN"] == [*cpu["RUN"], "ldconfig"]

@@ -1,5 +1,6 @@
 # rnnserve: `make serve` to run the server on the bundled models, `make test` to test everything.
 SHELL := /bin/bash
+, := ,
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,8 +8,22 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 # Debian packages the tests need: libb64 for Triton's perf_analyzer, Redis for the state store,
 # Java for TorchServe (the benchmark's peer), Prometheus and promtool for deploy/prometheus (the
-# tests run their own instance on a free port, whatever the package starts).
-SYSTEM_PACKAGES ?= libb64-0d redis-server openjdk-17-jre-headless prometheus
+# tests run their own instance on a free port, whatever the package starts), and what
+# `make image` needs.
+SYSTEM_PACKAGES ?= libb64-0d redis-server openjdk-17-jre-headless prometheus $(IMAGE_PACKAGES)
+# podman (with runc) builds and runs the images without a daemon; debootstrap makes their base,
+# as no image registry is reachable (deploy/base-image.sh). As root, overlay storage needs no
+# fuse-overlayfs.
+IMAGE_PACKAGES := podman runc debootstrap
+# The CPU serving image `make image` builds (the GPU one: deploy/Containerfile.gpu), on BASE_IMAGE;
+# elsewhere BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm skips debootstrap.
+IMAGE ?= localhost/rnnserve:cpu
+BASE_IMAGE ?= localhost/rnnserve-base:bookworm
+# The CA bundle pip trusts inside the build, where TLS to PyPI is intercepted (none: pip's own).
+CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
+# podman's settings for this machine, from deploy/containers/ (/etc is left alone).
+PODMAN_ENV := CONTAINERS_CONF=$(CURDIR)/deploy/containers/containers.conf \
+	CONTAINERS_STORAGE_CONF=$(CURDIR)/deploy/containers/storage.conf
 PERF_ANALYZER := build/perf_analyzer/bin/perf_analyzer
 # helm v4 and kubectl (kustomize), from a PyPI wheel, for the chart tests (tests/deploy).
 HELM := build/helm/bin/helm
@@ -19,7 +34,7 @@ TRITON := build/triton/run
 
 .DEFAULT_GOAL := help
 .PHONY: help serve bench test install install-test system-deps perf-analyzer triton torchserve bench-idle \
-	proto lint format train bench-durability bench-gpu clean helm manifests
+	image proto lint format train bench-durability bench-gpu clean helm manifests
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -94,6 +109,14 @@ triton: $(TRITON) ## the real Triton 2.51 (CPU), the conformance suite's peer, i
 
 test: system-deps install-test $(PERF_ANALYZER) $(TRITON) $(HELM) lint ## install everything, lint, run the test suite
 	$(BIN)/python -m pytest
+
+image: ## the CPU serving image with podman, as IMAGE (makes BASE_IMAGE first when it is local)
+	@$(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="$(IMAGE_PACKAGES)"
+	@# A registry's image is pulled by the build; only the local default is made here.
+	$(if $(filter localhost/%,$(BASE_IMAGE)),$(PODMAN_ENV) deploy/base-image.sh $(BASE_IMAGE))
+	$(PODMAN_ENV) podman build --format docker --layers -f deploy/Containerfile \
+		--build-arg BASE=$(BASE_IMAGE) -t $(IMAGE) \
+		$(if $(wildcard $(CA_BUNDLE)),--secret id=pip-cert$(,)src=$(CA_BUNDLE)) .
 
 proto: install-test ## regenerate service/_pb from proto/*.proto
 	$(BIN)/python proto/generate.py

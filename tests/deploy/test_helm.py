@@ -388,7 +388,7 @@ def test_the_server_takes_every_setting_the_chart_renders(name: str) -> None:
     assert unknown <= FUTURE_VARIABLES, unknown
     settings = Settings.from_sources(argparse.Namespace(), environ)
     assert (settings.host, settings.grpc_port, settings.metrics_port) == ("0.0.0.0", 8001, 8002)
-    assert str(settings.model_repository) == "/opt/rnnserve/models"
+    assert str(settings.model_repository) == "/models"
     assert settings.provider.value == ("cuda" if name == "gpu" else "cpu")
     grace = float(one(docs, "ConfigMap")["data"]["RNNSERVE_SHUTDOWN_GRACE_S"])
     assert settings.shutdown_grace_s == grace

@@ -205,7 +205,6 @@ def test_broken_values_fail_at_render_with_the_schemas_messages() -> None:
             ("--set", "preStopSleepSeconds=5", "--kube-version", OLDEST),
             "preStopSleepSeconds needs Kubernetes 1.30",
         ),
-        (("--set", "metrics.prometheusRule.enabled=true"), "no rule groups"),
         (("--set", "tls.enabled=true"), "at '/tls/secretName': minLength"),
         (
             (
@@ -475,7 +474,10 @@ def test_monitoring_objects_point_at_the_metrics_port() -> None:
     with_metrics = [s for s in selected if "metrics" in {p["name"] for p in s["spec"]["ports"]}]
     assert [s["metadata"]["name"] for s in with_metrics] == ["rnnserve"]
     rule = one(docs, "PrometheusRule")
-    assert [g["name"] for g in rule["spec"]["groups"]] == ["rnnserve-example"]
+    shipped = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rnnserve.rules.yml").read_text())
+    # The shipped rules (deploy/prometheus, linked into the chart's rules/), then the values'.
+    assert rule["spec"]["groups"] == [*shipped["groups"], *rule["spec"]["groups"][-1:]]
+    assert rule["spec"]["groups"][-1]["name"] == "rnnserve-example"
     policy = one(docs, "NetworkPolicy")["spec"]
     assert sorted(r["ports"][0]["port"] for r in policy["ingress"]) == [8001, 8002]
 
@@ -483,7 +485,6 @@ def test_monitoring_objects_point_at_the_metrics_port() -> None:
 def test_prometheus_rule_takes_the_charts_rule_files(tmp_path: Path) -> None:
     chart = tmp_path / "rnnserve"
     shutil.copytree(CHART, chart)
-    (chart / "rules").mkdir()
     (chart / "rules" / "latency.yaml").write_text(
         "groups:\n"
         "  - name: from-file\n"
@@ -495,7 +496,9 @@ def test_prometheus_rule_takes_the_charts_rule_files(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     rule = one([d for d in yaml.safe_load_all(done.stdout) if d], "PrometheusRule")
     groups = rule["spec"]["groups"]
-    assert [g["name"] for g in groups] == ["from-file", "rnnserve-example"]
+    names = [g["name"] for g in groups]
+    assert names[0] == "from-file" and names[-1] == "rnnserve-example", names
+    assert "rnnserve.alerts" in names
     assert groups[0]["rules"][0]["record"] == "rnnserve:requests:rate5m"
 
 

@@ -76,8 +76,8 @@ class Settings:
     state_store: str = "memory"
     """Where sequence states live beyond the replica that holds them: memory (this process
     only), or redis://[:password@]host:port/db (rediss:// for TLS), or the primary of Redis
-    Sentinels, redis+sentinel://[:password@]host:port[,host:port...]/primary-name[/db];
-    shared by replicas."""
+    Sentinels, redis+sentinel://[:password@]host:port[,host:port...]/primary-name[/db], or a
+    Redis Cluster, redis+cluster://[:password@]host:port[,host:port...]; shared by replicas."""
     state_durability: Durability = Durability.STEP
     """With a shared state store: step (a response waits until its state is stored), end
     (states are stored only when the server shuts down) or none (never stored)."""
@@ -158,9 +158,9 @@ class Settings:
     def _validate_store(self) -> None:
         if self.state_store != "memory" and not self.state_store.startswith(REDIS_SCHEMES):
             raise ValueError(
-                f"--state-store must be memory, redis://host:port/db (rediss:// for TLS) or "
-                f"redis+sentinel://host:port[,host:port...]/primary-name, got "
-                f"{self.state_store!r}"
+                f"--state-store must be memory, redis://host:port/db (rediss:// for TLS), "
+                f"redis+sentinel://host:port[,host:port...]/primary-name or "
+                f"redis+cluster://host:port[,host:port...], got {self.state_store!r}"
             )
         if self.state_store_timeout_s <= 0:
             raise ValueError("--state-store-timeout-s must be positive")

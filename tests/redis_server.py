@@ -167,3 +167,110 @@ def wait_for_replicas(primary: RunningRedis, count: int, timeout_s: float = 20) 
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{len(online)} of {count} replicas online: {info}")
             time.sleep(0.05)
+
+
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+CLUSTER_FLAGS = (
+    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+    # A primary not heard from for 1 s is failed over (Redis's default: 15 s).
+    "--cluster-node-timeout", "1000",
+)  # fmt: skip
+
+
+@dataclass
+class RunningCluster:
+    nodes: list[RunningRedis]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2])
+
+    def node_ids(self) -> dict[int, tuple[str, str]]:
+        """Each live node's port: its id and role (master or slave), as the cluster says."""
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            try:
+                with node.client() as client:
+                    text = client.execute_command("CLUSTER", "NODES")
+            except redis.ConnectionError:
+                continue
+            text = text.decode() if isinstance(text, bytes) else text
+            found = {}
+            for line in text.splitlines():
+                fields = line.split()
+                port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                role = "master" if "master" in fields[2] and "fail" not in fields[2] else "slave"
+                found[port] = (fields[0], role)
+            return found
+        raise RuntimeError("no cluster node answers")
+
+    def primaries(self) -> list[int]:
+        return sorted(p for p, (_, role) in self.node_ids().items() if role == "master")
+
+    def cli(self, *args: str, timeout_s: float = 120) -> str:
+        done = subprocess.run(
+            [REDIS_CLI, *args], capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli {' '.join(args)}:\n{done.stdout}\n{done.stderr}")
+        return done.stdout
+
+    def wait_ok(self, timeout_s: float = 30) -> None:
+        """Until every live node says the cluster is ok and agrees on the slots."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            states = []
+            for node in self.nodes:
+                if node.process is None:
+                    continue
+                try:
+                    with node.client() as client:
+                        info = client.execute_command("CLUSTER", "INFO")
+                    states.append(
+                        "cluster_state:ok"
+                        in (info.decode() if isinstance(info, bytes) else str(info))
+                    )
+                except redis.ConnectionError:
+                    states.append(False)
+            if all(states):
+                try:
+                    self.cli("--cluster", "check", f"127.0.0.1:{self.live()[0].port}", timeout_s=10)
+                    return
+                except RuntimeError:
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster is not ok: {states}")
+            time.sleep(0.1)
+
+    def live(self) -> list[RunningRedis]:
+        return [n for n in self.nodes if n.process is not None]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def start_cluster(workdir: Path, primaries: int = 3, replicas: int = 1) -> RunningCluster:
+    """A Redis Cluster on loopback: `primaries` shards, each with `replicas` replicas, made
+    with `redis-cli --cluster create`; each node keeps its nodes.conf in a folder of its own,
+    so a node started again rejoins the cluster."""
+    nodes: list[RunningRedis] = []
+    cluster = RunningCluster(nodes)
+    try:
+        for k in range(primaries * (1 + replicas)):
+            # The cluster bus port: by default the port + 10,000, which a free port above
+            # 55,535 does not leave room for.
+            bus = ("--cluster-port", str(free_port()))
+            nodes.append(start_redis(workdir / f"node{k}", *CLUSTER_FLAGS, *bus))
+        cluster.cli(
+            "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+            "--cluster-replicas", str(replicas), "--cluster-yes",
+        )  # fmt: skip
+        cluster.wait_ok()
+        for port in cluster.primaries():
+            wait_for_replicas(next(n for n in nodes if n.port == port), replicas)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster

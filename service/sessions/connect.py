@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from rnnserve.sessions.store import MemoryStore, StateStore
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
-"""URL schemes of a Redis state store (TCP, TLS, a Unix socket, the primary of Sentinels)."""
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
+"""URL schemes of a Redis state store (TCP, TLS, a Unix socket, the primary of Sentinels, a
+Cluster)."""
 
 
 def open_store(url: str, timeout_s: float, min_replicas: int = 0) -> StateStore:
@@ -18,8 +19,13 @@ def open_store(url: str, timeout_s: float, min_replicas: int = 0) -> StateStore:
     if url == "memory" and not min_replicas:
         return MemoryStore()
     if url.startswith(REDIS_SCHEMES):
-        from rnnserve.sessions.redis_store import RedisStore
+        from rnnserve.sessions.redis_store import RedisStore, client_options
 
+        if url.startswith("redis+cluster://"):
+            from rnnserve.sessions.redis_cluster import ClusterPipelines
+
+            pipelines = ClusterPipelines(url, client_options(timeout_s, min_replicas))
+            return RedisStore(url, timeout_s, min_replicas, pipelines)
         return RedisStore(url, timeout_s, min_replicas)
     if min_replicas:
         raise ValueError("--state-min-replicas needs a Redis state store")

@@ -25,8 +25,8 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import redis
 from redis.backoff import NoBackoff
@@ -89,49 +89,176 @@ def redact(url: str) -> str:
     return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
 
 
-class RedisStore:
-    """The state store on a Redis server a URL names (`redis://`, `rediss://`, `unix://`), or
-    on the primary a set of Sentinels names (`redis+sentinel://`, see `sentinel_client`).
+Command = tuple[Any, ...]
 
-    Each `read` or `write` is one pipelined round trip; `timeout_s` bounds connecting and
-    each reply, in seconds. A round trip that fails raises StoreUnavailable; an operation that
-    fails alone has a StoreUnavailable as its result. With `min_replicas` > 0 a write round
-    trip waits up to `timeout_s` for that many replicas to acknowledge it; when fewer do, each
-    of its writes has a StoreUnavailable as its result, although the primary applied it.
+
+class Wait(NamedTuple):
+    """Redis's WAIT after a pipeline's writes: `replicas` within `timeout_ms`."""
+
+    replicas: int
+    timeout_ms: int
+
+
+class Pipelines(Protocol):
+    """How a RedisStore reaches Redis: one server (alone or behind Sentinel) or a Cluster."""
+
+    failovers: int
+    """Times a primary was seen to move."""
+
+    def run(
+        self, commands: list[Command], wait: Wait | None, count: Callable[[float], None]
+    ) -> tuple[list[Any], list[Any]]:
+        """Each command's reply (or its error, as a value), and for each the WAIT that
+        followed it on its server: `(reply,)`, one tuple shared by the commands of a round trip
+        (`(None,)` without `wait`). `count` hears each round trip's seconds. Raises RedisError
+        when no reply came at all."""
+        ...
+
+    def replicas(self) -> int:
+        """The fewest replicas connected to a primary; RedisError when one does not answer."""
+        ...
+
+    def close(self) -> None:
+        """Close every connection."""
+        ...
+
+
+def run_on(
+    client: redis.Redis, commands: list[Command], wait: Wait | None, count: Callable[[float], None]
+) -> tuple[list[Any], Any]:
+    """One pipeline on one server, WAIT at its end (when asked); the replies and WAIT's.
+
+    After a Redis restart forgets the scripts, they are loaded and only the affected commands
+    run again (the others did run), followed by a WAIT of their own.
+    """
+    batch = [*commands, ("WAIT", *wait)] if wait is not None else list(commands)
+    results = _pipeline(client, batch, count)
+    unknown = [k for k, r in enumerate(results) if isinstance(r, NoScriptError)]
+    if unknown:
+        for source in _SCRIPTS.values():
+            client.script_load(source)
+        rerun = [batch[k] for k in unknown]
+        if wait is not None:  # the scripts' writes need their own wait
+            rerun.append(batch[-1])
+            unknown.append(len(batch) - 1)
+        for k, result in zip(unknown, _pipeline(client, rerun, count), strict=True):
+            results[k] = result
+    acknowledged = results.pop() if wait is not None else None
+    return results, acknowledged
+
+
+def _pipeline(
+    client: redis.Redis, commands: list[Command], count: Callable[[float], None]
+) -> list[Any]:
+    started = time.perf_counter()
+    try:
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+        return pipe.execute(raise_on_error=False)
+    finally:
+        count(time.perf_counter() - started)
+
+
+class OneServer:
+    """One Redis server, named by a URL or found through Sentinels (`sentinel_client`).
+
+    With `primary_only`, each pipeline starts with ROLE, and one that reached a replica fails
+    whole (RedisError). Sentinel needs it: during a failover a Sentinel that has not yet heard
+    of it still names the old primary, and if that node is already back as a replica (empty
+    while it syncs, and serving reads meanwhile), its answers would say sequences do not exist.
+    """
+
+    def __init__(self, client: redis.Redis, primary_only: bool = False) -> None:
+        self.client = client
+        self.primary_only = primary_only
+        self.failovers = 0
+        self._primary: Any = None
+
+    def run(
+        self, commands: list[Command], wait: Wait | None, count: Callable[[float], None]
+    ) -> tuple[list[Any], list[Any]]:
+        """One pipeline (see `Pipelines.run`)."""
+        if self.primary_only:
+            commands = [("ROLE",), *commands]
+        try:
+            replies, acknowledged = run_on(self.client, commands, wait, count)
+        finally:
+            self._notice_failover()
+        if self.primary_only:
+            role = replies.pop(0)
+            if isinstance(role, Exception) or not role or role[0] not in (b"master", "master"):
+                # Connect afresh, asking the Sentinels again, next time.
+                self.client.connection_pool.disconnect()
+                raise redis.ConnectionError(
+                    f"the server the Sentinels named is not the primary (ROLE: {role!r}); a "
+                    f"failover is under way"
+                )
+        return replies, [(acknowledged,)] * len(replies)
+
+    def replicas(self) -> int:
+        """The primary's connected replicas."""
+        self.client.ping()
+        return int(self.client.info("replication").get("connected_slaves", 0))
+
+    def close(self) -> None:
+        """Close its connections."""
+        self.client.close()
+
+    def _notice_failover(self) -> None:
+        """Count a primary that moved (Sentinel: redis-py's pool knows the primary's address)."""
+        primary = getattr(self.client.connection_pool, "master_address", None)
+        if primary is None or primary == self._primary:
+            return
+        if self._primary is not None:
+            self.failovers += 1
+            logger.warning("state store primary moved from %s to %s", self._primary, primary)
+        self._primary = primary
+
+
+class RedisStore:
+    """The state store on Redis: a server a URL names (`redis://`, `rediss://`, `unix://`),
+    the primary a set of Sentinels names (`redis+sentinel://`, see `sentinel_client`), or a
+    Cluster (`pipelines` from `rnnserve.sessions.redis_cluster`).
+
+    Each `read` or `write` is one pipelined round trip per server; `timeout_s` bounds
+    connecting and each reply, in seconds. A round trip that fails raises StoreUnavailable; an
+    operation that fails alone has a StoreUnavailable as its result. With `min_replicas` > 0 a
+    write round trip waits up to `timeout_s` for that many replicas to acknowledge it (Redis's
+    WAIT); when fewer do, each of its writes has a StoreUnavailable as its result, although
+    the primary applied it.
     """
 
     shared = True
 
-    def __init__(self, url: str, timeout_s: float, min_replicas: int = 0) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float,
+        min_replicas: int = 0,
+        pipelines: Pipelines | None = None,
+    ) -> None:
         if min_replicas < 0:
             raise ValueError(f"min_replicas must be 0 or more, got {min_replicas}")
         self.name = redact(url)
         self.min_replicas = min_replicas
-        self._wait_ms = max(1, round(timeout_s * 1000))
-        # A WAIT's reply comes when its own timeout ends: the socket must outlast it.
-        reply_s = timeout_s * 2 if min_replicas else timeout_s
-        # One retry without backoff: a pooled connection broken by a Redis restart reconnects
-        # at once, while a Redis that is down fails fast, as UNAVAILABLE.
-        options: dict[str, Any] = {
-            "socket_timeout": reply_s,
-            "socket_connect_timeout": timeout_s,
-            "retry": Retry(NoBackoff(), 1),
-        }
-        if url.startswith(SENTINEL_SCHEME):
-            self._redis = sentinel_client(url, timeout_s, **options)
-        else:
-            # A URL's own query options (socket_timeout=...) win over these defaults.
-            self._redis = redis.Redis.from_url(url, **options)
+        self._wait = Wait(min_replicas, max(1, round(timeout_s * 1000))) if min_replicas else None
+        if pipelines is None:
+            options = client_options(timeout_s, min_replicas)
+            if url.startswith(SENTINEL_SCHEME):
+                pipelines = OneServer(sentinel_client(url, timeout_s, **options), True)
+            else:
+                # A URL's own query options (socket_timeout=...) win over these defaults.
+                pipelines = OneServer(redis.Redis.from_url(url, **options))
+        self._pipelines = pipelines
         self._lock = threading.Lock()
         self._round_trips = [0] * (len(ROUND_TRIP_BUCKETS) + 1)
         self._round_trip_s = 0.0
-        self._failovers = 0
         self._replication_failures = 0
-        self._primary: Any = None
 
     def read(self, reads: Sequence[Read]) -> list[ReadResult]:
         """GET each record, GETDEL it (`take`), or validate it by script (`unless`)."""
-        commands: list[tuple[Any, ...]] = []
+        commands: list[Command] = []
         for op in reads:
             if op.unless:
                 commands.append(("EVALSHA", _VALIDATE_SHA, 1, op.key, op.unless))
@@ -139,14 +266,13 @@ class RedisStore:
                 commands.append(("GETDEL", op.key))
             else:
                 commands.append(("GET", op.key))
-        return [
-            self._failure(r) if isinstance(r, Exception) else r for r in self._round_trip(commands)
-        ]
+        replies, _ = self._round_trip(commands, None)
+        return [self._failure(r) if isinstance(r, Exception) else r for r in replies]
 
     def write(self, writes: Sequence[Write]) -> list[WriteResult]:
         """SET each record (PX: its ttl in milliseconds) or DEL it; by compare-and-set script
         when it names the stamp it `expect`s."""
-        commands: list[tuple[Any, ...]] = []
+        commands: list[Command] = []
         for op in writes:
             ttl_ms = max(1, round(op.ttl_s * 1000)) if op.ttl_s > 0 else 0
             if op.expect is not None:
@@ -158,25 +284,27 @@ class RedisStore:
                 commands.append(("SET", op.key, op.record, "PX", ttl_ms))
             else:
                 commands.append(("SET", op.key, op.record))
-        wait = self.min_replicas > 0 and bool(commands)
-        replies = self._round_trip(commands, wait)
-        replicated = self._replicated(replies.pop()) if wait else None
+        replies, acknowledged = self._round_trip(commands, self._wait)
+        failed: dict[Any, StoreUnavailable] = {}  # one error (and count) per WAIT that fell short
         results: list[WriteResult] = []
-        for command, result in zip(commands, replies, strict=True):
-            if replicated is not None and result is not False:
-                results.append(replicated)  # whatever the primary did, it may not survive it
-            elif isinstance(result, Exception):
+        for command, result, ack in zip(commands, replies, acknowledged, strict=True):
+            if isinstance(result, Exception):
                 results.append(self._failure(result))
+            elif self._wait is not None and result is not False and not _enough(ack, self._wait):
+                # Whatever the primary did, a failover may not keep it.
+                if id(ack) not in failed:
+                    failed[id(ack)] = self._replication_failure(ack[0])
+                results.append(failed[id(ack)])
             else:
                 # DEL answers how many keys it removed: none left is what was asked for too.
                 results.append(True if command[0] == "DEL" else bool(result))
         return results
 
     def ping(self) -> None:
-        """PING Redis; StoreUnavailable when it does not answer."""
+        """PING Redis; StoreUnavailable when it does not answer. Warns when fewer replicas
+        are connected than `min_replicas` asks for."""
         try:
-            self._redis.ping()
-            replicas = self._redis.info("replication").get("connected_slaves", 0)
+            replicas = self._pipelines.replicas()
         except RedisError as error:
             raise self._failure(error) from error
         if replicas < self.min_replicas:
@@ -192,81 +320,60 @@ class RedisStore:
             return StoreStatistics(
                 tuple(self._round_trips),
                 self._round_trip_s,
-                self._failovers,
+                self._pipelines.failovers,
                 self._replication_failures,
             )
 
     def close(self) -> None:
         """Close its connections."""
-        self._redis.close()
+        self._pipelines.close()
 
-    def _replicated(self, acknowledged: Any) -> StoreUnavailable | None:
-        """None when WAIT's reply says enough replicas have the writes; else their error."""
-        if isinstance(acknowledged, int) and acknowledged >= self.min_replicas:
-            return None
+    def _round_trip(
+        self, commands: list[Command], wait: Wait | None
+    ) -> tuple[list[Any], list[Any]]:
+        if not commands:
+            return [], []
+        try:
+            return self._pipelines.run(commands, wait, self._count)
+        except RedisError as error:
+            raise self._failure(error) from error
+
+    def _count(self, seconds: float) -> None:
+        with self._lock:
+            self._round_trips[bisect.bisect_left(ROUND_TRIP_BUCKETS, seconds)] += 1
+            self._round_trip_s += seconds
+
+    def _replication_failure(self, acknowledged: Any) -> StoreUnavailable:
+        assert self._wait is not None
         with self._lock:
             self._replication_failures += 1
         found = f"{acknowledged} of" if isinstance(acknowledged, int) else f"({acknowledged}),"
         return StoreUnavailable(
             f"state store {self.name}: the state was written to the primary but only "
             f"{found} {self.min_replicas} replicas acknowledged it within "
-            f"{self._wait_ms} ms (--state-min-replicas), so a failover could lose it; send the "
-            f"request again with the sequence_version you sent it with: ABORTED then means "
-            f"this step did take effect"
+            f"{self._wait.timeout_ms} ms (--state-min-replicas), so a failover could lose it; "
+            f"send the request again with the sequence_version you sent it with: ABORTED then "
+            f"means this step did take effect"
         )
-
-    def _round_trip(self, commands: list[tuple[Any, ...]], wait: bool = False) -> list[Any]:
-        """Each command's reply (or its error), in one pipeline; with `wait`, one more reply
-        at the end: WAIT's count of replicas that acknowledged the writes."""
-        if not commands:
-            return []
-        if wait:
-            commands = [*commands, ("WAIT", self.min_replicas, self._wait_ms)]
-        results = self._pipeline(commands)
-        unknown = [k for k, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if unknown:
-            try:
-                for source in _SCRIPTS.values():
-                    self._redis.script_load(source)
-            except RedisError as error:
-                raise self._failure(error) from error
-            rerun = [commands[k] for k in unknown]
-            if wait:  # the scripts' writes need their own wait
-                rerun.append(commands[-1])
-                unknown.append(len(commands) - 1)
-            again = self._pipeline(rerun)
-            for k, result in zip(unknown, again, strict=True):
-                results[k] = result
-        return results
-
-    def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        started = time.perf_counter()
-        try:
-            pipe = self._redis.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
-            return pipe.execute(raise_on_error=False)
-        except RedisError as error:
-            raise self._failure(error) from error
-        finally:
-            self._count(time.perf_counter() - started)
-
-    def _count(self, seconds: float) -> None:
-        """Count a round trip; notice a primary that moved (Sentinel)."""
-        primary = getattr(self._redis.connection_pool, "master_address", None)
-        with self._lock:
-            self._round_trips[bisect.bisect_left(ROUND_TRIP_BUCKETS, seconds)] += 1
-            self._round_trip_s += seconds
-            moved = primary is not None and self._primary not in (None, primary)
-            if moved:
-                self._failovers += 1
-            before, self._primary = self._primary, primary or self._primary
-        if moved:
-            logger.warning("state store %s: the primary moved from %s to %s", self.name, before,
-                           primary)  # fmt: skip
 
     def _failure(self, error: Exception) -> StoreUnavailable:
         return StoreUnavailable(f"state store {self.name} is unavailable: {error}")
+
+
+def _enough(acknowledged: tuple[Any], wait: Wait) -> bool:
+    return isinstance(acknowledged[0], int) and acknowledged[0] >= wait.replicas
+
+
+def client_options(timeout_s: float, min_replicas: int) -> dict[str, Any]:
+    """redis-py connection options for a store with this timeout and replica wait."""
+    # A WAIT's reply comes when its own timeout ends: the socket must outlast it. One retry
+    # without backoff: a pooled connection broken by a Redis restart reconnects at once, while
+    # a Redis that is down fails fast, as UNAVAILABLE.
+    return {
+        "socket_timeout": timeout_s * 2 if min_replicas else timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 1),
+    }
 
 
 def sentinel_client(url: str, timeout_s: float, **options: Any) -> redis.Redis:

@@ -116,8 +116,12 @@ class Driver:
     at version t+1 that it had taken effect before (its output is lost, its state is not).
     """
 
-    def __init__(self, target: str, work: Workload) -> None:
-        self.target, self.work = target, work
+    def __init__(self, targets: list[str], work: Workload) -> None:
+        self.targets, self.work = targets, work
+        self.stop = threading.Event()
+        """Set: each sequence stops after its current step (the test checks what ran)."""
+        self.reached: dict[int, int] = {}
+        """Per sequence, the steps it went through (answered or applied)."""
         self.answers = 0
         self.unavailable = 0
         self.applied_unanswered = 0
@@ -140,10 +144,12 @@ class Driver:
 
     def _sequence(self, sid: int, deadline: float) -> None:
         work = self.work
-        with triton.InferenceServerClient(self.target) as client:
+        clients = [triton.InferenceServerClient(target) for target in self.targets]
+        try:
             t = 0
-            while t < work.steps:
+            while t < work.steps and not self.stop.is_set():
                 assert time.monotonic() < deadline, f"sequence {sid} stuck at step {t}"
+                client = clients[t % len(clients)]  # several servers: each step on the next
                 try:
                     result = client.infer(
                         MODEL,
@@ -173,6 +179,10 @@ class Driver:
                 with self.lock:
                     self.answers += 1
                 t += 1
+            self.reached[sid] = t
+        finally:
+            for client in clients:
+                client.close()
 
 
 def test_sequences_go_on_exactly_across_a_failover(
@@ -185,7 +195,7 @@ def test_sequences_go_on_exactly_across_a_failover(
         "--state-store-timeout-s", "1",
     )  # fmt: skip
     try:
-        driver = Driver(server.target, work)
+        driver = Driver([server.target], work)
         deadline = time.monotonic() + 120
         threads = driver.run(deadline)
         while driver.answers < len(work.ids) * work.steps // 3:

@@ -5,6 +5,11 @@ called from the batch worker threads (one per model), which already run off the 
 and run one batch at a time, so a round trip never blocks the loop and a model's round trips
 never overlap. The connection pool makes the client safe to share between those threads.
 
+TLS (rediss://) verifies the server's certificate by default, against `--state-store-ca` or the
+system's CAs, and checks that it names the URL's host, as redis-py does. A password or
+certificate the two sides do not accept is StoreRejected, which the server refuses to start
+with: no wait makes it right.
+
 Compare-and-set runs as a Lua script on the server (atomic there), by its SHA; after a Redis
 restart forgets the scripts, the affected operations are loaded and run again (only those, as
 the others in the pipeline did run).
@@ -14,20 +19,24 @@ from __future__ import annotations
 
 import hashlib
 import re
+import ssl
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import AuthenticationError, NoScriptError, RedisError
 from redis.retry import Retry
 
-from rnnserve.errors import StoreUnavailable
+from rnnserve.errors import StoreRejected, StoreUnavailable, UnusableCredentials
 from rnnserve.sessions.store import (
     STAMP_OFFSET,
     STAMP_SIZE,
     Read,
     ReadResult,
+    StoreAccess,
+    Verify,
     Write,
     WriteResult,
 )
@@ -80,16 +89,17 @@ class RedisStore:
 
     shared = True
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, access: StoreAccess | None = None) -> None:
         self.name = redact(url)
-        # A URL's own query options (socket_timeout=...) win over these defaults. One retry
-        # without backoff: a pooled connection broken by a Redis restart reconnects at once,
-        # while a Redis that is down fails fast, as UNAVAILABLE.
+        # A URL's own query options (socket_timeout=..., ssl_ca_certs=...) win over these
+        # defaults. One retry without backoff: a pooled connection broken by a Redis restart
+        # reconnects at once, while a Redis that is down fails fast, as UNAVAILABLE.
         self._redis = redis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 1),
+            **_login(url, access or StoreAccess()),
         )
 
     def read(self, reads: Sequence[Read]) -> list[ReadResult]:
@@ -167,4 +177,67 @@ class RedisStore:
             raise self._failure(error) from error
 
     def _failure(self, error: Exception) -> StoreUnavailable:
+        if isinstance(error, AuthenticationError):
+            return StoreRejected(
+                f"state store {self.name} refused the login: {error} (check the user in the "
+                "URL and the password: --state-store-password, --state-store-password-file or "
+                "the URL)"
+            )
+        cause = _ssl_cause(error)
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return StoreRejected(
+                f"state store {self.name}: its TLS certificate does not verify: "
+                f"{cause.verify_message} (--state-store-ca names the CA it must chain to)"
+            )
+        if cause is not None:
+            return StoreRejected(
+                f"state store {self.name}: the TLS handshake failed: {cause.reason or cause} "
+                "(a Redis that asks for client certificates needs --state-store-cert and "
+                "--state-store-key)"
+            )
         return StoreUnavailable(f"state store {self.name} is unavailable: {error}")
+
+
+def _ssl_cause(error: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind a redis-py error, which it raises from inside its own handler."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+_TLS_FILES = {"ca": "ssl_ca_certs", "cert": "ssl_certfile", "key": "ssl_keyfile"}
+
+
+def _login(url: str, access: StoreAccess) -> dict[str, Any]:
+    """redis-py's connection options for `access`: the password, and TLS options for rediss://.
+
+    Raises UnusableCredentials for a file (password, CA, certificate, key) that cannot be read:
+    redis-py would read it only when it first connects.
+    """
+    options: dict[str, Any] = {}
+    password = access.password
+    if access.password_file is not None:
+        password = _read(access.password_file, "--state-store-password-file").decode()
+        password = password.removesuffix("\n").removesuffix("\r")
+    if password is not None:
+        options["password"] = password
+    if not url.startswith("rediss://"):
+        return options
+    for name, option in _TLS_FILES.items():
+        path: Path | None = getattr(access, name)
+        if path is not None:
+            _read(path, f"--state-store-{name}")
+            options[option] = str(path)
+    if access.verify is Verify.NONE:
+        options["ssl_cert_reqs"] = "none"
+    return options
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise UnusableCredentials(f"{flag} {path}: cannot read it ({error.strerror})") from error

@@ -134,3 +134,15 @@ async def test_rotation_reaches_new_connections(mutual_server, pki, tmp_path) ->
     replace(files.cert, renewed.cert.read_bytes())
     assert await asyncio.to_thread(check, port, successor.pem, alice) == "SERVING"
     assert await asyncio.to_thread(check, port, ca.pem, alice) == "UNAVAILABLE"
+
+
+async def test_a_new_client_ca_reaches_new_connections(mutual_server, pki, tmp_path) -> None:
+    port, _, _ = mutual_server
+    ca, _, alice = pki
+    successor = Authority("clients-successor", tmp_path / "clients")
+    bob = successor.issue("bob", client=True)
+    assert await asyncio.to_thread(check, port, ca.pem, bob) == "UNAVAILABLE"
+    # The bundle during a client CA's rollover: the old CA and the new one.
+    replace(mutual_server[2].files.client_ca, ca.pem + successor.pem)
+    assert await asyncio.to_thread(check, port, ca.pem, bob) == "SERVING"
+    assert await asyncio.to_thread(check, port, ca.pem, alice) == "SERVING"

@@ -43,8 +43,9 @@ class Pki:
     server: Issued
     client: Issued
     """A client certificate the server's client CA issued (CN alice)."""
+    other: Authority
     stranger: Issued
-    """A client certificate from another CA."""
+    """A client certificate from the other CA."""
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         ca,
         ca.issue("rnnserve"),
         ca.issue("alice", client=True),
+        other,
         other.issue("mallory", client=True),
     )
 
@@ -145,7 +147,7 @@ def test_clients_without_a_trusted_certificate_are_refused(mtls_server, pki, who
         "another-ca": lambda: tls_client(mtls_server, pki.ca.path, pki.stranger),
         "plain-text": lambda: triton.InferenceServerClient(mtls_server.target),
         # The client's own certificate is good, but it trusts another CA than the server's.
-        "server-not-trusted": lambda: tls_client(mtls_server, pki.stranger.cert, pki.client),
+        "server-not-trusted": lambda: tls_client(mtls_server, pki.other.path, pki.client),
     }
     with clients[who]() as client, pytest.raises(InferenceServerException) as refused:
         client.is_server_live(client_timeout=10)

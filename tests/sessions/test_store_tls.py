@@ -96,7 +96,7 @@ def test_a_login_redis_refuses_is_rejected_at_once(tls_redis, pki, userinfo, pas
     started = time.monotonic()
     with pytest.raises(StoreRejected, match="refused the login") as caught:
         store.ping()
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 2.0  # less than the store's timeout: nothing waited
     assert PASSWORD not in str(caught.value) and "guess" not in str(caught.value)
     with pytest.raises(StoreRejected):  # a request is refused the same way, as UNAVAILABLE
         store.read([Read("rnnserve:tls:any")])

@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--temperature", type=float, default=0.0, help="0 for the likeliest character"
     )
+    _add_tls_arguments(generate)
     generate.set_defaults(run=_run_generate)
 
     bench = sub.add_parser(
@@ -87,6 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(run=_run_bench)
     return parser
+
+
+def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """A client command's TLS options: any of the files turns TLS on."""
+    tls = parser.add_argument_group("TLS (a server started with --tls-cert)")
+    tls.add_argument(
+        "--tls", action="store_true", help="speak TLS, trusting the system's CA certificates"
+    )
+    tls.add_argument(
+        "--tls-ca", type=Path, metavar="FILE", help="PEM CA certificates to verify the server by"
+    )
+    tls.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="PEM client certificate, for a server that asks for one (--tls-client-ca)",
+    )
+    tls.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM key of --tls-cert")
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -116,13 +135,28 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from rnnserve.client import ClientError, SequenceClient
 
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CommandError("--tls-cert and --tls-key go together")
+    tls = args.tls or any(f is not None for f in (args.tls_ca, args.tls_cert, args.tls_key))
     try:
-        with SequenceClient(args.url, args.model) as client:
+        with SequenceClient(
+            args.url,
+            args.model,
+            ssl=tls,
+            root_certificates=args.tls_ca,
+            private_key=args.tls_key,
+            certificate_chain=args.tls_cert,
+        ) as client:
             text = client.generate(args.prompt, args.length, args.temperature)
+    except OSError as error:
+        raise CommandError(f"{error.filename}: cannot read it ({error.strerror})") from error
     except grpc.RpcError as error:
         hint = ""
         if error.code() is grpc.StatusCode.UNAVAILABLE:
-            hint = " (is `rnnserve serve` running there? --url names another address)"
+            hint = (
+                " (is `rnnserve serve` running there? --url names another address; a server "
+                "with TLS needs --tls-ca, or --tls)"
+            )
         raise CommandError(
             f"{args.url}: {error.code().name}: {error.details()}{hint}", exit_code=1
         ) from error

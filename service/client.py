@@ -4,7 +4,11 @@
     with SequenceClient("localhost:8001", "charlm_lstm") as lm:
         print(lm.generate("def ", 60))
 
-The server keeps the sequence's state; each `step` sends only the new time steps.
+The server keeps the sequence's state; each `step` sends only the new time steps. For a server
+with TLS, the options are tritonclient's (file paths):
+
+    SequenceClient("rnnserve:8001", "charlm_lstm", ssl=True, root_certificates="ca.pem",
+                   private_key="client.key", certificate_chain="client.pem")
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import queue
 import secrets
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -47,12 +52,35 @@ class SequenceClient:
 
     The stream carries the id in the SEQUENCE_ID_HEADER header as well: a proxy reads headers,
     not request bodies, and routes on it (see deploy/envoy/envoy.yaml).
+
+    With `ssl` the channel speaks TLS and verifies the server against `root_certificates` (a
+    PEM file; default: the system's CAs); `private_key` and `certificate_chain` (PEM files)
+    are the client's certificate, for a server that asks for one (mutual TLS).
     """
 
-    def __init__(self, url: str, model: str, sequence_id: int | str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        sequence_id: int | str | None = None,
+        *,
+        ssl: bool = False,
+        root_certificates: str | Path | None = None,
+        private_key: str | Path | None = None,
+        certificate_chain: str | Path | None = None,
+    ) -> None:
         self.model = model
         self.sequence_id = sequence_id or secrets.randbits(62) + 1
-        self._channel = grpc.insecure_channel(url)
+        if ssl:
+            credentials = grpc.ssl_channel_credentials(
+                *(
+                    Path(path).read_bytes() if path is not None else None
+                    for path in (root_certificates, private_key, certificate_chain)
+                )
+            )
+            self._channel = grpc.secure_channel(url, credentials)
+        else:
+            self._channel = grpc.insecure_channel(url)
         stub = pb_grpc.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self.config = stub.ModelConfig(pb.ModelConfigRequest(name=model)).config
         model_input = self.config.input[0]

@@ -21,8 +21,8 @@ from typing import Any
 from rnnserve.logging import LogFormat, LogLevel
 from rnnserve.models import bundled_repository
 from rnnserve.runtime.onnx import Provider, Spinning
-from rnnserve.sessions.connect import REDIS_SCHEMES
-from rnnserve.sessions.store import Durability
+from rnnserve.sessions.connect import REDIS_SCHEMES, url_password
+from rnnserve.sessions.store import Durability, Verify
 
 ENV_PREFIX = "RNNSERVE_"
 
@@ -37,6 +37,17 @@ class Settings:
     """Port for the gRPC inference API (0 picks a free one)."""
     metrics_port: int | None = 8002
     """Port for Prometheus /metrics over HTTP (0 picks a free one; off turns it off)."""
+    metrics_host: str | None = None
+    """Address the metrics endpoint listens on (default: --host), e.g. an internal interface
+    only; it serves plain HTTP, with TLS on the gRPC port too."""
+    tls_cert: Path | None = None
+    """PEM certificate (chain) of the gRPC port; with --tls-key the port speaks TLS only. Both
+    files are read again when they change: new connections get the new certificate."""
+    tls_key: Path | None = None
+    """PEM private key (unencrypted) of --tls-cert."""
+    tls_client_ca: Path | None = None
+    """PEM CA certificates for mutual TLS: every client must present a certificate they signed
+    (default: no client certificate asked for). Read again when it changes."""
     model_repository: Path = field(default_factory=bundled_repository)
     """Model repository in Triton's layout (default: the bundled models)."""
     provider: Provider = Provider.AUTO
@@ -75,9 +86,27 @@ class Settings:
     live states) get before the server exits."""
     state_store: str = "memory"
     """Where sequence states live beyond the replica that holds them: memory (this process
-    only), or redis://[:password@]host:port/db (rediss:// for TLS), or the primary of Redis
-    Sentinels, redis+sentinel://[:password@]host:port[,host:port...]/primary-name[/db], or a
-    Redis Cluster, redis+cluster://[:password@]host:port[,host:port...]; shared by replicas."""
+    only), or redis://[[user]:password@]host:port/db (rediss:// for TLS), or the primary of
+    Redis Sentinels, redis+sentinel://[:password@]host:port[,host:port...]/primary-name[/db], or
+    a Redis Cluster, redis+cluster://[:password@]host:port[,host:port...]; shared by replicas."""
+    state_store_password: str | None = field(default=None, repr=False)
+    """Password of the Redis state store, instead of one in the URL (with a user in the URL,
+    rediss://user@host:port/db, that ACL user's). Set it through the variable or
+    --state-store-password-file: a flag's value shows in the process list."""
+    state_store_password_file: Path | None = None
+    """File that holds the Redis password (a mounted secret; a final newline is ignored)."""
+    state_store_ca: Path | None = None
+    """With rediss://: PEM CA certificates the Redis server's certificate must chain to
+    (default: the system's CAs)."""
+    state_store_cert: Path | None = None
+    """With rediss://: PEM client certificate, for a Redis that asks for one (its
+    tls-auth-clients)."""
+    state_store_key: Path | None = None
+    """With rediss://: PEM private key of --state-store-cert."""
+    state_store_verify: Verify = Verify.FULL
+    """With rediss://: full (the Redis server's certificate must chain to --state-store-ca, or
+    the system's CAs, and name the URL's host) or none (encrypted, but any server is trusted:
+    anyone on the path can read the states; for tests only)."""
     state_durability: Durability = Durability.STEP
     """With a shared state store: step (a response waits until its state is stored), end
     (states are stored only when the server shuts down) or none (never stored)."""
@@ -168,6 +197,42 @@ class Settings:
             raise ValueError("--state-min-replicas must be 0 or more")
         if self.state_min_replicas and not self.state_store.startswith(REDIS_SCHEMES):
             raise ValueError("--state-min-replicas needs a Redis --state-store")
+        self._validate_tls()
+        self._validate_store_access()
+
+    def _validate_tls(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+
+    def _validate_store_access(self) -> None:
+        tls_options = [
+            _flag(name)
+            for name in ("state_store_ca", "state_store_cert", "state_store_key")
+            if getattr(self, name) is not None
+        ]
+        if self.state_store_verify is not Verify.FULL:
+            tls_options.append(_flag("state_store_verify"))
+        if tls_options and not self.state_store.startswith("rediss://"):
+            raise ValueError(f"{', '.join(tls_options)}: only for a TLS state store (rediss://...)")
+        if (self.state_store_cert is None) != (self.state_store_key is None):
+            raise ValueError("--state-store-cert and --state-store-key go together")
+        given = [
+            name
+            for name in ("state_store_password", "state_store_password_file")
+            if getattr(self, name) is not None
+        ]
+        if len(given) == 2:
+            raise ValueError(
+                "--state-store-password and --state-store-password-file: give one of them"
+            )
+        if given and self.state_store == "memory":
+            raise ValueError(f"{_flag(given[0])} needs a Redis --state-store")
+        if given and url_password(self.state_store) is not None:
+            raise ValueError(
+                f"--state-store already holds a password; {_flag(given[0])} would be a second"
+            )
 
 
 def _shown(f: dataclasses.Field[Any]) -> str:
@@ -195,7 +260,7 @@ def _convert(name: str, hint: Any, raw: str) -> Any:
     source = f"{_flag(name)} (or {ENV_PREFIX}{name.upper()})"
     kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
     optional = type(None) in typing.get_args(hint)
-    if optional and raw.lower() in OFF:
+    if optional and kinds[0] is not str and raw.lower() in OFF:
         return None
     kind = kinds[0]
     if isinstance(kind, type) and issubclass(kind, enum.Enum):

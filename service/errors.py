@@ -92,6 +92,19 @@ class StoreUnavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class StoreRejected(StoreUnavailable):
+    """The state store and this server do not accept each other: a wrong password or user, a
+    server certificate that does not verify, or a client certificate it refuses. Waiting does
+    not help; the server refuses to start with it."""
+
+
+class UnusableCredentials(ServiceError):
+    """A certificate, key, CA or password file that cannot be used: missing, unreadable, not
+    PEM, or a key that does not match its certificate. The message names the file and flag."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class AnswerTooLarge(ServiceError):
     """The answer to a request would not fit in one gRPC message (--max-message-bytes); the
     request was refused before it ran."""

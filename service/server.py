@@ -25,12 +25,14 @@ from prometheus_client import start_http_server
 from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve.api.servicer import InferenceServicer, add_to_server
 from rnnserve.config import Settings
-from rnnserve.errors import ServiceError
+from rnnserve.errors import ServiceError, StoreRejected
 from rnnserve.metrics import Metrics
 from rnnserve.runtime.onnx import EngineSettings, OnnxRuntime
 from rnnserve.serving.model import Limits
 from rnnserve.serving.registry import ModelRegistry
 from rnnserve.sessions.connect import open_store
+from rnnserve.sessions.store import StoreAccess
+from rnnserve.tls import CertificateFiles, TlsFiles
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ class Server:
     health, reflection) and the metrics endpoint.
 
     On the event loop: `start`, then `wait` until `request_stop`, then `stop`. Opening the
-    state store raises ValueError for a `state_store` of no known kind.
+    state store raises ValueError for a `state_store` of no known kind; TLS files or a password
+    file that cannot be used raise UnusableCredentials, naming the file.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -63,8 +66,23 @@ class Server:
             inline_max_work=settings.inline_max_work,
             max_answer_bytes=settings.max_message_bytes,
         )
+        self.tls: CertificateFiles | None = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            files = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+            self.tls = CertificateFiles(files)
+        access = StoreAccess(
+            password=settings.state_store_password,
+            password_file=settings.state_store_password_file,
+            ca=settings.state_store_ca,
+            cert=settings.state_store_cert,
+            key=settings.state_store_key,
+            verify=settings.state_store_verify,
+        )
         self.store = open_store(
-            settings.state_store, settings.state_store_timeout_s, settings.state_min_replicas
+            settings.state_store,
+            settings.state_store_timeout_s,
+            access,
+            settings.state_min_replicas,
         )
         self.durability = settings.state_durability
         self.registry = ModelRegistry(
@@ -91,7 +109,8 @@ class Server:
 
         `grpc_port` and `metrics_port` become the ports bound (0 in the settings picks a free
         one); the port file, if asked for, is written. Raises OSError when the gRPC port cannot
-        be bound, InvalidModelRepository when the repository cannot be read.
+        be bound, InvalidModelRepository when the repository cannot be read, StoreRejected when
+        a shared state store refuses the password or certificates (or its own does not verify).
         """
         settings = self.settings
         if self.store.shared:
@@ -113,12 +132,17 @@ class Server:
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc
         )
-        self.grpc_port = self._grpc.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        address = f"{settings.host}:{settings.grpc_port}"
+        if self.tls is not None:
+            self.grpc_port = self._grpc.add_secure_port(address, self.tls.credentials())
+        else:
+            self.grpc_port = self._grpc.add_insecure_port(address)
         if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {settings.host}:{settings.grpc_port}")
+            raise OSError(f"cannot listen on {address}")
+        metrics_host = settings.metrics_host or settings.host
         if settings.metrics_port is not None:
             self._http, _ = start_http_server(
-                settings.metrics_port, settings.host, registry=self.metrics.registry
+                settings.metrics_port, metrics_host, registry=self.metrics.registry
             )
             self.metrics_port = self._http.server_port
         await self._grpc.start()
@@ -131,17 +155,22 @@ class Server:
         if settings.port_file is not None:
             _write_port_file(settings.port_file, self.grpc_port, self.metrics_port)
         logger.info(
-            "serving grpc=%s:%d metrics=%s models=%s",
+            "serving grpc=%s:%d tls=%s metrics=%s models=%s",
             settings.host,
             self.grpc_port,
-            f"{settings.host}:{self.metrics_port}" if self.metrics_port is not None else "off",
+            "off" if self.tls is None else "mutual" if self.tls.mutual else "on",
+            f"{metrics_host}:{self.metrics_port}" if self.metrics_port is not None else "off",
             ",".join(f"{m.name}:{m.version}" for m in self.registry.all_models()),
         )
 
     async def _check_store(self) -> None:
-        """Say whether the store answers; serve either way (stateful requests wait for it)."""
+        """Say whether the store answers; serve either way (stateful requests wait for it),
+        unless it refuses this server's credentials or its certificate does not verify:
+        StoreRejected, which waiting does not fix."""
         try:
             await asyncio.to_thread(self.store.ping)
+        except StoreRejected:
+            raise
         except ServiceError as error:
             logger.warning("%s; stateful requests fail until it answers", error)
         else:

@@ -7,12 +7,13 @@ sampling the tests do not need.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,12 @@ class Ports:
 
 
 class RunningServer(ChildServer):
-    """`rnnserve serve` on 127.0.0.1 with `flags`, its output in `workdir/rnnserve.log`."""
+    """`rnnserve serve` on 127.0.0.1 with `flags` (and `env` added to the environment), its
+    output in `workdir/rnnserve.log`."""
 
-    def __init__(self, workdir: Path, flags: tuple[str, ...]) -> None:
+    def __init__(
+        self, workdir: Path, flags: tuple[str, ...], env: Mapping[str, str] | None = None
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "rnnserve.log"
         port_file = workdir / "rnnserve.ports.json"
@@ -45,7 +49,9 @@ class RunningServer(ChildServer):
             "--port-file", str(port_file), *flags,
         ]  # fmt: skip
         with self.log_path.open("w") as log:  # the child keeps its own descriptor
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
         self.ports = self._wait_for_ports(port_file)
 
     def _wait_for_ports(self, port_file: Path) -> Ports:
@@ -64,10 +70,10 @@ class RunningServer(ChildServer):
         ports = json.loads(port_file.read_text())  # written whole: the server renames it in
         return Ports(ports["grpc"], ports["metrics"] or None)
 
-    def scrape(self) -> str:
-        """The Prometheus exposition text of /metrics."""
+    def scrape(self, host: str = "127.0.0.1") -> str:
+        """The Prometheus exposition text of /metrics (at `host`: the server's --metrics-host)."""
         assert self.ports.metrics is not None, "this server exports no metrics"
-        url = f"http://127.0.0.1:{self.ports.metrics}/metrics"
+        url = f"http://{host}:{self.ports.metrics}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             text: str = response.read().decode()
         return text
@@ -84,15 +90,17 @@ class RunningServer(ChildServer):
         return self.process.returncode
 
 
-def start_server(workdir: Path, *flags: str) -> RunningServer:
+def start_server(workdir: Path, *flags: str, env: Mapping[str, str] | None = None) -> RunningServer:
     """A server the caller stops (`stop()`), or that a test kills itself."""
-    return RunningServer(workdir, flags)
+    return RunningServer(workdir, flags, env)
 
 
 @contextmanager
-def serving(workdir: Path, *flags: str) -> Iterator[RunningServer]:
+def serving(
+    workdir: Path, *flags: str, env: Mapping[str, str] | None = None
+) -> Iterator[RunningServer]:
     """A server for the duration of a `with`, which must then stop cleanly (exit code 0)."""
-    server = RunningServer(workdir, flags)
+    server = RunningServer(workdir, flags, env)
     try:
         yield server
     finally:

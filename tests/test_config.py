@@ -11,7 +11,7 @@ from rnnserve.config import Settings
 from rnnserve.logging import LogLevel
 from rnnserve.models import bundled_repository
 from rnnserve.runtime.onnx import Provider, Spinning
-from rnnserve.sessions.store import Durability
+from rnnserve.sessions.store import Durability, Verify
 
 
 def settings(argv: list[str], environ: dict[str, str]) -> Settings:
@@ -61,6 +61,31 @@ def test_environment_then_flag() -> None:
         (["--state-store", "etcd://x"], {}, "--state-store must be memory, redis://"),
         ([], {"RNNSERVE_STATE_DURABILITY": "always"}, "RNNSERVE_STATE_DURABILITY.* must be step"),
         (["--state-store-timeout-s", "0"], {}, "--state-store-timeout-s must be positive"),
+        (["--tls-cert", "tls.crt"], {}, "--tls-cert and --tls-key go together"),
+        (["--tls-client-ca", "ca.pem"], {}, "--tls-client-ca .* needs --tls-cert and --tls-key"),
+        (["--state-store-ca", "ca.pem"], {}, "--state-store-ca: only for a TLS state store"),
+        (
+            ["--state-store", "redis://db:6379/0", "--state-store-verify", "none"],
+            {},
+            "--state-store-verify: only for a TLS state store",
+        ),
+        ([], {"RNNSERVE_STATE_STORE_VERIFY": "no"}, "STATE_STORE_VERIFY.* must be full, none"),
+        (
+            ["--state-store", "rediss://db:6379/0", "--state-store-cert", "c.pem"],
+            {},
+            "--state-store-cert and --state-store-key go together",
+        ),
+        ([], {"RNNSERVE_STATE_STORE_PASSWORD": "pw"}, "--state-store-password needs a Redis"),
+        (
+            ["--state-store", "redis://:pw@db:6379/0"],
+            {"RNNSERVE_STATE_STORE_PASSWORD": "pw"},
+            "already holds a password; --state-store-password would be a second",
+        ),
+        (
+            ["--state-store", "redis://db:6379/0", "--state-store-password-file", "pw.txt"],
+            {"RNNSERVE_STATE_STORE_PASSWORD": "pw"},
+            "give one of them",
+        ),
     ],
 )
 def test_bad_values_name_the_setting(argv, environ, needle) -> None:
@@ -77,3 +102,30 @@ def test_enumerated_settings_and_off() -> None:
     defaults = settings([], {})
     assert defaults.max_queue_delay_us is None and defaults.intra_op_threads is None
     assert settings(["--max-queue-delay-us", "0"], {}).max_queue_delay_us == 0
+
+
+def test_transport_security_settings() -> None:
+    defaults = settings([], {})
+    assert defaults.tls_cert is None and defaults.metrics_host is None
+    assert defaults.state_store_verify is Verify.FULL
+    environ = {
+        "RNNSERVE_TLS_CERT": "/etc/tls/tls.crt",
+        "RNNSERVE_TLS_KEY": "/etc/tls/tls.key",
+        "RNNSERVE_TLS_CLIENT_CA": "/etc/tls/ca.crt",
+        "RNNSERVE_METRICS_HOST": "10.0.0.5",
+        "RNNSERVE_STATE_STORE": "rediss://rnnserve@db:6380/0",
+        # A password is a string as given, even one that spells `off`.
+        "RNNSERVE_STATE_STORE_PASSWORD": "none",
+        "RNNSERVE_STATE_STORE_CA": "/etc/redis/ca.crt",
+    }
+    s = settings(["--state-store-verify", "none"], environ)
+    assert (s.tls_cert, s.tls_key, s.tls_client_ca) == (
+        Path("/etc/tls/tls.crt"),
+        Path("/etc/tls/tls.key"),
+        Path("/etc/tls/ca.crt"),
+    )
+    assert s.metrics_host == "10.0.0.5"
+    assert (s.state_store_password, s.state_store_ca) == ("none", Path("/etc/redis/ca.crt"))
+    assert s.state_store_verify is Verify.NONE
+    secret = settings([], {**environ, "RNNSERVE_STATE_STORE_PASSWORD": "hunter2"})
+    assert "hunter2" not in repr(secret)  # nor in a log line that shows the settings

@@ -69,7 +69,8 @@ class ClusterPipelines:
         self._options = {
             **options,
             "username": urllib.parse.unquote(user) or None,
-            "password": urllib.parse.unquote(password) or None,
+            # The URL's, or --state-store-password(-file)'s in `options`.
+            "password": urllib.parse.unquote(password) or options.get("password"),
         }
         self._client: RedisCluster | None = None
         self._primaries: frozenset[str] = frozenset()

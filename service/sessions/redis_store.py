@@ -5,6 +5,11 @@ called from the batch worker threads (one per model), which already run off the 
 and run one batch at a time, so a round trip never blocks the loop and a model's round trips
 never overlap. The connection pool makes the client safe to share between those threads.
 
+TLS (rediss://) verifies the server's certificate by default, against `--state-store-ca` or the
+system's CAs, and checks that it names the URL's host, as redis-py does. A password or
+certificate the two sides do not accept is StoreRejected, which the server refuses to start
+with: no wait makes it right.
+
 Compare-and-set runs as a Lua script on the server (atomic there), by its SHA; after a Redis
 restart forgets the scripts, the affected operations are loaded and run again (only those, as
 the others in the pipeline did run).
@@ -22,26 +27,30 @@ import bisect
 import hashlib
 import logging
 import re
+import ssl
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import AuthenticationError, NoScriptError, RedisError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from rnnserve.errors import StoreUnavailable
+from rnnserve.errors import StoreRejected, StoreUnavailable, UnusableCredentials
 from rnnserve.sessions.store import (
     ROUND_TRIP_BUCKETS,
     STAMP_OFFSET,
     STAMP_SIZE,
     Read,
     ReadResult,
+    StoreAccess,
     StoreStatistics,
+    Verify,
     Write,
     WriteResult,
 )
@@ -235,6 +244,7 @@ class RedisStore:
         self,
         url: str,
         timeout_s: float,
+        access: StoreAccess | None = None,
         min_replicas: int = 0,
         pipelines: Pipelines | None = None,
     ) -> None:
@@ -244,7 +254,7 @@ class RedisStore:
         self.min_replicas = min_replicas
         self._wait = Wait(min_replicas, max(1, round(timeout_s * 1000))) if min_replicas else None
         if pipelines is None:
-            options = client_options(timeout_s, min_replicas)
+            options = client_options(url, timeout_s, min_replicas, access)
             if url.startswith(SENTINEL_SCHEME):
                 pipelines = OneServer(sentinel_client(url, timeout_s, **options), True)
             else:
@@ -357,15 +367,49 @@ class RedisStore:
         )
 
     def _failure(self, error: Exception) -> StoreUnavailable:
+        if isinstance(error, AuthenticationError):
+            return StoreRejected(
+                f"state store {self.name} refused the login: {error} (check the user in the "
+                "URL and the password: --state-store-password, --state-store-password-file or "
+                "the URL)"
+            )
+        cause = _ssl_cause(error)
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return StoreRejected(
+                f"state store {self.name}: its TLS certificate does not verify: "
+                f"{cause.verify_message} (--state-store-ca names the CA it must chain to)"
+            )
+        if cause is not None:
+            return StoreRejected(
+                f"state store {self.name}: the TLS handshake failed: {cause.reason or cause} "
+                "(a Redis that asks for client certificates needs --state-store-cert and "
+                "--state-store-key)"
+            )
         return StoreUnavailable(f"state store {self.name} is unavailable: {error}")
+
+
+def _ssl_cause(error: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind a redis-py error, which it raises from inside its own handler."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _enough(acknowledged: tuple[Any], wait: Wait) -> bool:
     return isinstance(acknowledged[0], int) and acknowledged[0] >= wait.replicas
 
 
-def client_options(timeout_s: float, min_replicas: int) -> dict[str, Any]:
-    """redis-py connection options for a store with this timeout and replica wait."""
+def client_options(
+    url: str, timeout_s: float, min_replicas: int, access: StoreAccess | None
+) -> dict[str, Any]:
+    """redis-py connection options for a store with this timeout, replica wait and `access`.
+
+    Raises UnusableCredentials for a file (password, CA, certificate, key) that cannot be read:
+    redis-py would read it only when it first connects.
+    """
     # A WAIT's reply comes when its own timeout ends: the socket must outlast it. One retry
     # without backoff: a pooled connection broken by a Redis restart reconnects at once, while
     # a Redis that is down fails fast, as UNAVAILABLE.
@@ -373,7 +417,39 @@ def client_options(timeout_s: float, min_replicas: int) -> dict[str, Any]:
         "socket_timeout": timeout_s * 2 if min_replicas else timeout_s,
         "socket_connect_timeout": timeout_s,
         "retry": Retry(NoBackoff(), 1),
+        **_login(url, access or StoreAccess()),
     }
+
+
+_TLS_FILES = {"ca": "ssl_ca_certs", "cert": "ssl_certfile", "key": "ssl_keyfile"}
+
+
+def _login(url: str, access: StoreAccess) -> dict[str, Any]:
+    """redis-py's connection options for `access`: the password, and TLS options for rediss://."""
+    options: dict[str, Any] = {}
+    password = access.password
+    if access.password_file is not None:
+        password = _read(access.password_file, "--state-store-password-file").decode()
+        password = password.removesuffix("\n").removesuffix("\r")
+    if password is not None:
+        options["password"] = password
+    if not url.startswith("rediss://"):
+        return options
+    for name, option in _TLS_FILES.items():
+        path: Path | None = getattr(access, name)
+        if path is not None:
+            _read(path, f"--state-store-{name}")
+            options[option] = str(path)
+    if access.verify is Verify.NONE:
+        options["ssl_cert_reqs"] = "none"
+    return options
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise UnusableCredentials(f"{flag} {path}: cannot read it ({error.strerror})") from error
 
 
 def sentinel_client(url: str, timeout_s: float, **options: Any) -> redis.Redis:
@@ -422,11 +498,12 @@ def sentinel_client(url: str, timeout_s: float, **options: Any) -> redis.Redis:
             "password": sentinel_password,
         },
     )
+    given = options.pop("password", None)  # --state-store-password(-file), when not in the URL
     client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call]
         parts[0],
         db=db,
         username=urllib.parse.unquote(user) or None,
-        password=urllib.parse.unquote(password) or None,
+        password=urllib.parse.unquote(password) or given,
         **options,
     )
     return client

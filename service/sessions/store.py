@@ -28,7 +28,8 @@ import enum
 import secrets
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -57,6 +58,31 @@ class Durability(enum.Enum):
     loses the sequences it held."""
     NONE = "none"
     """Never: states live in this replica's memory only."""
+
+
+class Verify(enum.Enum):
+    """How a TLS state store's server certificate is checked."""
+
+    FULL = "full"
+    """It chains to the CA certificates given (or the system's) and names the URL's host."""
+    NONE = "none"
+    """Not at all: the connection is encrypted, but anyone on the path can pose as Redis."""
+
+
+@dataclass(frozen=True)
+class StoreAccess:
+    """How to log in to a Redis state store, beyond its URL: a password (or the file that holds
+    it) and, for rediss://, the CA certificates to verify it by and a client certificate.
+
+    A URL's own query options (redis-py's `ssl_ca_certs=...`) win over these.
+    """
+
+    password: str | None = field(default=None, repr=False)
+    password_file: Path | None = None
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    verify: Verify = Verify.FULL
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,6 +120,8 @@ def test_two_replicas_take_turns_across_a_resharding_and_a_failover(
             time.sleep(0.1)
         failover_s = time.monotonic() - killed_at
         failed_over_at = driver.answers
+        # It rejoins empty as a replica; it must not be promoted before it has synced.
+        victim.flags = (*victim.flags, "--cluster-replica-no-failover", "yes")
         victim.start()
         after(600)  # the steps that waited out the failover, and more
         driver.stop.set()

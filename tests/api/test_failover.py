@@ -254,8 +254,13 @@ def test_sequences_go_on_exactly_across_a_failover(
         failover_s = time.monotonic() - (moved - FAILOVER_TIMEOUT_S)
         # The old primary comes back, empty, as the new primary's replica, as a Sentinel-aware
         # deployment starts it (never as a primary: a Sentinel that has not yet heard of the
-        # failover would send clients to it). Writes can reach a replica again.
-        killed.flags = ("--replicaof", "127.0.0.1", str(sentinel_set.replica.port))
+        # failover would send clients to it), and not to be promoted until it has synced: a
+        # busy primary once looked down for a second here, and the Sentinels failed over again,
+        # to this node while it was still empty, and every state was gone (README, "Operating
+        # it"). Writes can reach a replica again once it has synced.
+        killed.flags = (
+            "--replicaof", "127.0.0.1", str(sentinel_set.replica.port), "--replica-priority", "0"
+        )  # fmt: skip
         killed.start()
         for thread in threads:
             thread.join(max(deadline - time.monotonic(), 1))

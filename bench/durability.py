@@ -1,15 +1,18 @@
 """What durability costs: steps/s and latency of each state store and durability level.
 
-    python -m rnnserve_bench.durability [--model charlm_lstm] [--sequences 64]
-                                        [--seconds 10] [--redis-url redis://...]
+    python -m rnnserve_bench.durability [--model charlm_lstm] [--sequences 1 64]
+                                        [--seconds 10] [--redis-url redis://...] [--no-ha]
 
-For each configuration (memory; redis at none, end and step) it starts a fresh server on
-loopback, drives `--sequences` concurrent sequences closed-loop (each sequence sends its next
-one-step request as soon as the previous answer arrives) over a few ModelStreamInfer streams
-for `--seconds` after a one-second warm-up, measures each request's latency at the client and
-prints a Markdown table. Without `--redis-url` it starts a redis-server of its own (Debian's
-`redis-server` must be installed). A benchmark, not a test: figures depend on the machine,
-and client and servers share its cores.
+For each configuration (memory; one Redis at none, end and step; Redis behind Sentinel (a
+primary, a replica, one Sentinel) and a Redis Cluster (three shards of a primary and a
+replica) at step, each without and with the replica wait `--state-min-replicas 1`) it starts a
+fresh server on loopback, drives `--sequences` concurrent sequences closed-loop (each sequence
+sends its next one-step request as soon as the previous answer arrives) over a few
+ModelStreamInfer streams for `--seconds` after a one-second warm-up, measures each request's
+latency at the client and prints a Markdown table. It starts the Redis servers it needs
+(Debian's `redis-server` and `redis-cli`); `--redis-url` names an existing one instead, and
+`--no-ha` leaves Sentinel and Cluster out. A benchmark, not a test: figures depend on the
+machine, and client and servers share its cores.
 """
 
 from __future__ import annotations
@@ -18,15 +21,13 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,26 @@ from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve._pb import grpc_service_pb2_grpc as pb_grpc
 from rnnserve._pb import model_config_pb2 as mc
 from rnnserve_bench.procs import PYTHON
+from rnnserve_bench.redis_servers import (
+    RunningRedis,
+    start_cluster,
+    start_redis,
+    start_sentinel,
+    wait_for_replicas,
+)
 
-CONFIGURATIONS = (("memory", "none"), ("redis", "none"), ("redis", "end"), ("redis", "step"))
+CONFIGURATIONS = (
+    ("memory", "none", 0),
+    ("redis", "none", 0),
+    ("redis", "end", 0),
+    ("redis", "step", 0),
+    ("sentinel", "step", 0),
+    ("sentinel", "step", 1),
+    ("cluster", "step", 0),
+    ("cluster", "step", 1),
+)
+"""(store, durability, replicas each write must reach) of each run."""
+HA_STORES = ("sentinel", "cluster")
 WARM_UP_S = 1.0
 
 
@@ -46,6 +65,7 @@ WARM_UP_S = 1.0
 class Outcome:
     store: str
     durability: str
+    min_replicas: int
     steps_per_s: float
     p50_ms: float
     p99_ms: float
@@ -63,22 +83,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=4, help="gRPC streams they share")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per run")
     parser.add_argument("--redis-url", help="an existing Redis (default: start one)")
+    parser.add_argument("--no-ha", action="store_true", help="leave Sentinel and Cluster out")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="rnnserve-bench-") as folder:
+    configurations = [c for c in CONFIGURATIONS if not (args.no_ha and c[0] in HA_STORES)]
+    with tempfile.TemporaryDirectory(prefix="rnnserve-bench-") as folder, ExitStack() as stack:
         workdir = Path(folder)
-        with _redis(workdir, args.redis_url) as redis_url:
-            tables, failed = [], False
-            for sequences in args.sequences:
-                outcomes: list[Outcome] = []
-                for store, durability in CONFIGURATIONS:
-                    url = "memory" if store == "memory" else redis_url
-                    run = workdir / f"{sequences}-{store}-{durability}"
-                    with _server(run, url, durability) as address:
-                        outcome = asyncio.run(_drive(address, args, sequences, store, durability))
-                    outcomes.append(outcome)
-                    print(f"{sequences} sequences: {_row(outcome, outcomes[0])}", file=sys.stderr)
-                    failed = failed or outcome.errors > 0
-                tables.append(_table(outcomes, args, sequences))
+        urls = {"memory": "memory", "redis": args.redis_url}
+        if not args.redis_url:
+            urls["redis"] = stack.enter_context(_started(start_redis(workdir / "redis"))).url
+        if not args.no_ha:
+            urls["sentinel"] = stack.enter_context(_sentinel(workdir / "sentinel"))
+            urls["cluster"] = stack.enter_context(_cluster(workdir / "cluster"))
+        tables, failed = [], False
+        for sequences in args.sequences:
+            outcomes: list[Outcome] = []
+            for store, durability, replicas in configurations:
+                run = workdir / f"{sequences}-{store}-{durability}-{replicas}"
+                with _server(run, urls[store], durability, replicas) as address:
+                    outcome = asyncio.run(
+                        _drive(address, args, sequences, store, durability, replicas)
+                    )
+                outcomes.append(outcome)
+                print(f"{sequences} sequences: {_row(outcome, outcomes[0])}", file=sys.stderr)
+                failed = failed or outcome.errors > 0
+            tables.append(_table(outcomes, args, sequences))
     print("\n\n".join(tables))
     return 1 if failed else 0
 
@@ -88,8 +116,9 @@ def _table(outcomes: list[Outcome], args: argparse.Namespace, sequences: int) ->
         f"{args.model}, {sequences} concurrent sequences, one time step per request, "
         f"{args.seconds:g} s per run",
         "",
-        "| store | durability | steps/s | p50 ms | p99 ms | throughput vs memory | p99 vs memory |",
-        "|---|---|---|---|---|---|---|",
+        "| store | durability | min replicas | steps/s | p50 ms | p99 ms | throughput vs memory "
+        "| p99 vs memory |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [_row(o, outcomes[0]) for o in outcomes]
     return "\n".join(lines)
@@ -97,42 +126,52 @@ def _table(outcomes: list[Outcome], args: argparse.Namespace, sequences: int) ->
 
 def _row(o: Outcome, base: Outcome) -> str:
     return (
-        f"| {o.store} | {o.durability} | {o.steps_per_s:,.0f} | {o.p50_ms:.2f} | {o.p99_ms:.2f} "
+        f"| {o.store} | {o.durability} | {o.min_replicas} | {o.steps_per_s:,.0f} "
+        f"| {o.p50_ms:.2f} | {o.p99_ms:.2f} "
         f"| {o.steps_per_s / base.steps_per_s:.0%} | {o.p99_ms / base.p99_ms:.1f}x |"
         + (f" {o.errors} errors" if o.errors else "")
     )
 
 
 @contextmanager
-def _redis(workdir: Path, url: str | None) -> Iterator[str]:
-    if url:
-        yield url
-        return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (Debian: redis-server); or --redis-url")
-    port = _free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-    )
+def _started(server: RunningRedis) -> Iterator[RunningRedis]:
     try:
-        _wait_for_port(port, process)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server
     finally:
-        process.terminate()
-        process.wait(10)
+        server.stop()
 
 
 @contextmanager
-def _server(workdir: Path, store: str, durability: str) -> Iterator[str]:
+def _sentinel(workdir: Path) -> Iterator[str]:
+    """A primary, its replica and one Sentinel; the store URL that names them."""
+    with ExitStack() as stack:
+        primary = stack.enter_context(_started(start_redis(workdir / "primary")))
+        replica = start_redis(workdir / "replica", "--replicaof", "127.0.0.1", str(primary.port))
+        stack.enter_context(_started(replica))
+        wait_for_replicas(primary, 1)
+        sentinel = start_sentinel(workdir / "sentinel", primary, "states", 1)
+        stack.callback(sentinel.stop)
+        yield f"redis+sentinel://127.0.0.1:{sentinel.port}/states/0"
+
+
+@contextmanager
+def _cluster(workdir: Path) -> Iterator[str]:
+    cluster = start_cluster(workdir)
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+
+
+@contextmanager
+def _server(workdir: Path, store: str, durability: str, replicas: int) -> Iterator[str]:
     workdir.mkdir(parents=True)
     port_file = workdir / "ports.json"
     command = [
-        *PYTHON, "-m", "rnnserve", "serve", "--grpc-port", "0", "--metrics-port", "-1",
+        *PYTHON, "-m", "rnnserve", "serve", "--grpc-port", "0", "--metrics-port", "off",
         "--port-file", str(port_file), "--log-level", "WARNING",
         "--state-store", store, "--state-durability", durability,
+        *(["--state-min-replicas", str(replicas)] if replicas else []),
     ]  # fmt: skip
     with (workdir / "server.log").open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -148,24 +187,13 @@ def _server(workdir: Path, store: str, durability: str) -> Iterator[str]:
         process.wait(60)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and process.poll() is None:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit("redis-server did not start")
-
-
 async def _drive(
-    address: str, args: argparse.Namespace, sequences: int, store: str, durability: str
+    address: str,
+    args: argparse.Namespace,
+    sequences: int,
+    store: str,
+    durability: str,
+    replicas: int,
 ) -> Outcome:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
@@ -186,6 +214,7 @@ async def _drive(
     return Outcome(
         store,
         durability,
+        replicas,
         len(latencies) / args.seconds,
         float(np.percentile(latencies, 50)),
         float(np.percentile(latencies, 99)),

@@ -138,7 +138,7 @@ def test_what_a_failover_loses_without_the_replica_wait(
         # Every write was acknowledged by the primary alone, and the promoted replica lacks
         # those that had not reached it: steps a client was told were stored are gone.
         assert acknowledged == keys
-        assert 0 < len(lost) < len(keys), (len(lost), len(keys))
+        assert lost, "every acknowledged write survived: the replica was not behind"
 
 
 @pytest.mark.parametrize(

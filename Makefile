@@ -122,8 +122,8 @@ proto: install-test ## regenerate service/_pb from proto/*.proto
 	$(BIN)/python proto/generate.py
 
 lint: $(VENV)/.installed-lint ## ruff and mypy (strict on the server; no torch needed); `make test` runs it first
-	$(BIN)/ruff check service models bench tests proto
-	$(BIN)/ruff format --check service models bench tests proto
+	$(BIN)/ruff check service models bench tests proto deploy
+	$(BIN)/ruff format --check service models bench tests proto deploy
 	@# mypy cannot follow the package-dir mapping: a tree of links with the installed layout.
 	@rm -rf build/typecheck && mkdir -p build/typecheck/rnnserve
 	@for f in service/*; do ln -s "$$PWD/$$f" build/typecheck/rnnserve/; done
@@ -131,8 +131,8 @@ lint: $(VENV)/.installed-lint ## ruff and mypy (strict on the server; no torch n
 	$(BIN)/mypy
 
 format: install-test ## apply ruff's formatting and safe fixes
-	$(BIN)/ruff format service models bench tests proto
-	$(BIN)/ruff check --fix service models bench tests proto
+	$(BIN)/ruff format service models bench tests proto deploy
+	$(BIN)/ruff check --fix service models bench tests proto deploy
 
 bench-durability: system-deps install ## steps/s and latency of each state store and durability level
 	$(BIN)/python -m rnnserve_bench.durability

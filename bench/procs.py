@@ -137,14 +137,7 @@ class ServerProcess(ChildServer):
         return text
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                return self.process.wait()
-        return self.process.returncode
+        return end_process(self.process, signal.SIGTERM, timeout)
 
     def __enter__(self) -> ServerProcess:
         return self
@@ -156,6 +149,20 @@ class ServerProcess(ChildServer):
         trace: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def end_process(
+    process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = 20.0
+) -> int:
+    """Signal a process we started and wait for it (SIGKILL after `timeout_s`); its exit code."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            return process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+    return process.returncode
 
 
 def start_rnnserve(workdir: Path, server_args: Sequence[str]) -> ServerProcess:

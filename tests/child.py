@@ -7,6 +7,10 @@ import subprocess
 from pathlib import Path
 from typing import Protocol
 
+from rnnserve_bench.procs import end_process
+
+__all__ = ["ChildServer", "HasGrpcPort", "end_process"]
+
 
 class HasGrpcPort(Protocol):
     @property

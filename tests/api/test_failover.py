@@ -193,14 +193,7 @@ class Driver:
                 assert time.monotonic() < deadline, f"sequence {sid} stuck at step {t}"
                 client = clients[t % len(clients)]  # several servers: each step on the next
                 try:
-                    result = client.infer(
-                        MODEL,
-                        work.step_input(sid, t),
-                        sequence_id=sid,
-                        sequence_start=t == 0,
-                        parameters={"sequence_version": t} if t else None,
-                        client_timeout=10,
-                    )
+                    result = work.infer(client, sid, t, client_timeout=10)
                 except InferenceServerException as error:
                     status = error.status()
                     if status == "StatusCode.UNAVAILABLE":

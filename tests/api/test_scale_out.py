@@ -75,6 +75,19 @@ class Workload:
     def step_input(self, sid: int, t: int) -> list[triton.InferInput]:
         return [infer_input(MODEL, self.inputs[sid][:, t : t + 1])]
 
+    def infer(
+        self, client: triton.InferenceServerClient, sid: int, t: int, **options: object
+    ) -> triton.InferResult:
+        """Step `t` of sequence `sid` (ModelInfer), saying the version it expects (t)."""
+        return client.infer(
+            MODEL,
+            self.step_input(sid, t),
+            sequence_id=sid,
+            sequence_start=t == 0,
+            parameters={"sequence_version": t} if t else None,
+            **options,
+        )
+
     def acknowledged(self, sid: int) -> int:
         """How many steps of `sid` were answered, checking they are the first ones."""
         done = sorted(self.answered[sid])
@@ -149,13 +162,7 @@ def continue_elsewhere(server: RunningServer, work: Workload) -> dict[int, int]:
             t = acknowledged = work.acknowledged(sid)
             while t < work.steps:
                 try:
-                    result = client.infer(
-                        MODEL,
-                        work.step_input(sid, t),
-                        sequence_id=sid,
-                        sequence_start=t == 0,
-                        parameters={"sequence_version": t} if t else None,
-                    )
+                    result = work.infer(client, sid, t)
                 except InferenceServerException as error:
                     assert error.status() == "StatusCode.ABORTED", error
                     version = stored_version(error)

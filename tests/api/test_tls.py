@@ -9,9 +9,7 @@ committed graph run in-process, as in test_golden.
 
 from __future__ import annotations
 
-import csv
 import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from rnnserve.client import SequenceClient
 from tests.api.conftest import OUTPUTS, Reference, Stream, infer_input, sequence_data
-from tests.api.test_perf_analyzer import PERF_ANALYZER
+from tests.api.test_perf_analyzer import run_perf_analyzer
 from tests.certs import Authority, Issued, replace
 from tests.conftest import run_cli
 from tests.redis_server import RedisTls, start_redis
@@ -157,29 +155,19 @@ def test_clients_without_a_trusted_certificate_are_refused(mtls_server, pki, who
 
 
 def test_perf_analyzer_over_mutual_tls(mtls_server, pki, tmp_path) -> None:
-    if not PERF_ANALYZER.exists():
-        pytest.fail(f"{PERF_ANALYZER} is missing: `make test` installs it (tests/tools/)")
-    report = tmp_path / "report.csv"
-    done = subprocess.run(
-        [
-            str(PERF_ANALYZER), "-m", MODEL, "-i", "grpc", "-u", mtls_server.target,
-            "--streaming", "--shape", "reading:1,1", "--input-data", "random",
-            "--sequence-length", "8", "--concurrency-range", "2",
-            "--measurement-mode", "count_windows", "--measurement-request-count", "100",
-            "--stability-percentage", "100", "--max-trials", "3", "-f", str(report),
-            "--ssl-grpc-use-ssl",
-            "--ssl-grpc-root-certifications-file", str(pki.ca.path),
-            "--ssl-grpc-private-key-file", str(pki.client.key),
-            "--ssl-grpc-certificate-chain-file", str(pki.client.cert),
-        ],
-        capture_output=True, text=True, timeout=120,
+    per_second = run_perf_analyzer(
+        tmp_path / "report.csv",
+        "-m", MODEL, "-i", "grpc", "-u", mtls_server.target,
+        "--streaming", "--shape", "reading:1,1", "--input-data", "random",
+        "--sequence-length", "8", "--concurrency-range", "2",
+        "--measurement-mode", "count_windows", "--measurement-request-count", "100",
+        "--stability-percentage", "100", "--max-trials", "3",
+        "--ssl-grpc-use-ssl",
+        "--ssl-grpc-root-certifications-file", str(pki.ca.path),
+        "--ssl-grpc-private-key-file", str(pki.client.key),
+        "--ssl-grpc-certificate-chain-file", str(pki.client.cert),
     )  # fmt: skip
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output
-    assert "error" not in output.lower(), output
-    with report.open() as rows:
-        (row,) = list(csv.DictReader(rows))
-    assert float(row["Inferences/Second"]) > 0
+    assert per_second > 0
 
 
 def test_metrics_stay_plain_http_on_their_own_interface(mtls_server) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import re
-import signal
 import subprocess
 import time
 import urllib.error
@@ -32,6 +31,7 @@ from tritonclient.utils import InferenceServerException
 
 from rnnserve.client import SEQUENCE_ID_HEADER, SequenceClient, sequence_id_header
 from tests.api.conftest import OUTPUTS, Reference, infer_input, sequence_data
+from tests.child import end_process
 from tests.conftest import ROOT
 from tests.server import RunningServer, start_server
 from tests.triton_server import free_ports
@@ -106,12 +106,7 @@ class RunningEnvoy:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        end_process(self.process)
 
 
 @dataclass

@@ -9,7 +9,6 @@ import json
 import math
 import re
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -27,6 +26,7 @@ import yaml
 from tritonclient.utils import InferenceServerException
 
 from tests.api.conftest import infer_input, sequence_data
+from tests.child import end_process
 from tests.conftest import ROOT
 from tests.redis_server import free_port
 from tests.server import RunningServer, serving
@@ -138,12 +138,7 @@ class RunningPrometheus:
         return result
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        end_process(self.process)
 
 
 def values(samples: list[dict[str, Any]]) -> list[float]:

@@ -14,6 +14,7 @@ import gc
 from collections.abc import AsyncIterator
 
 import numpy as np
+from grpc.aio import AbortError
 
 from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve.api.servicer import InferenceServicer
@@ -33,6 +34,13 @@ class Quiet:
 class Context:
     async def abort(self, code: object, details: str) -> None:
         raise AssertionError(f"aborted: {code} {details}")
+
+
+class Refusing:
+    """A context whose abort ends the call as grpc's does."""
+
+    async def abort(self, code: object, details: str) -> None:
+        raise AbortError(code, details)
 
 
 def request(sequence: int, token: int, start: bool, rid: str) -> bytes:
@@ -77,6 +85,52 @@ async def test_streamed_and_unary_requests_leave_no_cycles() -> None:
         finally:
             gc.enable()
         assert counts[:3] == [REQUESTS] * 3
+        assert found == 0, f"{found} objects were left in reference cycles"
+    finally:
+        await registry.stop()
+
+
+async def test_refused_requests_leave_no_cycles() -> None:
+    """Refused in the decoder, the registry or the engine, unary or streamed: a cycle would
+    hold each refused request's bytes until a collection."""
+    registry = ModelRegistry(
+        BUNDLED,
+        lambda path: OnnxRuntime(path, EngineSettings(Provider.CPU, spinning=Spinning.NEVER)),
+        Limits(max_queue_delay_s=0.0),
+    )
+    await registry.load_all()
+    servicer = InferenceServicer(registry, Quiet())
+    unknown = pb.ModelInferRequest.FromString(request(1, 5, True, ""))
+    unknown.model_name = "nope"
+    refused = [
+        b"\x0a\x05abc",  # not a request
+        unknown.SerializeToString(),  # no such model
+        request(424242, 5, False, ""),  # not a live sequence: refused by the engine
+        request(1, 200, True, ""),  # a token outside the vocabulary
+    ]
+
+    async def stream() -> AsyncIterator[bytes]:
+        for data in refused * 10:
+            yield data
+
+    async def unary() -> None:
+        for data in refused * 10:
+            try:
+                await servicer.ModelInfer(data, Refusing())
+            except AbortError:
+                pass
+
+    try:
+        await unary()  # warm up
+        gc.collect()
+        gc.disable()
+        try:
+            await unary()
+            answers = [a async for a in servicer.ModelStreamInfer(stream(), Context())]
+            found = gc.collect()
+        finally:
+            gc.enable()
+        assert len(answers) == len(refused) * 10
         assert found == 0, f"{found} objects were left in reference cycles"
     finally:
         await registry.stop()

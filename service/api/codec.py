@@ -54,6 +54,9 @@ _FIELD_DTYPES: dict[str, np.dtype[np.generic]] = {
     "fp32_contents": np.dtype("<f4"),
     "fp64_contents": np.dtype("<f8"),
 }
+MAX_REQUEST_ID_CHARS = 1024
+"""The longest request id. Every answer echoes it, an error too: with ids as long as a message,
+the answer to a refused one could not be sent, and that would end the whole stream."""
 MAX_SEQUENCE_ID_CHARS = 1024
 """The longest string sequence id: the server keeps each live one, so ids as long as a whole
 message would let a few thousand sequences hold gigabytes."""
@@ -142,6 +145,11 @@ def decode_request(message: pb.ModelInferRequest) -> InferenceRequest:
         if name in inputs:
             raise InvalidArgument(f"input {name} is given twice")
         inputs[name] = decode_tensor(tensor, raw[index] if raw else None)
+    if len(message.id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument(
+            f"the request id is {len(message.id)} characters long; at most "
+            f"{MAX_REQUEST_ID_CHARS} are accepted"
+        )
     requested = message.outputs
     return InferenceRequest(
         model=message.model_name,
@@ -195,6 +203,8 @@ class RequestDecoder:
         template = self._templates.get(key)
         if template is None or len(raws) != len(template.inputs):
             return self._decode(data, key)
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            return self._decode(data, None)  # the full decode refuses it
         inputs: dict[str, np.ndarray] = {}
         for (name, dtype, shape, count, size), (offset, length) in zip(
             template.inputs, raws, strict=True
@@ -403,9 +413,20 @@ def _response_parts(result: InferenceResult, request_id: str) -> list[bytes]:
 
 
 def encode_stream_error(model: str, version: str, request_id: str, text: str) -> bytes:
-    """A ModelStreamInferResponse answering a request with an error, as wire bytes."""
-    echo = pb.ModelInferResponse(model_name=model, model_version=version, id=request_id)
+    """A ModelStreamInferResponse answering a request with an error, as wire bytes.
+
+    Model, version and id are echoed when they are at most MAX_REQUEST_ID_CHARS long (no
+    served model has a longer name, and a longer id was refused): the answer to a request as
+    large as a message then still fits in one.
+    """
+    echo = pb.ModelInferResponse(
+        model_name=_echoed(model), model_version=_echoed(version), id=_echoed(request_id)
+    )
     return pb.ModelStreamInferResponse(error_message=text, infer_response=echo).SerializeToString()
+
+
+def _echoed(text: str) -> str:
+    return text if len(text) <= MAX_REQUEST_ID_CHARS else ""
 
 
 # ---------------------------------------------------------------------------- wire format

@@ -7,7 +7,8 @@ dims, typed contents beside raw bytes, unknown and mistyped parameters. Byte-lev
 cut, flip and splice a request's wire bytes, or give bytes that were never a protobuf.
 
 The seed is fixed (RNNSERVE_FUZZ_SEED, 0 unless set) and printed in pytest's header: a
-failure reproduces with the same seed; set another to explore further.
+failure reproduces with the same seed; set another, or RNNSERVE_FUZZ_SCALE=10 for ten times
+the examples, to search further.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ from tests.api.conftest import INPUTS, MODELS, OUTPUTS
 SEED = int(os.environ.get("RNNSERVE_FUZZ_SEED", "0"))
 seeded = hypothesis.seed(SEED)
 """Decorator giving a fuzz test the suite's seed."""
+SCALE = int(os.environ.get("RNNSERVE_FUZZ_SCALE", "1"))
+"""Examples per test, as a multiple of `make test`'s (set it higher to search longer)."""
+
+
+def examples(count: int) -> int:
+    """`count` examples, times RNNSERVE_FUZZ_SCALE."""
+    return count * SCALE
+
 
 DATATYPES = (*WIRE_DTYPES, "BYTES")
 STATES = {"charlm_lstm": (2, 256), "sensor_gru": (2, 64), "digits_lstm": (1, 64)}
@@ -56,7 +65,7 @@ CONTENTS_FIELDS = {
 def garbage_text(longest: int) -> st.SearchStrategy[str]:
     """Strings from empty to `longest` characters: NULs, non-ASCII, format strings, digits
     that int() refuses, and runs far longer than any real name or id."""
-    runs = [n for n in (300, 5_000, 70_000, 400_000, 3_000_000) if n <= longest] or [longest]
+    runs = sorted({n for n in (300, 5_000, 70_000, 400_000, 3_000_000) if n < longest} | {longest})
     return st.one_of(
         st.sampled_from(["", "\x00", "é", "\U0001f600", " 1", "²", "-1", "%s%n{}", "1" * 5000]),
         st.text(max_size=24),
@@ -270,3 +279,33 @@ def bent_bytes(draw: st.DrawFn) -> bytes:
         return data[:at] + draw(st.binary(min_size=1, max_size=16)) + data[at:]
     other = draw(bent_requests(longest=5_000)).SerializeToString()
     return data[:at] + other[draw(st.integers(0, len(other))) :]
+
+
+PADDED_FIELDS = ("id", "model_name", "model_version", "parameter", "output", "input")
+
+
+@st.composite
+def at_the_limit(draw: st.DrawFn, limit: int) -> pb.ModelInferRequest:
+    """A bent request padded in one field to just under `limit` bytes: an answer that echoes
+    the request, plus an error message, would be over it."""
+    message = draw(bent_requests(longest=64))
+    field = draw(st.sampled_from(PADDED_FIELDS))
+    target = limit - draw(st.integers(0, 64))
+
+    def pad(n: int) -> None:
+        text = "x" * max(n, 0)
+        if field in ("id", "model_name", "model_version"):
+            setattr(message, field, text)
+        elif field == "parameter":
+            message.parameters["padding"].string_param = text
+        elif field == "output":
+            del message.outputs[:]
+            message.outputs.add(name=text)
+        elif message.inputs:
+            message.inputs[0].name = text
+
+    pad(0)
+    base = message.ByteSize()
+    pad(target - base - 4)  # the field's length prefix grows by up to 3 bytes
+    pad(target - base - 4 + target - message.ByteSize())
+    return message

@@ -141,6 +141,7 @@ def test_decoder_takes_fields_in_any_order() -> None:
     [
         (b"\x0a\x05abc", "not a valid ModelInferRequest"),
         (request_bytes(data=b"\x00" * 5), "needs 24 bytes, got 5"),
+        (request_bytes(request_id="r" * 1025), "the request id is 1025 characters long"),
     ],
 )
 def test_decoder_errors_say_what_is_wrong(raw: bytes, needle: str) -> None:

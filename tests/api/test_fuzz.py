@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -24,9 +25,20 @@ from hypothesis import strategies as st
 
 from rnnserve._pb import grpc_service_pb2 as pb
 from tests.api.conftest import MODELS, OUTPUTS, Reference
-from tests.api.fuzzing import bent_bytes, bent_requests, inputs_for, seeded, valid_request
+from tests.api.fuzzing import (
+    at_the_limit,
+    bent_bytes,
+    bent_requests,
+    examples,
+    inputs_for,
+    seeded,
+    valid_request,
+)
 from tests.api.test_stress import rss_mb
 from tests.server import RunningServer, serving
+
+# A failing example of megabytes is shown cut: hypothesis warns that it is large.
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
 LIMIT = 2 * 1024 * 1024
 """The server's --max-message-bytes; the client receives up to as much."""
@@ -129,15 +141,19 @@ def check_stream(channel: grpc.Channel, requests: list[bytes]) -> list[str]:
 
 
 @seeded
-@settings(max_examples=300)
-@given(bent_requests(longest=3_000_000))
+@settings(max_examples=examples(300))
+@given(st.one_of(bent_requests(longest=3_000_000), at_the_limit(LIMIT)))
 def test_bent_requests_get_a_proper_status(channel, message: pb.ModelInferRequest) -> None:
     check_unary(channel, message.SerializeToString())
 
 
 @seeded
-@settings(max_examples=100)
-@given(st.lists(bent_requests(longest=400_000), min_size=1, max_size=6))
+@settings(max_examples=examples(100))
+@given(
+    st.lists(
+        st.one_of(bent_requests(longest=LIMIT - 4096), at_the_limit(LIMIT)), min_size=1, max_size=6
+    )
+)
 def test_bent_requests_on_a_stream_are_answered_in_band(
     channel, messages: list[pb.ModelInferRequest]
 ) -> None:
@@ -147,7 +163,7 @@ def test_bent_requests_on_a_stream_are_answered_in_band(
 
 
 @seeded
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(st.lists(bent_bytes(), min_size=1, max_size=4))
 def test_bytes_that_are_not_requests_get_a_proper_status(channel, blobs: list[bytes]) -> None:
     for data in blobs:
@@ -170,7 +186,7 @@ def interleavings(draw: st.DrawFn) -> tuple[str, list[tuple[int, bool, bool, np.
 
 
 @seeded
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(interleavings(), st.booleans())
 def test_interleaved_flags_answer_what_the_model_computes(
     channel, reference: Reference, plan, string_ids: bool
@@ -234,15 +250,18 @@ class RssSampler:
 
 LONG_RUN_S = 40.0
 LONG_RUN_EXAMPLES = 2500
-RSS_GROWTH_BOUND_MB = 8.0
-"""How much the peak RSS of the run's last third may exceed that of its first two thirds.
+RSS_GROWTH_BOUND_MB = 6.0
+"""How much the server's median RSS over the run's last third may exceed that over its middle
+third, the two medians about 1,300 requests apart.
 
-What a bent request may leave behind is bounded by design: decoded request shapes (4,096),
-checked input shapes and answer sizes (per model), live sequences (ids 1..3, and those the
-interleaving test starts) and the allocator's free lists for messages up to 2 MiB. Those fill
-in the first two thirds; a leak of even 4 KiB a request would add about 3 MiB over the last
-third's ~800 requests, and one of the large messages (up to 2 MiB each) far more. 8 MiB is
-above the noise of the allocator returning and taking pages back, measured at 1-3 MiB."""
+What a bent request may leave behind is bounded by design: decoded request shapes (4,096 of at
+most 4 KiB), checked input shapes and answer sizes (per model), live sequences (ids 1..3 and
+1,024-character ids at most, up to 1,024 a model) and the allocator's pools. Those fill early;
+a leak of 5 KiB a request would then add about 6 MiB between the two medians. The long run
+keeps its values under 70,000 characters (messages under about 1 MB): with messages up to
+2 MiB the allocator's pools alone moved the medians by up to 11 MiB, where under 1 MB they
+moved by -0.6 to 1.7 MiB over five seeds. Values up to and beyond the limit are the other
+tests' (one checks that 1.5 MB values are not kept)."""
 
 
 def test_memory_stays_bounded_over_a_long_fuzz(channel, fuzz_server, record_property) -> None:
@@ -253,8 +272,8 @@ def test_memory_stays_bounded_over_a_long_fuzz(channel, fuzz_server, record_prop
     @settings(max_examples=LONG_RUN_EXAMPLES)
     @given(
         st.one_of(
-            bent_requests(longest=3_000_000).map(lambda m: ("unary", [m.SerializeToString()])),
-            st.lists(bent_requests(longest=200_000), min_size=1, max_size=4).map(
+            bent_requests(longest=70_000).map(lambda m: ("unary", [m.SerializeToString()])),
+            st.lists(bent_requests(longest=70_000), min_size=1, max_size=4).map(
                 lambda ms: ("stream", [m.SerializeToString() for m in ms])
             ),
             bent_bytes().map(lambda b: ("unary", [b])),
@@ -277,7 +296,9 @@ def test_memory_stays_bounded_over_a_long_fuzz(channel, fuzz_server, record_prop
     samples = rss.samples
     third = len(samples) // 3
     assert third >= 10, f"only {len(samples)} RSS samples in {elapsed:.0f} s"
-    growth = max(samples[2 * third :]) - max(samples[: 2 * third])
+    middle, last = samples[third : 2 * third], samples[2 * third :]
+    growth = statistics.median(last) - statistics.median(middle)
+    peak_growth = max(last) - max(samples[: 2 * third])
     record_property(
         "figures",
         {
@@ -288,11 +309,14 @@ def test_memory_stays_bounded_over_a_long_fuzz(channel, fuzz_server, record_prop
                 round(max(samples), 1),
                 round(samples[-1], 1),
             ],
-            "RSS growth in the last third MiB": round(growth, 1),
+            "RSS growth in the last third MiB (median, peak)": [
+                round(growth, 1),
+                round(peak_growth, 1),
+            ],
         },
     )
     assert sum(counts.values()) >= 1000, counts
-    assert growth < RSS_GROWTH_BOUND_MB, (growth, samples)
+    assert growth < RSS_GROWTH_BOUND_MB, (growth, [round(s) for s in samples])
 
 
 def test_long_distinct_values_are_not_kept(channel, fuzz_server) -> None:
@@ -319,10 +343,12 @@ def test_long_distinct_values_are_not_kept(channel, fuzz_server) -> None:
             for field in ("model_name", "parameter", "output", "sequence_id"):
                 check_unary(channel, carrying(field, f"{index}-" + "v" * 1_500_000))
 
-    send(range(10))  # the allocator keeps pools for messages this large: fill them first
+    # The allocator keeps pools for messages this large, which the first round fills (they
+    # were measured to grow by up to 100 MB after the long fuzz); kept, the values of the
+    # second round alone would add 240 MB.
+    send(range(40))
     before = rss_mb(fuzz_server.pid)
-    send(range(10, 50))
-    # Kept, they would take 240 MB; the allocator's pools were measured to grow by up to 60.
+    send(range(40, 80))
     assert rss_mb(fuzz_server.pid) - before < 80, (before, rss_mb(fuzz_server.pid))
 
 

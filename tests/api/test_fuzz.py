@@ -20,16 +20,19 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from rnnserve._pb import grpc_service_pb2 as pb
+from rnnserve._pb import grpc_service_pb2_grpc as pb_grpc
+from rnnserve.api.status import MAX_MESSAGE_BYTES
 from tests.api.conftest import MODELS, OUTPUTS, Reference
 from tests.api.fuzzing import (
     at_the_limit,
     bent_bytes,
     bent_requests,
     examples,
+    garbage_text,
     inputs_for,
     seeded,
     valid_request,
@@ -53,8 +56,6 @@ SERVERS_OWN = ("live sequences", "--max-message-bytes")
 """What the server's own RESOURCE_EXHAUSTED messages say (a full model, an answer too large):
 gRPC's own (a message or trailers over a limit) for a request under the limit would be the
 server's answer failing in transport."""
-MAX_DETAILS_BYTES = 4096
-"""A status message travels in HTTP/2 trailers, which clients cap at 8 KiB by default."""
 _ids = itertools.count(1)
 
 
@@ -104,7 +105,8 @@ def check_unary(channel: grpc.Channel, data: bytes) -> str:
     code, details = answer.code(), answer.details() or ""
     assert code in REFUSALS, f"{code.name}: {details}"
     assert details, f"{code.name} without a message"
-    assert len(details.encode()) <= MAX_DETAILS_BYTES, f"{len(details.encode())} bytes of details"
+    # Trailers, where the message travels percent-encoded, are capped at 8 KiB by clients.
+    assert len(details.encode()) <= MAX_MESSAGE_BYTES, f"{len(details.encode())} bytes of details"
     if len(data) > LIMIT:
         assert code is grpc.StatusCode.RESOURCE_EXHAUSTED, details
     elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -169,6 +171,37 @@ def test_bytes_that_are_not_requests_get_a_proper_status(channel, blobs: list[by
     for data in blobs:
         check_unary(channel, data)
     check_stream(channel, blobs)
+
+
+CALLS = {
+    "ModelMetadata": pb.ModelMetadataRequest,
+    "ModelConfig": pb.ModelConfigRequest,
+    "ModelReady": pb.ModelReadyRequest,
+    "ModelStatistics": pb.ModelStatisticsRequest,
+    "RepositoryModelLoad": lambda name, version: pb.RepositoryModelLoadRequest(model_name=name),
+    "RepositoryModelUnload": lambda name, version: pb.RepositoryModelUnloadRequest(model_name=name),
+}
+
+
+@seeded
+@settings(max_examples=examples(150))
+@given(
+    st.sampled_from(sorted(CALLS)),
+    st.one_of(st.sampled_from(MODELS), garbage_text(400_000)),
+    garbage_text(400_000),
+)
+def test_other_calls_with_bent_names_get_a_proper_status(
+    channel, method: str, name: str, version: str
+) -> None:
+    # Unloading a bundled model would take it from the other tests.
+    assume(method != "RepositoryModelUnload" or name not in MODELS)
+    try:
+        getattr(pb_grpc.GRPCInferenceServiceStub(channel), method)(
+            CALLS[method](name=name, version=version), timeout=30
+        )
+    except grpc.RpcError as error:
+        assert error.code() in REFUSALS, f"{error.code().name}: {error.details()}"
+        assert 0 < len(error.details().encode()) <= MAX_MESSAGE_BYTES
 
 
 @st.composite

@@ -31,6 +31,8 @@ settings.register_profile(
     ],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "rnnserve"))
+FUZZ_SEED = int(os.environ.get("RNNSERVE_FUZZ_SEED", "0"))
+"""The fuzz tests' seed: fixed, so that a failure reproduces; printed in the header."""
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -58,9 +60,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRe
 
 
 def pytest_report_header() -> str:
-    from tests.api.fuzzing import SEED
-
-    return f"fuzz seed: {SEED} (set RNNSERVE_FUZZ_SEED to change it)"
+    return f"fuzz seed: {FUZZ_SEED} (set RNNSERVE_FUZZ_SEED to change it)"
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

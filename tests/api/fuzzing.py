@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve.repository.signature import WIRE_DTYPES
 from tests.api.conftest import INPUTS, MODELS, OUTPUTS
+from tests.conftest import FUZZ_SEED
 
-SEED = int(os.environ.get("RNNSERVE_FUZZ_SEED", "0"))
-seeded = hypothesis.seed(SEED)
+seeded = hypothesis.seed(FUZZ_SEED)
 """Decorator giving a fuzz test the suite's seed."""
 SCALE = int(os.environ.get("RNNSERVE_FUZZ_SCALE", "1"))
 """Examples per test, as a multiple of `make test`'s (set it higher to search longer)."""

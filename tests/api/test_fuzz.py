@@ -204,15 +204,19 @@ def test_other_calls_with_bent_names_get_a_proper_status(
         assert 0 < len(error.details().encode()) <= MAX_MESSAGE_BYTES
 
 
+Step = tuple[int, bool, bool, str, np.ndarray]
+
+
 @st.composite
-def interleavings(draw: st.DrawFn) -> tuple[str, list[tuple[int, bool, bool, np.ndarray]]]:
-    """A model and steps of three sequences in random order, each with random start and end
-    flags: (which sequence, start, end, data)."""
+def interleavings(draw: st.DrawFn) -> tuple[str, list[Step]]:
+    """A model and steps of three sequences in random order: (which sequence, start, end,
+    sequence_version sent: none, the sequence's own or another, data)."""
     model = draw(st.sampled_from(MODELS))
     step = st.tuples(
         st.integers(0, 2),
         st.booleans(),
         st.booleans(),
+        st.sampled_from(["none", "none", "right", "wrong"]),
         st.integers(1, 3).flatmap(lambda steps: inputs_for(model, steps)),
     )
     return model, draw(st.lists(step, min_size=1, max_size=12))
@@ -222,41 +226,50 @@ def interleavings(draw: st.DrawFn) -> tuple[str, list[tuple[int, bool, bool, np.
 @settings(max_examples=examples(60))
 @given(interleavings(), st.booleans())
 def test_interleaved_flags_answer_what_the_model_computes(
-    channel, reference: Reference, plan, string_ids: bool
+    channel, reference: Reference, plan: tuple[str, list[Step]], string_ids: bool
 ) -> None:
-    """A continuation of a sequence that is not live is refused; every answered step equals
-    the model run in-process over its sequence since its latest start."""
+    """A continuation of a sequence that is not live is refused (INVALID_ARGUMENT), one that
+    expects another sequence_version too (ABORTED, not applied; an END in it still ends the
+    sequence, as any END does); every answered step equals the model run in-process over its
+    sequence since its latest start, and says the sequence's version."""
     model, steps = plan
     run = next(_ids)
     ids = [f"fuzz-{run}-{n}-é" if string_ids else 10**12 + 10 * run + n for n in range(3)]
     requests, expected = [], {}
-    live: dict[int, np.ndarray] = {}
-    for index, (which, start, end, x) in enumerate(steps):
+    live: dict[int, tuple[np.ndarray, int]] = {}  # data since the start, version
+    for index, (which, start, end, expect, x) in enumerate(steps):
         rid = f"{run}/{index}"
-        requests.append(valid_request(model, x, ids[which], start, end, rid).SerializeToString())
-        if start:
-            live[which] = x
-        elif which in live:
-            live[which] = np.concatenate([live[which], x], axis=1)
-        else:
-            expected[rid] = None  # never started, or ended: refused
+        message = valid_request(model, x, ids[which], start, end, rid)
+        version = live[which][1] if which in live and not start else 0
+        if expect != "none":
+            sent = version if expect == "right" else version + 1
+            message.parameters["sequence_version"].int64_param = sent
+        requests.append(message.SerializeToString())
+        if not start and which not in live:
+            expected[rid] = "INVALID_ARGUMENT"  # never started, or ended
             continue
-        whole = live[which]
-        expected[rid] = reference.run(model, whole)[:, whole.shape[1] - x.shape[1] :]
+        if not start and expect == "wrong":
+            expected[rid] = "ABORTED"
+        else:
+            before = np.empty_like(x[:, :0]) if start else live[which][0]
+            whole = np.concatenate([before, x], axis=1)
+            live[which] = whole, version + 1
+            expected[rid] = (reference.run(model, whole)[:, before.shape[1] :], version + 1)
         if end:
             del live[which]
     answers = {a.infer_response.id: a for a in stream(channel, requests)}
     assert answers.keys() == expected.keys()
     for rid, want in expected.items():
         answer = answers[rid]
-        if want is None:
-            assert answer.error_message.startswith("[INVALID_ARGUMENT]"), answer.error_message
+        if isinstance(want, str):
+            assert answer.error_message.startswith(f"[{want}]"), (rid, answer.error_message)
             continue
-        assert not answer.error_message, answer.error_message
+        assert not answer.error_message, (rid, answer.error_message)
         output = answer.infer_response
+        assert output.parameters["sequence_version"].int64_param == want[1], rid
         assert output.outputs[0].name == OUTPUTS[model]
-        got = np.frombuffer(output.raw_output_contents[0], np.float32).reshape(want.shape)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        got = np.frombuffer(output.raw_output_contents[0], np.float32).reshape(want[0].shape)
+        np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-5)
 
 
 class RssSampler:

@@ -7,12 +7,13 @@ sampling the tests do not need.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,9 @@ class Ports:
 class RunningServer(ChildServer):
     """`rnnserve serve` on 127.0.0.1 with `flags`, its output in `workdir/rnnserve.log`."""
 
-    def __init__(self, workdir: Path, flags: tuple[str, ...]) -> None:
+    def __init__(
+        self, workdir: Path, flags: tuple[str, ...], env: Mapping[str, str] | None = None
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "rnnserve.log"
         port_file = workdir / "rnnserve.ports.json"
@@ -45,7 +48,12 @@ class RunningServer(ChildServer):
             "--port-file", str(port_file), *flags,
         ]  # fmt: skip
         with self.log_path.open("w") as log:  # the child keeps its own descriptor
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=None if env is None else {**os.environ, **env},
+            )
         self.ports = self._wait_for_ports(port_file)
 
     def _wait_for_ports(self, port_file: Path) -> Ports:
@@ -90,9 +98,12 @@ def start_server(workdir: Path, *flags: str) -> RunningServer:
 
 
 @contextmanager
-def serving(workdir: Path, *flags: str) -> Iterator[RunningServer]:
-    """A server for the duration of a `with`, which must then stop cleanly (exit code 0)."""
-    server = RunningServer(workdir, flags)
+def serving(
+    workdir: Path, *flags: str, env: Mapping[str, str] | None = None
+) -> Iterator[RunningServer]:
+    """A server for the duration of a `with`, which must then stop cleanly (exit code 0);
+    `env`: variables set for it beside the test's own."""
+    server = RunningServer(workdir, flags, env)
     try:
         yield server
     finally:

@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.redis_server import RunningRedis, start_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "models" / "repository"
+
+# The fuzz tests' profile (tests/api/fuzzing.py): no example database, so a run depends on the
+# seed alone; no deadline, as a call to the real server takes what the shared machine gives it;
+# and the large or slow examples the fuzz means to make are no reason for a health warning.
+settings.register_profile(
+    "rnnserve",
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "rnnserve"))
+FUZZ_SEED = int(os.environ.get("RNNSERVE_FUZZ_SEED", "0"))
+"""The fuzz tests' seed: fixed, so that a failure reproduces; printed in the header."""
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -37,6 +57,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRe
     running = start_redis(tmp_path_factory.mktemp("redis"))
     yield running
     running.stop()
+
+
+def pytest_report_header() -> str:
+    return f"fuzz seed: {FUZZ_SEED} (set RNNSERVE_FUZZ_SEED to change it)"
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

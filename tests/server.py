@@ -50,7 +50,10 @@ class RunningServer(ChildServer):
         ]  # fmt: skip
         with self.log_path.open("w") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=None if env is None else {**os.environ, **env},
             )
         self.ports = self._wait_for_ports(port_file)
 
@@ -99,7 +102,8 @@ def start_server(workdir: Path, *flags: str, env: Mapping[str, str] | None = Non
 def serving(
     workdir: Path, *flags: str, env: Mapping[str, str] | None = None
 ) -> Iterator[RunningServer]:
-    """A server for the duration of a `with`, which must then stop cleanly (exit code 0)."""
+    """A server for the duration of a `with`, which must then stop cleanly (exit code 0);
+    `env`: variables set for it beside the test's own."""
     server = RunningServer(workdir, flags, env)
     try:
         yield server

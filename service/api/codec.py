@@ -44,6 +44,25 @@ _CONTENTS_FIELD = {
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
 }
+# The numpy type each typed `contents` field holds (protobuf keeps its values in range).
+_FIELD_DTYPES: dict[str, np.dtype[np.generic]] = {
+    "bool_contents": np.dtype("?"),
+    "int_contents": np.dtype("<i4"),
+    "int64_contents": np.dtype("<i8"),
+    "uint_contents": np.dtype("<u4"),
+    "uint64_contents": np.dtype("<u8"),
+    "fp32_contents": np.dtype("<f4"),
+    "fp64_contents": np.dtype("<f8"),
+}
+MAX_REQUEST_ID_CHARS = 1024
+"""The longest request id. Every answer echoes it, an error too: with ids as long as a message,
+the answer to a refused one could not be sent, and that would end the whole stream."""
+MAX_SEQUENCE_ID_CHARS = 1024
+"""The longest string sequence id: the server keeps each live one, so ids as long as a whole
+message would let a few thousand sequences hold gigabytes."""
+MAX_DIMS = 32
+"""The most axes an input may have: numpy's limit before 2.0 (the models take 2 or 3)."""
+_MAX_ARRAY_BYTES = 2**63 - 1
 _SEQUENCE_PARAMETERS = frozenset(
     {"sequence_id", "sequence_start", "sequence_end", "sequence_version"}
 )
@@ -68,6 +87,11 @@ def sequence_control(parameters: Mapping[str, pb.InferParameter]) -> SequenceCon
             sequence_id = param.uint64_param
         elif which == "string_param":
             sequence_id = param.string_param
+            if len(sequence_id) > MAX_SEQUENCE_ID_CHARS:
+                raise InvalidArgument(
+                    f"parameter sequence_id is {len(sequence_id)} characters long; a string id "
+                    f"takes at most {MAX_SEQUENCE_ID_CHARS} (a 64-bit integer id also works)"
+                )
         else:
             raise InvalidArgument(
                 f"parameter sequence_id must be an integer or a string, got {which or 'nothing'}"
@@ -121,6 +145,11 @@ def decode_request(message: pb.ModelInferRequest) -> InferenceRequest:
         if name in inputs:
             raise InvalidArgument(f"input {name} is given twice")
         inputs[name] = decode_tensor(tensor, raw[index] if raw else None)
+    if len(message.id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument(
+            f"the request id is {len(message.id)} characters long; at most "
+            f"{MAX_REQUEST_ID_CHARS} are accepted"
+        )
     requested = message.outputs
     return InferenceRequest(
         model=message.model_name,
@@ -148,6 +177,10 @@ _RAW_INPUT_CONTENTS = 7
 _ID = 3
 MAX_TEMPLATES = 4096
 """Distinct request shapes remembered; about one per active sequence (its id is in them)."""
+MAX_TEMPLATE_BYTES = 4096
+"""The longest request (tensor data and id aside) whose shape is remembered: a real one takes
+a few hundred bytes; a longer one decodes in full each time, so that MAX_TEMPLATES of them
+hold at most 16 MiB, not MAX_TEMPLATES messages of up to --max-message-bytes."""
 
 
 class RequestDecoder:
@@ -170,6 +203,8 @@ class RequestDecoder:
         template = self._templates.get(key)
         if template is None or len(raws) != len(template.inputs):
             return self._decode(data, key)
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            return self._decode(data, None)  # the full decode refuses it
         inputs: dict[str, np.ndarray] = {}
         for (name, dtype, shape, count, size), (offset, length) in zip(
             template.inputs, raws, strict=True
@@ -191,7 +226,7 @@ class RequestDecoder:
         message = parse_request(data)
         request = decode_request(message)
         raw = message.raw_input_contents
-        if key is not None and raw and all(len(r) for r in raw):
+        if key is not None and len(key) <= MAX_TEMPLATE_BYTES and raw and all(map(len, raw)):
             if len(self._templates) >= MAX_TEMPLATES:
                 self._templates.clear()
             self._templates[key] = _Template(
@@ -267,8 +302,9 @@ def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
     """One input as an array of its shape: a view of `raw` (little-endian bytes) when given,
     else read from its typed `contents`.
 
-    Raises InvalidArgument for a datatype with no numpy type (BYTES), a negative dimension, or
-    data whose size does not fit the shape.
+    Raises InvalidArgument for a datatype with no numpy type (BYTES), a shape with a negative
+    dimension or too many axes, data whose size does not fit the shape, typed contents beside
+    raw bytes (as Triton does), or typed values outside the datatype's range.
     """
     dtype = WIRE_DTYPES.get(tensor.datatype)
     if dtype is None:
@@ -276,17 +312,50 @@ def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
         raise InvalidArgument(
             f"input {tensor.name}: datatype {tensor.datatype!r} is not supported ({supported})"
         )
+    shape = _shape_of(tensor, dtype)
+    count = math.prod(shape)
+    if raw is None:
+        return _typed_contents(tensor, dtype, shape, count)
+    if tensor.contents.ByteSize():
+        raise InvalidArgument(
+            f"input {tensor.name}: send its data in raw_input_contents or in typed contents, "
+            f"not both"
+        )
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidArgument(
+            f"input {tensor.name}: shape {list(shape)} of {tensor.datatype} needs "
+            f"{count * dtype.itemsize} bytes, got {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _shape_of(
+    tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype[np.generic]
+) -> tuple[int, ...]:
+    """The tensor's shape, if numpy can make an array of it; InvalidArgument otherwise."""
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input {tensor.name}: shape {list(shape)} has a negative dimension")
-    count = math.prod(shape)
-    if raw is not None:
-        if len(raw) != count * dtype.itemsize:
-            raise InvalidArgument(
-                f"input {tensor.name}: shape {list(shape)} of {tensor.datatype} needs "
-                f"{count * dtype.itemsize} bytes, got {len(raw)}"
-            )
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgument(
+            f"input {tensor.name}: shape has {len(shape)} axes, more than the {MAX_DIMS} supported"
+        )
+    # numpy refuses a shape whose non-zero axes multiply past its index type, even when another
+    # axis is 0 and the tensor is empty.
+    if math.prod(d for d in shape if d) * dtype.itemsize > _MAX_ARRAY_BYTES:
+        raise InvalidArgument(
+            f"input {tensor.name}: shape {list(shape)} of {tensor.datatype} is too large for any "
+            f"tensor"
+        )
+    return shape
+
+
+def _typed_contents(
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    dtype: np.dtype[np.generic],
+    shape: tuple[int, ...],
+    count: int,
+) -> np.ndarray:
     field = _CONTENTS_FIELD.get(tensor.datatype)
     if field is None:  # FP16 has no typed contents field in the protocol
         raise InvalidArgument(
@@ -299,7 +368,16 @@ def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
             f"input {tensor.name}: shape {list(shape)} needs {count} values, got {len(values)} "
             f"in contents.{field}"
         )
-    return np.asarray(values, dtype=dtype).reshape(shape)
+    array = np.asarray(values, dtype=_FIELD_DTYPES[field])
+    if array.dtype != dtype and array.size:  # INT8, INT16, UINT8, UINT16 travel wider
+        limits = np.iinfo(dtype.str)
+        low, high = array.min(), array.max()
+        if low < limits.min or high > limits.max:
+            raise InvalidArgument(
+                f"input {tensor.name}: {tensor.datatype} takes values {limits.min}..{limits.max}, "
+                f"got {low if low < limits.min else high} in contents.{field}"
+            )
+    return array.astype(dtype, copy=False).reshape(shape)
 
 
 def encode_response(result: InferenceResult, request_id: str) -> bytes:
@@ -335,9 +413,20 @@ def _response_parts(result: InferenceResult, request_id: str) -> list[bytes]:
 
 
 def encode_stream_error(model: str, version: str, request_id: str, text: str) -> bytes:
-    """A ModelStreamInferResponse answering a request with an error, as wire bytes."""
-    echo = pb.ModelInferResponse(model_name=model, model_version=version, id=request_id)
+    """A ModelStreamInferResponse answering a request with an error, as wire bytes.
+
+    Model, version and id are echoed when they are at most MAX_REQUEST_ID_CHARS long (no
+    served model has a longer name, and a longer id was refused): the answer to a request as
+    large as a message then still fits in one.
+    """
+    echo = pb.ModelInferResponse(
+        model_name=_echoed(model), model_version=_echoed(version), id=_echoed(request_id)
+    )
     return pb.ModelStreamInferResponse(error_message=text, infer_response=echo).SerializeToString()
+
+
+def _echoed(text: str) -> str:
+    return text if len(text) <= MAX_REQUEST_ID_CHARS else ""
 
 
 # ---------------------------------------------------------------------------- wire format

@@ -266,7 +266,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             result = await model.infer(request)
             response = encode_response(result, request.id)
         except Exception as error:  # noqa: BLE001 - mapped to a status in one place
-            await context.abort(*self._failed(error, labels, started))
+            # Set, not `context.abort`: its exception leaves reference cycles in grpc.aio that
+            # hold the request's bytes until the cyclic collector runs (measured: 100+ MB of
+            # refused 1.5 MB requests held). gRPC sends no message with a status that is not OK.
+            code, text = self._failed(error, labels, started)
+            context.set_code(code)
+            context.set_details(text)
+            return b""
         except asyncio.CancelledError as error:
             self._failed(error, labels, started)
             raise

@@ -2,7 +2,8 @@
 
 Domain code raises ServiceError subclasses, each carrying its status code; anything else is a
 bug, answered INTERNAL with a generic message while its traceback goes to the log. Messages are
-bounded: a status travels in HTTP/2 trailers, whose size gRPC limits (8 KiB by default).
+bounded: a status travels in HTTP/2 trailers, whose size gRPC clients limit (8 KiB by default),
+and its message travels percent-encoded there, each byte outside printable ASCII taking three.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from rnnserve.errors import InternalError, ServiceError
 
 logger = logging.getLogger(__name__)
 
-MAX_MESSAGE_CHARS = 1024
-"""The longest message a status carries; longer ones are cut and marked."""
+MAX_MESSAGE_BYTES = 1024
+"""The longest message a status carries, in UTF-8 bytes (at most 3 KiB percent-encoded);
+longer ones are cut and marked."""
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for `error`.
 
-    A ServiceError keeps its code and message (cut to MAX_MESSAGE_CHARS); a cancellation is
+    A ServiceError keeps its code and message (cut to MAX_MESSAGE_BYTES); a cancellation is
     CANCELLED; anything else is logged with its traceback and answered INTERNAL.
     """
     if isinstance(error, ServiceError):
@@ -36,7 +38,11 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def bounded(message: str) -> str:
-    """`message`, cut to MAX_MESSAGE_CHARS characters with a mark where it was cut."""
-    if len(message) <= MAX_MESSAGE_CHARS:
+    """`message`, cut to MAX_MESSAGE_BYTES bytes of UTF-8 with a mark where it was cut."""
+    if len(message) <= MAX_MESSAGE_BYTES // 4:  # cannot be over: at most 4 bytes a character
         return message
-    return message[: MAX_MESSAGE_CHARS - 20] + " ... (message cut)"
+    encoded = message.encode()
+    if len(encoded) <= MAX_MESSAGE_BYTES:
+        return message
+    # Cut between characters: the bytes of one cut in two are dropped.
+    return encoded[: MAX_MESSAGE_BYTES - 20].decode(errors="ignore") + " ... (message cut)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import math
 import time
@@ -310,21 +311,22 @@ class ServedModel:
         If the caller is cancelled before the request ran, it never runs.
         """
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-
-        def deliver(outcome: Outcome) -> None:
-            if not future.done():
-                future.set_result(outcome)
-
-        ticket = self.submit(request, deliver)
+        ticket = self.submit(request, functools.partial(_deliver, future))
         try:
             outcome = await future
         except asyncio.CancelledError:
             if ticket is not None:
                 ticket.cancel()
             raise
-        if isinstance(outcome, ServiceError):
+        if not isinstance(outcome, ServiceError):
+            return outcome
+        try:
             raise outcome
-        return outcome
+        finally:
+            # The error's traceback holds this frame: its references to the error (the future
+            # holds it too) would make a cycle holding the request's bytes until the cyclic
+            # collector runs.
+            del outcome, future, ticket
 
     def submit(self, request: InferenceRequest, on_outcome: OnOutcome) -> Ticket[Work] | None:
         """Check the request and queue its work; `on_outcome` hears how it ended, once.
@@ -338,7 +340,9 @@ class ServedModel:
             work = self._plan(request, on_outcome)
         except ServiceError as error:
             self.stats.refused()
-            on_outcome(error)
+            # Without its traceback: that holds this frame, whose `on_outcome` may hold the
+            # error (a waiting future): a cycle, and the request's bytes kept until collected.
+            on_outcome(error.with_traceback(None))
             return None
         sequence = work.sequence
         if sequence is not None and self.sequences is not None:
@@ -634,6 +638,11 @@ class ServedModel:
                 f"are {', '.join(sorted(self._outputs))}"
             )
         return requested or self._default_outputs
+
+
+def _deliver(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
+    if not future.done():
+        future.set_result(outcome)
 
 
 def _finite(array: np.ndarray) -> bool:

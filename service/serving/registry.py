@@ -151,8 +151,13 @@ class ModelRegistry:
             known = ", ".join(sorted(self.models)) or "none"
             raise ModelNotFound(f"unknown model {name!r}; models being served: {known}")
         if version:
-            if not version.isdigit():
-                raise InvalidArgument(f"model version must be a positive integer, got {version!r}")
+            # isdigit() alone takes "²" and digits of other scripts, which int() refuses, and
+            # int() refuses more than 4300 digits: both would fail as INTERNAL.
+            if not (version.isascii() and version.isdigit() and len(version) <= 19):
+                raise InvalidArgument(
+                    f"model version must be a positive integer of at most 19 digits, got "
+                    f"{version!r}"
+                )
             model = versions.get(int(version))
             if model is None:
                 served = ", ".join(map(str, sorted(versions)))

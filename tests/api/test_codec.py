@@ -141,6 +141,7 @@ def test_decoder_takes_fields_in_any_order() -> None:
     [
         (b"\x0a\x05abc", "not a valid ModelInferRequest"),
         (request_bytes(data=b"\x00" * 5), "needs 24 bytes, got 5"),
+        (request_bytes(request_id="r" * 1025), "the request id is 1025 characters long"),
     ],
 )
 def test_decoder_errors_say_what_is_wrong(raw: bytes, needle: str) -> None:
@@ -148,3 +149,60 @@ def test_decoder_errors_say_what_is_wrong(raw: bytes, needle: str) -> None:
     decoder.decode(request_bytes())  # a learned shape must not hide a wrong byte count
     with pytest.raises(InvalidArgument, match=needle):
         decoder.decode(raw)
+
+
+def typed(datatype: str, shape: list[int], field: str, values: list) -> bytes:
+    message = pb.ModelInferRequest(model_name="charlm_lstm")
+    tensor = message.inputs.add(name="tokens", datatype=datatype, shape=shape)
+    getattr(tensor.contents, field).extend(values)
+    return message.SerializeToString()
+
+
+def with_raw(shape: list[int], data: bytes) -> bytes:
+    message = pb.ModelInferRequest(model_name="charlm_lstm")
+    message.inputs.add(name="tokens", datatype="INT64", shape=shape)
+    message.raw_input_contents.append(data)
+    return message.SerializeToString()
+
+
+# Found by fuzzing (tests/api/test_codec_fuzz.py, tests/api/test_fuzz.py): each was INTERNAL,
+# or for typed values out of range, silently wrapped (1000 as INT8 became -24).
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (with_raw([1] * 100, b"\x00" * 8), "shape has 100 axes, more than the 32 supported"),
+        (with_raw([0, 2**62, 2**62], b""), "is too large for any tensor"),
+        (typed("INT64", [0, 2**62, 2**62], "int64_contents", []), "is too large for any tensor"),
+        (typed("INT8", [1, 2], "int_contents", [5, 1000]), "INT8 takes values -128..127, got 1000"),
+        (typed("UINT8", [1], "uint_contents", [256]), "UINT8 takes values 0..255, got 256"),
+        (typed("INT16", [1], "int_contents", [-40000]), "-32768..32767, got -40000"),
+        (request_bytes(sequence_id="x" * 1025), "sequence_id is 1025 characters long"),
+    ],
+    ids=["100 axes", "huge empty raw", "huge empty typed", "INT8", "UINT8", "INT16", "long id"],
+)
+def test_bent_requests_are_refused_saying_why(raw: bytes, needle: str) -> None:
+    with pytest.raises(InvalidArgument, match=needle):
+        RequestDecoder().decode(raw)
+
+
+def test_typed_values_in_range_are_taken_exactly() -> None:
+    got = RequestDecoder().decode(typed("INT8", [1, 3], "int_contents", [-128, 0, 127]))
+    assert got.inputs["tokens"].dtype == np.int8
+    assert got.inputs["tokens"].tolist() == [[-128, 0, 127]]
+
+
+def test_a_long_request_shape_is_not_remembered() -> None:
+    # Remembered whole, 4096 distinct long requests would hold 4096 messages.
+    decoder = RequestDecoder()
+    for n in range(3):
+        decoder.decode(request_bytes(sequence_id=f"{n}" + "s" * 1000, outputs=("o" * 5000,)))
+    decoder.decode(request_bytes())
+    assert len(decoder._templates) == 1
+
+
+def test_typed_contents_beside_raw_bytes_are_refused() -> None:
+    # Triton refuses them too ("binary data was already supplied"); they were silently ignored.
+    message = pb.ModelInferRequest.FromString(request_bytes())
+    message.inputs[0].contents.int64_contents.extend([1, 2, 3])
+    with pytest.raises(InvalidArgument, match="raw_input_contents or in typed contents, not both"):
+        RequestDecoder().decode(message.SerializeToString())

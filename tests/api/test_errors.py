@@ -336,3 +336,29 @@ def test_undecodable_bytes_are_refused_and_a_stream_stays_open(server) -> None:
     assert "not a valid ModelInferRequest" in answers[0].error_message
     assert answers[1].error_message == ""
     assert answers[1].infer_response.id == "after"
+
+
+@pytest.mark.parametrize("version", ["²", "١", "1" * 5000, "9" * 20])
+def test_a_version_that_is_not_a_plain_number(client, version: str) -> None:
+    # "²" passes str.isdigit() and int() refuses it; int() refuses over 4300 digits: INTERNAL.
+    expect_error(
+        lambda: client.infer(
+            "sensor_gru", [infer_input("sensor_gru", ONE_STEP)], model_version=version
+        ),
+        "INVALID_ARGUMENT",
+        "model version must be a positive integer of at most 19 digits",
+    )
+    still_serving(client)
+
+
+@pytest.mark.parametrize("char", ["\U0001f600", "€", "\x00"])
+def test_a_long_message_fits_the_trailers(stub, char: str) -> None:
+    # Percent-encoded, 1,024 characters of 4 bytes took 12 KiB of trailers, over the client's
+    # 8 KiB: the client got RESOURCE_EXHAUSTED "received metadata size exceeds soft limit".
+    request = pb.ModelInferRequest(model_name=char * 5000)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND, caught.value.details()
+    details = caught.value.details()
+    assert details.startswith("unknown model") and details.endswith("(message cut)")
+    assert len(details.encode()) <= 1024

@@ -1,0 +1,428 @@
+"""The real server fuzzed over its gRPC API (hypothesis): every request, however bent, gets a
+proper status, never INTERNAL or UNKNOWN, and never a transport error caused by the server's
+own answer; a stream answers each request in-band and stays open; sequences whose flags
+interleave at random answer what the model computes; afterwards the server still serves a
+known-good sequence correctly, and its memory stopped growing during a long run.
+
+Strategies and the seed: tests/api/fuzzing.py. The server's largest message is set low
+(--max-message-bytes 2 MiB) so that fields far beyond it stay cheap to generate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from rnnserve._pb import grpc_service_pb2 as pb
+from rnnserve._pb import grpc_service_pb2_grpc as pb_grpc
+from rnnserve.api.status import MAX_MESSAGE_BYTES
+from tests.api.conftest import MODELS, OUTPUTS, Reference
+from tests.api.fuzzing import (
+    at_the_limit,
+    bent_bytes,
+    bent_requests,
+    examples,
+    garbage_text,
+    inputs_for,
+    seeded,
+    valid_request,
+)
+from tests.api.test_stress import rss_mb
+from tests.server import RunningServer, serving
+
+# A failing example of megabytes is shown cut: hypothesis warns that it is large.
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+
+LIMIT = 2 * 1024 * 1024
+"""The server's --max-message-bytes; the client receives up to as much."""
+REFUSALS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,  # a sequence_version that is not the sequence's
+}
+"""The statuses a bent request may get: each the client's to fix, none the server's fault."""
+SERVERS_OWN = ("live sequences", "--max-message-bytes")
+"""What the server's own RESOURCE_EXHAUSTED messages say (a full model, an answer too large):
+gRPC's own (a message or trailers over a limit) for a request under the limit would be the
+server's answer failing in transport."""
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+"""glibc's malloc, told its threshold, keeps it: every block over 128 KiB is mapped on its own
+and given back when freed, so RSS follows what the server holds. By default the threshold
+rises to the largest block freed, and freed message buffers of megabytes stay in its pools:
+RSS then moved by up to 9 MiB between rounds of the same requests, with no leak."""
+_ids = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory) -> Iterator[RunningServer]:
+    flags = ("--max-message-bytes", str(LIMIT), "--max-queue-delay-us", "0")
+    with serving(tmp_path_factory.mktemp("fuzz"), *flags, env=STEADY_MALLOC) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def channel(fuzz_server: RunningServer) -> Iterator[grpc.Channel]:
+    options = [
+        ("grpc.max_receive_message_length", LIMIT),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),  # bent requests go over LIMIT
+    ]
+    with grpc.insecure_channel(fuzz_server.target, options=options) as connection:
+        yield connection
+
+
+def unary(channel: grpc.Channel, data: bytes) -> pb.ModelInferResponse | grpc.RpcError:
+    call = channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=None,
+        response_deserializer=pb.ModelInferResponse.FromString,
+    )
+    try:
+        return call(data, timeout=30)
+    except grpc.RpcError as error:
+        return error
+
+
+def stream(channel: grpc.Channel, requests: list[bytes]) -> list[pb.ModelStreamInferResponse]:
+    call = channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        request_serializer=None,
+        response_deserializer=pb.ModelStreamInferResponse.FromString,
+    )
+    return list(call(iter(requests), timeout=60))
+
+
+def check_unary(channel: grpc.Channel, data: bytes) -> str:
+    """Send `data` as one ModelInfer; the status's name, checked to be a proper one."""
+    answer = unary(channel, data)
+    if isinstance(answer, pb.ModelInferResponse):
+        return "OK"
+    code, details = answer.code(), answer.details() or ""
+    assert code in REFUSALS, f"{code.name}: {details}"
+    assert details, f"{code.name} without a message"
+    # Trailers, where the message travels percent-encoded, are capped at 8 KiB by clients.
+    assert len(details.encode()) <= MAX_MESSAGE_BYTES, f"{len(details.encode())} bytes of details"
+    if len(data) > LIMIT:
+        assert code is grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        assert any(text in details for text in SERVERS_OWN), details
+    return code.name
+
+
+STREAM_ERROR = re.compile(r"\[([A-Z_]+)\] .")
+
+
+def check_stream(channel: grpc.Channel, requests: list[bytes]) -> list[str]:
+    """Send `requests` and a known-good one on one stream: each is answered in-band, the
+    stream stays open to answer the last correctly and ends OK; the statuses' names."""
+    good_id = f"good-{next(_ids)}"
+    x = np.full((1, 2, 1), 24.0, np.float32)
+    good = valid_request("sensor_gru", x, good_id, True, True, good_id)
+    answers = stream(channel, [*requests, good.SerializeToString()])
+    assert len(answers) == len(requests) + 1
+    codes = []
+    for answer in answers:
+        if not answer.error_message:
+            codes.append("OK")
+            continue
+        match = STREAM_ERROR.match(answer.error_message)
+        assert match, answer.error_message[:200]
+        assert grpc.StatusCode[match[1]] in REFUSALS, answer.error_message[:500]
+        if match[1] == "RESOURCE_EXHAUSTED":
+            assert any(text in answer.error_message for text in SERVERS_OWN), answer.error_message
+        codes.append(match[1])
+    last = [a for a in answers if a.infer_response.id == good_id]
+    assert len(last) == 1 and not last[0].error_message, last
+    assert list(last[0].infer_response.outputs[0].shape) == [1, 2, 1]
+    return codes
+
+
+@seeded
+@settings(max_examples=examples(300))
+@given(st.one_of(bent_requests(longest=3_000_000), at_the_limit(LIMIT)))
+def test_bent_requests_get_a_proper_status(channel, message: pb.ModelInferRequest) -> None:
+    check_unary(channel, message.SerializeToString())
+
+
+@seeded
+@settings(max_examples=examples(100))
+@given(
+    st.lists(
+        st.one_of(bent_requests(longest=LIMIT - 4096), at_the_limit(LIMIT)), min_size=1, max_size=6
+    )
+)
+def test_bent_requests_on_a_stream_are_answered_in_band(
+    channel, messages: list[pb.ModelInferRequest]
+) -> None:
+    requests = [m.SerializeToString() for m in messages]
+    # A message over the limit ends a stream in gRPC itself, before the server sees it (README).
+    check_stream(channel, [r for r in requests if len(r) <= LIMIT])
+
+
+@seeded
+@settings(max_examples=examples(300))
+@given(st.lists(bent_bytes(), min_size=1, max_size=4))
+def test_bytes_that_are_not_requests_get_a_proper_status(channel, blobs: list[bytes]) -> None:
+    for data in blobs:
+        check_unary(channel, data)
+    check_stream(channel, blobs)
+
+
+CALLS = {
+    "ModelMetadata": pb.ModelMetadataRequest,
+    "ModelConfig": pb.ModelConfigRequest,
+    "ModelReady": pb.ModelReadyRequest,
+    "ModelStatistics": pb.ModelStatisticsRequest,
+    "RepositoryModelLoad": lambda name, version: pb.RepositoryModelLoadRequest(model_name=name),
+    "RepositoryModelUnload": lambda name, version: pb.RepositoryModelUnloadRequest(model_name=name),
+}
+
+
+@seeded
+@settings(max_examples=examples(150))
+@given(
+    st.sampled_from(sorted(CALLS)),
+    st.one_of(st.sampled_from(MODELS), garbage_text(400_000)),
+    garbage_text(400_000),
+)
+def test_other_calls_with_bent_names_get_a_proper_status(
+    channel, method: str, name: str, version: str
+) -> None:
+    # Unloading a bundled model would take it from the other tests.
+    assume(method != "RepositoryModelUnload" or name not in MODELS)
+    try:
+        getattr(pb_grpc.GRPCInferenceServiceStub(channel), method)(
+            CALLS[method](name=name, version=version), timeout=30
+        )
+    except grpc.RpcError as error:
+        assert error.code() in REFUSALS, f"{error.code().name}: {error.details()}"
+        assert 0 < len(error.details().encode()) <= MAX_MESSAGE_BYTES
+
+
+Step = tuple[int, bool, bool, str, np.ndarray]
+
+
+@st.composite
+def interleavings(draw: st.DrawFn) -> tuple[str, list[Step]]:
+    """A model and steps of three sequences in random order: (which sequence, start, end,
+    sequence_version sent: none, the sequence's own or another, data)."""
+    model = draw(st.sampled_from(MODELS))
+    step = st.tuples(
+        st.integers(0, 2),
+        st.booleans(),
+        st.booleans(),
+        st.sampled_from(["none", "none", "right", "wrong"]),
+        st.integers(1, 3).flatmap(lambda steps: inputs_for(model, steps)),
+    )
+    return model, draw(st.lists(step, min_size=1, max_size=12))
+
+
+@seeded
+@settings(max_examples=examples(60))
+@given(interleavings(), st.booleans())
+def test_interleaved_flags_answer_what_the_model_computes(
+    channel, reference: Reference, plan: tuple[str, list[Step]], string_ids: bool
+) -> None:
+    """A continuation of a sequence that is not live is refused (INVALID_ARGUMENT), one that
+    expects another sequence_version too (ABORTED, not applied; an END in it still ends the
+    sequence, as any END does); every answered step equals the model run in-process over its
+    sequence since its latest start, and says the sequence's version."""
+    model, steps = plan
+    run = next(_ids)
+    ids = [f"fuzz-{run}-{n}-é" if string_ids else 10**12 + 10 * run + n for n in range(3)]
+    requests, expected = [], {}
+    live: dict[int, tuple[np.ndarray, int]] = {}  # data since the start, version
+    for index, (which, start, end, expect, x) in enumerate(steps):
+        rid = f"{run}/{index}"
+        message = valid_request(model, x, ids[which], start, end, rid)
+        version = live[which][1] if which in live and not start else 0
+        if expect != "none":
+            sent = version if expect == "right" else version + 1
+            message.parameters["sequence_version"].int64_param = sent
+        requests.append(message.SerializeToString())
+        if not start and which not in live:
+            expected[rid] = "INVALID_ARGUMENT"  # never started, or ended
+            continue
+        if not start and expect == "wrong":
+            expected[rid] = "ABORTED"
+        else:
+            before = np.empty_like(x[:, :0]) if start else live[which][0]
+            whole = np.concatenate([before, x], axis=1)
+            live[which] = whole, version + 1
+            expected[rid] = (reference.run(model, whole)[:, before.shape[1] :], version + 1)
+        if end:
+            del live[which]
+    answers = {a.infer_response.id: a for a in stream(channel, requests)}
+    assert answers.keys() == expected.keys()
+    for rid, want in expected.items():
+        answer = answers[rid]
+        if isinstance(want, str):
+            assert answer.error_message.startswith(f"[{want}]"), (rid, answer.error_message)
+            continue
+        assert not answer.error_message, (rid, answer.error_message)
+        output = answer.infer_response
+        assert output.parameters["sequence_version"].int64_param == want[1], rid
+        assert output.outputs[0].name == OUTPUTS[model]
+        got = np.frombuffer(output.raw_output_contents[0], np.float32).reshape(want[0].shape)
+        np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-5)
+
+
+class RssSampler:
+    """The server's resident memory (MiB), sampled every `period_s` in a thread."""
+
+    def __init__(self, pid: int, period_s: float = 0.25) -> None:
+        self.samples: list[float] = []
+        self._pid, self._period_s = pid, period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period_s):
+            self.samples.append(rss_mb(self._pid))
+
+
+LONG_RUN_S = 40.0
+LONG_RUN_EXAMPLES = 2500
+RSS_GROWTH_BOUND_MB = 4.0
+"""How much the server's median RSS over the run's last third may exceed that over its middle
+third, the two medians about 1,300 requests apart.
+
+What a bent request may leave behind is bounded by design: decoded request shapes (4,096 of at
+most 4 KiB), checked input shapes and answer sizes (per model), live sequences (ids of at most
+1,024 characters, up to 1,024 a model), and these fill early. A leak of 3 KiB a request would
+add about 4 MiB between the two medians. Measured over five seeds, with STEADY_MALLOC and
+values under 70,000 characters, the medians moved by 0.1 to 1.4 MiB. (Before refused calls
+stopped leaving reference cycles, and with glibc's sliding threshold, they moved by up to
+11 MiB with no leak.) Values up to and beyond the limit are the other tests': one checks
+that 1.5 MB values are not kept."""
+
+
+def test_memory_stays_bounded_over_a_long_fuzz(channel, fuzz_server, record_property) -> None:
+    counts: dict[str, int] = {}
+    began = time.monotonic()
+
+    @seeded
+    @settings(max_examples=LONG_RUN_EXAMPLES)
+    @given(
+        st.one_of(
+            bent_requests(longest=70_000).map(lambda m: ("unary", [m.SerializeToString()])),
+            st.lists(bent_requests(longest=70_000), min_size=1, max_size=4).map(
+                lambda ms: ("stream", [m.SerializeToString() for m in ms])
+            ),
+            bent_bytes().map(lambda b: ("unary", [b])),
+        )
+    )
+    def fuzz(case: tuple[str, list[bytes]]) -> None:
+        if time.monotonic() - began > LONG_RUN_S:
+            return  # the run's time is up: the rest of the examples pass through
+        how, requests = case
+        if how == "unary":
+            codes = [check_unary(channel, requests[0])]
+        else:
+            codes = check_stream(channel, [r for r in requests if len(r) <= LIMIT])
+        for code in codes:
+            counts[code] = counts.get(code, 0) + 1
+
+    with RssSampler(fuzz_server.pid) as rss:
+        fuzz()
+    elapsed = time.monotonic() - began
+    samples = rss.samples
+    third = len(samples) // 3
+    assert third >= 10, f"only {len(samples)} RSS samples in {elapsed:.0f} s"
+    middle, last = samples[third : 2 * third], samples[2 * third :]
+    growth = statistics.median(last) - statistics.median(middle)
+    peak_growth = max(last) - max(samples[: 2 * third])
+    record_property(
+        "figures",
+        {
+            "requests by status": counts,
+            "seconds": round(elapsed, 1),
+            "RSS MiB first/peak/last": [
+                round(samples[0], 1),
+                round(max(samples), 1),
+                round(samples[-1], 1),
+            ],
+            "RSS growth in the last third MiB (median, peak)": [
+                round(growth, 1),
+                round(peak_growth, 1),
+            ],
+        },
+    )
+    assert sum(counts.values()) >= 1000, counts
+    assert growth < RSS_GROWTH_BOUND_MB, (growth, [round(s) for s in samples])
+
+
+def test_long_distinct_values_are_not_kept(channel, fuzz_server, record_property) -> None:
+    """Requests that each carry a distinct 1.5 MB value, in a field that a cache or a live
+    sequence could keep: nothing of them stays (each used to: decoded shapes were remembered
+    whole, and a string sequence id could be as long as a message)."""
+
+    def carrying(field: str, value: str) -> bytes:
+        x = np.full((1, 1, 1), 24.0, np.float32)
+        message = valid_request("sensor_gru", x, None, False, False, "")
+        if field == "model_name":
+            message.model_name = value
+        elif field == "parameter":
+            message.parameters[value].bool_param = True
+        elif field == "output":
+            message.outputs.add(name=value)
+        else:
+            message.parameters["sequence_id"].string_param = value
+            message.parameters["sequence_start"].bool_param = True
+        return message.SerializeToString()
+
+    def send(rounds: range) -> None:
+        for index in rounds:
+            for field in ("model_name", "parameter", "output", "sequence_id"):
+                check_unary(channel, carrying(field, f"{index}-" + "v" * 1_500_000))
+
+    # Kept, the second round's values would add 240 MB; measured, RSS moved by 1 MB or less.
+    send(range(40))
+    before = rss_mb(fuzz_server.pid)
+    send(range(40, 80))
+    after = rss_mb(fuzz_server.pid)
+    record_property("figures", {"RSS MiB before/after the second round": [before, after]})
+    assert after - before < 24, (before, after)
+
+
+def test_still_serving_correct_sequences_after_the_fuzz(channel, reference: Reference) -> None:
+    rng = np.random.default_rng(13)
+    for model in MODELS:
+        x = {
+            "charlm_lstm": rng.integers(0, 97, size=(1, 6), dtype=np.int64),
+            "sensor_gru": (24 + rng.standard_normal((1, 6, 1))).astype(np.float32),
+            "digits_lstm": rng.integers(0, 17, size=(1, 6, 8)).astype(np.float32),
+        }[model]
+        sequence_id = f"after-fuzz-{model}"
+        outputs = []
+        for begin, end in ((0, 1), (1, 3), (3, 6)):
+            message = valid_request(model, x[:, begin:end], sequence_id, begin == 0, end == 6, "")
+            answer = unary(channel, message.SerializeToString())
+            assert isinstance(answer, pb.ModelInferResponse), answer
+            assert answer.outputs[0].name == OUTPUTS[model]
+            raw = answer.raw_output_contents[0]
+            outputs.append(np.frombuffer(raw, np.float32).reshape(1, end - begin, -1))
+        np.testing.assert_allclose(
+            np.concatenate(outputs, axis=1).reshape(reference.run(model, x).shape),
+            reference.run(model, x),
+            rtol=1e-5,
+            atol=1e-5,
+        )

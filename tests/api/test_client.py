@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
 
 from rnnserve.client import (
     Client,
@@ -200,3 +201,24 @@ async def test_sessions_survive_a_server_killed_mid_session(
         expected = reference.run(model, inputs[i])
         keep = [t for t in range(steps) if not (i == 0 and t == 5)]
         np.testing.assert_allclose(got[:, keep], expected[:, keep], **TOLERANCE)
+
+
+async def test_close_ends_the_sequence_and_own_stream_keeps_apart(
+    server, reference: Reference
+) -> None:
+    x = sequence_data("sensor_gru", 6, np.random.default_rng(5))
+    async with Client(server.target) as client:
+        opened = []
+        open_stream = client._open_stream
+        client._open_stream = lambda metadata: (
+            opened.append(dict(metadata)) or open_stream(metadata)
+        )
+        async with client.session("sensor_gru", sequence_id="séance-7", own_stream=True) as s:
+            output = np.concatenate([await s.step(x[:, :2]), await s.step(x[:, 2:])], axis=1)
+    # Its own stream, carrying the id for a router (percent-encoded: metadata is ASCII).
+    assert opened == [{"x-sequence-id": "s%C3%A9ance-7"}]
+    np.testing.assert_allclose(output, reference.run("sensor_gru", x), **TOLERANCE)
+    with triton.InferenceServerClient(server.target) as other:
+        with pytest.raises(InferenceServerException, match="séance-7") as ended:
+            other.infer("sensor_gru", [infer_input("sensor_gru", x[:, :1])], sequence_id="séance-7")
+    assert ended.value.status() == "StatusCode.INVALID_ARGUMENT"

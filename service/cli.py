@@ -7,16 +7,14 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
-from pathlib import Path
 
 from rnnserve import __version__
+from rnnserve.client import cli as client_commands
 from rnnserve.config import Settings, environment
 from rnnserve.errors import CommandError, ServiceError
 from rnnserve.logging import LogLevel
 from rnnserve.logging import configure as configure_logging
-from rnnserve.models import bundled_repository
 from rnnserve.models import cli as model_commands
-from rnnserve.repository.layout import scan
 from rnnserve.server import serve
 
 COMMANDS_GROUP = "rnnserve.commands"
@@ -24,8 +22,9 @@ COMMANDS_GROUP = "rnnserve.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `rnnserve` parser: --version, --log-level, and one subcommand per job (models, serve,
-    generate, bench and the model commands of `rnnserve.models.cli`)."""
+    """The `rnnserve` parser: --version, --log-level, and one subcommand per job (serve, bench,
+    the model commands of `rnnserve.models.cli` and the client commands of
+    `rnnserve.client.cli`: models, health, generate, forecast, classify)."""
     parser = argparse.ArgumentParser(
         prog="rnnserve",
         description="Serve recurrent networks (LSTM, GRU, RNN) with server-side streaming state.",
@@ -39,14 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model_commands.add_commands(sub)
-    models = sub.add_parser("models", help="list the models of a repository")
-    models.add_argument(
-        "--model-repository",
-        type=Path,
-        default=bundled_repository(),
-        help="model repository (default: the bundled one)",
-    )
-    models.set_defaults(run=_run_models)
+    client_commands.add_commands(sub)
 
     serve = sub.add_parser(
         "serve",
@@ -59,26 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     Settings.add_arguments(serve)
     serve.set_defaults(run=_run_serve)
 
-    generate = sub.add_parser(
-        "generate",
-        help="stream a prompt through a character model and print its continuation",
-        description="A streaming client: feeds the prompt one character per request on one "
-        "gRPC stream (the server carries the LSTM state), then continues the text.",
-    )
-    generate.add_argument("prompt", help="text to start from")
-    generate.add_argument(
-        "--url",
-        default=f"{Settings.host}:{Settings.grpc_port}",
-        help="server address (host:port)",
-    )
-    generate.add_argument("--model", default="charlm_lstm", help="a model with a vocabulary")
-    generate.add_argument("--length", type=int, default=80, help="characters to generate")
-    generate.add_argument(
-        "--temperature", type=float, default=0.0, help="0 for the likeliest character"
-    )
-    _add_tls_arguments(generate)
-    generate.set_defaults(run=_run_generate)
-
     bench = sub.add_parser(
         "bench",
         help="benchmark rnnserve against its compute and transport limits (needs rnnserve-bench)",
@@ -88,24 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(run=_run_bench)
     return parser
-
-
-def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
-    """A client command's TLS options: any of the files turns TLS on."""
-    tls = parser.add_argument_group("TLS (a server started with --tls-cert)")
-    tls.add_argument(
-        "--tls", action="store_true", help="speak TLS, trusting the system's CA certificates"
-    )
-    tls.add_argument(
-        "--tls-ca", type=Path, metavar="FILE", help="PEM CA certificates to verify the server by"
-    )
-    tls.add_argument(
-        "--tls-cert",
-        type=Path,
-        metavar="FILE",
-        help="PEM client certificate, for a server that asks for one (--tls-client-ca)",
-    )
-    tls.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM key of --tls-cert")
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -127,45 +81,6 @@ def _run_bench(args: argparse.Namespace) -> int:
     return code
 
 
-def _run_generate(args: argparse.Namespace) -> int:
-    import grpc
-
-    if args.length < 0 or args.temperature < 0:
-        raise CommandError("--length and --temperature must be 0 or more")
-
-    from rnnserve.client import ClientError, SequenceClient
-
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise CommandError("--tls-cert and --tls-key go together")
-    tls = args.tls or any(f is not None for f in (args.tls_ca, args.tls_cert, args.tls_key))
-    try:
-        with SequenceClient(
-            args.url,
-            args.model,
-            ssl=tls,
-            root_certificates=args.tls_ca,
-            private_key=args.tls_key,
-            certificate_chain=args.tls_cert,
-        ) as client:
-            text = client.generate(args.prompt, args.length, args.temperature)
-    except OSError as error:
-        raise CommandError(f"{error.filename}: cannot read it ({error.strerror})") from error
-    except grpc.RpcError as error:
-        hint = ""
-        if error.code() is grpc.StatusCode.UNAVAILABLE:
-            hint = (
-                " (is `rnnserve serve` running there? --url names another address; a server "
-                "with TLS needs --tls-ca, or --tls)"
-            )
-        raise CommandError(
-            f"{args.url}: {error.code().name}: {error.details()}{hint}", exit_code=1
-        ) from error
-    except ClientError as error:
-        raise CommandError(str(error), exit_code=1) from error
-    print(args.prompt + text)
-    return 0
-
-
 def _run_serve(args: argparse.Namespace) -> int:
     if args.log_level is None:
         # `rnnserve --log-level X serve`: the flag before the command counts as one after it.
@@ -181,20 +96,6 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise CommandError(str(error), exit_code=1) from error
     except OSError as error:
         raise CommandError(f"cannot serve: {error}", exit_code=1) from error
-    return 0
-
-
-def _run_models(args: argparse.Namespace) -> int:
-    try:
-        entries = scan(args.model_repository)
-    except ServiceError as error:
-        raise CommandError(str(error)) from error
-    for entry in entries:
-        kind = "streaming" if entry.streamable else "whole-sequence"
-        inputs = ", ".join(i.name for i in entry.config.input)
-        outputs = ", ".join(o.name for o in entry.config.output)
-        versions = ",".join(map(str, entry.versions)) or "none"
-        print(f"{entry.name}\tversions {versions}\t{kind}\t{inputs} -> {outputs}")
     return 0
 
 

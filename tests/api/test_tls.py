@@ -261,3 +261,20 @@ def test_state_in_a_tls_redis_with_a_password_from_the_environment(
         assert time.monotonic() - started < 30
     finally:
         redis.stop()
+
+
+def test_client_library_over_mutual_tls_with_a_token(mtls_server, pki) -> None:
+    from rnnserve.client import SyncClient, Unavailable
+
+    x = np.linspace(20, 27, 8, dtype=np.float32)[None, :, None]
+    options = {"root_certificates": pki.ca.path, "token": "not-checked-yet"}
+    certificate = {"private_key": pki.client.key, "certificate_chain": pki.client.cert}
+    with SyncClient(mtls_server.target, **options, **certificate) as client:
+        with client.session(MODEL) as session:
+            streamed = np.concatenate([session.step(x[:, :3]), session.step(x[:, 3:])], axis=1)
+    # The same steps in one request, from the zero state: streaming changed nothing.
+    with SyncClient(mtls_server.target, **options, **certificate) as client:
+        with client.session(MODEL, explicit_state=True) as whole:
+            np.testing.assert_allclose(streamed, whole.step(x), rtol=1e-5, atol=1e-5)
+    with SyncClient(mtls_server.target, **options) as anonymous, pytest.raises(Unavailable):
+        anonymous.health()  # no client certificate: the handshake fails

@@ -1,4 +1,5 @@
-"""A small streaming client: one sequence over one ModelStreamInfer stream.
+"""The first client: one sequence over one ModelStreamInfer stream, blocking (Client and
+SyncClient share one stream between many sequences, and retry).
 
     from rnnserve.client import SequenceClient
     with SequenceClient("localhost:8001", "charlm_lstm") as lm:
@@ -25,6 +26,7 @@ import numpy as np
 
 from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve._pb import grpc_service_pb2_grpc as pb_grpc
+from rnnserve.client.errors import ClientError, from_stream_error
 from rnnserve.repository.signature import WIRE_DTYPES, wire_name
 
 SEQUENCE_ID_HEADER = "x-sequence-id"
@@ -36,10 +38,6 @@ def sequence_id_header(sequence_id: int | str) -> str:
     letters, digits and -._~ go unchanged (gRPC metadata values are printable ASCII, and a
     router needs a stable value, not the id itself)."""
     return urllib.parse.quote(str(sequence_id), safe="")
-
-
-class ClientError(Exception):
-    """The server answered a step with an error."""
 
 
 class SequenceClient:
@@ -113,7 +111,7 @@ class SequenceClient:
         self._requests.put(request)
         reply = next(self._responses)
         if reply.error_message:
-            raise ClientError(reply.error_message)
+            raise from_stream_error(reply.error_message)
         self._started, self._ended = True, end
         response = reply.infer_response
         output = response.outputs[0]

@@ -170,7 +170,10 @@ def check_parity(
     fed one at a time (carrying the state) against one call over all of them."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # ONNX Runtime's errors derive from Exception only
+        raise ExportError(f"{onnx_path}: ONNX Runtime cannot load the graph: {error}") from error
     rng = np.random.default_rng(seed)
     vs_reference = (0.0, 0.0)
     steps_vs_whole = (0.0, 0.0)
@@ -179,13 +182,22 @@ def check_parity(
         feeds = {t.name: make_input(t, batch, steps, rng) for t in interface.inputs}
         for state in interface.states:
             feeds[state.input_name] = rng.uniform(-1, 1, (batch, *state.shape)).astype(np.float32)
-        ours = session.run(names, feeds)
-        theirs = reference(feeds)
+        try:
+            ours = session.run(names, feeds)
+            theirs = reference(feeds)
+            stepped = (
+                _stepped(session, interface, feeds, steps) if interface.states and steps > 1 else []
+            )
+        except Exception as error:
+            raise ExportError(
+                f"{onnx_path}: the graph or its {reference_name} reference failed on random "
+                f"inputs of batch {batch} and {steps} steps (a graph served per sequence must "
+                f"run any batch and length): {type(error).__name__}: {error}"
+            ) from error
         vs_reference = _worst(
             vs_reference, *(_diff(a, b) for a, b in zip(ours, theirs, strict=True))
         )
         if interface.states and steps > 1:
-            stepped = _stepped(session, interface, feeds, steps)
             steps_vs_whole = _worst(
                 steps_vs_whole, *(_diff(a, b) for a, b in zip(stepped, ours, strict=True))
             )

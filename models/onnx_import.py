@@ -329,7 +329,10 @@ def rewrite(model: Any, plan: Plan) -> Any:
     g.value_info.extend(kept)
     new.producer_name = new.producer_name or "unknown"
     new.metadata_props.add(key="rnnserve.imported", value="batch-first states and data")
-    onnx.checker.check_model(new)
+    try:
+        onnx.checker.check_model(new)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"the rewritten graph is not valid ONNX: {error}") from error
     return new
 
 
@@ -380,7 +383,12 @@ def _original_reference(source: Path, plan: Plan) -> graph.Reference:
     transposed to the new one."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    except Exception as error:  # ONNX Runtime's errors derive from Exception only
+        raise ExportError(
+            f"{source}: ONNX Runtime cannot load the graph, so rnnserve cannot serve it: {error}"
+        ) from error
     perm_in = {e.value.name: e.perm for e in plan.inputs}
     perm_out = {e.value.name: e.perm for e in plan.outputs}
     names = plan.interface.output_names

@@ -297,11 +297,16 @@ def test_export_command_takes_a_module_and_its_weights(tmp_path: Path) -> None:
 
 
 def crafted(
-    path: Path, inputs: list[tuple[str, int, list]], outputs: list[tuple[str, int, list]]
+    path: Path,
+    inputs: list[tuple[str, int, list]],
+    outputs: list[tuple[str, int, list]],
+    domain: str = "",
 ) -> Path:
-    """A graph of Identity nodes from each input to the output at the same position."""
+    """A graph of Identity nodes (of `domain`) from each input to the output at the same
+    position."""
     nodes = [
-        helper.make_node("Identity", [i[0]], [o[0]]) for i, o in zip(inputs, outputs, strict=True)
+        helper.make_node("Identity", [i[0]], [o[0]], domain=domain)
+        for i, o in zip(inputs, outputs, strict=True)
     ]
     graph = helper.make_graph(
         nodes,
@@ -309,7 +314,8 @@ def crafted(
         [helper.make_tensor_value_info(*i) for i in inputs],
         [helper.make_tensor_value_info(*o) for o in outputs],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     onnx.save(model, str(path))
     return path
@@ -338,6 +344,18 @@ REFUSALS = {
         (),
         "is not float32",
     ),
+    "runtime-cannot-load": (
+        [*DATA, ("h0", FLOAT, [1, "batch", 8])],
+        [*DATA_OUT, ("hn", FLOAT, [1, "batch", 8])],
+        (),
+        "ONNX Runtime cannot load the graph",
+    ),
+    "ambiguous-axes": (
+        [("x", FLOAT, ["a", "b", 4]), ("h0", FLOAT, [1, "c", 8])],
+        [("y", FLOAT, ["a", "b", 4]), ("hn", FLOAT, [1, "c", 8])],
+        (),
+        "pass --batch-first or --time-major",
+    ),
     "unknown-state-name": (
         [*DATA, ("h0", FLOAT, [1, "batch", 8])],
         [*DATA_OUT, ("hn", FLOAT, [1, "batch", 8])],
@@ -352,7 +370,8 @@ def test_import_refuses_what_it_cannot_serve(
     case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     inputs, outputs, flags, message = REFUSALS[case]
-    path = crafted(tmp_path / "m.onnx", inputs, outputs)
+    domain = "com.example" if case == "runtime-cannot-load" else ""
+    path = crafted(tmp_path / "m.onnx", inputs, outputs, domain)
     repo = tmp_path / "repo"
     code = rnnserve_main(["import", str(path), "--name", "m", "--repository", str(repo), *flags])
     error = capsys.readouterr().err
@@ -420,3 +439,103 @@ def test_import_needs_no_torch(repository: Path, tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "m" / "1" / "model.onnx").is_file()
+
+
+def keras_style(path: Path, seed: int = 0) -> Path:
+    """Two GRU layers with one [B, H] state per layer, batch-first data transposed inside (as
+    tf2onnx writes them), and a Keras/tf2onnx graph's names: `unk__` axes and outputs that pair
+    with nothing by name."""
+    rng = np.random.default_rng(seed)
+    axes = {name: np.array(value, np.int64) for name, value in [("first", [0]), ("second", [1])]}
+    weights = [onnx.numpy_helper.from_array(v, n) for n, v in axes.items()]
+    nodes = [helper.make_node("Transpose", ["input_1"], ["seq_0"], perm=[1, 0, 2])]
+    for k, (features, hidden) in enumerate([(3, 8), (8, 6)], start=1):
+        for name, shape in [("W", [1, 3 * hidden, features]), ("R", [1, 3 * hidden, hidden])]:
+            values = rng.uniform(-0.5, 0.5, shape).astype(np.float32)
+            weights.append(onnx.numpy_helper.from_array(values, f"{name}{k}"))
+        nodes += [
+            helper.make_node("Unsqueeze", [f"gru_{k}_state", "first"], [f"h0_{k}"]),
+            helper.make_node(
+                "GRU",
+                [f"seq_{k - 1}", f"W{k}", f"R{k}", "", "", f"h0_{k}"],
+                [f"y_{k}", f"yh_{k}"],
+                hidden_size=hidden,
+            ),
+            helper.make_node("Squeeze", [f"yh_{k}", "first"], [f"Identity_{k}"]),
+            helper.make_node("Squeeze", [f"y_{k}", "second"], [f"seq_{k}"]),
+        ]
+    weights.append(
+        onnx.numpy_helper.from_array(rng.uniform(-1, 1, (6, 2)).astype(np.float32), "dense_w")
+    )
+    nodes += [
+        helper.make_node("Transpose", ["seq_2"], ["batch_first"], perm=[1, 0, 2]),
+        helper.make_node("MatMul", ["batch_first", "dense_w"], ["dense"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "keras_style",
+        [
+            helper.make_tensor_value_info("input_1", FLOAT, ["unk__1", "unk__2", 3]),
+            helper.make_tensor_value_info("gru_1_state", FLOAT, ["unk__1", 8]),
+            helper.make_tensor_value_info("gru_2_state", FLOAT, ["unk__1", 6]),
+        ],
+        [
+            helper.make_tensor_value_info("dense", FLOAT, ["unk__1", "unk__2", 2]),
+            helper.make_tensor_value_info("Identity_1", FLOAT, ["unk__1", 8]),
+            helper.make_tensor_value_info("Identity_2", FLOAT, ["unk__1", 6]),
+        ],
+        initializer=weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_import_keeps_per_layer_states_named_with_state(tmp_path: Path, server_dir: Path) -> None:
+    import onnxruntime as ort
+
+    source = keras_style(tmp_path / "keras.onnx")
+    repo = tmp_path / "repo"
+    base = ["import", str(source), "--name", "keras_gru", "--repository", str(repo)]
+    assert rnnserve_main(base) == 1, "nothing pairs by name: the states must be named"
+    flags = ["--state", "gru_1_state:Identity_1", "--state", "gru_2_state:Identity_2"]
+    assert rnnserve_main([*base, *flags]) == 0
+    config = parse_config((repo / "keras_gru" / "config.pbtxt").read_text())
+    assert [(s.input_name, list(s.dims)) for s in config.sequence_batching.state] == [
+        ("gru_1_state", [8]),
+        ("gru_2_state", [6]),
+    ]
+    original = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 9, 3)).astype(np.float32)
+    zero = {
+        "gru_1_state": np.zeros((1, 8), np.float32),
+        "gru_2_state": np.zeros((1, 6), np.float32),
+    }
+    (whole,) = original.run(["dense"], {"input_1": x, **zero})
+    with (
+        serving(server_dir, "--model-repository", str(repo)) as running,
+        triton.InferenceServerClient(running.target) as client,
+    ):
+        outputs = []
+        for t in range(9):
+            tensor = triton.InferInput("input_1", [1, 1, 3], "FP32")
+            tensor.set_data_from_numpy(x[:, t : t + 1])
+            result = client.infer(
+                "keras_gru",
+                [tensor],
+                sequence_id=77,
+                sequence_start=t == 0,
+                sequence_end=t == 8,
+            )
+            outputs.append(result.as_numpy("dense"))
+    np.testing.assert_allclose(
+        np.concatenate(outputs, axis=1), whole, rtol=TOLERANCE, atol=TOLERANCE
+    )
+
+
+@pytest.fixture
+def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("keras-server")

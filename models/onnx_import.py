@@ -155,7 +155,8 @@ def plan(
         symbol = state_in.dims[axis]
         if isinstance(symbol, str):
             batch_symbols.add(symbol)
-        rest = tuple(int(d) for k, d in enumerate(state_in.dims) if k != axis)  # type: ignore[arg-type]
+        # Every other axis is fixed (_state_batch_axis).
+        rest = tuple(d for k, d in enumerate(state_in.dims) if k != axis and isinstance(d, int))
         perm_out = (axis, *(k for k in range(len(state_in.dims)) if k != axis))
         perm_in = tuple(perm_out.index(k) for k in range(len(perm_out)))
         shape = (BATCH, *rest)

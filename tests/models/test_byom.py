@@ -539,3 +539,12 @@ def test_import_keeps_per_layer_states_named_with_state(tmp_path: Path, server_d
 @pytest.fixture
 def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("keras-server")
+
+
+def test_import_refuses_a_file_that_is_not_onnx(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_text("not a graph\n")
+    assert rnnserve_main(["import", str(path), "--name", "m", "--repository", str(tmp_path)]) == 1
+    assert "not an ONNX model" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`rnnserve train` and `rnnserve export`.
+"""`rnnserve train`, `rnnserve export` and `rnnserve import`.
 
 The top-level command (`rnnserve.cli`) imports this module to build its parser, so it must stay
 light: torch and the training code load only when one of these commands runs. It raises
@@ -57,12 +57,16 @@ def add_commands(sub: Any) -> None:
 
     export = sub.add_parser(
         "export",
-        help="export a checkpoint to ONNX with parity checks",
-        description="Export a PyTorch checkpoint written by `rnnserve train` to ONNX with its "
-        "recurrent state as explicit inputs and outputs, check parity with PyTorch, and write "
-        "it into a model repository.",
+        help="export a checkpoint or any PyTorch recurrent module to ONNX with parity checks",
+        description="Export a PyTorch checkpoint written by `rnnserve train`, or any recurrent "
+        "module (--module FILE.py:FACTORY with --weights), to ONNX with its recurrent state as "
+        "explicit, batch-first inputs and outputs, check parity with PyTorch, and write it into "
+        "a model repository. A module's forward takes (input, state=None) and returns (output, "
+        "new_state).",
     )
-    export.add_argument("checkpoint", type=Path, help="a .pt file written by `rnnserve train`")
+    export.add_argument(
+        "checkpoint", type=Path, nargs="?", help="a .pt file written by `rnnserve train`"
+    )
     export.add_argument(
         "--repository",
         type=Path,
@@ -79,7 +83,89 @@ def add_commands(sub: Any) -> None:
         default=None,
         help="carry state between requests (default: yes for unidirectional networks)",
     )
+    module = export.add_argument_group("any PyTorch module (instead of a checkpoint)")
+    module.add_argument(
+        "--module",
+        metavar="FILE.py:FACTORY",
+        help="a Python file and the function in it that returns the nn.Module (no arguments)",
+    )
+    module.add_argument(
+        "--weights",
+        type=Path,
+        help="its state dict, or a checkpoint holding one under 'state_dict' or "
+        "'model_state_dict' (torch.save; loaded with weights_only=True)",
+    )
+    module.add_argument(
+        "--example-shape",
+        metavar="B,T[,F...]",
+        help="shape of an example input, e.g. 2,5,8 ([T,B,...] with --time-major)",
+    )
+    module.add_argument(
+        "--token-ids", action="store_true", help="the input is int64 token ids, not float features"
+    )
+    module.add_argument(
+        "--time-major",
+        action="store_true",
+        help="the module takes [T, B, ...] (nn.LSTM's default); the server still sends [B, T, ...]",
+    )
+    module.add_argument(
+        "--state-layout",
+        choices=["auto", "layers_first", "batch_first"],
+        default="auto",
+        help="where the states' batch axis is (default: found by running the module)",
+    )
+    module.add_argument("--input-name", default="input", help="graph input name (default input)")
+    module.add_argument(
+        "--output-name", default="output", help="graph output name (default output)"
+    )
+    module.add_argument(
+        "--state-names", help="comma-separated state names (default h, or h,c for an LSTM)"
+    )
     export.set_defaults(run=_run_export)
+
+    imports = sub.add_parser(
+        "import",
+        help="import a third-party ONNX recurrent graph to serve it statefully",
+        description="Rewrite an ONNX graph that carries its recurrent state as inputs and "
+        "outputs (any names; PyTorch's h0/hn [layers, B, H], per-layer [B, H] states) so every "
+        "state and data tensor is batch-first, check it against the original and step-by-step "
+        "against whole-sequence, and publish it with a sequence-batching config.",
+    )
+    imports.add_argument("onnx_file", type=Path, metavar="MODEL.onnx", help="the ONNX graph")
+    imports.add_argument("--name", required=True, help="model name in the repository")
+    imports.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("model_repository"),
+        help="model repository to write into (default ./model_repository)",
+    )
+    imports.add_argument(
+        "--version", type=int, default=1, help="version folder to write (default 1)"
+    )
+    imports.add_argument(
+        "--state",
+        action="append",
+        metavar="IN:OUT",
+        help="a state pair: the graph input and output of one state (repeat for each; "
+        "default: paired by name, h0:hn, h_in:h_out, ...)",
+    )
+    layout = imports.add_mutually_exclusive_group()
+    layout.add_argument(
+        "--time-major",
+        dest="layout",
+        action="store_const",
+        const="time_major",
+        help="data inputs and outputs are [T, B, ...] (default: read from the axes' names)",
+    )
+    layout.add_argument(
+        "--batch-first",
+        dest="layout",
+        action="store_const",
+        const="batch_first",
+        help="data inputs and outputs are [B, T, ...]",
+    )
+    imports.add_argument("--description", default="", help="the config's description")
+    imports.set_defaults(run=_run_import, layout="auto")
 
 
 def _require_torch() -> None:
@@ -196,6 +282,10 @@ def load_checkpoint(path: Path) -> tuple[str, Any, Any, dict[str, Any]]:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if args.module is not None:
+        return _run_export_module(args)
+    if args.checkpoint is None:
+        raise CommandError("export needs a checkpoint, or --module FILE.py:FACTORY")
     _require_torch()
     from rnnserve.models.export import ExportError
     from rnnserve.models.publish import publish
@@ -212,15 +302,147 @@ def _run_export(args: argparse.Namespace) -> int:
         raise CommandError(str(error), exit_code) from error
     except OSError as error:
         raise CommandError(f"cannot write to repository {args.repository}: {error}") from error
+    _report(args.name or name, published, started)
+    return 0
+
+
+def _report(name: str, published: Any, started: float, **extra: Any) -> None:
     print(
         json.dumps(
             {
-                "model": args.name or name,
+                "model": name,
                 "onnx": str(published.onnx_path),
                 "parity": published.parity.as_card(),
                 "seconds": round(time.perf_counter() - started, 2),
+                **extra,
             },
             indent=2,
         )
     )
+
+
+def load_module(spec: str, weights: Path | None) -> Any:
+    """The nn.Module FACTORY() of FILE.py:FACTORY, with `weights` loaded into it."""
+    import importlib.util
+
+    import torch
+
+    file_name, _, factory_name = spec.rpartition(":")
+    path = Path(file_name)
+    if not file_name or not factory_name:
+        raise CommandError(f"--module {spec}: expected FILE.py:FACTORY")
+    if not path.is_file():
+        raise CommandError(f"--module {spec}: {path} not found")
+    loader_spec = importlib.util.spec_from_file_location(f"rnnserve_user_{path.stem}", path)
+    if loader_spec is None or loader_spec.loader is None:
+        raise CommandError(f"--module {spec}: {path} is not a Python file")
+    code = importlib.util.module_from_spec(loader_spec)
+    try:
+        loader_spec.loader.exec_module(code)
+    except Exception as error:
+        raise CommandError(f"--module {spec}: {path} failed to load: {error!r}") from error
+    factory = getattr(code, factory_name, None)
+    if not callable(factory):
+        raise CommandError(f"--module {spec}: {path} has no function {factory_name}")
+    module = factory()
+    if not isinstance(module, torch.nn.Module):
+        raise CommandError(
+            f"--module {spec}: {factory_name}() returned {type(module).__name__}, not an nn.Module"
+        )
+    if weights is not None:
+        _load_weights(module, weights, factory_name)
+    return module
+
+
+def _load_weights(module: Any, weights: Path, factory_name: str) -> None:
+    import pickle
+
+    import torch
+
+    if not weights.is_file():
+        raise CommandError(f"--weights {weights}: not found")
+    try:
+        blob = torch.load(weights, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise CommandError(f"--weights {weights}: not a PyTorch state dict: {error}") from error
+    for key in ("state_dict", "model_state_dict"):
+        if isinstance(blob, dict) and isinstance(blob.get(key), dict):
+            blob = blob[key]
+    try:
+        module.load_state_dict(blob)
+    except (TypeError, RuntimeError) as error:
+        raise CommandError(f"--weights {weights} does not fit {factory_name}(): {error}") from error
+
+
+def _run_export_module(args: argparse.Namespace) -> int:
+    _require_torch()
+    import torch
+
+    from rnnserve.models.graph import ExportError
+    from rnnserve.models.module_export import export_module
+
+    if args.checkpoint is not None:
+        raise CommandError("give a checkpoint or --module, not both")
+    if not args.name or not args.example_shape:
+        raise CommandError("--module needs --name and --example-shape")
+    try:
+        shape = [int(d) for d in args.example_shape.split(",")]
+    except ValueError as error:
+        raise CommandError(f"--example-shape {args.example_shape}: {error}") from error
+    module = load_module(args.module, args.weights)
+    torch.manual_seed(0)
+    example = torch.zeros(shape, dtype=torch.int64) if args.token_ids else torch.randn(shape)
+    started = time.perf_counter()
+    try:
+        published = export_module(
+            module,
+            example,
+            args.repository,
+            args.name,
+            args.version,
+            state_layout=args.state_layout,
+            time_major=args.time_major,
+            input_name=args.input_name,
+            output_name=args.output_name,
+            state_names=args.state_names.split(",") if args.state_names else None,
+        )
+    except ExportError as error:
+        raise CommandError(str(error), exit_code=1) from error
+    except OSError as error:
+        raise CommandError(f"cannot write to repository {args.repository}: {error}") from error
+    _report(args.name, published, started)
+    return 0
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from rnnserve.models.graph import ExportError
+    from rnnserve.models.onnx_import import import_onnx
+
+    pairs = None
+    if args.state:
+        pairs = []
+        for text in args.state:
+            state_in, sep, state_out = text.partition(":")
+            if not sep or not state_in or not state_out:
+                raise CommandError(f"--state {text}: expected IN:OUT (graph input:graph output)")
+            pairs.append((state_in, state_out))
+    if not args.onnx_file.is_file():
+        raise CommandError(f"{args.onnx_file}: not found")
+    started = time.perf_counter()
+    try:
+        published, found = import_onnx(
+            args.onnx_file,
+            args.repository,
+            args.name,
+            args.version,
+            pairs=pairs,
+            layout=args.layout,
+            description=args.description,
+        )
+    except ExportError as error:
+        raise CommandError(str(error), exit_code=1) from error
+    except OSError as error:
+        raise CommandError(f"cannot write to repository {args.repository}: {error}") from error
+    states = [f"{s.input_name}:{s.output_name}" for s in found.interface.states]
+    _report(args.name, published, started, states=states, rewrites=list(found.notes))
     return 0

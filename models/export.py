@@ -11,46 +11,38 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from rnnserve.models import graph
 from rnnserve.models.architectures import RecurrentNet, RecurrentSpec
+from rnnserve.models.graph import (
+    BATCH,
+    OPSET,
+    PARITY_CASES,
+    PARITY_TOLERANCE,
+    TIME,
+    ExportError,
+    ParityReport,
+    declared_shapes,
+)
 from rnnserve.models.signature import Signature
 
-OPSET = 17
-BATCH, TIME = "batch", "time"
-PARITY_TOLERANCE = 1e-5
-PARITY_CASES = ((1, 1), (1, 50), (7, 1), (7, 50))
-"""(batch, steps) pairs checked at every export."""
-
-
-class ExportError(Exception):
-    """An export that must not be accepted; the message says why."""
-
-
-@dataclass(frozen=True)
-class ParityReport:
-    """Largest differences found; the check is on the scaled ones.
-
-    A difference is scaled by max(1, the tensor's largest magnitude): tensors of unit scale
-    (outputs after a softmax, h) are held to an absolute 1e-5, while tensors that grow (an LSTM's
-    cell state c, logits) are held to 1e-5 of their size, since float32 cannot do better there.
-    """
-
-    max_abs_diff_vs_torch: float
-    max_abs_diff_steps_vs_whole: float
-    max_scaled_diff_vs_torch: float
-    max_scaled_diff_steps_vs_whole: float
-    cases: tuple[tuple[int, int], ...]
-    tolerance: float
-
-    def as_card(self) -> dict[str, Any]:
-        return asdict(self)
+# One set of checks and tolerances for every graph (graph.py); re-exported for the bundled path.
+__all__ = [
+    "BATCH",
+    "OPSET",
+    "PARITY_CASES",
+    "PARITY_TOLERANCE",
+    "TIME",
+    "ExportError",
+    "ParityReport",
+    "declared_shapes",
+]
 
 
 def state_io_names(spec: RecurrentSpec) -> tuple[list[str], list[str]]:
@@ -70,40 +62,64 @@ class _Graph(nn.Module):
         return (y, *new_state) if self.streamable else (y,)
 
 
+def interface(spec: RecurrentSpec, signature: Signature, streamable: bool) -> graph.Interface:
+    """A bundled network's graph interface (strings in shapes are dynamic axes)."""
+    x: tuple[int | str, ...] = (BATCH, TIME) if spec.vocab_size else (BATCH, TIME, spec.input_size)
+    states = ()
+    if streamable:
+        states = tuple(
+            graph.StatePair(i, o, spec.state_shape)
+            for i, o in zip(*state_io_names(spec), strict=True)
+        )
+    return graph.Interface(
+        inputs=(graph.Tensor(signature.input_name, "int64" if spec.vocab_size else "float32", x),),
+        outputs=(graph.Tensor(signature.output_name, "float32", (BATCH, TIME, spec.output_size)),),
+        states=states,
+    )
+
+
 def expected_shapes(
     spec: RecurrentSpec, signature: Signature, streamable: bool
 ) -> dict[str, list[int | str]]:
     """Every graph input and output with its declared shape (strings are dynamic axes)."""
-    x: list[int | str] = [BATCH, TIME] if spec.vocab_size else [BATCH, TIME, spec.input_size]
-    shapes: dict[str, list[int | str]] = {
-        signature.input_name: x,
-        signature.output_name: [BATCH, TIME, spec.output_size],
-    }
-    if streamable:
-        ins, outs = state_io_names(spec)
-        for name in ins + outs:
-            shapes[name] = [BATCH, *spec.state_shape]
-    return shapes
-
-
-def declared_shapes(onnx_path: Path) -> dict[str, list[int | str]]:
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    return {
-        value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
-        for value in [*graph.input, *graph.output]
-    }
+    return interface(spec, signature, streamable).expected_shapes()
 
 
 def check_declared_shapes(
     onnx_path: Path, spec: RecurrentSpec, signature: Signature, streamable: bool
 ) -> None:
-    expected = expected_shapes(spec, signature, streamable)
-    declared = declared_shapes(onnx_path)
-    if declared != expected:
-        raise ExportError(
-            f"{onnx_path}: declared graph shapes {declared} differ from the expected {expected}"
+    graph.check_shapes(onnx_path, interface(spec, signature, streamable))
+
+
+def export_graph(
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> None:
+    """torch.onnx.export as every rnnserve export calls it (see the module docstring)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # The legacy exporter is chosen on purpose (see the module docstring); its deprecation
+        # notices, its own and those of what it calls inside torch, are about that choice. The
+        # batch-size warning asks for what is done here: the initial state is a graph input.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*batch_size other than 1.*")
+        # nn.RNN's own input checks compare fixed sizes while tracing; the shape and parity
+        # checks prove the graph right for other batch sizes and lengths.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            # In eval mode: the exporter restores the wrapper's mode afterwards, recursively.
+            module.eval(),
+            example,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
         )
 
 
@@ -129,27 +145,14 @@ def export_onnx(net: RecurrentNet, signature: Signature, path: Path, streamable:
     }
     if streamable:
         dynamic_axes.update({name: {0: BATCH} for name in ins + outs})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        # The legacy exporter is chosen on purpose (see the module docstring); its deprecation
-        # notices, its own and those of what it calls inside torch, are about that choice. The
-        # batch-size warning asks for what is done here: the initial state is a graph input.
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*batch_size other than 1.*")
-        # nn.RNN's own input checks compare fixed sizes while tracing; the shape and parity
-        # checks below prove the graph right for other batch sizes and lengths.
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            # In eval mode: the exporter restores the wrapper's mode afterwards, recursively.
-            _Graph(net, streamable).eval(),
-            (example_x, *example_state),
-            str(path),
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=[signature.input_name, *(ins if streamable else [])],
-            output_names=[signature.output_name, *(outs if streamable else [])],
-            dynamic_axes=dynamic_axes,
-        )
+    export_graph(
+        _Graph(net, streamable),
+        (example_x, *example_state),
+        path,
+        [signature.input_name, *(ins if streamable else [])],
+        [signature.output_name, *(outs if streamable else [])],
+        dynamic_axes,
+    )
     _stamp_metadata(path, spec, signature, streamable)
     check_declared_shapes(path, spec, signature, streamable)
 
@@ -184,6 +187,19 @@ def random_inputs(
     return (raw * scale + shift).astype(np.float32)
 
 
+def torch_reference(module: nn.Module, interface: graph.Interface) -> graph.Reference:
+    """`module` (taking and returning the graph's flat signature) run in PyTorch on the feeds."""
+
+    def run(feeds: graph.Feeds) -> list[np.ndarray]:
+        args = [feeds[t.name] for t in interface.inputs]
+        args += [feeds[s.input_name] for s in interface.states]
+        with torch.no_grad():
+            results = module(*(torch.from_numpy(a) for a in args))
+        return [r.numpy() for r in results]
+
+    return run
+
+
 def check_parity(
     net: RecurrentNet,
     signature: Signature,
@@ -193,64 +209,14 @@ def check_parity(
     tolerance: float = PARITY_TOLERANCE,
 ) -> ParityReport:
     """ONNX Runtime against PyTorch on random inputs and states, and step-by-step vs whole."""
-    import onnxruntime as ort
-
     spec = net.spec
     net.eval()
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    ins, _ = state_io_names(spec)
-    rng = np.random.default_rng(seed)
-    vs_torch = (0.0, 0.0)
-    steps_vs_whole = (0.0, 0.0)
-    for batch, steps in PARITY_CASES:
-        x = random_inputs(spec, net, batch, steps, rng)
-        feeds: dict[str, np.ndarray] = {signature.input_name: x}
-        if streamable:
-            for name in ins:
-                feeds[name] = rng.uniform(-1, 1, (batch, *spec.state_shape)).astype(np.float32)
-        ours = session.run(None, feeds)
-        with torch.no_grad():
-            state = tuple(torch.from_numpy(feeds[n]) for n in ins) if streamable else None
-            y, new_state = net(torch.from_numpy(x), state)
-        theirs = [y.numpy(), *(s.numpy() for s in new_state)] if streamable else [y.numpy()]
-        vs_torch = _worst(vs_torch, *(_diff(a, b) for a, b in zip(ours, theirs, strict=True)))
-        if streamable and steps > 1:
-            steps_vs_whole = _worst(steps_vs_whole, _steps_vs_whole(session, feeds, ins, ours))
-    if vs_torch[1] > tolerance or steps_vs_whole[1] > tolerance:
-        raise ExportError(
-            f"{onnx_path}: parity check failed (scaled max |onnx - torch| = {vs_torch[1]:.3g}, "
-            f"scaled max |step-by-step - whole| = {steps_vs_whole[1]:.3g}, "
-            f"tolerance {tolerance:g})"
-        )
-    return ParityReport(
-        vs_torch[0], steps_vs_whole[0], vs_torch[1], steps_vs_whole[1], PARITY_CASES, tolerance
+    return graph.check_parity(
+        onnx_path,
+        interface(spec, signature, streamable),
+        lambda _tensor, batch, steps, rng: random_inputs(spec, net, batch, steps, rng),
+        torch_reference(_Graph(net, streamable).eval(), interface(spec, signature, streamable)),
+        "torch",
+        seed,
+        tolerance,
     )
-
-
-def _steps_vs_whole(
-    session: Any, feeds: dict[str, np.ndarray], state_inputs: list[str], whole: list[np.ndarray]
-) -> tuple[float, float]:
-    """Feed the steps one at a time carrying the state; compare with one call over all steps."""
-    x_name = next(name for name in feeds if name not in state_inputs)
-    x = feeds[x_name]
-    state = [feeds[name] for name in state_inputs]
-    outputs = []
-    for t in range(x.shape[1]):
-        y, *state = session.run(
-            None, {x_name: x[:, t : t + 1], **dict(zip(state_inputs, state, strict=True))}
-        )
-        outputs.append(y)
-    stepped = [np.concatenate(outputs, axis=1), *state]
-    return _worst(*(_diff(a, b) for a, b in zip(stepped, whole, strict=True)))
-
-
-def _diff(a: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """(max absolute difference, the same scaled by max(1, max |reference|))."""
-    if a.shape != reference.shape:
-        raise ExportError(f"output shapes differ: {a.shape} vs {reference.shape}")
-    diff = float(np.max(np.abs(a.astype(np.float64) - reference), initial=0.0))
-    return diff, diff / max(1.0, float(np.max(np.abs(reference), initial=0.0)))
-
-
-def _worst(*diffs: tuple[float, float]) -> tuple[float, float]:
-    return max(d[0] for d in diffs), max(d[1] for d in diffs)

@@ -19,7 +19,6 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -31,6 +30,7 @@ from numpy.typing import ArrayLike
 from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve._pb import grpc_service_pb2_grpc as pb_grpc
 from rnnserve._pb import model_config_pb2 as mc
+from rnnserve.client.closing import AsyncClosing
 from rnnserve.client.errors import (
     Aborted,
     ClientError,
@@ -231,7 +231,7 @@ class _Stream:
             await asyncio.gather(self._reader, return_exceptions=True)
 
 
-class Client:
+class Client(AsyncClosing):
     """A connection to an rnnserve (or Triton) server at `url` (host:port); asyncio.
 
     Use it as `async with Client(url) as client`, or call `open()` and `close()`. Sessions it
@@ -295,17 +295,6 @@ class Client:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
-
-    async def __aenter__(self) -> Client:
-        return await self.open()
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # ------------------------------------------------------------------ unary calls
     async def _unary(self, method: str, request: Any) -> Any:
@@ -424,7 +413,7 @@ def _version_key(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (1 << 62, version)
 
 
-class Session:
+class Session(AsyncClosing):
     """One sequence of a model: its steps run in order on the server, which carries the state.
 
     A session picks an unguessable 63-bit sequence id (`secrets`) unless given one, sends
@@ -489,17 +478,6 @@ class Session:
         if self._own_stream:
             self._stream = self.client._open_stream(self._stream_metadata())
         return self
-
-    async def __aenter__(self) -> Session:
-        return await self.open()
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @property
     def state(self) -> dict[str, np.ndarray] | None:

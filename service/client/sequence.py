@@ -19,13 +19,13 @@ import secrets
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 
 import grpc
 import numpy as np
 
 from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve._pb import grpc_service_pb2_grpc as pb_grpc
+from rnnserve.client.closing import Closing
 from rnnserve.client.errors import ClientError, from_stream_error
 from rnnserve.repository.signature import WIRE_DTYPES, wire_name
 
@@ -40,7 +40,7 @@ def sequence_id_header(sequence_id: int | str) -> str:
     return urllib.parse.quote(str(sequence_id), safe="")
 
 
-class SequenceClient:
+class SequenceClient(Closing):
     """One sequence of `model` on one ModelStreamInfer stream to `url` (host:port); blocking.
 
     Reads the model's config (ModelConfig) first and uses its first input and first output; the
@@ -152,14 +152,3 @@ class SequenceClient:
             self.step(with_zeros, end=True)
         self._requests.put(None)
         self._channel.close()
-
-    def __enter__(self) -> SequenceClient:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -14,18 +14,18 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Mapping
-from types import TracebackType
 from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from rnnserve.client.aio import Client, Health, ModelInfo, RetryPolicy, Session
+from rnnserve.client.closing import Closing
 
 T = TypeVar("T")
 
 
-class SyncClient:
+class SyncClient(Closing):
     """Client (rnnserve.client.aio) with blocking methods; the same arguments."""
 
     def __init__(self, url: str, **options: Any) -> None:
@@ -85,19 +85,8 @@ class SyncClient:
         self._thread.join()
         self._loop.close()
 
-    def __enter__(self) -> SyncClient:
-        return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class SyncSession:
+class SyncSession(Closing):
     """Session (rnnserve.client.aio) with blocking methods."""
 
     def __init__(self, client: SyncClient, session: Session) -> None:
@@ -142,14 +131,3 @@ class SyncSession:
     def close(self) -> None:
         """See Session.close."""
         self._client._run(self.session.close())
-
-    def __enter__(self) -> SyncSession:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -116,13 +116,20 @@ def valid_request(
     message.inputs.add(name=INPUTS[model], datatype=datatype, shape=x.shape)
     message.raw_input_contents.append(x.tobytes())
     if sequence_id is not None:
-        if isinstance(sequence_id, str):
-            message.parameters["sequence_id"].string_param = sequence_id
-        else:
-            message.parameters["sequence_id"].int64_param = sequence_id
-        message.parameters["sequence_start"].bool_param = start
-        message.parameters["sequence_end"].bool_param = end
+        set_sequence(message, sequence_id, start, end)
     return message
+
+
+def set_sequence(
+    message: pb.ModelInferRequest, sequence_id: int | str, start: bool, end: bool
+) -> None:
+    """Triton's sequence parameters on `message` (a string id as string_param)."""
+    if isinstance(sequence_id, str):
+        message.parameters["sequence_id"].string_param = sequence_id
+    else:
+        message.parameters["sequence_id"].int64_param = sequence_id
+    message.parameters["sequence_start"].bool_param = start
+    message.parameters["sequence_end"].bool_param = end
 
 
 @st.composite

@@ -16,6 +16,7 @@ from rnnserve.api.codec import (
 )
 from rnnserve.errors import InvalidArgument
 from rnnserve.serving.request import InferenceResult
+from tests.api.fuzzing import set_sequence
 
 
 def built_with_protobuf(result: InferenceResult, request_id: str) -> pb.ModelInferResponse:
@@ -72,12 +73,7 @@ def request_bytes(
 ) -> bytes:
     message = pb.ModelInferRequest(model_name="charlm_lstm", id=request_id)
     if sequence_id is not None:
-        if isinstance(sequence_id, str):
-            message.parameters["sequence_id"].string_param = sequence_id
-        else:
-            message.parameters["sequence_id"].int64_param = sequence_id
-        message.parameters["sequence_start"].bool_param = start
-        message.parameters["sequence_end"].bool_param = end
+        set_sequence(message, sequence_id, start, end)
     message.inputs.add(name="tokens", datatype="INT64", shape=shape)
     for name in outputs:
         message.outputs.add(name=name)

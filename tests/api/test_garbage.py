@@ -61,14 +61,19 @@ async def stream(sequence: int) -> AsyncIterator[bytes]:
         await asyncio.sleep(0)  # several streams interleave: batches of several requests
 
 
-async def test_streamed_and_unary_requests_leave_no_cycles() -> None:
+async def loaded() -> tuple[ModelRegistry, InferenceServicer]:
+    """The bundled models loaded, and a servicer on them (metrics that record nothing)."""
     registry = ModelRegistry(
         BUNDLED,
         lambda path: OnnxRuntime(path, EngineSettings(Provider.CPU, spinning=Spinning.NEVER)),
         Limits(max_queue_delay_s=0.0),
     )
     await registry.load_all()
-    servicer = InferenceServicer(registry, Quiet())
+    return registry, InferenceServicer(registry, Quiet())
+
+
+async def test_streamed_and_unary_requests_leave_no_cycles() -> None:
+    registry, servicer = await loaded()
 
     async def drain(sequence: int) -> int:
         answers = [a async for a in servicer.ModelStreamInfer(stream(sequence), Context())]
@@ -96,13 +101,7 @@ async def test_streamed_and_unary_requests_leave_no_cycles() -> None:
 async def test_refused_requests_leave_no_cycles() -> None:
     """Refused in the decoder, the registry or the engine, unary or streamed: a cycle would
     hold each refused request's bytes until a collection."""
-    registry = ModelRegistry(
-        BUNDLED,
-        lambda path: OnnxRuntime(path, EngineSettings(Provider.CPU, spinning=Spinning.NEVER)),
-        Limits(max_queue_delay_s=0.0),
-    )
-    await registry.load_all()
-    servicer = InferenceServicer(registry, Quiet())
+    registry, servicer = await loaded()
     unknown = pb.ModelInferRequest.FromString(request(1, 5, True, ""))
     unknown.model_name = "nope"
     refused = [

@@ -308,7 +308,7 @@ def _triton_section(results: dict[str, Any]) -> list[str]:
                 _paired(p, t), _spread(p, "p99_ms", 2), _spread(t, "p99_ms", 2),
                 _num(p["server_cpu_s_per_1000_steps"], 4),
                 _num(t["server_cpu_s_per_1000_steps"], 4),
-                str(t["errors"]) + (" (crashed)" if t.get("crashed") else ""),
+                str(t["errors"]) + _crashes(t),
             ]
         )  # fmt: skip
     s = peer["settings"]
@@ -349,6 +349,16 @@ def _triton_section(results: dict[str, Any]) -> list[str]:
     if peer.get("stopped"):
         lines += ["", f"Triton was not measured after that: it {peer['stopped']}."]
     return lines
+
+
+def _crashes(point: dict[str, Any]) -> str:
+    """ " (crashed in k of n rounds)" where the server died; its figures are the other rounds'."""
+    if not point.get("crashed"):
+        return ""
+    rounds = point.get("rounds", 1)
+    if rounds < 2:
+        return " (crashed)"
+    return f" (crashed in {point.get('crashed_rounds', 1)} of {rounds} rounds)"
 
 
 def _spread(point: dict[str, Any], key: str, digits: int = 0) -> str:

@@ -318,16 +318,19 @@ def peer_point(
 
 def median_point(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One server's point from its repeated measurements: the round with the median steps/s
-    (the lower of the two middle ones for an even count), with every round's steps/s and p99
-    beside it, the errors of all rounds, and `crashed` if the server died in any."""
-    ranked = sorted(rounds, key=lambda p: p["steps_per_s"])
+    (the lower of the two middle ones for an even count) among the rounds in which it did not
+    crash (all of them if it crashed in every one), with every round's steps/s and p99 beside
+    it, the errors of all rounds, `crashed` if the server died in any and `crashed_rounds`."""
+    clean = [p for p in rounds if not p.get("crashed", False)] or rounds
+    ranked = sorted(clean, key=lambda p: p["steps_per_s"])
     point = dict(ranked[(len(ranked) - 1) // 2])
     point["rounds"] = len(rounds)
     point["steps_per_s_rounds"] = [p["steps_per_s"] for p in rounds]
     point["p99_ms_rounds"] = [p["p99_ms"] for p in rounds]
     point["errors"] = sum(p["errors"] for p in rounds)
     point["first_error"] = next((p["first_error"] for p in rounds if p["errors"]), "")
-    point["crashed"] = any(p.get("crashed", False) for p in rounds)
+    point["crashed_rounds"] = len(rounds) - len(clean) if clean is not rounds else len(rounds)
+    point["crashed"] = point["crashed_rounds"] > 0
     return point
 
 

@@ -104,10 +104,19 @@ def test_a_peer_that_dies_mid_point_is_recorded_and_started_again(peer) -> None:
     assert fine is not None and fine["sessions"] == 2 and "crashed" not in fine
     assert len(run.crashes) == 1 and run.stopped == ""
 
-    # Rounds of one point: the median round speaks for it, the crash is not forgotten.
-    point = runner.median_point([fine, crashed, {**fine, "steps_per_s": 3 * fine["steps_per_s"]}])
+    # Rounds of one point: the median of the rounds without a crash speaks for it (a crashed
+    # round's figures measure the crash), and the crash is not forgotten.
+    faster = {**fine, "steps_per_s": 3 * fine["steps_per_s"]}
+    point = runner.median_point([fine, crashed, faster])
     assert point["steps_per_s"] == fine["steps_per_s"] and point["rounds"] == 3
-    assert point["crashed"] and point["errors"] == 3 and point["first_error"] == "UNAVAILABLE"
+    assert point["crashed"] and point["crashed_rounds"] == 1
+    assert point["errors"] == 3 and point["first_error"] == "UNAVAILABLE"
+    slow_crash = {**crashed, "steps_per_s": fine["steps_per_s"] / 10}
+    assert (
+        runner.median_point([slow_crash, faster, slow_crash])["steps_per_s"]
+        == faster["steps_per_s"]
+    )
+    assert runner.median_point([slow_crash])["crashed_rounds"] == 1
     assert sorted(point["steps_per_s_rounds"]) == sorted(
         [fine["steps_per_s"], crashed["steps_per_s"], 3 * fine["steps_per_s"]]
     )

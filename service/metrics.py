@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -58,6 +58,16 @@ class Metrics:
         self.registry.register(_ServingCollector(snapshots))
         self.registry.register(_StoreCollector(store))
         self.registry.register(_GpuCollector())
+        self._auth_failures = Counter(
+            "rnnserve_auth_failures",
+            "Calls refused UNAUTHENTICATED, by reason: missing, malformed or unknown token",
+            ["reason"],
+            registry=self.registry,
+        )
+
+    def refused_authentication(self, reason: str) -> None:
+        """A call was refused UNAUTHENTICATED for `reason` (missing, malformed, unknown)."""
+        self._auth_failures.labels(reason).inc()
 
     def observe_request(
         self,

@@ -23,7 +23,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from rnnserve._pb import grpc_service_pb2 as pb
+from rnnserve.api.auth import Authentication
 from rnnserve.api.servicer import InferenceServicer, add_to_server
+from rnnserve.auth import TokenFile
 from rnnserve.config import Settings
 from rnnserve.errors import ServiceError, StoreRejected
 from rnnserve.metrics import Metrics
@@ -66,6 +68,7 @@ class Server:
             inline_max_work=settings.inline_max_work,
             max_answer_bytes=settings.max_message_bytes,
         )
+        self.tokens = TokenFile(settings.auth_tokens) if settings.auth_tokens else None
         self.tls: CertificateFiles | None = None
         if settings.tls_cert is not None and settings.tls_key is not None:
             files = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
@@ -117,7 +120,14 @@ class Server:
             await self._check_store()
         await self.registry.load_all()
         size = settings.max_message_bytes
+        interceptors = []
+        if self.tokens is not None:
+            metrics = self.metrics
+            interceptors.append(
+                Authentication(self.tokens, lambda why: metrics.refused_authentication(why.value))
+            )
         self._grpc = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
@@ -125,7 +135,7 @@ class Server:
                 # gRPC cancels calls beyond 1,000 waiting to be picked up; a server built to
                 # hold thousands of concurrent sequences must not.
                 ("grpc.server.max_pending_requests", 65536),
-            ]
+            ],
         )
         add_to_server(self.servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)

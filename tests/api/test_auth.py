@@ -1,0 +1,161 @@
+"""Bearer-token authentication (`--auth-tokens`) on the real server, through tritonclient.
+
+Every call but the health service needs a token the file names; a refusal is UNAUTHENTICATED
+with one message whatever was asked (nothing about which models or sequences exist), and is
+counted by reason. The file is read again when it changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from rnnserve.api.auth import MESSAGE
+from tests.api.conftest import OUTPUTS, Reference, infer_input, sequence_data
+from tests.conftest import run_cli
+from tests.server import RunningServer, serving
+
+MODEL = "sensor_gru"
+ALICE, BOB = "alice-token-0123", "bob-token-4567"
+
+
+def line(principal: str, token: str) -> str:
+    return f"{principal} {hashlib.sha256(token.encode()).hexdigest()}\n"
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("auth") / "tokens"
+    path.write_text("# principal, sha256 of the token\n" + line("alice", ALICE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tokens: Path, tmp_path_factory: pytest.TempPathFactory):
+    with serving(tmp_path_factory.mktemp("server"), "--auth-tokens", str(tokens)) as running:
+        yield running
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def refusals(server: RunningServer) -> dict[str, float]:
+    found = {}
+    for row in server.scrape().splitlines():
+        if row.startswith("rnnserve_auth_failures_total{"):
+            found[row.split('reason="')[1].split('"')[0]] = float(row.split()[-1])
+    return found
+
+
+def test_a_known_token_is_served_and_health_needs_none(server, reference: Reference) -> None:
+    x = sequence_data(MODEL, 3, np.random.default_rng(1))
+    with triton.InferenceServerClient(server.target) as client:
+        result = client.infer(
+            MODEL,
+            [infer_input(MODEL, x)],
+            sequence_id=7,
+            sequence_start=True,
+            headers=bearer(ALICE),
+        )
+        np.testing.assert_allclose(
+            result.as_numpy(OUTPUTS[MODEL]), reference.run(MODEL, x), rtol=1e-5, atol=1e-5
+        )
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [(None, "missing"), ({"authorization": "Basic abc"}, "malformed"), (bearer(BOB), "unknown")],
+)
+def test_every_other_call_without_a_known_token_is_unauthenticated_alike(
+    server, headers, reason
+) -> None:
+    before = refusals(server).get(reason, 0.0)
+    x = sequence_data(MODEL, 1, np.random.default_rng(2))
+    inputs = [infer_input(MODEL, x)]
+    calls = {
+        "infer": lambda c: c.infer(MODEL, inputs, headers=headers),
+        "infer on an unknown model": lambda c: c.infer("nosuch", inputs, headers=headers),
+        "metadata": lambda c: c.get_model_metadata(MODEL, headers=headers),
+        "metadata of an unknown model": lambda c: c.get_model_metadata("nosuch", headers=headers),
+        "server live": lambda c: c.is_server_live(headers=headers),
+        "repository": lambda c: c.get_model_repository_index(headers=headers),
+    }  # fmt: skip
+    with triton.InferenceServerClient(server.target) as client:
+        for name, call in calls.items():
+            with pytest.raises(InferenceServerException) as refused:
+                call(client)
+            assert refused.value.status() == "StatusCode.UNAUTHENTICATED", name
+            assert refused.value.message() == MESSAGE, name  # the same, whatever was asked
+    assert refusals(server)[reason] == before + len(calls)
+
+
+def test_a_stream_without_a_token_is_refused_and_one_with_it_is_served(server) -> None:
+    x = sequence_data(MODEL, 1, np.random.default_rng(3))
+    for headers, expected in ((None, "StatusCode.UNAUTHENTICATED"), (bearer(ALICE), None)):
+        answers: list[object] = []
+        with triton.InferenceServerClient(server.target) as client:
+            client.start_stream(
+                callback=lambda result, error, answers=answers: answers.append(error or result),
+                headers=headers,
+            )
+            client.async_stream_infer(
+                MODEL, [infer_input(MODEL, x)], sequence_id=11, sequence_start=True,
+                sequence_end=True,
+            )  # fmt: skip
+            deadline = time.monotonic() + 10
+            while not answers and time.monotonic() < deadline:
+                time.sleep(0.01)
+            client.stop_stream()
+        assert answers, headers
+        if expected is None:
+            assert isinstance(answers[0], triton.InferResult), answers[0]
+        else:
+            assert isinstance(answers[0], InferenceServerException), answers[0]
+            assert answers[0].status() == expected
+
+
+def test_tokens_are_added_and_revoked_without_a_restart(server, tokens: Path) -> None:
+    with triton.InferenceServerClient(server.target) as client:
+        assert client.is_server_live(headers=bearer(ALICE))
+        tokens.write_text(line("bob", BOB))  # alice revoked, bob added
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.is_server_live(headers=bearer(BOB))
+                break
+            except InferenceServerException:
+                assert time.monotonic() < deadline, "the new token file was not read"
+                time.sleep(0.2)
+        with pytest.raises(InferenceServerException) as refused:
+            client.is_server_live(headers=bearer(ALICE))
+        assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+        tokens.write_text("alice not-a-digest\n")  # a bad rewrite keeps the tokens loaded
+        time.sleep(1.2)
+        assert client.is_server_live(headers=bearer(BOB))
+        tokens.write_text(line("alice", ALICE))
+
+
+def test_a_token_file_that_cannot_be_used_stops_the_start(tmp_path: Path) -> None:
+    bad = tmp_path / "tokens"
+    bad.write_text(line("alice", ALICE) + "bob deadbeef\n")
+    done = run_cli(
+        "serve", "--grpc-port", "0", "--metrics-port", "off", "--auth-tokens", str(bad), timeout=60
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"--auth-tokens {bad}, line 2" in done.stderr and "Traceback" not in done.stderr
+    missing = run_cli(
+        "serve", "--grpc-port", "0", "--auth-tokens", str(tmp_path / "none"), timeout=60
+    )
+    assert missing.returncode == 1 and "No such file" in missing.stderr, missing.stderr

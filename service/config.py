@@ -49,9 +49,9 @@ class Settings:
     """PEM CA certificates for mutual TLS: every client must present a certificate they signed
     (default: no client certificate asked for). Read again when it changes."""
     auth_tokens: Path | None = None
-    """File of `<principal> <sha256 hex of the token>` lines: every call but the health service
-    then needs `authorization: Bearer <token>` metadata, or ends UNAUTHENTICATED. Read again
-    when it changes (default: no authentication)."""
+    """File of `<principal> <sha256 hex of the token>` lines: every call but health, liveness and
+    readiness then needs `authorization: Bearer <token>` metadata, or ends UNAUTHENTICATED. Read
+    again when it changes (default: no authentication)."""
     model_repository: Path = field(default_factory=bundled_repository)
     """Model repository in Triton's layout (default: the bundled models)."""
     provider: Provider = Provider.AUTO

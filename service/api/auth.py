@@ -1,6 +1,6 @@
 """Authentication at the edge: a gRPC server interceptor that lets a call through only with a
-bearer token the token file knows (`rnnserve.auth`), except the health service, which probes
-and load balancers call without credentials.
+bearer token the token file knows (`rnnserve.auth`), except health, liveness and readiness
+(`OPEN_PREFIXES`), which probes and load balancers call without credentials.
 
 A refused call ends UNAUTHENTICATED with the same message whatever it asked for, so it learns
 nothing about which models or sequences exist; the refusal is counted by reason.
@@ -16,8 +16,14 @@ import grpc.aio
 
 from rnnserve.auth import Refusal, TokenFile
 
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
-"""Methods any caller may use: liveness and readiness."""
+OPEN_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+)
+"""Methods any caller may use: the health service and the protocol's server liveness and
+readiness, which probes and load balancers call without credentials (model readiness is not
+open: it would say which models exist)."""
 MESSAGE = (
     "authentication required: send the metadata `authorization: Bearer <token>` with a token "
     "the server knows (--auth-tokens)"

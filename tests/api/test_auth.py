@@ -72,6 +72,8 @@ def test_a_known_token_is_served_and_health_needs_none(server, reference: Refere
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+    with triton.InferenceServerClient(server.target) as client:  # liveness and readiness too
+        assert client.is_server_live() and client.is_server_ready()
 
 
 @pytest.mark.parametrize(
@@ -89,7 +91,7 @@ def test_every_other_call_without_a_known_token_is_unauthenticated_alike(
         "infer on an unknown model": lambda c: c.infer("nosuch", inputs, headers=headers),
         "metadata": lambda c: c.get_model_metadata(MODEL, headers=headers),
         "metadata of an unknown model": lambda c: c.get_model_metadata("nosuch", headers=headers),
-        "server live": lambda c: c.is_server_live(headers=headers),
+        "model ready": lambda c: c.is_model_ready(MODEL, headers=headers),
         "repository": lambda c: c.get_model_repository_index(headers=headers),
     }  # fmt: skip
     with triton.InferenceServerClient(server.target) as client:
@@ -128,22 +130,22 @@ def test_a_stream_without_a_token_is_refused_and_one_with_it_is_served(server) -
 
 def test_tokens_are_added_and_revoked_without_a_restart(server, tokens: Path) -> None:
     with triton.InferenceServerClient(server.target) as client:
-        assert client.is_server_live(headers=bearer(ALICE))
+        assert client.is_model_ready(MODEL, headers=bearer(ALICE))
         tokens.write_text(line("bob", BOB))  # alice revoked, bob added
         deadline = time.monotonic() + 10
         while True:
             try:
-                assert client.is_server_live(headers=bearer(BOB))
+                assert client.is_model_ready(MODEL, headers=bearer(BOB))
                 break
             except InferenceServerException:
                 assert time.monotonic() < deadline, "the new token file was not read"
                 time.sleep(0.2)
         with pytest.raises(InferenceServerException) as refused:
-            client.is_server_live(headers=bearer(ALICE))
+            client.is_model_ready(MODEL, headers=bearer(ALICE))
         assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
         tokens.write_text("alice not-a-digest\n")  # a bad rewrite keeps the tokens loaded
         time.sleep(1.2)
-        assert client.is_server_live(headers=bearer(BOB))
+        assert client.is_model_ready(MODEL, headers=bearer(BOB))
         tokens.write_text(line("alice", ALICE))
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from rnnserve_bench.triton import free_ports
 from tests.child import ChildServer
 from tests.conftest import BUNDLED, ROOT
 
@@ -40,18 +40,6 @@ class Ports:
     http: int
     grpc: int
     metrics: int
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports nothing listens on now (all held open together, so they are distinct)."""
-    probes = [socket.socket() for _ in range(count)]
-    try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
 
 
 class RunningTriton(ChildServer):

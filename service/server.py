@@ -127,7 +127,7 @@ class Server:
                 Authentication(self.tokens, lambda why: metrics.refused_authentication(why.value))
             )
         self._grpc = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=interceptors or None,  # none: gRPC's path without interceptors
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),

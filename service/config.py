@@ -51,7 +51,12 @@ class Settings:
     auth_tokens: Path | None = None
     """File of `<principal> <sha256 hex of the token>` lines: every call but health, liveness and
     readiness then needs `authorization: Bearer <token>` metadata, or ends UNAUTHENTICATED. Read
-    again when it changes (default: no authentication)."""
+    again when it changes (default: no authentication; with --tls-client-ca, a call without a
+    token is its client certificate's principal: its common name, else its first SAN)."""
+    auth_admins: str = ""
+    """Comma-separated principals that may load and unload models (RepositoryModelLoad and
+    Unload) when callers authenticate (--auth-tokens or --tls-client-ca); others get
+    PERMISSION_DENIED. Without authentication anyone may."""
     model_repository: Path = field(default_factory=bundled_repository)
     """Model repository in Triton's layout (default: the bundled models)."""
     provider: Provider = Provider.AUTO
@@ -83,6 +88,24 @@ class Settings:
     """Time steps one request may carry at most (default: each model's config, else 4096)."""
     max_message_bytes: int = 64 * 1024 * 1024
     """Largest gRPC message accepted or sent."""
+    max_request_bytes: int | None = None
+    """Largest inference request accepted, in bytes, refused RESOURCE_EXHAUSTED before it is
+    decoded (default: --max-message-bytes, which also bounds answers)."""
+    principal_max_sequences: int | None = None
+    """Live sequences one principal may hold over all models (default: no limit); without
+    authentication all callers are one principal."""
+    max_live_sequences: int | None = None
+    """Live sequences the server may hold over all models (default: no limit beyond each
+    model's --max-sequences)."""
+    principal_requests_per_s: float | None = None
+    """Inference requests per second one principal may send on average, stream requests
+    included; over it, RESOURCE_EXHAUSTED (default: no limit)."""
+    principal_burst: int | None = None
+    """Requests one principal may send at once above --principal-requests-per-s (default: one
+    second's worth)."""
+    max_requests_per_s: float | None = None
+    """Inference requests per second the server takes from all callers together (default: no
+    limit)."""
     unload_grace_s: float = 30.0
     """When a model version is unloaded, how long its live sequences may go on before they end."""
     shutdown_grace_s: float = 20.0
@@ -181,12 +204,35 @@ class Settings:
             "max_queue_delay_us",
             "idle_timeout_s",
             "repository_poll_s",
+            "max_request_bytes",
+            "principal_max_sequences",
+            "max_live_sequences",
+            "principal_requests_per_s",
+            "principal_burst",
+            "max_requests_per_s",
         ):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "max_queue_delay_us" else 1e-9):
                 least = "0 or more" if name == "max_queue_delay_us" else "positive"
                 raise ValueError(f"{_flag(name)} must be {least}, got {value:g}")
+        if self.principal_burst is not None and self.principal_requests_per_s is None:
+            raise ValueError("--principal-burst needs --principal-requests-per-s")
+        if self.admins and not self.authenticates:
+            raise ValueError(
+                "--auth-admins needs authenticated callers: --auth-tokens, or mutual TLS "
+                "(--tls-client-ca)"
+            )
         self._validate_store()
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether callers are authenticated: bearer tokens, or client certificates."""
+        return self.auth_tokens is not None or self.tls_client_ca is not None
+
+    @property
+    def admins(self) -> frozenset[str]:
+        """The principals of --auth-admins."""
+        return frozenset(p.strip() for p in self.auth_admins.split(",") if p.strip())
 
     def _validate_store(self) -> None:
         if self.state_store != "memory" and not self.state_store.startswith(REDIS_SCHEMES):

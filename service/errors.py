@@ -22,6 +22,9 @@ class ServiceError(Exception):
     """An error a client or operator can act on."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    limit: str | None = None
+    """For a request refused by one of the server's limits: which one (the `reason` label of
+    rnnserve_limit_refusals_total); None for every other error."""
 
 
 class InvalidArgument(ServiceError):
@@ -54,10 +57,35 @@ class SequenceNotFound(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class CapacityExhausted(ServiceError):
-    """A new sequence for a model version that already holds its maximum of live sequences."""
+class LimitExceeded(ServiceError):
+    """A request over one of the server's limits (sequences, request rate, request bytes):
+    RESOURCE_EXHAUSTED, as gRPC answers a message over its size limit. `limit` says which."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class CapacityExhausted(LimitExceeded):
+    """A new sequence for a model version that already holds its maximum of live sequences."""
+
+    def __init__(self, message: str, limit: str = "model_sequences") -> None:
+        super().__init__(message, limit)
+
+
+class TooManySteps(InvalidArgument):
+    """A request carrying more time steps than its model takes in one request (the request
+    must be split, so INVALID_ARGUMENT rather than RESOURCE_EXHAUSTED: waiting never helps)."""
+
+    limit = "time_steps"
+
+
+class PermissionDenied(ServiceError):
+    """An authenticated caller asking for what its principal may not do (an admin call)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class ShuttingDown(ServiceError):
@@ -110,6 +138,7 @@ class AnswerTooLarge(ServiceError):
     request was refused before it ran."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    limit = "answer_bytes"
 
 
 class RequestCancelled(ServiceError):

@@ -60,7 +60,17 @@ class Metrics:
         self.registry.register(_GpuCollector())
         self._auth_failures = Counter(
             "rnnserve_auth_failures",
-            "Calls refused UNAUTHENTICATED, by reason: missing, malformed or unknown token",
+            "Calls refused UNAUTHENTICATED, by reason: missing (no token, nor a certificate naming "
+            "a principal), malformed or unknown token",
+            ["reason"],
+            registry=self.registry,
+        )
+
+        self._limit_refusals = Counter(
+            "rnnserve_limit_refusals",
+            "Requests refused by a limit, by which: principal_sequences, server_sequences, "
+            "model_sequences, principal_rate, server_rate, request_bytes, answer_bytes, "
+            "time_steps",
             ["reason"],
             registry=self.registry,
         )
@@ -68,6 +78,10 @@ class Metrics:
     def refused_authentication(self, reason: str) -> None:
         """A call was refused UNAUTHENTICATED for `reason` (missing, malformed, unknown)."""
         self._auth_failures.labels(reason).inc()
+
+    def refused_by_limit(self, limit: str) -> None:
+        """A request was refused by the limit `limit` (`ServiceError.limit`)."""
+        self._limit_refusals.labels(limit).inc()
 
     def observe_request(
         self,

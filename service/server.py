@@ -31,6 +31,7 @@ from rnnserve.errors import ServiceError, StoreRejected
 from rnnserve.metrics import Metrics
 from rnnserve.runtime.onnx import EngineSettings, OnnxRuntime
 from rnnserve.serving.model import Limits
+from rnnserve.serving.policy import Policy, PolicySettings
 from rnnserve.serving.registry import ModelRegistry
 from rnnserve.sessions.connect import open_store
 from rnnserve.sessions.store import StoreAccess
@@ -95,6 +96,18 @@ class Server:
             unload_grace_s=settings.unload_grace_s,
             store=self.store,
             durability=self.durability,
+            policy=Policy(
+                PolicySettings(
+                    authenticated=settings.authenticates,
+                    admins=settings.admins,
+                    principal_max_sequences=settings.principal_max_sequences,
+                    max_live_sequences=settings.max_live_sequences,
+                    principal_requests_per_s=settings.principal_requests_per_s,
+                    principal_burst=settings.principal_burst,
+                    max_requests_per_s=settings.max_requests_per_s,
+                    max_request_bytes=settings.max_request_bytes,
+                )
+            ),
         )
         self.metrics = Metrics(self.registry.snapshot, self.store.statistics)
         self.servicer = InferenceServicer(self.registry, self.metrics)
@@ -121,10 +134,14 @@ class Server:
         await self.registry.load_all()
         size = settings.max_message_bytes
         interceptors = []
-        if self.tokens is not None:
+        if settings.authenticates:
             metrics = self.metrics
             interceptors.append(
-                Authentication(self.tokens, lambda why: metrics.refused_authentication(why.value))
+                Authentication(
+                    self.tokens,
+                    settings.tls_client_ca is not None,
+                    lambda why: metrics.refused_authentication(why.value),
+                )
             )
         self._grpc = grpc.aio.server(
             interceptors=interceptors or None,  # none: gRPC's path without interceptors

@@ -54,6 +54,14 @@ class ClientIdentity:
     common_name: str | None
     alt_names: tuple[str, ...]
 
+    @property
+    def principal(self) -> str | None:
+        """The principal it names: the subject's common name, else its first subject
+        alternative name (a SPIFFE id, say); None when it has neither."""
+        if self.common_name:
+            return self.common_name
+        return self.alt_names[0] if self.alt_names else None
+
 
 def client_identity(auth_context: Mapping[str, Sequence[bytes]]) -> ClientIdentity | None:
     """The identity in a call's `context.auth_context()`; None without a client certificate.

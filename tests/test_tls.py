@@ -75,6 +75,14 @@ def test_client_identity_of_an_auth_context() -> None:
     )
 
 
+def test_the_principal_of_a_certificate_is_its_common_name_else_its_first_san() -> None:
+    assert ClientIdentity("alice", ("spiffe://example.org/bob",)).principal == "alice"
+    assert ClientIdentity(None, ("spiffe://example.org/bob", "b")).principal == (
+        "spiffe://example.org/bob"
+    )
+    assert ClientIdentity("", ()).principal is None
+
+
 class IdentityHealth(health.aio.HealthServicer):
     """Health that records who called: where an auth layer reads the caller's certificate."""
 

@@ -1,21 +1,35 @@
-"""Authentication at the edge: a gRPC server interceptor that lets a call through only with a
-bearer token the token file knows (`rnnserve.auth`), except health, liveness and readiness
-(`OPEN_PREFIXES`), which probes and load balancers call without credentials.
+"""Authentication at the edge: who is calling, before any method runs.
 
-A refused call ends UNAUTHENTICATED with the same message whatever it asked for, so it learns
-nothing about which models or sequences exist; the refusal is counted by reason.
+A gRPC server interceptor names each call's principal, and lets the call through with it in
+`PRINCIPAL` (a context variable the servicer reads and hands to the engine):
+- a bearer token (`authorization: Bearer <token>`) the token file knows (`rnnserve.auth`)
+  names the token's principal;
+- under mutual TLS, a call without a token is its verified client certificate's principal
+  (`rnnserve.tls.ClientIdentity.principal`: the subject's common name, else its first SAN).
+
+Health, liveness and readiness (`OPEN_PREFIXES`) stay open: probes and load balancers call
+them without credentials. Any other call without a principal ends UNAUTHENTICATED with the
+same message whatever it asked for, so it learns nothing about which models or sequences
+exist; the refusal is counted by reason. A call that presents a token the file does not know
+is refused even when its certificate would do: a wrong token is a mistake to report, not to
+paper over.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
 import grpc.aio
 
 from rnnserve.auth import Refusal, TokenFile
+from rnnserve.tls import client_identity
 
+PRINCIPAL: ContextVar[str] = ContextVar("rnnserve_principal", default="")
+"""The calling principal, set for each call the interceptor let through; "" when the server
+authenticates no one (all callers are then one principal)."""
 OPEN_PREFIXES = (
     "/grpc.health.v1.Health/",
     "/inference.GRPCInferenceService/ServerLive",
@@ -28,52 +42,130 @@ MESSAGE = (
     "authentication required: send the metadata `authorization: Bearer <token>` with a token "
     "the server knows (--auth-tokens)"
 )
+CERTIFICATE_MESSAGE = (
+    "authentication required: send the metadata `authorization: Bearer <token>` with a token "
+    "the server knows (--auth-tokens), or a client certificate naming a principal (a subject "
+    "common name or a subject alternative name)"
+)
+
+Refused = Callable[[Refusal], None]
 
 
 class Authentication(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Refuses calls without a known bearer token; `refused(reason)` hears each refusal."""
+    """Names each call's principal from `tokens` (a token file) and, with `certificates`
+    (mutual TLS on), from its client certificate; refuses calls with none. `refused(reason)`
+    hears each refusal."""
 
-    def __init__(self, tokens: TokenFile, refused: Callable[[Refusal], None]) -> None:
+    def __init__(self, tokens: TokenFile | None, certificates: bool, refused: Refused) -> None:
         self.tokens = tokens
+        self.certificates = certificates
         self.refused = refused
+        self.message = CERTIFICATE_MESSAGE if certificates else MESSAGE
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        """The method's handler, or one that refuses the call (see the module docstring)."""
+        """The method's handler, run as its principal, or one that refuses the call."""
         method: str = handler_call_details.method
         handler = await continuation(handler_call_details)
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
         metadata = handler_call_details.invocation_metadata or ()
         authorization = next((v for k, v in metadata if k == "authorization"), None)
-        found = self.tokens.principal(authorization if isinstance(authorization, str) else None)
-        if not isinstance(found, Refusal):
-            return handler
-        self.refused(found)
-        return _refusing(handler)
+        if not isinstance(authorization, str):
+            authorization = None
+        if self.tokens is not None and (authorization is not None or not self.certificates):
+            found = self.tokens.principal(authorization)
+            if isinstance(found, Refusal):
+                self.refused(found)
+                return _refusing(handler, self.message)
+            return _as_principal(handler, lambda _: found, self)
+        return _as_principal(handler, _certificate_principal, self)
 
 
-def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _certificate_principal(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    identity = client_identity(context.auth_context())
+    return identity.principal if identity is not None else None
+
+
+def _as_principal(
+    handler: grpc.RpcMethodHandler,
+    principal_of: Callable[[grpc.aio.ServicerContext[Any, Any]], str | None],
+    auth: Authentication,
+) -> grpc.RpcMethodHandler:
+    """`handler` run with `PRINCIPAL` set to `principal_of(context)`, or refused (MISSING)
+    when that is None."""
+    behavior = _behavior(handler)
+
+    def enter(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+        principal = principal_of(context)
+        if principal is None:
+            auth.refused(Refusal.MISSING)
+            return False
+        # Each call runs in its own asyncio task (grpc.aio), so this reaches this call only.
+        PRINCIPAL.set(principal)
+        return True
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if not enter(context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, auth.message)
+        return await behavior(request, context)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if not enter(context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, auth.message)
+        async for response in behavior(request, context):
+            yield response
+
+    return _handler_like(handler, unary, streaming, handler.request_deserializer)
+
+
+def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that ends the call UNAUTHENTICATED."""
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, MESSAGE)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, MESSAGE)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - a generator, so gRPC treats it as a response stream
 
+    # The refused request is never read: do not spend a decode on it either.
+    return _handler_like(handler, refuse, refuse_stream, _discard)
+
+
+def _discard(data: bytes) -> None:
+    return None
+
+
+def _behavior(handler: grpc.RpcMethodHandler) -> Any:
+    if handler.request_streaming and handler.response_streaming:
+        return handler.stream_stream
+    if handler.request_streaming:
+        return handler.stream_unary
+    if handler.response_streaming:
+        return handler.unary_stream
+    return handler.unary_unary
+
+
+def _handler_like(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[[Any, Any], Awaitable[Any]],
+    streaming: Callable[[Any, Any], AsyncIterator[Any]],
+    deserializer: Callable[[bytes], Any] | None,
+) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind and serializer running `unary` (unary responses) or
+    `streaming` (streamed responses)."""
     serializers = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.response_streaming:
         if handler.request_streaming:
-            return grpc.stream_stream_rpc_method_handler(refuse_stream, **serializers)
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, **serializers)
+            return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
+        return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse, **serializers)
-    return grpc.unary_unary_rpc_method_handler(refuse, **serializers)
+        return grpc.stream_unary_rpc_method_handler(unary, **serializers)
+    return grpc.unary_unary_rpc_method_handler(unary, **serializers)

@@ -25,6 +25,7 @@ from rnnserve import __version__
 from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve._pb import grpc_service_pb2_grpc as pb_grpc
 from rnnserve._pb import model_config_pb2 as mc
+from rnnserve.api.auth import PRINCIPAL
 from rnnserve.api.codec import (
     RequestDecoder,
     encode_response,
@@ -35,7 +36,7 @@ from rnnserve.api.status import status_of
 from rnnserve.errors import ServiceError
 from rnnserve.serving.model import ModelState
 from rnnserve.serving.registry import ModelRegistry
-from rnnserve.serving.request import InferenceResult, Outcome
+from rnnserve.serving.request import InferenceRequest, InferenceResult, Outcome
 from rnnserve.serving.snapshot import ModelSnapshot
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ class RequestObserver(Protocol):
     ) -> None:
         """One request of model `version`: `outcome` is OK or a status code's name; durations
         in seconds (total: decode to encode; queue and compute: the engine's)."""
+        ...
+
+    def refused_by_limit(self, limit: str) -> None:
+        """A request was refused by one of the server's limits (`ServiceError.limit`)."""
         ...
 
 
@@ -207,7 +212,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
         """Load or reload a model by folder name (Triton's model_repository extension);
-        NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION (invalid repository) or UNAVAILABLE."""
+        NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION (invalid repository) or UNAVAILABLE;
+        PERMISSION_DENIED for a principal not in the admin list when callers authenticate."""
+        self.registry.policy.require_admin(PRINCIPAL.get())
         await self.registry.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
@@ -216,7 +223,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
         """Unload every version of a model, its live sequences retiring in the background
-        (Triton's model_repository extension); NOT_FOUND when it is not loaded."""
+        (Triton's model_repository extension); NOT_FOUND when it is not loaded;
+        PERMISSION_DENIED for a principal not in the admin list when callers authenticate."""
+        self.registry.policy.require_admin(PRINCIPAL.get())
         await self.registry.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
@@ -251,16 +260,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, data: bytes, context: Any) -> bytes:
         """One inference (OIP); its metrics are recorded whatever the outcome.
 
-        An error is the call's status: INVALID_ARGUMENT (a bad input or value, or a sequence
-        that is not live), NOT_FOUND, FAILED_PRECONDITION (a stored state of other shapes),
-        RESOURCE_EXHAUSTED (at the sequence limit, or an answer too large), ABORTED (lost a
-        race, or sequence_version differs), UNAVAILABLE (model not ready, shutting down, state
-        store down), CANCELLED; anything unexpected INTERNAL.
+        An error is the call's status: INVALID_ARGUMENT (a bad input or value, too many time
+        steps, or a sequence that is not live or not the caller's), NOT_FOUND,
+        FAILED_PRECONDITION (a stored state of other shapes), RESOURCE_EXHAUSTED (a sequence,
+        request-rate or request-size limit, or an answer too large), ABORTED (lost a race, or
+        sequence_version differs), UNAVAILABLE (model not ready, shutting down, state store
+        down), CANCELLED; anything unexpected INTERNAL.
         """
         started = time.perf_counter()
         labels = (UNKNOWN_MODEL, "")
         try:
-            request = self.decoder.decode(data)
+            request = self._decode(data)
             model = self.registry.resolve(request)
             labels = model.labels
             result = await model.infer(request)
@@ -316,7 +326,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _stream_one(self, data: bytes, outbox: _Outbox, key: int) -> None:
         started = time.perf_counter()
         try:
-            request = self.decoder.decode(data)
+            request = self._decode(data)
             model = self.registry.resolve(request)
         except Exception as error:  # noqa: BLE001 - each request is answered, the stream lives on
             echo = _echo_of(data)
@@ -352,6 +362,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if ticket is not None and not answered:
             outbox.track(key, ticket)
 
+    def _decode(self, data: bytes) -> InferenceRequest:
+        """The request in `data`, from the calling principal, if the policy admits it."""
+        principal = PRINCIPAL.get()
+        self.registry.policy.admit(principal, len(data))
+        request = self.decoder.decode(data)
+        return request._replace(principal=principal) if principal else request
+
     def _succeeded(self, result: InferenceResult, labels: tuple[str, str], started: float) -> None:
         self.observer.observe_request(
             *labels, "OK", time.perf_counter() - started, result.queue_s, result.compute_s
@@ -363,6 +380,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Record a failed request; the status code and message its client gets."""
         code, text = status_of(error)
         self.observer.observe_request(*labels, code.name, time.perf_counter() - started)
+        limit = getattr(error, "limit", None)
+        if limit is not None:
+            self.observer.refused_by_limit(limit)
         return code, text
 
 

@@ -30,6 +30,7 @@ from rnnserve.errors import (
     ModelNotReady,
     RequestCancelled,
     ServiceError,
+    TooManySteps,
 )
 from rnnserve.repository.signature import ModelSignature, TensorSpec, signature_of, wire_name_of
 from rnnserve.runtime.base import Runtime
@@ -38,7 +39,8 @@ from rnnserve.serving.request import InferenceRequest, InferenceResult, OnOutcom
 from rnnserve.serving.snapshot import ModelSnapshot, SequenceSnapshot
 from rnnserve.serving.statistics import Statistics
 from rnnserve.sessions.arena import StateArena
-from rnnserve.sessions.manager import EvictionReason, SequenceManager
+from rnnserve.sessions.manager import EvictionReason, SequenceManager, SequenceQuota
+from rnnserve.sessions.sequence import SequenceId, sequence_key
 from rnnserve.sessions.store import Durability, MemoryStore, StateStore
 from rnnserve.sessions.sync import StateSync
 
@@ -118,6 +120,7 @@ class ServedModel:
         limits: Limits,
         store: StateStore | None = None,
         durability: Durability = Durability.STEP,
+        quota: SequenceQuota | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -135,7 +138,7 @@ class ServedModel:
             or DEFAULT_MAX_STEPS
         )
         store = store if store is not None else MemoryStore()
-        self.sequences = self._sequence_support(limits, store, durability)
+        self.sequences = self._sequence_support(limits, store, durability, quota)
         delay = (
             limits.max_queue_delay_s if limits.max_queue_delay_s is not None else sig.queue_delay_s
         )
@@ -177,7 +180,11 @@ class ServedModel:
         self._checked_inputs = {}
 
     def _sequence_support(
-        self, limits: Limits, store: StateStore, durability: Durability
+        self,
+        limits: Limits,
+        store: StateStore,
+        durability: Durability,
+        quota: SequenceQuota | None,
     ) -> SequenceSupport | None:
         sig = self.signature
         if not sig.streamable:
@@ -188,7 +195,9 @@ class ServedModel:
         arena = StateArena([s.dims for s in sig.states], 2 * limit)
         label = f"{self.name} (version {self.version})"
         return SequenceSupport(
-            SequenceManager(label, arena, self.idle_timeout_s, adopt=store.shared, limit=limit),
+            SequenceManager(
+                label, arena, self.idle_timeout_s, adopt=store.shared, limit=limit, quota=quota
+            ),
             arena,
             StateSync(store, durability, self.name, self.version, arena, self.idle_timeout_s),
         )
@@ -248,9 +257,12 @@ class ServedModel:
         """How many sequences it holds live (0 for a whole-sequence model)."""
         return len(self.sequences.manager.live) if self.sequences is not None else 0
 
-    def holds(self, sequence_id: object) -> bool:
-        """Whether `sequence_id` is one of its live sequences."""
-        return self.sequences is not None and sequence_id in self.sequences.manager.live
+    def holds(self, sequence_id: SequenceId, owner: str = "") -> bool:
+        """Whether `owner`'s sequence `sequence_id` is one of its live sequences."""
+        return (
+            self.sequences is not None
+            and sequence_key(owner, sequence_id) in self.sequences.manager.live
+        )
 
     @property
     def busy(self) -> bool:
@@ -475,9 +487,9 @@ class ServedModel:
                     f"model {self.name} version {self.version} is being unloaded and takes no "
                     f"new sequences"
                 )
-            sequence, _ = manager.start(control.id)
+            sequence, _ = manager.start(control.id, request.principal)
         else:
-            sequence = manager.resume(control.id)
+            sequence = manager.resume(control.id, request.principal)
         return Work(
             inputs,
             rows,
@@ -529,7 +541,7 @@ class ServedModel:
                 f"{self.name}"
             )
         if not 1 <= time_steps <= self.max_steps:
-            raise InvalidArgument(
+            raise (TooManySteps if time_steps > self.max_steps else InvalidArgument)(
                 f"a request to model {self.name} carries 1..{self.max_steps} time steps, got "
                 f"{time_steps}"
             )

@@ -36,6 +36,7 @@ from rnnserve.errors import (
 from rnnserve.repository.layout import ModelEntry, scan
 from rnnserve.runtime.base import Runtime
 from rnnserve.serving.model import Limits, ModelState, ServedModel
+from rnnserve.serving.policy import Policy, PolicySettings
 from rnnserve.serving.request import InferenceRequest
 from rnnserve.serving.snapshot import ModelSnapshot
 from rnnserve.sessions.store import Durability, MemoryStore, StateStore
@@ -90,8 +91,11 @@ class ModelRegistry:
         unload_grace_s: float = 30.0,
         store: StateStore | None = None,
         durability: Durability = Durability.STEP,
+        policy: Policy | None = None,
     ) -> None:
         self.repository = repository
+        self.policy = policy if policy is not None else Policy(PolicySettings())
+        """Admin calls and the per-principal and whole-server limits."""
         self.store = store if store is not None else MemoryStore()
         self.durability = durability
         self._runtime_factory = runtime_factory
@@ -128,7 +132,7 @@ class ModelRegistry:
                 )
         if control.id and not request.version and not control.start:
             for _, model in sorted(self.models.get(request.model, {}).items(), reverse=True):
-                if model.holds(control.id):
+                if model.holds(control.id, request.principal):
                     return model
         return self.get(request.model, request.version)
 
@@ -270,6 +274,7 @@ class ModelRegistry:
             self.limits,
             store=self.store,
             durability=self.durability,
+            quota=self.policy if self.policy.limits_sequences else None,
         )
         model.start()
         logger.info(

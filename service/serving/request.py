@@ -49,6 +49,9 @@ class InferenceRequest(NamedTuple):
     sequence: SequenceControl = NO_SEQUENCE
     id: str = ""
     """The client's request id, echoed in the response."""
+    principal: str = ""
+    """Who sent it, as authentication established ("" without authentication): its
+    sequences are its own."""
 
 
 class InferenceResult(NamedTuple):

@@ -7,6 +7,8 @@ Runs on the event loop only. The rules:
   a slot is allocated and the batch worker loads the state from the store (or fails the step).
 - A sequence whose state never reached its slot (its first step failed, or loading it did) is
   forgotten once that step has finished, so no slot is held for it.
+- Each principal has its own ids: a START or continuation names the sequence (owner, id), so
+  another principal's sequence of the same id is as unknown as one never started.
 - END removes the id at once (later continuations fail); its slot is freed when the END step
   has run, so a queued step never reads a slot that was handed to someone else.
 - A sequence with no request for `idle_timeout_s` and no step pending is evicted.
@@ -18,10 +20,11 @@ import enum
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 from rnnserve.errors import CapacityExhausted, SequenceNotFound
 from rnnserve.sessions.arena import StateArena
-from rnnserve.sessions.sequence import LiveSequence, SequenceId
+from rnnserve.sessions.sequence import LiveSequence, SequenceId, SequenceKey, sequence_key
 
 _REMEMBERED_ENDINGS = 10_000
 
@@ -48,6 +51,18 @@ class Counters:
     evicted_unloaded: int = 0
 
 
+class SequenceQuota(Protocol):
+    """Counts live sequences by principal over every model (the server's policy)."""
+
+    def acquire_sequence(self, principal: str) -> None:
+        """Count a new live sequence of `principal`; raise CapacityExhausted when over a limit."""
+        ...
+
+    def release_sequence(self, principal: str) -> None:
+        """A live sequence of `principal` is no longer live."""
+        ...
+
+
 class SequenceManager:
     """The live sequences of one model version (event loop only).
 
@@ -62,6 +77,7 @@ class SequenceManager:
         idle_timeout_s: float,
         adopt: bool = False,
         limit: int | None = None,
+        quota: SequenceQuota | None = None,
     ) -> None:
         self.model = model
         self.arena = arena
@@ -72,48 +88,60 @@ class SequenceManager:
         self.idle_timeout_s = idle_timeout_s
         self.adopt = adopt
         """Continuations for ids not held here load from a shared store (else they fail)."""
-        self.live: dict[SequenceId, LiveSequence] = {}
+        self.quota = quota
+        """Where live sequences are also counted by principal (None: nowhere)."""
+        self.live: dict[SequenceKey, LiveSequence] = {}
         self.counters = Counters()
-        # Why recently gone ids went, for error messages a person can act on.
-        self._gone: OrderedDict[SequenceId, str] = OrderedDict()
+        # Why recently gone sequences went, for error messages a person can act on.
+        self._gone: OrderedDict[SequenceKey, str] = OrderedDict()
 
-    def start(self, sequence_id: SequenceId) -> tuple[LiveSequence, bool]:
-        """The sequence to run a START step on, and whether it was a restart of a live one."""
+    def start(self, sequence_id: SequenceId, owner: str = "") -> tuple[LiveSequence, bool]:
+        """The sequence `owner` runs a START step on, and whether it was a restart of a live
+        one."""
         now = time.monotonic()
-        sequence = self.live.get(sequence_id)
+        key = sequence_key(owner, sequence_id)
+        sequence = self.live.get(key)
         if sequence is not None:
             sequence.last_used = now
             self.counters.started += 1
             return sequence, True
-        sequence = self._allocate(sequence_id, now)
+        sequence = self._allocate(key, sequence_id, owner, now)
         self.counters.started += 1
         return sequence, False
 
-    def _allocate(self, sequence_id: SequenceId, now: float) -> LiveSequence:
+    def _allocate(
+        self, key: SequenceKey, sequence_id: SequenceId, owner: str, now: float
+    ) -> LiveSequence:
         if len(self.live) >= self.limit:
             raise CapacityExhausted(
                 f"model {self.model} already holds its maximum of {self.limit} live "
                 f"sequences; end finished sequences (sequence_end=true) or retry later"
             )
+        if self.quota is not None:
+            self.quota.acquire_sequence(owner)
         slot = self.arena.allocate()
         if slot is None:
+            if self.quota is not None:
+                self.quota.release_sequence(owner)
             finishing = self.arena.used - len(self.live)
             raise CapacityExhausted(
                 f"model {self.model} has no free state slot: {finishing} sequences that ended "
                 f"are still finishing their last requests; retry in a moment"
             )
-        sequence = LiveSequence(sequence_id, slot, now)
-        self.live[sequence_id] = sequence
-        self._gone.pop(sequence_id, None)
+        sequence = LiveSequence(sequence_id, slot, now, owner)
+        self.live[key] = sequence
+        self._gone.pop(key, None)
         return sequence
 
-    def resume(self, sequence_id: SequenceId) -> LiveSequence:
-        """The live sequence a continuation runs on (adopted from a shared store if asked)."""
-        sequence = self.live.get(sequence_id)
+    def resume(self, sequence_id: SequenceId, owner: str = "") -> LiveSequence:
+        """The live sequence of `owner` a continuation runs on (adopted from a shared store if
+        asked). Another owner's sequence of the same id is not found, as an unknown id is not."""
+        key = sequence_key(owner, sequence_id)
+        sequence = self.live.get(key)
         if sequence is None and self.adopt:
-            return self._allocate(sequence_id, time.monotonic())
+            return self._allocate(key, sequence_id, owner, time.monotonic())
         if sequence is None:
-            why = self._gone.get(sequence_id, "it was never started")
+            why = self._gone.get(key, "it was never started")
             raise SequenceNotFound(
                 f"sequence {sequence_id!r} of model {self.model} is not live ({why}); "
                 f"send sequence_start=true to begin it"
@@ -123,23 +151,21 @@ class SequenceManager:
 
     def end(self, sequence: LiveSequence) -> None:
         """Remove the id now; free the slot once no step of it is pending."""
-        if self.live.get(sequence.id) is sequence:
-            del self.live[sequence.id]
-            self._remember(sequence.id, "it ended")
+        if self.live.get(sequence.key) is sequence:
+            self._remove(sequence, "it ended")
             self.counters.ended += 1
 
     def forget(self, sequence: LiveSequence, why: str) -> None:
         """Drop a sequence whose state never reached its slot; the slot frees once idle."""
-        if self.live.get(sequence.id) is sequence:
-            del self.live[sequence.id]
-            self._remember(sequence.id, why)
+        if self.live.get(sequence.key) is sequence:
+            self._remove(sequence, why)
             if sequence.pending == 0:
                 self.arena.release(sequence.slot)
 
     def request_finished(self, sequence: LiveSequence) -> None:
         """A submitted request ran (or failed); free the slot of an ended sequence once idle."""
         sequence.pending -= 1
-        if sequence.pending == 0 and self.live.get(sequence.id) is not sequence:
+        if sequence.pending == 0 and self.live.get(sequence.key) is not sequence:
             self.arena.release(sequence.slot)
 
     def evict_idle(self, now: float | None = None) -> list[SequenceId]:
@@ -158,8 +184,7 @@ class SequenceManager:
 
     def evict(self, sequence: LiveSequence, why: str, reason: EvictionReason) -> None:
         """End a live sequence on the server's initiative; `why` is what its client is told."""
-        del self.live[sequence.id]
-        self._remember(sequence.id, why)
+        self._remove(sequence, why)
         if reason is EvictionReason.IDLE:
             self.counters.evicted_idle += 1
         else:
@@ -167,8 +192,11 @@ class SequenceManager:
         if sequence.pending == 0:
             self.arena.release(sequence.slot)
 
-    def _remember(self, sequence_id: SequenceId, why: str) -> None:
-        self._gone[sequence_id] = why
-        self._gone.move_to_end(sequence_id)
+    def _remove(self, sequence: LiveSequence, why: str) -> None:
+        del self.live[sequence.key]
+        if self.quota is not None:
+            self.quota.release_sequence(sequence.owner)
+        self._gone[sequence.key] = why
+        self._gone.move_to_end(sequence.key)
         while len(self._gone) > _REMEMBERED_ENDINGS:
             self._gone.popitem(last=False)

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import quote
 
 import numpy as np
 
@@ -159,12 +160,15 @@ class StateKey:
     version: int
     sequence_id: SequenceId
     owner: str = ""
-    """Who the sequence belongs to, once requests are authenticated; empty until then."""
+    """The principal the sequence belongs to; empty without authentication."""
 
     def __str__(self) -> str:
         # Integer and string ids are different sequences (as in Triton), hence the i/s prefix.
+        # The owner is percent-encoded: a principal with a colon (a SPIFFE id, say) could
+        # otherwise shift the fields and name another principal's record. "-" is no owner.
         kind = "s" if isinstance(self.sequence_id, str) else "i"
-        return f"rnnserve:{self.model}:{self.version}:{self.owner or '-'}:{kind}{self.sequence_id}"
+        owner = "-" if not self.owner else "%2D" if self.owner == "-" else quote(self.owner, "")
+        return f"rnnserve:{self.model}:{self.version}:{owner}:{kind}{self.sequence_id}"
 
 
 @dataclass(frozen=True, slots=True)

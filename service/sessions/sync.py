@@ -112,7 +112,7 @@ class StateSync:
 
     def key(self, sequence: LiveSequence) -> str:
         """The store key of `sequence`'s record."""
-        return str(StateKey(self.model, self.version, sequence.id))
+        return str(StateKey(self.model, self.version, sequence.id, sequence.owner))
 
     # ------------------------------------------------------------------ before the model call
     def prepare(self, advances: Sequence[Advance]) -> Errors:

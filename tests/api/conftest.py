@@ -88,10 +88,14 @@ def infer_input(model: str, x: np.ndarray) -> triton.InferInput:
 class Stream:
     """tritonclient's callback stream, with results collected by request id."""
 
-    def __init__(self, client: triton.InferenceServerClient) -> None:
+    def __init__(
+        self, client: triton.InferenceServerClient, headers: dict[str, str] | None = None
+    ) -> None:
         self.client = client
         self.results: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: self.results.put((result, error)))
+        client.start_stream(
+            callback=lambda result, error: self.results.put((result, error)), headers=headers
+        )
 
     def collect(self, count: int, timeout: float = 30) -> dict[str, tuple]:
         collected = {}

@@ -16,10 +16,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
+from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve.api.auth import MESSAGE
 from tests.api.conftest import OUTPUTS, Reference, infer_input, sequence_data
+from tests.api.fuzzing import examples, seeded
 from tests.conftest import run_cli
 from tests.server import RunningServer, serving
 
@@ -161,3 +165,43 @@ def test_a_token_file_that_cannot_be_used_stops_the_start(tmp_path: Path) -> Non
         "serve", "--grpc-port", "0", "--auth-tokens", str(tmp_path / "none"), timeout=60
     )
     assert missing.returncode == 1 and "No such file" in missing.stderr, missing.stderr
+
+
+@seeded
+@settings(max_examples=examples(60), deadline=None)
+@given(
+    st.one_of(
+        st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=6000),
+        st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80).map(
+            lambda token: "Bearer " + token
+        ),
+        st.sampled_from(["Bearer", "bearer ", "Bearer  ", "BEARER " + ALICE[:-1], ALICE]),
+    ),
+    st.sampled_from(["ModelInfer", "ModelMetadata", "RepositoryIndex"]),
+)
+def test_any_authorization_value_but_a_known_token_is_refused_alike(
+    server, value: str, method: str
+) -> None:
+    """Whatever a client puts in `authorization` (empty, huge, a near miss of a real token),
+    the call ends UNAUTHENTICATED with the one message, or is served for a known token."""
+    requests = {
+        "ModelInfer": pb.ModelInferRequest(model_name=MODEL),
+        "ModelMetadata": pb.ModelMetadataRequest(name=MODEL),
+        "RepositoryIndex": pb.RepositoryIndexRequest(),
+    }
+    request = requests[method]
+    with grpc.insecure_channel(server.target) as channel:
+        call = channel.unary_unary(
+            f"/inference.GRPCInferenceService/{method}",
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=lambda data: data,
+        )
+        try:
+            call(request, metadata=(("authorization", value),), timeout=30)
+        except grpc.RpcError as error:
+            known = value.lower().startswith("bearer ") and value[7:].strip() == ALICE
+            if not known:
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+                assert error.details() == MESSAGE
+            return
+        assert value.lower().startswith("bearer ") and value[7:].strip() == ALICE

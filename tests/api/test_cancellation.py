@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve.api.servicer import InferenceServicer
 from rnnserve.errors import InvalidArgument
+from rnnserve.serving.policy import Policy, PolicySettings
 from rnnserve.serving.request import InferenceRequest, InferenceResult, OnOutcome
 from tests.server import RunningServer, serving
 
@@ -378,6 +379,7 @@ class FakeModel:
 class FakeRegistry:
     def __init__(self, model: FakeModel) -> None:
         self.model = model
+        self.policy = Policy(PolicySettings())
 
     def resolve(self, request: InferenceRequest) -> FakeModel:
         return self.model

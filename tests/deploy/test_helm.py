@@ -63,6 +63,7 @@ CHART_SETTINGS = {
     "tls_cert",
     "tls_key",
     "tls_client_ca",
+    "auth_tokens",
 }
 """Server settings the chart sets from its own values; every other one goes through `config`."""
 FUTURE_VARIABLES: set[str] = set()
@@ -151,7 +152,7 @@ def check_custom_resources(docs: list[dict[str, Any]]) -> None:
             assert isinstance(doc["spec"], dict) and doc["spec"]
 
 
-NAMES = ["default", "gpu", "redis", "tls", "full"]
+NAMES = ["default", "gpu", "redis", "tls", "full", "secure"]
 
 
 def test_lint() -> None:
@@ -349,6 +350,26 @@ def test_tls_mounts_the_secret_and_probes_the_port() -> None:
         assert c[probe]["tcpSocket"] == {"port": "grpc"} and "grpc" not in c[probe]
 
 
+def test_the_token_file_comes_from_a_secret_as_a_folder_the_kubelet_updates() -> None:
+    docs = render(*values("secure"))
+    c = container(docs)
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "auth-tokens"]
+    # A subPath mount would keep the first version of the file for the pod's life.
+    assert mount["readOnly"] is True and "subPath" not in mount
+    (volume,) = [v for v in pod(docs)["volumes"] if v["name"] == "auth-tokens"]
+    assert volume["secret"]["secretName"] == "rnnserve-tokens"
+    (item,) = volume["secret"]["items"]
+    assert item["key"] == "tokens"
+    assert env(docs)["RNNSERVE_AUTH_TOKENS"]["value"] == f"{mount['mountPath']}/{item['path']}"
+    # Readable by the server's group (fsGroup), by no one else.
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert pod(docs)["securityContext"]["fsGroup"] == 10001
+    assert "RNNSERVE_AUTH_TOKENS" not in one(docs, "ConfigMap")["data"]
+    default = render()
+    assert "RNNSERVE_AUTH_TOKENS" not in env(default)
+    assert "auth-tokens" not in {v["name"] for v in pod(default)["volumes"]}
+
+
 def test_model_repository_volume_is_mounted_where_the_server_looks() -> None:
     docs = render(*values("full"))
     path = one(docs, "ConfigMap")["data"]["RNNSERVE_MODEL_REPOSITORY"]
@@ -402,6 +423,12 @@ def test_the_server_takes_every_setting_the_chart_renders(name: str) -> None:
         assert settings.log_level.value == "WARNING"
     else:
         assert settings.state_store == "memory"
+    if name == "secure":
+        assert str(settings.auth_tokens) == "/etc/rnnserve/auth/tokens"
+        assert str(settings.tls_cert) == "/etc/rnnserve/tls/tls.crt"
+        assert settings.tls_client_ca is None
+    else:
+        assert settings.auth_tokens is None
 
 
 def test_schema_config_names_every_other_server_setting() -> None:

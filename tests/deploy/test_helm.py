@@ -431,6 +431,20 @@ def test_the_server_takes_every_setting_the_chart_renders(name: str) -> None:
         assert settings.auth_tokens is None
 
 
+def test_numbers_from_a_values_file_reach_the_server_as_it_reads_them(tmp_path: Path) -> None:
+    """helm reads a values file's numbers as floats, which print as 6.7108864e+07 from seven
+    digits on; the server's integer settings would refuse that."""
+    path = tmp_path / "values.yaml"
+    path.write_text(
+        "config: {max_message_bytes: 67108864, idle_timeout_s: 2.5, max_sequences: 100}\n"
+    )
+    settings = Settings.from_sources(
+        argparse.Namespace(), server_environment(render("-f", str(path)))
+    )
+    assert settings.max_message_bytes == 67108864
+    assert (settings.idle_timeout_s, settings.max_sequences) == (2.5, 100)
+
+
 def test_schema_config_names_every_other_server_setting() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     config = schema["properties"]["config"]

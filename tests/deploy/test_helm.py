@@ -64,10 +64,22 @@ CHART_SETTINGS = {
     "tls_key",
     "tls_client_ca",
     "auth_tokens",
+    "auth_admins",
 }
 """Server settings the chart sets from its own values; every other one goes through `config`."""
-FUTURE_VARIABLES: set[str] = set()
-"""Variables the chart sets for settings the server does not have yet."""
+FUTURE_SETTINGS = {
+    "auth_admins",
+    "principal_max_sequences",
+    "max_live_sequences",
+    "principal_requests_per_s",
+    "principal_burst",
+    "max_requests_per_s",
+    "max_request_bytes",
+}
+"""Settings the chart sets that the server does not have yet (issue 13's admins and limits,
+built on another branch): empty this set once they are Settings' fields."""
+FUTURE_VARIABLES = {f"RNNSERVE_{name.upper()}" for name in FUTURE_SETTINGS}
+"""Their variables."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -211,6 +223,19 @@ def test_broken_values_fail_at_render_with_the_schemas_messages() -> None:
             "preStopSleepSeconds needs Kubernetes 1.30",
         ),
         (("--set", "tls.enabled=true"), "at '/tls/secretName': minLength"),
+        (("--set", "auth.admins={ops}"), "auth.admins needs authentication on"),
+        (
+            (
+                "--set",
+                "tls.enabled=true",
+                "--set",
+                "tls.secretName=t",
+                "--set",
+                "auth.admins={ops}",
+            ),
+            "auth.admins needs authentication on",
+        ),
+        (("--set", "config.principal_burst=0"), "at '/config/principal_burst'"),
         (
             (
                 "--set",
@@ -424,6 +449,9 @@ def test_the_server_takes_every_setting_the_chart_renders(name: str) -> None:
     else:
         assert settings.state_store == "memory"
     if name == "secure":
+        assert environ["RNNSERVE_AUTH_ADMINS"] == "ops,release-bot"
+        assert environ["RNNSERVE_PRINCIPAL_MAX_SEQUENCES"] == "256"
+        assert environ["RNNSERVE_MAX_REQUEST_BYTES"] == "1048576"
         assert str(settings.auth_tokens) == "/etc/rnnserve/auth/tokens"
         assert str(settings.tls_cert) == "/etc/rnnserve/tls/tls.crt"
         assert settings.tls_client_ca is None
@@ -451,16 +479,25 @@ def test_schema_config_names_every_other_server_setting() -> None:
     assert config["additionalProperties"] is False
     names = set(config["properties"])
     fields = {f.name for f in dataclasses.fields(Settings)}
-    assert names | CHART_SETTINGS == fields
+    assert names | CHART_SETTINGS == fields | FUTURE_SETTINGS
     assert not names & CHART_SETTINGS
     hints = typing.get_type_hints(Settings)
     for name, rule in config["properties"].items():
+        if name in FUTURE_SETTINGS:
+            continue
         kinds = [k for k in typing.get_args(hints[name]) if k is not type(None)] or [hints[name]]
         choices = getattr(kinds[0], "__members__", None)
         if choices:
             assert {str(m.value) for m in choices.values()} <= set(rule["enum"]), name
     durability = schema["properties"]["stateStore"]["properties"]["durability"]["enum"]
     assert set(durability) == {m.value for m in hints["state_durability"]}
+
+
+def test_future_settings_are_not_settings_yet() -> None:
+    """Fails once the server has them: then empty FUTURE_SETTINGS, and the tests above check
+    them as every other setting (the server parses what the chart renders)."""
+    landed = FUTURE_SETTINGS & {f.name for f in dataclasses.fields(Settings)}
+    assert not landed, f"{sorted(landed)} are Settings now: take them out of FUTURE_SETTINGS"
 
 
 def test_autoscaler_scales_on_cpu_and_optionally_on_live_sequences() -> None:

@@ -116,10 +116,16 @@ def test_a_stream_without_a_token_is_refused_and_one_with_it_is_served(server) -
                 callback=lambda result, error, answers=answers: answers.append(error or result),
                 headers=headers,
             )
-            client.async_stream_infer(
-                MODEL, [infer_input(MODEL, x)], sequence_id=11, sequence_start=True,
-                sequence_end=True,
-            )  # fmt: skip
+            try:
+                client.async_stream_infer(
+                    MODEL, [infer_input(MODEL, x)], sequence_id=11, sequence_start=True,
+                    sequence_end=True,
+                )  # fmt: skip
+            except InferenceServerException:
+                # The server may end a refused stream before the request is sent: tritonclient
+                # then refuses to send it, and the stream's status reaches the callback.
+                if expected is None:
+                    raise
             deadline = time.monotonic() + 10
             while not answers and time.monotonic() < deadline:
                 time.sleep(0.01)

@@ -10,14 +10,21 @@ with the collector off, and a collection afterwards must find nothing to free.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
-from collections.abc import AsyncIterator
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
 from rnnserve._pb import grpc_service_pb2 as pb
+from rnnserve._pb import grpc_service_pb2_grpc as pb_grpc
+from rnnserve.api.auth import Authentication
 from rnnserve.api.servicer import InferenceServicer, add_to_server
+from rnnserve.auth import Refusal, TokenFile
 from rnnserve.runtime.onnx import EngineSettings, OnnxRuntime, Provider, Spinning
 from rnnserve.serving.model import Limits
 from rnnserve.serving.registry import ModelRegistry
@@ -137,49 +144,111 @@ async def test_refused_requests_leave_no_cycles() -> None:
         await registry.stop()
 
 
-async def test_a_refused_call_leaves_no_more_cycles_than_an_answered_one() -> None:
-    """Through a real grpc.aio server: its own calls leave a few objects in cycles, and a call
-    ended with `context.abort` left about 35 more, the request's bytes among them (refused
-    1.5 MB requests moved the server's RSS by 100+ MB in tests/api/test_fuzz.py)."""
-    registry = ModelRegistry(
-        BUNDLED,
-        lambda path: OnnxRuntime(path, EngineSettings(Provider.CPU, spinning=Spinning.NEVER)),
-        Limits(max_queue_delay_s=0.0),
-    )
-    await registry.load_all()
-    server = grpc.aio.server()
-    add_to_server(InferenceServicer(registry, Quiet()), server)
+@contextlib.asynccontextmanager
+async def grpc_server(
+    interceptors: list[grpc.aio.ServerInterceptor] | None = None,
+) -> AsyncIterator[grpc.aio.Channel]:
+    """The real servicer on the bundled models behind a real grpc.aio server on loopback
+    (with `interceptors`); a channel to it."""
+    registry, servicer = await loaded()
+    server = grpc.aio.server(interceptors=interceptors)
+    add_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = channel.unary_unary(
-                "/inference.GRPCInferenceService/ModelInfer",
-                request_serializer=None,
-                response_deserializer=None,
-            )
-
-            async def cycles(data: bytes) -> int:
-                async def send(count: int) -> None:
-                    for _ in range(count):
-                        try:
-                            await call(data, timeout=30)
-                        except grpc.aio.AioRpcError:
-                            pass
-
-                await send(3)  # warm up
-                gc.collect()
-                gc.disable()
-                try:
-                    await send(20)
-                    return gc.collect()
-                finally:
-                    gc.enable()
-
-            answered = await cycles(request(7, 5, True, ""))
-            refused = await cycles(request(424242, 5, False, ""))  # not a live sequence
-            undecodable = await cycles(b"\x0a\x05abc")
-        assert refused <= answered and undecodable <= answered, (answered, refused, undecodable)
+            yield channel
     finally:
         await server.stop(None)
         await registry.stop()
+
+
+async def cycles(send: Callable[[], Awaitable[object]], calls: int = 20) -> int:
+    """Objects a collection finds in reference cycles after `calls` calls of `send` (refused
+    ones included) with the collector off."""
+
+    async def repeat(count: int) -> None:
+        for _ in range(count):
+            try:
+                await send()
+            except grpc.aio.AioRpcError:
+                pass
+
+    await repeat(3)  # warm up
+    gc.collect()
+    gc.disable()
+    try:
+        await repeat(calls)
+        return gc.collect()
+    finally:
+        gc.enable()
+
+
+BIG_BODY = 1_000_000
+"""A refused request this large held until a collection would show in the server's RSS
+(tests/api/test_fuzz.py); here the cycles are counted instead."""
+
+
+async def test_a_refused_call_leaves_no_more_cycles_than_an_answered_one() -> None:
+    """Through a real grpc.aio server: its own calls leave a few objects in cycles, and a call
+    ended with `context.abort` left about 35 more, the request's bytes among them (refused
+    1.5 MB requests moved the server's RSS by 100+ MB in tests/api/test_fuzz.py)."""
+    async with grpc_server() as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        answered = await cycles(lambda: call(request(7, 5, True, ""), timeout=30))
+        # Not a live sequence; not a request at all.
+        refused = await cycles(lambda: call(request(424242, 5, False, ""), timeout=30))
+        undecodable = await cycles(lambda: call(b"\x0a\x05abc", timeout=30))
+    assert refused <= answered and undecodable <= answered, (answered, refused, undecodable)
+
+
+@pytest.mark.parametrize("method", ["ModelMetadata", "ModelConfig", "ModelStatistics"])
+async def test_other_refused_calls_leave_no_more_cycles_than_answered_ones(method: str) -> None:
+    """The other unary calls (`_unary` in the servicer) refuse as ModelInfer does: a megabyte
+    model name that names no model leaves no more behind than a call that is answered."""
+    async with grpc_server() as channel:
+        call = getattr(pb_grpc.GRPCInferenceServiceStub(channel), method)
+        kind = getattr(pb, f"{method}Request")
+        answered = await cycles(lambda: call(kind(name="sensor_gru"), timeout=30))
+        unknown = kind(name="x" * BIG_BODY)
+        refused = await cycles(lambda: call(unknown, timeout=30))
+    assert refused <= answered, (answered, refused)
+
+
+async def test_calls_refused_by_authentication_leave_no_more_cycles(tmp_path: Path) -> None:
+    """The authentication interceptor's refusals (no token), unary and streamed, of megabyte
+    requests, leave no more behind than answered calls with a token."""
+    token = "cycles-token"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice {hashlib.sha256(token.encode()).hexdigest()}\n")
+    bearer = (("authorization", f"Bearer {token}"),)
+    refusals: list[Refusal] = []
+    big = pb.ModelInferRequest.FromString(request(9, 5, True, ""))
+    big.parameters["padding"].string_param = "x" * BIG_BODY
+    authentication = Authentication(TokenFile(tokens), False, refusals.append)
+    async with grpc_server([authentication]) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stream = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=None,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+
+        async def streamed(data: bytes, metadata: tuple[tuple[str, str], ...] | None) -> None:
+            async for answer in stream(iter([data]), metadata=metadata, timeout=30):
+                assert not answer.error_message, answer.error_message
+
+        answered = await cycles(
+            lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name="sensor_gru"), metadata=bearer)
+        )
+        unknown = pb.ModelMetadataRequest(name="x" * BIG_BODY)
+        refused = await cycles(lambda: stub.ModelMetadata(unknown, metadata=None))
+        answered_stream = await cycles(lambda: streamed(request(9, 5, True, ""), bearer))
+        refused_stream = await cycles(lambda: streamed(big.SerializeToString(), None))
+    assert len(refusals) == 2 * (3 + 20), refusals
+    assert refused <= answered, (answered, refused)
+    assert refused_stream <= answered_stream, (answered_stream, refused_stream)

@@ -81,6 +81,15 @@ class RunningServer(ChildServer):
             text: str = response.read().decode()
         return text
 
+    def counts_by_reason(self, counter: str) -> dict[str, float]:
+        """The samples of the counter `counter` (its name without _total), by `reason`."""
+        prefix = f"{counter}_total{{"
+        found = {}
+        for row in self.scrape().splitlines():
+            if row.startswith(prefix):
+                found[row.split('reason="')[1].split('"')[0]] = float(row.split()[-1])
+        return found
+
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (a graceful drain), SIGKILL after `timeout` seconds; the exit code."""
         if self.process.poll() is None:

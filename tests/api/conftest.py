@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import queue
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,25 @@ OUTPUTS = {"charlm_lstm": "logits", "sensor_gru": "forecast", "digits_lstm": "pr
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     with serving(tmp_path_factory.mktemp("server"), "--max-queue-delay-us", "500") as running:
         yield running
+
+
+TOKENS = {"alice": "alice-token-0123", "bob": "bob-token-4567", "root": "root-token-89ab"}
+"""Principals and their bearer tokens, as `token_file` lists them."""
+
+
+def bearer(principal: str) -> dict[str, str]:
+    """The call metadata that names `principal` (a key of TOKENS)."""
+    return {"authorization": f"Bearer {TOKENS[principal]}"}
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An --auth-tokens file naming the principals of TOKENS."""
+    path = tmp_path_factory.mktemp("auth") / "tokens"
+    path.write_text(
+        "".join(f"{p} {hashlib.sha256(t.encode()).hexdigest()}\n" for p, t in TOKENS.items())
+    )
+    return path
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from rnnserve.api.auth import MESSAGE
 from tests.api.conftest import OUTPUTS, Reference, infer_input, sequence_data
 from tests.api.fuzzing import examples, seeded
 from tests.conftest import run_cli
-from tests.server import RunningServer, serving
+from tests.server import serving
 
 MODEL = "sensor_gru"
 ALICE, BOB = "alice-token-0123", "bob-token-4567"
@@ -50,14 +50,6 @@ def server(tokens: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def bearer(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
-
-
-def refusals(server: RunningServer) -> dict[str, float]:
-    found = {}
-    for row in server.scrape().splitlines():
-        if row.startswith("rnnserve_auth_failures_total{"):
-            found[row.split('reason="')[1].split('"')[0]] = float(row.split()[-1])
-    return found
 
 
 def test_a_known_token_is_served_and_health_needs_none(server, reference: Reference) -> None:
@@ -87,7 +79,7 @@ def test_a_known_token_is_served_and_health_needs_none(server, reference: Refere
 def test_every_other_call_without_a_known_token_is_unauthenticated_alike(
     server, headers, reason
 ) -> None:
-    before = refusals(server).get(reason, 0.0)
+    before = server.counts_by_reason("rnnserve_auth_failures").get(reason, 0.0)
     x = sequence_data(MODEL, 1, np.random.default_rng(2))
     inputs = [infer_input(MODEL, x)]
     calls = {
@@ -104,7 +96,7 @@ def test_every_other_call_without_a_known_token_is_unauthenticated_alike(
                 call(client)
             assert refused.value.status() == "StatusCode.UNAUTHENTICATED", name
             assert refused.value.message() == MESSAGE, name  # the same, whatever was asked
-    assert refusals(server)[reason] == before + len(calls)
+    assert server.counts_by_reason("rnnserve_auth_failures")[reason] == before + len(calls)
 
 
 def test_a_stream_without_a_token_is_refused_and_one_with_it_is_served(server) -> None:

@@ -9,7 +9,6 @@ unloading models needs a principal of --auth-admins.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,26 +23,12 @@ from tritonclient.utils import InferenceServerException
 
 from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve.sessions.store import StateKey
-from tests.api.conftest import OUTPUTS, Reference, infer_input, sequence_data
+from tests.api.conftest import OUTPUTS, Reference, bearer, infer_input, sequence_data
 from tests.api.fuzzing import examples, inputs_for, seeded, valid_request
 from tests.certs import Authority
 from tests.server import RunningServer, serving
 
 MODEL = "sensor_gru"
-TOKENS = {"alice": "alice-token-0123", "bob": "bob-token-4567", "root": "root-token-89ab"}
-
-
-def bearer(principal: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {TOKENS[principal]}"}
-
-
-@pytest.fixture(scope="module")
-def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("auth") / "tokens"
-    path.write_text(
-        "".join(f"{p} {hashlib.sha256(t.encode()).hexdigest()}\n" for p, t in TOKENS.items())
-    )
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ a slow machine admits more but never more than the bucket allows.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,33 +18,11 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.api.conftest import Stream, infer_input
+from tests.api.conftest import Stream, bearer, infer_input
 from tests.server import RunningServer, serving
 
 MODEL = "sensor_gru"
-TOKENS = {"alice": "alice-token-0123", "bob": "bob-token-4567"}
 STEP = np.array([[[24.0]]], np.float32)
-
-
-def bearer(principal: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {TOKENS[principal]}"}
-
-
-@pytest.fixture(scope="module")
-def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("auth") / "tokens"
-    path.write_text(
-        "".join(f"{p} {hashlib.sha256(t.encode()).hexdigest()}\n" for p, t in TOKENS.items())
-    )
-    return path
-
-
-def limit_refusals(server: RunningServer) -> dict[str, float]:
-    found = {}
-    for row in server.scrape().splitlines():
-        if row.startswith("rnnserve_limit_refusals_total{"):
-            found[row.split('reason="')[1].split('"')[0]] = float(row.split()[-1])
-    return found
 
 
 def infer(client, principal: str | None, x=STEP, **sequence) -> None:
@@ -76,7 +53,7 @@ def server(token_file: Path, tmp_path_factory) -> Iterator[RunningServer]:
 
 
 def test_live_sequences_are_limited_per_principal_and_for_the_server(server) -> None:
-    before = limit_refusals(server)
+    before = server.counts_by_reason("rnnserve_limit_refusals")
     with triton.InferenceServerClient(server.target) as client:
         infer(client, "alice", sequence_id=1, sequence_start=True)
         infer(client, "alice", sequence_id=2, sequence_start=True)
@@ -93,13 +70,13 @@ def test_live_sequences_are_limited_per_principal_and_for_the_server(server) -> 
         # Every sequence still live goes on.
         for principal, sequence_id in (("alice", 2), ("bob", 1), ("bob", 2)):
             infer(client, principal, sequence_id=sequence_id, sequence_end=True)
-    after = limit_refusals(server)
+    after = server.counts_by_reason("rnnserve_limit_refusals")
     assert after["principal_sequences"] == before.get("principal_sequences", 0) + 1
     assert after["server_sequences"] == before.get("server_sequences", 0) + 1
 
 
 def test_bytes_and_time_steps_per_request_are_limited(server) -> None:
-    before = limit_refusals(server)
+    before = server.counts_by_reason("rnnserve_limit_refusals")
     big = np.zeros((1, 600, 1), np.float32)  # 2,400 bytes of input
     long = np.zeros((1, 20, 1), np.float32)  # 80 bytes, but 20 time steps
     with triton.InferenceServerClient(server.target) as client:
@@ -129,7 +106,7 @@ def test_bytes_and_time_steps_per_request_are_limited(server) -> None:
     assert any("[RESOURCE_EXHAUSTED]" in e and "--max-request-bytes" in e for e in errors)
     assert any("[INVALID_ARGUMENT]" in e and "1..16 time steps" in e for e in errors)
     assert answers["2"][1] is None  # the good request after them
-    after = limit_refusals(server)
+    after = server.counts_by_reason("rnnserve_limit_refusals")
     assert after["request_bytes"] == before.get("request_bytes", 0) + 2
     assert after["time_steps"] == before.get("time_steps", 0) + 2
 
@@ -163,7 +140,7 @@ def test_each_principal_has_its_own_request_rate(token_file: Path, tmp_path) -> 
         alice = send(server.target, "alice", 15)
         bob = send(server.target, "bob", 15)
         elapsed = time.monotonic() - started
-        counted = limit_refusals(server)
+        counted = server.counts_by_reason("rnnserve_limit_refusals")
     for admitted, refusals, _, _ in (alice, bob):
         # The burst, then one a second: at least the burst, at most the burst and the time.
         assert 5 <= admitted <= 5 + 1 * elapsed + 1e-6, (alice, bob)
@@ -175,7 +152,7 @@ def test_each_principal_has_its_own_request_rate(token_file: Path, tmp_path) -> 
 def test_the_server_has_a_request_rate_for_all_callers(tmp_path) -> None:
     with serving(tmp_path, "--max-requests-per-s", "3") as server:
         admitted, refusals, elapsed, messages = send(server.target, None, 15)
-        counted = limit_refusals(server)
+        counted = server.counts_by_reason("rnnserve_limit_refusals")
     assert 3 <= admitted <= 3 + 3 * elapsed + 1e-6, (admitted, elapsed)
     assert any("--max-requests-per-s" in m for m in messages)
     assert counted["server_rate"] == refusals

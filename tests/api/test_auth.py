@@ -7,6 +7,7 @@ counted by reason. The file is read again when it changes.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
 from rnnserve._pb import grpc_service_pb2 as pb
-from rnnserve.api.auth import MESSAGE
+from rnnserve.api.auth import MESSAGE, PRINCIPAL, Authentication
+from rnnserve.auth import TokenFile
 from tests.api.conftest import OUTPUTS, Reference, infer_input, sequence_data
 from tests.api.fuzzing import examples, seeded
 from tests.conftest import run_cli
@@ -203,3 +205,38 @@ def test_any_authorization_value_but_a_known_token_is_refused_alike(
                 assert error.details() == MESSAGE
             return
         assert value.lower().startswith("bearer ") and value[7:].strip() == ALICE
+
+
+async def test_concurrent_calls_each_see_their_own_principal(tmp_path: Path) -> None:
+    """The principal travels in a context variable: calls of different principals that
+    interleave on one event loop (each awaiting mid-call) must never see each other's."""
+    names = [f"p{n}" for n in range(8)]
+    path = tmp_path / "tokens"
+    path.write_text("".join(line(name, f"token-{name}") for name in names))
+
+    async def whoami(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        seen = PRINCIPAL.get()
+        await asyncio.sleep(0.001 * (len(request) % 5))  # let other calls run in between
+        assert PRINCIPAL.get() == seen
+        return seen.encode()
+
+    server = grpc.aio.server(
+        interceptors=[Authentication(TokenFile(path), False, lambda why: None)]
+    )
+    handler = grpc.unary_unary_rpc_method_handler(whoami)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.T", {"W": handler})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/t.T/W")
+            plan = [names[(n * 7) % len(names)] for n in range(400)]
+            answers = await asyncio.gather(
+                *(
+                    call(b"x" * n, metadata=(("authorization", f"Bearer token-{who}"),))
+                    for n, who in enumerate(plan)
+                )
+            )
+    finally:
+        await server.stop(None)
+    assert [a.decode() for a in answers] == plan

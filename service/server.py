@@ -24,6 +24,7 @@ from prometheus_client import start_http_server
 
 from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve.api.auth import Authentication
+from rnnserve.api.health import HealthServicer
 from rnnserve.api.servicer import InferenceServicer, add_to_server
 from rnnserve.auth import TokenFile
 from rnnserve.config import Settings
@@ -111,7 +112,7 @@ class Server:
         )
         self.metrics = Metrics(self.registry.snapshot, self.store.statistics)
         self.servicer = InferenceServicer(self.registry, self.metrics)
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.grpc_port = 0
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None

@@ -25,6 +25,7 @@ from prometheus_client import start_http_server
 from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve.api.auth import Authentication
 from rnnserve.api.health import HealthServicer
+from rnnserve.api.parsing import register
 from rnnserve.api.servicer import InferenceServicer, add_to_server
 from rnnserve.auth import TokenFile
 from rnnserve.config import Settings
@@ -156,7 +157,7 @@ class Server:
             ],
         )
         add_to_server(self.servicer, self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        register(self._grpc, lambda s: health_pb2_grpc.add_HealthServicer_to_server(self.health, s))
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc
         )

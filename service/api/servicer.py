@@ -32,6 +32,7 @@ from rnnserve.api.codec import (
     encode_stream_error,
     encode_stream_response,
 )
+from rnnserve.api.parsing import checked_handler
 from rnnserve.api.status import status_of
 from rnnserve.errors import ServiceError
 from rnnserve.serving.model import ModelState
@@ -326,7 +327,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """
         try:
             async for data in request_iterator:
-                self._stream_one(data, outbox, outbox.expect())
+                self._stream_one(data, outbox, outbox.expect(len(data)))
+                if outbox.full:
+                    # Read no more until the client has taken answers: gRPC's flow control
+                    # then holds the client's requests back, and memory stays bounded.
+                    await outbox.room()
         finally:
             outbox.close()
 
@@ -338,9 +343,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as error:  # noqa: BLE001 - each request is answered, the stream lives on
             echo = _echo_of(data)
             code, text = self._failed(error, (UNKNOWN_MODEL, ""), started)
-            outbox.put(encode_stream_error(*echo, f"[{code.name}] {text}"))
+            outbox.put(encode_stream_error(*echo, f"[{code.name}] {text}"), key)
             return
         labels = model.labels
+        if outbox.deep:
+            outbox.reserve(key, model.answer_bytes_of(request))
         answered = False  # the answer may come inside `submit`: refused, or run inline
 
         # The callback names its request by `key`, never by its ticket: the ticket holds the
@@ -402,11 +409,35 @@ def _echo_of(data: bytes) -> tuple[str, str, str]:
     return message.model_name, message.model_version, message.id
 
 
+MAX_STREAM_HELD_BYTES = 16 * 1024 * 1024
+"""Bytes one stream may hold, of requests read and not answered and of answers not yet taken
+by its client, before the server stops reading it (one message over it still goes through)."""
+MAX_STREAM_OUTSTANDING = 1024
+"""Requests one stream may have read and not answered before the server stops reading it."""
+SHALLOW_STREAM = 4
+"""Outstanding requests of a stream whose answers are not reserved ahead (a stream's usual
+one, or a few pipelined), so its requests take no estimate."""
+
+
 class _Outbox:
     """One stream's answers in the order they are ready, whether more are coming, and the
-    queued requests they will answer (to cancel them when no one is left to read them)."""
+    queued requests they will answer (to cancel them when no one is left to read them).
 
-    __slots__ = ("_items", "_waiter", "_outstanding", "_closed", "_queued", "_read")
+    It also bounds what the stream holds: while it is `full` (see MAX_STREAM_HELD_BYTES and
+    MAX_STREAM_OUTSTANDING), the reader awaits `room()` before reading the next request.
+    """
+
+    __slots__ = (
+        "_items",
+        "_waiter",
+        "_outstanding",
+        "_closed",
+        "_queued",
+        "_read",
+        "_sizes",
+        "_held",
+        "_room",
+    )
 
     def __init__(self) -> None:
         self._items: deque[bytes] = deque()
@@ -415,22 +446,54 @@ class _Outbox:
         self._closed = False
         self._queued: dict[int, Cancellable] = {}
         self._read = 0
+        self._sizes: dict[int, int] = {}
+        """Bytes of each request read and not answered, by key."""
+        self._held = 0
+        """Bytes of the requests read and not answered, and of the answers not yet taken."""
+        self._room: asyncio.Future[None] | None = None
 
-    def expect(self) -> int:
-        """A request was read; its answer will come through `put`. Its key in this stream."""
+    def expect(self, nbytes: int) -> int:
+        """A request of `nbytes` was read; its answer will come through `put`. Its key in this
+        stream."""
         self._outstanding += 1
         self._read += 1
+        self._sizes[self._read] = nbytes
+        self._held += nbytes
         return self._read
+
+    @property
+    def deep(self) -> bool:
+        """Whether several requests are outstanding: then each reserves its answer's bytes
+        (`reserve`), as answers many times their request's size would otherwise pile up
+        before the first of them is counted."""
+        return self._outstanding > SHALLOW_STREAM
+
+    def reserve(self, key: int, nbytes: int) -> None:
+        """Count `nbytes` for request `key`'s answer until it comes."""
+        self._sizes[key] += nbytes
+        self._held += nbytes
+
+    @property
+    def full(self) -> bool:
+        """Whether the stream holds as much as it may: read nothing more for now."""
+        return self._held > MAX_STREAM_HELD_BYTES or self._outstanding >= MAX_STREAM_OUTSTANDING
+
+    async def room(self) -> None:
+        """Return once the stream is no longer `full`."""
+        while self.full:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
 
     def track(self, key: int, ticket: Cancellable) -> None:
         """Request `key` was queued as `ticket`, to be answered later through `put`."""
         self._queued[key] = ticket
 
-    def put(self, response: bytes, key: int = 0) -> None:
-        """The answer to request `key` (0: one that was never queued)."""
+    def put(self, response: bytes, key: int) -> None:
+        """The answer to request `key`."""
         self._queued.pop(key, None)
         self._items.append(response)
         self._outstanding -= 1
+        self._held += len(response) - self._sizes.pop(key)
         self._wake()
 
     def cancel_outstanding(self) -> None:
@@ -452,7 +515,13 @@ class _Outbox:
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        return self._items.popleft()
+        item = self._items.popleft()
+        self._held -= len(item)
+        if self._room is not None and not self.full:
+            room, self._room = self._room, None
+            if not room.done():
+                room.set_result(None)
+        return item
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
@@ -462,7 +531,8 @@ class _Outbox:
 
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     """Register the service as the generated code does, except that inference requests and
-    responses stay wire bytes: `codec` reads and writes them faster than protobuf's objects."""
+    responses stay wire bytes (`codec` reads and writes them faster than protobuf's objects),
+    and other requests that do not parse are INVALID_ARGUMENT (`parsing`)."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
     for method in service.methods:
@@ -474,10 +544,12 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
             if method.client_streaming
             else grpc.unary_unary_rpc_method_handler
         )
-        handlers[method.name] = kind(
-            getattr(servicer, method.name),
-            request_deserializer=None if wire else request.FromString,
-            response_serializer=None if wire else response.SerializeToString,
+        handlers[method.name] = checked_handler(
+            kind(
+                getattr(servicer, method.name),
+                request_deserializer=None if wire else request.FromString,
+                response_serializer=None if wire else response.SerializeToString,
+            )
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)

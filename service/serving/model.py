@@ -408,6 +408,8 @@ class ServedModel:
         sequence, support = work.sequence, self.sequences
         if sequence is None or support is None:
             return
+        if failed and work.end and sequence.held:
+            support.manager.revive(sequence)  # an END not applied did not end it
         if failed and not sequence.held and sequence.pending == 1:
             # Its state never reached the slot (a failed first step or load), and no request
             # of it is still queued (a START sent again after this one): drop it.
@@ -572,6 +574,17 @@ class ServedModel:
         sizes = self._answer_sizes
         per_row = sum(sizes[n][0] * time_steps + sizes[n][1] for n in outputs)
         return rows * per_row + ANSWER_OVERHEAD_BYTES
+
+    def answer_bytes_of(self, request: InferenceRequest) -> int:
+        """About how many bytes the answer to `request` takes on the wire, before the request
+        is checked (0 for one whose inputs say nothing): for a stream's flow control."""
+        first = next(iter(request.inputs.values()), None)
+        if first is None or first.ndim < 2:
+            return 0
+        sizes = self._answer_sizes
+        outputs = request.outputs or self._default_outputs
+        per_row = sum(sizes[n][0] * first.shape[1] + sizes[n][1] for n in outputs if n in sizes)
+        return int(first.shape[0] * per_row) + ANSWER_OVERHEAD_BYTES
 
     def _check_answer_size(
         self, rows: int, time_steps: int, outputs: tuple[str, ...], id_chars: int

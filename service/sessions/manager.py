@@ -10,7 +10,9 @@ Runs on the event loop only. The rules:
 - Each principal has its own ids: a START or continuation names the sequence (owner, id), so
   another principal's sequence of the same id is as unknown as one never started.
 - END removes the id at once (later continuations fail); its slot is freed when the END step
-  has run, so a queued step never reads a slot that was handed to someone else.
+  has run, so a queued step never reads a slot that was handed to someone else. An END that
+  fails without being applied makes the sequence live again (`revive`), unless its id was
+  started again meanwhile.
 - A sequence with no request for `idle_timeout_s` and no step pending is evicted.
 """
 
@@ -54,8 +56,9 @@ class Counters:
 class SequenceQuota(Protocol):
     """Counts live sequences by principal over every model (the server's policy)."""
 
-    def acquire_sequence(self, principal: str) -> None:
-        """Count a new live sequence of `principal`; raise CapacityExhausted when over a limit."""
+    def acquire_sequence(self, principal: str, force: bool = False) -> None:
+        """Count a new live sequence of `principal`; raise CapacityExhausted when over a limit
+        (unless `force`: a sequence that was live again)."""
         ...
 
     def release_sequence(self, principal: str) -> None:
@@ -154,6 +157,19 @@ class SequenceManager:
         if self.live.get(sequence.key) is sequence:
             self._remove(sequence, "it ended")
             self.counters.ended += 1
+
+    def revive(self, sequence: LiveSequence) -> bool:
+        """Make `sequence` live again after its END failed without being applied (refused
+        ABORTED for its sequence_version, say, or cancelled before it ran), so its client can
+        send the END again; not when its id was started again meanwhile. Whether it was."""
+        if sequence.key in self.live:
+            return False
+        self.live[sequence.key] = sequence
+        self._gone.pop(sequence.key, None)
+        self.counters.ended -= 1
+        if self.quota is not None:
+            self.quota.acquire_sequence(sequence.owner, force=True)
+        return True
 
     def forget(self, sequence: LiveSequence, why: str) -> None:
         """Drop a sequence whose state never reached its slot; the slot frees once idle."""

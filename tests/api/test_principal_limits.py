@@ -156,3 +156,26 @@ def test_the_server_has_a_request_rate_for_all_callers(tmp_path) -> None:
     assert 3 <= admitted <= 3 + 3 * elapsed + 1e-6, (admitted, elapsed)
     assert any("--max-requests-per-s" in m for m in messages)
     assert counted["server_rate"] == refusals
+
+
+def test_an_end_refused_keeps_its_sequence_live_and_counted(server) -> None:
+    with triton.InferenceServerClient(server.target) as client:
+        infer(client, "alice", sequence_id=21, sequence_start=True)
+        infer(client, "alice", sequence_id=22, sequence_start=True)
+        aborted = refused(
+            lambda: infer(
+                client,
+                "alice",
+                sequence_id=22,
+                sequence_end=True,
+                parameters={"sequence_version": 9},
+            )
+        )
+        assert aborted.status() == "StatusCode.ABORTED"
+        # Not applied: the sequence is live, and still one of alice's two.
+        over = refused(lambda: infer(client, "alice", sequence_id=23, sequence_start=True))
+        assert "--principal-max-sequences" in over.message()
+        infer(client, "alice", sequence_id=22, sequence_end=True)
+        infer(client, "alice", sequence_id=23, sequence_start=True)
+        for sequence_id in (21, 23):
+            infer(client, "alice", sequence_id=sequence_id, sequence_end=True)

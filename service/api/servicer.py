@@ -409,9 +409,11 @@ def _echo_of(data: bytes) -> tuple[str, str, str]:
     return message.model_name, message.model_version, message.id
 
 
-MAX_STREAM_HELD_BYTES = 16 * 1024 * 1024
+MAX_STREAM_HELD_BYTES = 64 * 1024 * 1024
 """Bytes one stream may hold, of requests read and not answered and of answers not yet taken
-by its client, before the server stops reading it (one message over it still goes through)."""
+by its client, before the server stops reading it (one message over it still goes through):
+the default largest message's worth, so that a client may queue requests whose answers fill
+one such message before it reads them (tests/api/test_cancellation.py queues 48 MB)."""
 MAX_STREAM_OUTSTANDING = 1024
 """Requests one stream may have read and not answered before the server stops reading it."""
 SHALLOW_STREAM = 4

@@ -8,11 +8,16 @@ find it: a failed call applies nothing); the rest of the batch runs. With a stat
 worker brings the batch's slots up to date before the model call and stores the new states
 after it (`rnnserve.sessions.sync`), before the arena is updated and before any response is
 released.
+
+NaN and infinity: a float input holding one is refused (unless the model's config allows
+them), found by one vectorized pass over each input of the whole batch rather than one per
+request.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -84,6 +89,11 @@ class BatchExecution:
     states: tuple[StateSpec, ...]
     arena: StateArena | None = None
     sync: StateSync | None = None
+    model: str = ""
+    """The model's name, for error messages."""
+    finite_inputs: tuple[str, ...] = ()
+    """Inputs that may hold no NaN and no infinity: the float ones, unless the config allows
+    them (parameter allow_non_finite_inputs)."""
 
     def __call__(self, batch: Sequence[Work]) -> list[Result]:
         """On the worker thread: prepare, then run the items that may run; one answer each."""
@@ -129,6 +139,11 @@ class BatchExecution:
         offsets = [0]
         for _, work in items:
             offsets.append(offsets[-1] + work.rows)
+        if self.finite_inputs and self._refuse_non_finite_inputs(items, feeds, offsets, answers):
+            rest = [item for item in items if answers[item[0]] is None]
+            if rest:
+                self._run(rest, advances, answers)
+            return
         held = [(k, offsets[i]) for i, (k, _) in enumerate(items) if k in advances]
         # The usual batch: one row per held sequence, nothing else. Its rows are then the
         # gathered slots in order, and the new states need no picking out.
@@ -178,6 +193,42 @@ class BatchExecution:
             kept[list(errors)] = False
             self.arena.put(slot_index[kept], [s[kept] for s in states])
 
+    def _refuse_non_finite_inputs(
+        self,
+        items: list[tuple[int, Work]],
+        feeds: Mapping[str, np.ndarray],
+        offsets: list[int],
+        answers: list[Result | None],
+    ) -> bool:
+        """Answer the items whose checked inputs hold NaN or infinity; whether any did.
+
+        One pass over each input of the whole batch; only when it finds something is it
+        reduced per row to name the culprits.
+        """
+        refused = False
+        for name in self.finite_inputs:
+            array = feeds[name]
+            if len(items) == 1:
+                if all_finite(array):
+                    continue
+                culprits: Sequence[int] = (0,)
+            else:
+                finite = np.isfinite(array)
+                if finite.all():
+                    continue
+                rows = np.flatnonzero(~finite.reshape(len(array), -1).all(axis=1))
+                culprits = np.unique(np.searchsorted(offsets, rows, side="right") - 1).tolist()
+            for i in culprits:
+                k = items[i][0]
+                if answers[k] is None:
+                    answers[k] = non_finite_error(
+                        f"input {name} of model {self.model}",
+                        " (a model whose config sets parameter allow_non_finite_inputs to "
+                        '"true" takes them)',
+                    )
+                    refused = True
+        return refused
+
     def _stack_states(
         self,
         batch: Sequence[Work],
@@ -206,6 +257,22 @@ class BatchExecution:
                     rows[row : row + work.rows] = work.states[k]
             stacked[state.input_name] = rows
         return stacked
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """Whether `array` holds no NaN and no infinity."""
+    if array.size == 1:  # a stream's usual step: a Python check is cheapest
+        return math.isfinite(array.item())
+    return bool(np.isfinite(array).all())
+
+
+def non_finite_error(what: str, remedy: str = "") -> InvalidArgument:
+    """The error for a NaN or an infinity sent in `what`: a recurrent state would carry it into
+    every later step of the sequence, which could then only be started again."""
+    return InvalidArgument(
+        f"{what} holds NaN or infinity; a recurrent state would carry it into every later "
+        f"step of the sequence{remedy}"
+    )
 
 
 def _answer_to(failure: Exception) -> ServiceError:

@@ -11,7 +11,8 @@ released.
 
 NaN and infinity: a float input holding one is refused (unless the model's config allows
 them), found by one vectorized pass over each input of the whole batch rather than one per
-request.
+request; and a new state holding one is never kept, whatever the inputs (a model can overflow
+on finite ones): its request fails alone and its sequence stays where it was.
 """
 
 from __future__ import annotations
@@ -179,6 +180,17 @@ class BatchExecution:
         answers: list[Result | None],
     ) -> None:
         """Store the new states (where durability asks), then scatter those that were kept."""
+        refused = self._non_finite_states(held, advances, states)
+        if refused:
+            kept = np.ones(len(held), dtype=bool)
+            for j, error in refused.items():
+                answers[held[j][0]] = error
+                kept[j] = False
+            held = [h for h, keep in zip(held, kept, strict=True) if keep]
+            if not held:
+                return
+            states = [s[kept] for s in states]
+            slot_index = slot_index[kept]
         errors: dict[int, ServiceError] = {}
         if self.sync is not None:
             errors = self.sync.commit([advances[k] for k, _ in held], states)
@@ -229,6 +241,30 @@ class BatchExecution:
                     refused = True
         return refused
 
+    def _non_finite_states(
+        self, held: list[tuple[int, int]], advances: dict[int, Advance], states: list[np.ndarray]
+    ) -> dict[int, ServiceError]:
+        """The held rows whose new states hold NaN or infinity, by position in `held`.
+
+        An END's state is not kept, so it is not checked: its request is answered as it ran.
+        """
+        refused: dict[int, ServiceError] = {}
+        for spec, array in zip(self.states, states, strict=True):
+            if len(held) == 1:
+                if all_finite(array):
+                    continue
+                rows: Sequence[int] = (0,)
+            else:
+                finite = np.isfinite(array)
+                if finite.all():
+                    continue
+                rows = np.flatnonzero(~finite.reshape(len(array), -1).all(axis=1)).tolist()
+            for j in rows:
+                advance = advances[held[j][0]]
+                if not advance.end and j not in refused:
+                    refused[j] = _state_not_finite(self.model, spec.output_name, advance)
+        return refused
+
     def _stack_states(
         self,
         batch: Sequence[Work],
@@ -272,6 +308,18 @@ def non_finite_error(what: str, remedy: str = "") -> InvalidArgument:
     return InvalidArgument(
         f"{what} holds NaN or infinity; a recurrent state would carry it into every later "
         f"step of the sequence{remedy}"
+    )
+
+
+def _state_not_finite(model: str, state: str, advance: Advance) -> InvalidArgument:
+    sequence = advance.sequence
+    if advance.start and not sequence.held:
+        kept = "the sequence was not started"
+    else:
+        kept = f"its state was not advanced (it stays at version {sequence.version})"
+    return InvalidArgument(
+        f"model {model} produced NaN or infinity in state {state} for sequence {sequence.id!r} "
+        f"on this request; {kept}; check the request's inputs"
     )
 
 

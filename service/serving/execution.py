@@ -234,9 +234,7 @@ class BatchExecution:
                 k = items[i][0]
                 if answers[k] is None:
                     answers[k] = non_finite_error(
-                        f"input {name} of model {self.model}",
-                        " (a model whose config sets parameter allow_non_finite_inputs to "
-                        '"true" takes them)',
+                        f"input {name} of model {self.model}", may_opt_in=True
                     )
                     refused = True
         return refused
@@ -302,9 +300,15 @@ def all_finite(array: np.ndarray) -> bool:
     return bool(np.isfinite(array).all())
 
 
-def non_finite_error(what: str, remedy: str = "") -> InvalidArgument:
+def non_finite_error(what: str, may_opt_in: bool = False) -> InvalidArgument:
     """The error for a NaN or an infinity sent in `what`: a recurrent state would carry it into
-    every later step of the sequence, which could then only be started again."""
+    every later step of the sequence, which could then only be started again. `may_opt_in`:
+    `what` is an input, where the model's config may allow them."""
+    remedy = (
+        ' (a model whose config sets parameter allow_non_finite_inputs to "true" takes them)'
+        if may_opt_in
+        else ""
+    )
     return InvalidArgument(
         f"{what} holds NaN or infinity; a recurrent state would carry it into every later "
         f"step of the sequence{remedy}"

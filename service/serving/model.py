@@ -192,6 +192,7 @@ class ServedModel:
         self._outputs = {t.name for t in sig.outputs} | {s.output_name for s in sig.states}
         self._default_outputs = tuple(t.name for t in sig.outputs)
         self._max_answer_bytes = limits.max_answer_bytes
+        self._finite_inputs = finite_inputs
         self._answer_sizes = _answer_sizes(sig)
         """Per output: (bytes per row and time step, bytes per row not per time step)."""
         self._answer_bytes_seen: dict[tuple[int, int, tuple[str, ...]], int] = {}
@@ -438,7 +439,11 @@ class ServedModel:
         rows, time_steps = self._check_inputs(request.inputs)
         if self._index_bounds:
             self._check_indices(request.inputs)
-        # NaN and infinity in the inputs are looked for per batch (BatchExecution).
+        # NaN and infinity in the inputs are looked for per batch (BatchExecution), but for
+        # an END's: one that failed there would still end its sequence, and its client could
+        # not send it again with good values.
+        if request.sequence.end:
+            self._check_finite(request.inputs)
         outputs = self._check_outputs(request.outputs)
         if self._max_answer_bytes is not None:
             self._check_answer_size(rows, time_steps, outputs, len(request.id))
@@ -645,6 +650,12 @@ class ServedModel:
             raise InvalidArgument(
                 f"input {spec.name} must have shape [{', '.join(shown)}], got {list(shape)}"
             )
+
+    def _check_finite(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """InvalidArgument when an input that must be finite holds NaN or infinity."""
+        for name in self._finite_inputs:
+            if not all_finite(inputs[name]):
+                raise non_finite_error(f"input {name} of model {self.name}", may_opt_in=True)
 
     def _check_state(self, array: np.ndarray, name: str, rows: int) -> np.ndarray:
         dims = next(s.dims for s in self.signature.states if s.input_name == name)

@@ -207,6 +207,22 @@ async def test_a_lone_first_step_with_a_non_finite_reading_starts_nothing(
     assert isinstance(unknown, SequenceNotFound) and "its first request failed" in str(unknown)
 
 
+async def test_an_end_with_a_non_finite_reading_does_not_end_its_sequence(
+    engine: Engine, repository: Path
+) -> None:
+    """Refused before it ends the sequence, so the client can send the END again."""
+    model, _ = engine.model("sensor_gru")
+    reference = Reference(repository / "sensor_gru")
+    first = await submit(model, request("sensor_gru", "end", [24.0], start=True))
+    np.testing.assert_allclose(forecast_of(first), reference.step([24.0]), atol=TOLERANCE)
+    refused = await submit(model, request("sensor_gru", "end", [25.0, np.nan], end=True))
+    assert isinstance(refused, InvalidArgument), refused
+    assert model.holds("end")
+    last = await submit(model, request("sensor_gru", "end", [25.0, 26.0], end=True))
+    np.testing.assert_allclose(forecast_of(last), reference.step([25.0, 26.0]), atol=TOLERANCE)
+    assert not model.holds("end")
+
+
 async def test_a_state_that_overflows_is_not_kept(engine: Engine, repository: Path) -> None:
     """Finite readings, no opt-in: the model's own arithmetic overflows the state."""
     model, gate = engine.model("accumulator")

@@ -255,9 +255,13 @@ async def test_a_state_that_overflows_is_not_kept(engine: Engine, repository: Pa
     assert support is not None
     slot = support.manager.live["big"].slot
     np.testing.assert_array_equal(support.arena.tensors[0][slot], accumulated([3e38])[0])
+    # Alone in its batch, a state near the largest float32 is still finite, and kept.
+    same = await submit(model, request("accumulator", "big", [0.0]))
+    np.testing.assert_array_equal(forecast_of(same), [[[np.float32(3e38)]]])
+    assert isinstance(same, InferenceResult) and same.sequence_version == 2
     after = await submit(model, request("accumulator", "big", [-3e38]))
     np.testing.assert_array_equal(forecast_of(after), [[[0.0]]])  # -3e38 + 3e38
-    assert isinstance(after, InferenceResult) and after.sequence_version == 2
+    assert isinstance(after, InferenceResult) and after.sequence_version == 3
 
 
 async def test_with_the_opt_in_a_non_finite_reading_is_taken(

@@ -8,11 +8,17 @@ find it: a failed call applies nothing); the rest of the batch runs. With a stat
 worker brings the batch's slots up to date before the model call and stores the new states
 after it (`rnnserve.sessions.sync`), before the arena is updated and before any response is
 released.
+
+NaN and infinity: a float input holding one is refused (unless the model's config allows
+them), found by one vectorized pass over each input of the whole batch rather than one per
+request; and a new state holding one is never kept, whatever the inputs (a model can overflow
+on finite ones): its request fails alone and its sequence stays where it was.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -84,6 +90,11 @@ class BatchExecution:
     states: tuple[StateSpec, ...]
     arena: StateArena | None = None
     sync: StateSync | None = None
+    model: str = ""
+    """The model's name, for error messages."""
+    finite_inputs: tuple[str, ...] = ()
+    """Inputs that may hold no NaN and no infinity: the float ones, unless the config allows
+    them (parameter allow_non_finite_inputs)."""
 
     def __call__(self, batch: Sequence[Work]) -> list[Result]:
         """On the worker thread: prepare, then run the items that may run; one answer each."""
@@ -129,6 +140,11 @@ class BatchExecution:
         offsets = [0]
         for _, work in items:
             offsets.append(offsets[-1] + work.rows)
+        if self.finite_inputs and self._refuse_non_finite_inputs(items, feeds, offsets, answers):
+            rest = [item for item in items if answers[item[0]] is None]
+            if rest:
+                self._run(rest, advances, answers)
+            return
         held = [(k, offsets[i]) for i, (k, _) in enumerate(items) if k in advances]
         # The usual batch: one row per held sequence, nothing else. Its rows are then the
         # gathered slots in order, and the new states need no picking out.
@@ -164,6 +180,17 @@ class BatchExecution:
         answers: list[Result | None],
     ) -> None:
         """Store the new states (where durability asks), then scatter those that were kept."""
+        refused = self._non_finite_states(held, advances, states)
+        if refused:
+            kept = np.ones(len(held), dtype=bool)
+            for j, error in refused.items():
+                answers[held[j][0]] = error
+                kept[j] = False
+            held = [h for h, keep in zip(held, kept, strict=True) if keep]
+            if not held:
+                return
+            states = [s[kept] for s in states]
+            slot_index = slot_index[kept]
         errors: dict[int, ServiceError] = {}
         if self.sync is not None:
             errors = self.sync.commit([advances[k] for k, _ in held], states)
@@ -177,6 +204,64 @@ class BatchExecution:
             kept = np.ones(len(held), dtype=bool)
             kept[list(errors)] = False
             self.arena.put(slot_index[kept], [s[kept] for s in states])
+
+    def _refuse_non_finite_inputs(
+        self,
+        items: list[tuple[int, Work]],
+        feeds: Mapping[str, np.ndarray],
+        offsets: list[int],
+        answers: list[Result | None],
+    ) -> bool:
+        """Answer the items whose checked inputs hold NaN or infinity; whether any did.
+
+        One pass over each input of the whole batch; only when it finds something is it
+        reduced per row to name the culprits.
+        """
+        refused = False
+        for name in self.finite_inputs:
+            array = feeds[name]
+            if len(items) == 1:
+                if all_finite(array):
+                    continue
+                culprits: Sequence[int] = (0,)
+            else:
+                finite = np.isfinite(array)
+                if finite.all():
+                    continue
+                rows = np.flatnonzero(~finite.reshape(len(array), -1).all(axis=1))
+                culprits = np.unique(np.searchsorted(offsets, rows, side="right") - 1).tolist()
+            for i in culprits:
+                k = items[i][0]
+                if answers[k] is None:
+                    answers[k] = non_finite_error(
+                        f"input {name} of model {self.model}", may_opt_in=True
+                    )
+                    refused = True
+        return refused
+
+    def _non_finite_states(
+        self, held: list[tuple[int, int]], advances: dict[int, Advance], states: list[np.ndarray]
+    ) -> dict[int, ServiceError]:
+        """The held rows whose new states hold NaN or infinity, by position in `held`.
+
+        An END's state is not kept, so it is not checked: its request is answered as it ran.
+        """
+        refused: dict[int, ServiceError] = {}
+        for spec, array in zip(self.states, states, strict=True):
+            if len(held) == 1:
+                if all_finite(array):
+                    continue
+                rows: Sequence[int] = (0,)
+            else:
+                finite = np.isfinite(array)
+                if finite.all():
+                    continue
+                rows = np.flatnonzero(~finite.reshape(len(array), -1).all(axis=1)).tolist()
+            for j in rows:
+                advance = advances[held[j][0]]
+                if not advance.end and j not in refused:
+                    refused[j] = _state_not_finite(self.model, spec.output_name, advance)
+        return refused
 
     def _stack_states(
         self,
@@ -206,6 +291,40 @@ class BatchExecution:
                     rows[row : row + work.rows] = work.states[k]
             stacked[state.input_name] = rows
         return stacked
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """Whether `array` holds no NaN and no infinity."""
+    if array.size == 1:  # a stream's usual step: a Python check is cheapest
+        return math.isfinite(array.item())
+    return bool(np.isfinite(array).all())
+
+
+def non_finite_error(what: str, may_opt_in: bool = False) -> InvalidArgument:
+    """The error for a NaN or an infinity sent in `what`: a recurrent state would carry it into
+    every later step of the sequence, which could then only be started again. `may_opt_in`:
+    `what` is an input, where the model's config may allow them."""
+    remedy = (
+        ' (a model whose config sets parameter allow_non_finite_inputs to "true" takes them)'
+        if may_opt_in
+        else ""
+    )
+    return InvalidArgument(
+        f"{what} holds NaN or infinity; a recurrent state would carry it into every later "
+        f"step of the sequence{remedy}"
+    )
+
+
+def _state_not_finite(model: str, state: str, advance: Advance) -> InvalidArgument:
+    sequence = advance.sequence
+    if advance.start and not sequence.held:
+        kept = "the sequence was not started"
+    else:
+        kept = f"its state was not advanced (it stays at version {sequence.version})"
+    return InvalidArgument(
+        f"model {model} produced NaN or infinity in state {state} for sequence {sequence.id!r} "
+        f"on this request; {kept}; check the request's inputs"
+    )
 
 
 def _answer_to(failure: Exception) -> ServiceError:

@@ -12,7 +12,6 @@ import asyncio
 import enum
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,14 @@ from rnnserve.errors import (
 )
 from rnnserve.repository.signature import ModelSignature, TensorSpec, signature_of, wire_name_of
 from rnnserve.runtime.base import Runtime
-from rnnserve.serving.execution import BatchExecution, Ran, Result, Work
+from rnnserve.serving.execution import (
+    BatchExecution,
+    Ran,
+    Result,
+    Work,
+    all_finite,
+    non_finite_error,
+)
 from rnnserve.serving.request import InferenceRequest, InferenceResult, OnOutcome, Outcome
 from rnnserve.serving.snapshot import ModelSnapshot, SequenceSnapshot
 from rnnserve.serving.statistics import Statistics
@@ -97,6 +103,21 @@ def _config_int(config: mc.ModelConfig, key: str) -> int | None:
     return int(text)
 
 
+def _config_flag(config: mc.ModelConfig, key: str) -> bool:
+    """A "true" or "false" from the config's `parameters`; False when absent.
+
+    Raises InvalidModelRepository for any other value.
+    """
+    if key not in config.parameters:
+        return False
+    text = config.parameters[key].string_value
+    if text not in ("true", "false"):
+        raise InvalidModelRepository(
+            f'model {config.name}: parameter {key} must be "true" or "false", got {text!r}'
+        )
+    return text == "true"
+
+
 @dataclass(frozen=True)
 class SequenceSupport:
     """A streamable model's one optional part: its live sequences, their state arena, and
@@ -137,6 +158,13 @@ class ServedModel:
             or _config_int(config, "max_steps_per_request")
             or DEFAULT_MAX_STEPS
         )
+        # Triton's ONNX Runtime backend ignores parameters it does not know, so the opt-in
+        # leaves the repository servable by Triton.
+        finite_inputs = (
+            ()
+            if _config_flag(config, "allow_non_finite_inputs")
+            else tuple(t.name for t in sig.inputs if t.dtype.kind == "f")
+        )
         store = store if store is not None else MemoryStore()
         self.sequences = self._sequence_support(limits, store, durability, quota)
         delay = (
@@ -153,6 +181,8 @@ class ServedModel:
                 sig.states,
                 support.arena if support is not None else None,
                 support.sync if support is not None else None,
+                model=name,
+                finite_inputs=finite_inputs,
             ),
             self._complete,
             sig.max_batch_size,
@@ -165,6 +195,7 @@ class ServedModel:
         self._outputs = {t.name for t in sig.outputs} | {s.output_name for s in sig.states}
         self._default_outputs = tuple(t.name for t in sig.outputs)
         self._max_answer_bytes = limits.max_answer_bytes
+        self._finite_inputs = finite_inputs
         self._answer_sizes = _answer_sizes(sig)
         """Per output: (bytes per row and time step, bytes per row not per time step)."""
         self._answer_bytes_seen: dict[tuple[int, int, tuple[str, ...]], int] = {}
@@ -175,7 +206,6 @@ class ServedModel:
             if name in self._inputs and self._inputs[name].dtype.kind in "iu"
         }
         """Integer inputs that index a table of the graph: the table's size (values 0..size-1)."""
-        self._float_inputs = tuple(n for n, t in self._inputs.items() if t.dtype.kind == "f")
         self._checked_inputs: dict[tuple[tuple[str, str, tuple[int, ...]], ...], tuple[int, int]]
         self._checked_inputs = {}
 
@@ -423,9 +453,11 @@ class ServedModel:
         rows, time_steps = self._check_inputs(request.inputs)
         if self._index_bounds:
             self._check_indices(request.inputs)
-        for name in self._float_inputs:
-            if not _finite(request.inputs[name]):
-                raise _not_finite(f"input {name} of model {self.name}")
+        # NaN and infinity in the inputs are looked for per batch (BatchExecution), but for
+        # an END's: one that failed there would still end its sequence, and its client could
+        # not send it again with good values.
+        if request.sequence.end:
+            self._check_finite(request.inputs)
         outputs = self._check_outputs(request.outputs)
         if self._max_answer_bytes is not None:
             self._check_answer_size(rows, time_steps, outputs, len(request.id))
@@ -644,6 +676,12 @@ class ServedModel:
                 f"input {spec.name} must have shape [{', '.join(shown)}], got {list(shape)}"
             )
 
+    def _check_finite(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """InvalidArgument when an input that must be finite holds NaN or infinity."""
+        for name in self._finite_inputs:
+            if not all_finite(inputs[name]):
+                raise non_finite_error(f"input {name} of model {self.name}", may_opt_in=True)
+
     def _check_state(self, array: np.ndarray, name: str, rows: int) -> np.ndarray:
         dims = next(s.dims for s in self.signature.states if s.input_name == name)
         if array.dtype != np.float32 or array.shape != (rows, *dims):
@@ -651,8 +689,9 @@ class ServedModel:
                 f"state {name} must be FP32 of shape {[rows, *dims]}, got "
                 f"{wire_name_of(array.dtype)}{list(array.shape)}"
             )
-        if not _finite(array):
-            raise _not_finite(f"state {name} of model {self.name}")
+        # Refused even where the config allows non-finite inputs: it is a state.
+        if not all_finite(array):
+            raise non_finite_error(f"state {name} of model {self.name}")
         return array
 
     def _check_outputs(self, requested: tuple[str, ...]) -> tuple[str, ...]:
@@ -668,22 +707,6 @@ class ServedModel:
 def _deliver(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
     if not future.done():
         future.set_result(outcome)
-
-
-def _finite(array: np.ndarray) -> bool:
-    """Whether `array` holds no NaN and no infinity."""
-    if array.size == 1:  # a stream's usual step: a Python check is cheapest
-        return math.isfinite(array.item())
-    return bool(np.isfinite(array).all())
-
-
-def _not_finite(what: str) -> InvalidArgument:
-    """The error for a NaN or an infinity: a recurrent state would carry it into every later
-    step of the sequence, which could then only be started again."""
-    return InvalidArgument(
-        f"{what} holds NaN or infinity; a recurrent state would carry it into every later "
-        f"step of the sequence"
-    )
 
 
 def _answer_sizes(signature: ModelSignature) -> dict[str, tuple[int, int]]:

@@ -24,6 +24,7 @@ from rnnserve.serving.model import Limits, ServedModel
 from rnnserve.serving.registry import ModelRegistry
 from rnnserve.serving.request import InferenceRequest, InferenceResult, Outcome, SequenceControl
 from tests.accumulator import accumulated, configure, copy_bundled, publish_accumulator
+from tests.serving.test_model import Watched
 
 WAIT_S = 30.0
 """Generous: these waits fail a test only when what they wait for never happens."""
@@ -32,16 +33,11 @@ OPT_IN = {"allow_non_finite_inputs": "true"}
 NOT_FINITE = [np.nan, np.inf, -np.inf]
 
 
-class Gate:
+class Gate(Watched):
     """A runtime whose calls wait while the gate is shut; it records each call's batch rows."""
 
     def __init__(self, inner: Runtime) -> None:
-        self.inner = inner
-        self.provider = inner.provider
-        self.inputs = inner.inputs
-        self.outputs = inner.outputs
-        self.index_bounds = inner.index_bounds
-        self.rows: list[int] = []
+        super().__init__(inner)
         self.open = threading.Event()
         self.open.set()
 

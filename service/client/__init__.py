@@ -31,7 +31,9 @@ from rnnserve.client.errors import (
     InvalidArgument,
     NotFound,
     OutputLost,
+    PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from rnnserve.client.sequence import SEQUENCE_ID_HEADER, SequenceClient, sequence_id_header
@@ -48,6 +50,7 @@ __all__ = [
     "ModelInfo",
     "NotFound",
     "OutputLost",
+    "PermissionDenied",
     "ResourceExhausted",
     "RetryPolicy",
     "SequenceClient",
@@ -56,6 +59,7 @@ __all__ = [
     "SyncClient",
     "SyncSession",
     "TensorInfo",
+    "Unauthenticated",
     "Unavailable",
     "sequence_id_header",
 ]

@@ -37,7 +37,25 @@ class InvalidArgument(ClientError):
 
 
 class ResourceExhausted(ClientError):
-    """RESOURCE_EXHAUSTED: the model is at its live-sequence limit, or a message is too large."""
+    """RESOURCE_EXHAUSTED: a live-sequence limit (the model's, the principal's or the
+    server's), a request-rate limit, or a message too large."""
+
+    @property
+    def retry_after_s(self) -> float | None:
+        """For a request-rate refusal, the seconds after which the server takes a request
+        again ("retry in X s"); None otherwise."""
+        found = re.search(r"retry in (\d+(?:\.\d+)?) s", self.message)
+        return float(found.group(1)) if found else None
+
+
+class Unauthenticated(ClientError):
+    """UNAUTHENTICATED: the server authenticates callers, and this one sent no token it knows
+    (nor, under mutual TLS, a certificate naming a principal)."""
+
+
+class PermissionDenied(ClientError):
+    """PERMISSION_DENIED: the principal may not do this (loading or unloading models needs an
+    admin principal)."""
 
 
 class Aborted(ClientError):
@@ -71,6 +89,8 @@ _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.ABORTED: Aborted,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 _PREFIX = re.compile(r"\[([A-Z_]+)\] ?(.*)", re.DOTALL)
 

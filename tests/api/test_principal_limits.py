@@ -18,7 +18,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.api.conftest import Stream, bearer, infer_input
+from tests.api.conftest import TOKENS, Stream, bearer, infer_input
 from tests.server import RunningServer, serving
 
 MODEL = "sensor_gru"
@@ -179,3 +179,19 @@ def test_an_end_refused_keeps_its_sequence_live_and_counted(server) -> None:
         infer(client, "alice", sequence_id=23, sequence_start=True)
         for sequence_id in (21, 23):
             infer(client, "alice", sequence_id=sequence_id, sequence_end=True)
+
+
+def test_the_client_library_names_each_refusal(server) -> None:
+    from rnnserve.client import ResourceExhausted, SyncClient, Unauthenticated
+
+    with SyncClient(server.target) as anonymous, pytest.raises(Unauthenticated):
+        anonymous.model_info(MODEL)
+    with SyncClient(server.target, token=TOKENS["bob"]) as client:
+        sessions = [client.session(MODEL) for _ in range(2)]
+        for session in sessions:
+            session.step(STEP)
+        with pytest.raises(ResourceExhausted, match="--principal-max-sequences") as over:
+            client.session(MODEL).step(STEP)
+        assert over.value.retry_after_s is None  # not a rate: waiting alone does not help
+        for session in sessions:
+            session.close()

@@ -89,3 +89,19 @@ def test_admin_calls_need_an_admin_only_when_callers_authenticate() -> None:
     policy.require_admin("root")
     with pytest.raises(PermissionDenied, match="--auth-admins"):
         policy.require_admin("alice")
+
+
+def test_a_rate_refusal_tells_the_client_library_when_to_retry() -> None:
+    import grpc
+
+    from rnnserve.client.errors import ResourceExhausted, error_for
+
+    clock = Clock()
+    policy = Policy(PolicySettings(principal_requests_per_s=4.0, principal_burst=1), clock)
+    policy.admit("alice", 1)
+    clock.now += 0.1  # 0.4 of a token back: the next one in 0.15 s
+    with pytest.raises(LimitExceeded) as refused:
+        policy.admit("alice", 1)
+    error = error_for(grpc.StatusCode.RESOURCE_EXHAUSTED, str(refused.value))
+    assert isinstance(error, ResourceExhausted)
+    assert error.retry_after_s == pytest.approx(0.15, abs=1e-3)

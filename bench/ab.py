@@ -6,7 +6,9 @@
 Each command is a way to start `<command> serve`; both servers run for the whole run, and each
 point of A is measured right next to B's, the order swapped every round, so the machine's drift
 (minutes long on a shared VM) falls on both alike. Prints each point's median steps/s and
-latency percentiles over the rounds, and B's steps/s relative to A's.
+latency percentiles over the rounds, and B's steps/s relative to A's; a point's errors go to
+stderr. What authentication costs: the same build twice, B started with RNNSERVE_AUTH_TOKENS,
+and `--token` sent by every call (A ignores it).
 """
 
 from __future__ import annotations
@@ -40,8 +42,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per point")
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=Path("build/ab"))
+    parser.add_argument(
+        "--token",
+        default="",
+        help="bearer token every call sends, for servers started with --auth-tokens (e.g. "
+        "through RNNSERVE_AUTH_TOKENS in one command, to measure what authentication costs)",
+    )
     args = parser.parse_args(argv)
-    options = BenchOptions(duration_s=args.duration, warmup_s=args.warmup, out=args.out)
+    options = BenchOptions(
+        duration_s=args.duration, warmup_s=args.warmup, out=args.out, token=args.token
+    )
     workload = load_workload(bundled_repository(), args.model)
     series = [Series(STREAM, t) for t in args.steps] + ([Series(UNARY, 1)] if args.unary else [])
     serve = ["serve", "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0"]
@@ -63,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         result = _point(
                             options, workload, server, s, sessions, ids, _sampler(server)
                         )
+                        if result.errors:
+                            print(
+                                f"{name}, {s.label} at {sessions} sequences: {result.errors} "
+                                f"errors, the first: {result.first_error}",
+                                file=sys.stderr,
+                            )
                         figures.setdefault((name, s.label, sessions), []).append(
                             (
                                 result.steps_per_s,

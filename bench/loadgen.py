@@ -56,6 +56,8 @@ class LoadSpec:
     sessions_per_channel: int
     first_id: int
     """Sequence ids are first_id .. first_id + sessions - 1: distinct for every point."""
+    metadata: tuple[tuple[str, str], ...] = ()
+    """Metadata every call sends (a bearer token)."""
 
 
 @dataclass(frozen=True)
@@ -157,9 +159,13 @@ OPEN_INFERENCE = StreamApi(STREAM_METHOD, STREAM_OK_TAG, _decode_stream_error)
 
 
 async def _stream_sequence(
-    channel: grpc.aio.Channel, messages: SequenceMessages, w: _Window, api: StreamApi
+    channel: grpc.aio.Channel,
+    messages: SequenceMessages,
+    w: _Window,
+    api: StreamApi,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> None:
-    call = channel.stream_stream(api.method)()
+    call = channel.stream_stream(api.method)(metadata=metadata or None)
     ok_tag = api.ok_tag
     try:
         await call.write(messages.start)
@@ -193,20 +199,25 @@ async def _stream_sequence(
 
 
 async def _unary_sequence(
-    channel: grpc.aio.Channel, messages: SequenceMessages, w: _Window, api: StreamApi
+    channel: grpc.aio.Channel,
+    messages: SequenceMessages,
+    w: _Window,
+    api: StreamApi,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> None:
     """ModelInfer, one call at a time (`api` is the streams'; it is here for one signature)."""
     infer = channel.unary_unary(UNARY_METHOD)
+    sent_with = metadata or None
     try:
-        w.response_bytes = len(await infer(messages.start))
+        w.response_bytes = len(await infer(messages.start, metadata=sent_with))
         step, latencies, clock = messages.step, w.latencies, time.perf_counter
         while not w.stop:
             sent = clock()
-            await infer(step)
+            await infer(step, metadata=sent_with)
             answered = clock()
             if w.open:
                 latencies.append(answered - sent)
-        await infer(messages.end)
+        await infer(messages.end, metadata=sent_with)
     except grpc.aio.AioRpcError as error:
         w.error(f"{error.code().name}: {error.details()}")
 
@@ -251,7 +262,9 @@ async def run_load(
         sequence = _stream_sequence if spec.mode == STREAM else _unary_sequence
         window = _Window()
         tasks = [
-            asyncio.create_task(sequence(channels[i % len(channels)], m, window, api))
+            asyncio.create_task(
+                sequence(channels[i % len(channels)], m, window, api, spec.metadata)
+            )
             for i, m in enumerate(messages)
         ]
         before, after = await _monitor(spec, window, sample)

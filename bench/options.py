@@ -56,6 +56,9 @@ class BenchOptions:
     checkout, where `make triton` installs it)."""
     compare_channels: bool = True
     """Measure the transport ceiling with one channel per 64 sequences too."""
+    token: str = ""
+    """A bearer token every call sends (`authorization: Bearer <token>`), for a server that
+    authenticates; empty sends none."""
 
     def __post_init__(self) -> None:
         for name in ("sessions", "batches", "steps"):

@@ -450,6 +450,7 @@ def _point(
         duration_s=options.duration_s,
         sessions_per_channel=sessions_per_channel or options.sessions_per_channel,
         first_id=first,
+        metadata=(("authorization", f"Bearer {options.token}"),) if options.token else (),
     )
     encode = messages_of or workload.messages
     messages = [encode(first + i, series.steps) for i in range(sessions)]

@@ -183,11 +183,20 @@ class Server:
             self._background.append(asyncio.create_task(poll))
         if settings.port_file is not None:
             _write_port_file(settings.port_file, self.grpc_port, self.metrics_port)
+        principals = [
+            name
+            for name, on in (
+                ("tokens", settings.auth_tokens is not None),
+                ("certificates", settings.tls_client_ca is not None),
+            )
+            if on
+        ]
         logger.info(
-            "serving grpc=%s:%d tls=%s metrics=%s models=%s",
+            "serving grpc=%s:%d tls=%s auth=%s metrics=%s models=%s",
             settings.host,
             self.grpc_port,
             "off" if self.tls is None else "mutual" if self.tls.mutual else "on",
+            "+".join(principals) or "off",
             f"{metrics_host}:{self.metrics_port}" if self.metrics_port is not None else "off",
             ",".join(f"{m.name}:{m.version}" for m in self.registry.all_models()),
         )

@@ -226,6 +226,7 @@ def test_client_certificates_name_principals_that_own_sequences(mtls, reference)
     )
     with tls_client(server, ca, "root") as root:  # an admin by certificate
         root.load_model(MODEL)
+    assert " auth=tokens+certificates " in server.log_text()  # the operator sees how
 
 
 # ---------------------------------------------------------------------- Redis: owner in the key

@@ -219,17 +219,10 @@ class BatchExecution:
         """
         refused = False
         for name in self.finite_inputs:
-            array = feeds[name]
-            if len(items) == 1:
-                if all_finite(array):
-                    continue
-                culprits: Sequence[int] = (0,)
-            else:
-                finite = np.isfinite(array)
-                if finite.all():
-                    continue
-                rows = np.flatnonzero(~finite.reshape(len(array), -1).all(axis=1))
-                culprits = np.unique(np.searchsorted(offsets, rows, side="right") - 1).tolist()
+            rows = non_finite_rows(feeds[name])
+            if not len(rows):
+                continue
+            culprits = np.unique(np.searchsorted(offsets, rows, side="right") - 1).tolist()
             for i in culprits:
                 k = items[i][0]
                 if answers[k] is None:
@@ -248,16 +241,7 @@ class BatchExecution:
         """
         refused: dict[int, ServiceError] = {}
         for spec, array in zip(self.states, states, strict=True):
-            if len(held) == 1:
-                if all_finite(array):
-                    continue
-                rows: Sequence[int] = (0,)
-            else:
-                finite = np.isfinite(array)
-                if finite.all():
-                    continue
-                rows = np.flatnonzero(~finite.reshape(len(array), -1).all(axis=1)).tolist()
-            for j in rows:
+            for j in non_finite_rows(array).tolist():
                 advance = advances[held[j][0]]
                 if not advance.end and j not in refused:
                     refused[j] = _state_not_finite(self.model, spec.output_name, advance)
@@ -298,6 +282,17 @@ def all_finite(array: np.ndarray) -> bool:
     if array.size == 1:  # a stream's usual step: a Python check is cheapest
         return math.isfinite(array.item())
     return bool(np.isfinite(array).all())
+
+
+def non_finite_rows(array: np.ndarray) -> np.ndarray:
+    """The rows (first axis) of `array` holding NaN or infinity, as indices; none in the usual
+    case, found by one pass over the whole array (`all_finite`), reduced per row only then."""
+    if all_finite(array):
+        return _NO_ROWS
+    return np.flatnonzero(~np.isfinite(array).reshape(len(array), -1).all(axis=1))
+
+
+_NO_ROWS = np.empty(0, dtype=np.intp)
 
 
 def non_finite_error(what: str, may_opt_in: bool = False) -> InvalidArgument:

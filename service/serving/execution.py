@@ -220,7 +220,7 @@ class BatchExecution:
         refused = False
         for name in self.finite_inputs:
             rows = non_finite_rows(feeds[name])
-            if not len(rows):
+            if not rows:
                 continue
             culprits = np.unique(np.searchsorted(offsets, rows, side="right") - 1).tolist()
             for i in culprits:
@@ -241,7 +241,7 @@ class BatchExecution:
         """
         refused: dict[int, ServiceError] = {}
         for spec, array in zip(self.states, states, strict=True):
-            for j in non_finite_rows(array).tolist():
+            for j in non_finite_rows(array):
                 advance = advances[held[j][0]]
                 if not advance.end and j not in refused:
                     refused[j] = _state_not_finite(self.model, spec.output_name, advance)
@@ -284,15 +284,12 @@ def all_finite(array: np.ndarray) -> bool:
     return bool(np.isfinite(array).all())
 
 
-def non_finite_rows(array: np.ndarray) -> np.ndarray:
-    """The rows (first axis) of `array` holding NaN or infinity, as indices; none in the usual
-    case, found by one pass over the whole array (`all_finite`), reduced per row only then."""
+def non_finite_rows(array: np.ndarray) -> Sequence[int]:
+    """The rows (first axis) of `array` holding NaN or infinity; none in the usual case, found
+    by one pass over the whole array (`all_finite`), reduced per row only then."""
     if all_finite(array):
-        return _NO_ROWS
-    return np.flatnonzero(~np.isfinite(array).reshape(len(array), -1).all(axis=1))
-
-
-_NO_ROWS = np.empty(0, dtype=np.intp)
+        return ()
+    return np.flatnonzero(~np.isfinite(array).reshape(len(array), -1).all(axis=1)).tolist()
 
 
 def non_finite_error(what: str, may_opt_in: bool = False) -> InvalidArgument:

@@ -613,10 +613,8 @@ class ServedModel:
         first = next(iter(request.inputs.values()), None)
         if first is None or first.ndim < 2:
             return 0
-        sizes = self._answer_sizes
-        outputs = request.outputs or self._default_outputs
-        per_row = sum(sizes[n][0] * first.shape[1] + sizes[n][1] for n in outputs if n in sizes)
-        return int(first.shape[0] * per_row) + ANSWER_OVERHEAD_BYTES
+        outputs = [n for n in request.outputs or self._default_outputs if n in self._answer_sizes]
+        return self.answer_bytes(first.shape[0], first.shape[1], outputs)
 
     def _check_answer_size(
         self, rows: int, time_steps: int, outputs: tuple[str, ...], id_chars: int

@@ -327,7 +327,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """
         try:
             async for data in request_iterator:
-                self._stream_one(data, outbox, outbox.expect(len(data)))
+                self._stream_one(data, outbox)
                 if outbox.full:
                     # Read no more until the client has taken answers: gRPC's flow control
                     # then holds the client's requests back, and memory stays bounded.
@@ -335,19 +335,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             outbox.close()
 
-    def _stream_one(self, data: bytes, outbox: _Outbox, key: int) -> None:
+    def _stream_one(self, data: bytes, outbox: _Outbox) -> None:
         started = time.perf_counter()
+        held = len(data)  # what the stream holds for this request until it is answered
+        key = outbox.expect(held)
         try:
             request = self._decode(data)
             model = self.registry.resolve(request)
         except Exception as error:  # noqa: BLE001 - each request is answered, the stream lives on
             echo = _echo_of(data)
             code, text = self._failed(error, (UNKNOWN_MODEL, ""), started)
-            outbox.put(encode_stream_error(*echo, f"[{code.name}] {text}"), key)
+            outbox.put(encode_stream_error(*echo, f"[{code.name}] {text}"), key, held)
             return
         labels = model.labels
         if outbox.deep:
-            outbox.reserve(key, model.answer_bytes_of(request))
+            reserved = model.answer_bytes_of(request)
+            outbox.reserve(reserved)
+            held += reserved
         answered = False  # the answer may come inside `submit`: refused, or run inline
 
         # The callback names its request by `key`, never by its ticket: the ticket holds the
@@ -357,7 +361,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             nonlocal answered
             answered = True
             if isinstance(outcome, InferenceResult):
-                outbox.put(encode_stream_response(outcome, request.id), key)
+                outbox.put(encode_stream_response(outcome, request.id), key, held)
                 self._succeeded(outcome, labels, started)
             else:
                 code, text = self._failed(outcome, labels, started)
@@ -366,6 +370,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         request.model, request.version, request.id, f"[{code.name}] {text}"
                     ),
                     key,
+                    held,
                 )
 
         try:
@@ -436,7 +441,6 @@ class _Outbox:
         "_closed",
         "_queued",
         "_read",
-        "_sizes",
         "_held",
         "_room",
     )
@@ -448,8 +452,6 @@ class _Outbox:
         self._closed = False
         self._queued: dict[int, Cancellable] = {}
         self._read = 0
-        self._sizes: dict[int, int] = {}
-        """Bytes of each request read and not answered, by key."""
         self._held = 0
         """Bytes of the requests read and not answered, and of the answers not yet taken."""
         self._room: asyncio.Future[None] | None = None
@@ -459,7 +461,6 @@ class _Outbox:
         stream."""
         self._outstanding += 1
         self._read += 1
-        self._sizes[self._read] = nbytes
         self._held += nbytes
         return self._read
 
@@ -470,9 +471,8 @@ class _Outbox:
         before the first of them is counted."""
         return self._outstanding > SHALLOW_STREAM
 
-    def reserve(self, key: int, nbytes: int) -> None:
-        """Count `nbytes` for request `key`'s answer until it comes."""
-        self._sizes[key] += nbytes
+    def reserve(self, nbytes: int) -> None:
+        """Count `nbytes` more for the latest request's answer, until it comes."""
         self._held += nbytes
 
     @property
@@ -490,12 +490,12 @@ class _Outbox:
         """Request `key` was queued as `ticket`, to be answered later through `put`."""
         self._queued[key] = ticket
 
-    def put(self, response: bytes, key: int) -> None:
-        """The answer to request `key`."""
+    def put(self, response: bytes, key: int, held: int) -> None:
+        """The answer to request `key`, which held `held` bytes (`expect` and `reserve`)."""
         self._queued.pop(key, None)
         self._items.append(response)
         self._outstanding -= 1
-        self._held += len(response) - self._sizes.pop(key)
+        self._held += len(response) - held
         self._wake()
 
     def cancel_outstanding(self) -> None:

@@ -170,25 +170,29 @@ class Policy:
     def acquire_sequence(self, principal: str, force: bool = False) -> None:
         """Count a new live sequence of `principal`, or raise LimitExceeded (unless `force`:
         a sequence that was live before, made live again)."""
-        s = self.settings
         held = self._sequences.get(principal, 0)
-        if not force and s.principal_max_sequences is not None:
-            if held >= s.principal_max_sequences:
-                raise CapacityExhausted(
-                    f"{_who(principal)} already holds its maximum of "
-                    f"{s.principal_max_sequences} live sequences (--principal-max-sequences), "
-                    f"over all models; end finished sequences (sequence_end=true) or retry later",
-                    "principal_sequences",
-                )
-        if not force and s.max_live_sequences is not None:
-            if self._live >= s.max_live_sequences:
-                raise CapacityExhausted(
-                    f"the server already holds its maximum of {s.max_live_sequences} live "
-                    f"sequences (--max-live-sequences); retry later, or on another replica",
-                    "server_sequences",
-                )
+        if not force:
+            self._check_room(principal, held)
         self._sequences[principal] = held + 1
         self._live += 1
+
+    def _check_room(self, principal: str, held: int) -> None:
+        """LimitExceeded when `principal`, holding `held` live sequences, or the server is at
+        its limit."""
+        s = self.settings
+        if s.principal_max_sequences is not None and held >= s.principal_max_sequences:
+            raise CapacityExhausted(
+                f"{_who(principal)} already holds its maximum of {s.principal_max_sequences} "
+                f"live sequences (--principal-max-sequences), over all models; end finished "
+                f"sequences (sequence_end=true) or retry later",
+                "principal_sequences",
+            )
+        if s.max_live_sequences is not None and self._live >= s.max_live_sequences:
+            raise CapacityExhausted(
+                f"the server already holds its maximum of {s.max_live_sequences} live "
+                f"sequences (--max-live-sequences); retry later, or on another replica",
+                "server_sequences",
+            )
 
     def release_sequence(self, principal: str) -> None:
         """A live sequence of `principal` ended (or was evicted, or never got its state)."""

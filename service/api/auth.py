@@ -17,13 +17,14 @@ paper over.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
 import grpc
 import grpc.aio
 
+from rnnserve.api.handlers import end_call, guarded
 from rnnserve.auth import Refusal, TokenFile
 from rnnserve.tls import client_identity
 
@@ -97,89 +98,28 @@ def _as_principal(
 ) -> grpc.RpcMethodHandler:
     """`handler` run with `PRINCIPAL` set to `principal_of(context)`, or refused (MISSING)
     when that is None."""
-    behavior = _behavior(handler)
 
-    def enter(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    def enter(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
         principal = principal_of(context)
         if principal is None:
             auth.refused(Refusal.MISSING)
-            return False
+            return end_call(context, grpc.StatusCode.UNAUTHENTICATED, auth.message)
         # Each call runs in its own asyncio task (grpc.aio), so this reaches this call only.
         PRINCIPAL.set(principal)
         return True
 
-    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        if not enter(context):
-            return _refuse(context, auth.message)
-        return await behavior(request, context)
-
-    async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        if not enter(context):
-            _refuse(context, auth.message)
-            return
-        async for response in behavior(request, context):
-            yield response
-
-    return _handler_like(handler, unary, streaming, handler.request_deserializer)
-
-
-def _refuse(context: grpc.aio.ServicerContext[Any, Any], message: str) -> None:
-    """End the call UNAUTHENTICATED with `message`.
-
-    It sets the status rather than calling `context.abort`, whose exception leaves the call's
-    objects, the request among them, in reference cycles until the cyclic collector runs (as
-    the servicer does; tests/api/test_garbage.py). gRPC sends no message with a status that is
-    not OK, so a unary call returns none and a stream ends without one.
-    """
-    context.set_code(grpc.StatusCode.UNAUTHENTICATED)
-    context.set_details(message)
+    return guarded(handler, enter)
 
 
 def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that ends the call UNAUTHENTICATED."""
+    """A handler of the same kind as `handler` that ends the call UNAUTHENTICATED. The refused
+    request is never read: no decode is spent on it either."""
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        _refuse(context, message)
+    def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+        return end_call(context, grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        _refuse(context, message)
-        return
-        yield  # a generator, so gRPC treats it as a response stream
-
-    # The refused request is never read: do not spend a decode on it either.
-    return _handler_like(handler, refuse, refuse_stream, _discard)
+    return guarded(handler, refuse, _discard)
 
 
 def _discard(data: bytes) -> None:
     return None
-
-
-def _behavior(handler: grpc.RpcMethodHandler) -> Any:
-    if handler.request_streaming and handler.response_streaming:
-        return handler.stream_stream
-    if handler.request_streaming:
-        return handler.stream_unary
-    if handler.response_streaming:
-        return handler.unary_stream
-    return handler.unary_unary
-
-
-def _handler_like(
-    handler: grpc.RpcMethodHandler,
-    unary: Callable[[Any, Any], Awaitable[Any]],
-    streaming: Callable[[Any, Any], AsyncIterator[Any]],
-    deserializer: Callable[[bytes], Any] | None,
-) -> grpc.RpcMethodHandler:
-    """A handler of `handler`'s kind and serializer running `unary` (unary responses) or
-    `streaming` (streamed responses)."""
-    serializers = {
-        "request_deserializer": deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.response_streaming:
-        if handler.request_streaming:
-            return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
-        return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary, **serializers)
-    return grpc.unary_unary_rpc_method_handler(unary, **serializers)

@@ -15,6 +15,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from rnnserve.api.handlers import end_call
+
 MAX_SERVICE_NAME_CHARS = 1024
 """The longest service name asked about: far beyond any gRPC service's full name."""
 
@@ -38,15 +40,14 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
 
 
 def _refused(request: health_pb2.HealthCheckRequest, context: Any) -> bool:
-    """Whether the request's name is refused; the call's status says why. The status is set
-    rather than raised by `context.abort`, whose exception would keep the request in reference
-    cycles until the cyclic collector runs (as the servicer does)."""
+    """Whether the request's name is refused; the call's status says why (`end_call`)."""
     length = len(request.service)
     if length <= MAX_SERVICE_NAME_CHARS:
         return False
-    context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-    context.set_details(
+    end_call(
+        context,
+        grpc.StatusCode.INVALID_ARGUMENT,
         f"the service name is {length:,} characters long; health names a service by its full "
-        f"name (at most {MAX_SERVICE_NAME_CHARS:,} characters), or the server by ''"
+        f"name (at most {MAX_SERVICE_NAME_CHARS:,} characters), or the server by ''",
     )
     return True

@@ -11,13 +11,13 @@ requests are wire bytes (no deserializer).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
 import grpc.aio
 
+from rnnserve.api.handlers import end_call, guarded
 from rnnserve.api.status import MAX_MESSAGE_BYTES
 
 
@@ -77,39 +77,13 @@ def checked_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         except Exception as error:  # noqa: BLE001 - any parse failure is the client's
             return Undecodable(f"{type(error).__name__}: {error}")
 
-    kind, behavior = (
-        (grpc.unary_stream_rpc_method_handler, handler.unary_stream)
-        if handler.response_streaming
-        else (grpc.unary_unary_rpc_method_handler, handler.unary_unary)
-    )
-    if inspect.isasyncgenfunction(behavior):
-
-        async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if isinstance(request, Undecodable):
-                _refuse(request, context)
-                return
-            async for response in behavior(request, context):
-                yield response
-
-        wrapped: Callable[..., Any] = streaming
-    else:
-
-        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if isinstance(request, Undecodable):
-                return _refuse(request, context)
-            return await behavior(request, context)
-
-        wrapped = unary
-    return kind(
-        wrapped,
-        request_deserializer=deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return guarded(handler, _parsed, deserializer)
 
 
-def _refuse(request: Undecodable, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    """The call's status: INVALID_ARGUMENT. Set, not raised through `context.abort`, whose
-    exception keeps the call's objects in reference cycles (see the servicer)."""
-    context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+def _parsed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    """Whether the request parsed; if not, the call ends INVALID_ARGUMENT."""
+    if not isinstance(request, Undecodable):
+        return True
     text = f"the request is not this method's protobuf message ({request.reason})"
-    context.set_details(text.encode()[:MAX_MESSAGE_BYTES].decode(errors="ignore"))
+    details = text.encode()[:MAX_MESSAGE_BYTES].decode(errors="ignore")
+    return end_call(context, grpc.StatusCode.INVALID_ARGUMENT, details)

@@ -112,7 +112,9 @@ class Server:
             ),
         )
         self.metrics = Metrics(self.registry.snapshot, self.store.statistics)
-        self.servicer = InferenceServicer(self.registry, self.metrics)
+        self.servicer = InferenceServicer(
+            self.registry, self.metrics, max_stream_bytes=settings.max_message_bytes
+        )
         self.health = HealthServicer()
         self.grpc_port = 0
         self.metrics_port: int | None = None

@@ -109,12 +109,22 @@ def _unary(method: Handler[Request, Response]) -> Handler[Request, Response]:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The Open Inference Protocol over the model registry; `observer` hears every request."""
+    """The Open Inference Protocol over the model registry; `observer` hears every request.
 
-    def __init__(self, registry: ModelRegistry, observer: RequestObserver) -> None:
+    `max_stream_bytes`: what one stream may hold before it stops being read (`_Outbox`): the
+    server's largest message, so that a client may queue requests whose answers fill one.
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        observer: RequestObserver,
+        max_stream_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self.registry = registry
         self.observer = observer
         self.decoder = RequestDecoder()
+        self.max_stream_bytes = max_stream_bytes
 
     # ------------------------------------------------------------------ health
     async def ServerLive(
@@ -302,7 +312,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         answer; a stream that ends otherwise (cancelled, disconnected, deadline, shutdown)
         drops its requests that have not started, as ModelInfer does.
         """
-        outbox = _Outbox()
+        outbox = _Outbox(self.max_stream_bytes)
         reader = asyncio.create_task(self._read_stream(request_iterator, outbox))
         try:
             while (response := await outbox.next()) is not None:
@@ -408,11 +418,6 @@ def _echo_of(data: bytes) -> tuple[str, str, str]:
     return message.model_name, message.model_version, message.id
 
 
-MAX_STREAM_HELD_BYTES = 64 * 1024 * 1024
-"""Bytes one stream may hold, of requests read and not answered and of answers not yet taken
-by its client, before the server stops reading it (one message over it still goes through):
-the default largest message's worth, so that a client may queue requests whose answers fill
-one such message before it reads them (tests/api/test_cancellation.py queues 48 MB)."""
 MAX_STREAM_OUTSTANDING = 1024
 """Requests one stream may have read and not answered before the server stops reading it."""
 SHALLOW_STREAM = 4
@@ -424,8 +429,10 @@ class _Outbox:
     """One stream's answers in the order they are ready, whether more are coming, and the
     queued requests they will answer (to cancel them when no one is left to read them).
 
-    It also bounds what the stream holds: while it is `full` (see MAX_STREAM_HELD_BYTES and
-    MAX_STREAM_OUTSTANDING), the reader awaits `room()` before reading the next request.
+    It also bounds what the stream holds: while it is `full` (more than `max_held` bytes of
+    requests read and not answered and of answers not yet taken by its client, or
+    MAX_STREAM_OUTSTANDING requests), the reader awaits `room()` before reading the next
+    request; one message over the bound still goes through.
     """
 
     __slots__ = (
@@ -437,9 +444,11 @@ class _Outbox:
         "_read",
         "_held",
         "_room",
+        "_max_held",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, max_held: int) -> None:
+        self._max_held = max_held
         self._items: deque[bytes] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._outstanding = 0
@@ -472,7 +481,7 @@ class _Outbox:
     @property
     def full(self) -> bool:
         """Whether the stream holds as much as it may: read nothing more for now."""
-        return self._held > MAX_STREAM_HELD_BYTES or self._outstanding >= MAX_STREAM_OUTSTANDING
+        return self._held > self._max_held or self._outstanding >= MAX_STREAM_OUTSTANDING
 
     async def room(self) -> None:
         """Return once the stream is no longer `full`."""

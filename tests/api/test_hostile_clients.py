@@ -14,9 +14,9 @@ the server promises.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -25,22 +25,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve._pb import grpc_service_pb2_grpc as pb_grpc
+from tests.api.conftest import bearer
 from tests.api.test_stress import rss_mb
 from tests.server import RunningServer, serving
 
-TOKENS = {"alice": "alice-token-0123"}
-BEARER = (("authorization", f"Bearer {TOKENS['alice']}"),)
+BEARER = tuple(bearer("alice").items())
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    folder = tmp_path_factory.mktemp("hostile")
-    tokens = folder / "tokens"
-    tokens.write_text(
-        "".join(f"{p} {hashlib.sha256(t.encode()).hexdigest()}\n" for p, t in TOKENS.items())
-    )
-    with serving(folder, "--auth-tokens", str(tokens)) as running:
+def server(token_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    # A stream holds up to the largest message (32 MiB here) before it stops being read.
+    flags = ("--auth-tokens", str(token_file), "--max-message-bytes", str(32 << 20))
+    with serving(tmp_path_factory.mktemp("hostile"), *flags) as running:
         yield running
 
 

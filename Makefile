@@ -4,8 +4,17 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of PyTorch (a plain `torch` requirement may pull a multi-GB CUDA build).
-TORCH_PIN ?= torch==2.13.0
+# The locks (requirements/*.txt, compiled by `make lock` from pyproject's requirements with uv):
+# every install takes its versions from one, as constraints, so a clone installs the same
+# versions today and a year from now. torch is pinned without a hash: a local CPU wheel
+# (2.13.0+cpu, where pip's find-links offer one) and the registry's build both satisfy it.
+LOCKS := requirements
+# The lock tool, in a virtualenv of its own (it is not part of any locked environment).
+UV_VERSION := 0.13.10
+UV := build/uv/bin/uv
+# pip installs through a lock: its versions as constraints, and its setuptools for the isolated
+# builds of the editable installs.
+PIP_LOCKED = $(BIN)/pip install --quiet -c $(LOCKS)/$(1) --build-constraint $(LOCKS)/$(1)
 # Debian packages the tests need: libb64 for Triton's perf_analyzer, Redis for the state store,
 # Java for TorchServe (the benchmark's peer), Prometheus and promtool for deploy/prometheus (the
 # tests run their own instance on a free port, whatever the package starts), and what
@@ -34,28 +43,51 @@ TRITON := build/triton/run
 
 .DEFAULT_GOAL := help
 .PHONY: help serve bench test install install-test system-deps perf-analyzer triton torchserve bench-idle \
-	image proto lint format train bench-durability bench-gpu clean helm manifests
+	image proto lint format train bench-durability bench-gpu clean helm manifests lock \
+	lock-upgrade test-minimums
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c $(LOCKS)/serve.txt pip
 
-$(VENV)/.installed: pyproject.toml bench/pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e . -e ./bench
+$(VENV)/.installed: pyproject.toml bench/pyproject.toml $(LOCKS)/serve.txt | $(BIN)/python
+	$(call PIP_LOCKED,serve.txt) -e . -e ./bench setuptools
 	@touch $@
 
-$(VENV)/.installed-lint: pyproject.toml bench/pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test]' -e ./bench
+$(VENV)/.installed-lint: pyproject.toml bench/pyproject.toml $(LOCKS)/test.txt | $(BIN)/python
+	$(call PIP_LOCKED,test.txt) -e '.[test]' -e ./bench pip setuptools
 	@touch $@ $(VENV)/.installed
 
-$(VENV)/.installed-test: pyproject.toml bench/pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[train,test]' -e './bench[peers]' '$(TORCH_PIN)'
+# LOCK: the lock the test environment installs through (test-minimums sets minimums.txt).
+LOCK ?= test.txt
+$(VENV)/.installed-test: pyproject.toml bench/pyproject.toml $(LOCKS)/$(LOCK) | $(BIN)/python
+	$(call PIP_LOCKED,$(LOCK)) -e '.[train,test]' -e './bench[peers]' torch pip setuptools
 	@touch $@ $(VENV)/.installed $(VENV)/.installed-lint
 
 install: $(VENV)/.installed ## virtualenv with rnnserve and its benchmark (rnnserve-bench; no torch)
+
+$(UV):
+	$(PYTHON) -m venv build/uv
+	build/uv/bin/pip install --quiet uv==$(UV_VERSION)
+
+lock: $(UV) ## recompile requirements/*.txt from pyproject's requirements (keeps the pins that still fit)
+	$(PYTHON) $(LOCKS)/lock.py $(UV)
+
+lock-upgrade: $(UV) ## move every pin of requirements/*.txt to its newest release, then run the suite
+	$(PYTHON) $(LOCKS)/lock.py $(UV) --upgrade
+	$(MAKE) --no-print-directory test
+
+# The suite with rnnserve's requirements (and its `train` extra's) at their lower bounds, in a
+# virtualenv of its own: the bounds pyproject claims are the ones tested.
+MINIMUMS_VENV := .venv-minimums
+test-minimums: system-deps $(PERF_ANALYZER) $(TRITON) $(HELM) ## the suite at the lower bounds pyproject claims (requirements/minimums.txt)
+	$(PYTHON) -m venv $(MINIMUMS_VENV)
+	$(MINIMUMS_VENV)/bin/python -m pip install --quiet -c $(LOCKS)/minimums.txt pip
+	$(MAKE) --no-print-directory VENV=$(MINIMUMS_VENV) LOCK=minimums.txt $(MINIMUMS_VENV)/.installed-test
+	RNNSERVE_TEST_LOCK=$(LOCKS)/minimums.txt $(MINIMUMS_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 install-test: $(VENV)/.installed-test ## virtualenv with training, export and test dependencies
 
@@ -122,8 +154,8 @@ proto: install-test ## regenerate service/_pb from proto/*.proto
 	$(BIN)/python proto/generate.py
 
 lint: $(VENV)/.installed-lint ## ruff and mypy (strict on the server; no torch needed); `make test` runs it first
-	$(BIN)/ruff check service models bench tests proto deploy
-	$(BIN)/ruff format --check service models bench tests proto deploy
+	$(BIN)/ruff check service models bench tests proto deploy requirements
+	$(BIN)/ruff format --check service models bench tests proto deploy requirements
 	@# mypy cannot follow the package-dir mapping: a tree of links with the installed layout.
 	@rm -rf build/typecheck && mkdir -p build/typecheck/rnnserve
 	@for f in service/*; do ln -s "$$PWD/$$f" build/typecheck/rnnserve/; done
@@ -131,8 +163,8 @@ lint: $(VENV)/.installed-lint ## ruff and mypy (strict on the server; no torch n
 	$(BIN)/mypy
 
 format: install-test ## apply ruff's formatting and safe fixes
-	$(BIN)/ruff format service models bench tests proto deploy
-	$(BIN)/ruff check --fix service models bench tests proto deploy
+	$(BIN)/ruff format service models bench tests proto deploy requirements
+	$(BIN)/ruff check --fix service models bench tests proto deploy requirements
 
 bench-durability: system-deps install ## steps/s and latency of each state store and durability level
 	$(BIN)/python -m rnnserve_bench.durability
@@ -141,4 +173,4 @@ train: install-test ## retrain and republish the three bundled models (CPU, a fe
 	for m in digits_lstm sensor_gru charlm_lstm; do $(BIN)/rnnserve train $$m --no-progress || exit 1; done
 
 clean: ## remove the virtualenv and build outputs
-	rm -rf $(VENV) build .pytest_cache
+	rm -rf $(VENV) $(MINIMUMS_VENV) build .pytest_cache

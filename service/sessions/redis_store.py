@@ -488,7 +488,7 @@ def sentinel_client(url: str, timeout_s: float, **options: Any) -> redis.Redis:
         ) from None
     extra = urllib.parse.parse_qs(query)
     sentinel_password = extra.get("sentinel_password", [None])[0]
-    manager = Sentinel(  # type: ignore[no-untyped-call]
+    manager = Sentinel(
         sentinels,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
@@ -499,7 +499,7 @@ def sentinel_client(url: str, timeout_s: float, **options: Any) -> redis.Redis:
         },
     )
     given = options.pop("password", None)  # --state-store-password(-file), when not in the URL
-    client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call]
+    client: redis.Redis = manager.master_for(
         parts[0],
         db=db,
         username=urllib.parse.unquote(user) or None,

@@ -44,7 +44,7 @@ TRITON := build/triton/run
 .DEFAULT_GOAL := help
 .PHONY: help serve bench test install install-test system-deps perf-analyzer triton torchserve bench-idle \
 	image proto lint format train bench-durability bench-gpu clean helm manifests lock \
-	lock-upgrade test-minimums
+	lock-upgrade test-minimums native-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -67,7 +67,23 @@ $(VENV)/.installed-test: pyproject.toml bench/pyproject.toml $(LOCKS)/$(LOCK) | 
 	$(call PIP_LOCKED,$(LOCK)) -e '.[train,test]' -e './bench[peers]' torch pip setuptools
 	@touch $@ $(VENV)/.installed $(VENV)/.installed-lint
 
-install: $(VENV)/.installed ## virtualenv with rnnserve and its benchmark (rnnserve-bench; no torch)
+# The native transport (native/, the rnnserve-native distribution): built and installed where
+# cargo is present, and `rnnserve serve` serves through it; `pip install rnnserve` alone never
+# needs Rust (the server then serves through grpc.aio).
+CARGO := $(shell command -v cargo 2>/dev/null)
+NATIVE_SOURCES := $(wildcard native/Cargo.* native/pyproject.toml native/*.pyi native/src/*.rs)
+NATIVE := $(if $(CARGO),$(VENV)/.installed-native)
+
+$(VENV)/.installed-native: $(NATIVE_SOURCES) $(LOCKS)/serve.txt | $(VENV)/.installed
+	$(call PIP_LOCKED,serve.txt) --no-deps ./native
+	@touch $@
+
+install: $(VENV)/.installed $(NATIVE) ## virtualenv with rnnserve, its native transport (where cargo is) and its benchmark (no torch)
+
+native-check: ## the native crate: rustfmt, clippy (warnings are errors) and its own tests
+	cd native && cargo fmt --check
+	cd native && cargo clippy --locked --all-targets -- -D warnings
+	cd native && cargo test --locked
 
 $(UV):
 	$(PYTHON) -m venv build/uv
@@ -139,7 +155,7 @@ $(TRITON):
 
 triton: $(TRITON) ## the real Triton 2.51 (CPU), the conformance suite's peer, into build/triton
 
-test: system-deps install-test $(PERF_ANALYZER) $(TRITON) $(HELM) lint ## install everything, lint, run the test suite
+test: system-deps install-test $(NATIVE) $(PERF_ANALYZER) $(TRITON) $(HELM) lint $(if $(CARGO),native-check) ## install everything, lint, run the test suite
 	$(BIN)/python -m pytest
 
 image: ## the CPU serving image with podman, as IMAGE (makes BASE_IMAGE first when it is local)

@@ -56,6 +56,19 @@ class TokenFile:
         """The principals the file names."""
         return frozenset(principal for _, principal in self._digests)
 
+    @property
+    def entries(self) -> tuple[tuple[bytes, str], ...]:
+        """(SHA-256 digest of a token, its principal) for each line of the file: what the
+        native transport compares presented tokens with."""
+        return self._digests
+
+    def refresh(self) -> bool:
+        """Read the file again if it changed (at most once a second); whether its entries
+        changed."""
+        before = self._digests
+        self._reload_if_changed()
+        return self._digests is not before
+
     def principal(self, authorization: str | None) -> str | Refusal:
         """Who `authorization` (the metadata's value, or None) names, or why nobody."""
         if authorization is None:

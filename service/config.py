@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rnnserve.api.front import Transport
 from rnnserve.logging import LogFormat, LogLevel
 from rnnserve.models import bundled_repository
 from rnnserve.runtime.onnx import Provider, Spinning
@@ -40,6 +41,11 @@ class Settings:
     metrics_host: str | None = None
     """Address the metrics endpoint listens on (default: --host), e.g. an internal interface
     only; it serves plain HTTP, with TLS on the gRPC port too."""
+    transport: Transport = Transport.AUTO
+    """What serves the gRPC port: native (rnnserve-native, the Rust transport, built where cargo
+    was present at install), grpcio (Python's grpc.aio) or auto (native where installed)."""
+    native_threads: int = 1
+    """Threads of the native transport (HTTP/2, TLS, framing; the engine runs beside them)."""
     tls_cert: Path | None = None
     """PEM certificate (chain) of the gRPC port; with --tls-key the port speaks TLS only. Both
     files are read again when they change: new connections get the new certificate."""
@@ -193,6 +199,8 @@ class Settings:
                     " (0 picks a free one; off turns metrics off)" if name == "metrics_port" else ""
                 )
                 raise ValueError(f"{_flag(name)} {port} is not a port number{off}")
+        if self.native_threads < 1:
+            raise ValueError(f"{_flag('native_threads')} must be 1 or more")
         for name in ("inline_max_work", "parallel_min_work"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be 0 (none) or more")

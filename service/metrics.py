@@ -75,9 +75,10 @@ class Metrics:
             registry=self.registry,
         )
 
-    def refused_authentication(self, reason: str) -> None:
-        """A call was refused UNAUTHENTICATED for `reason` (missing, malformed, unknown)."""
-        self._auth_failures.labels(reason).inc()
+    def refused_authentication(self, reason: str, count: int = 1) -> None:
+        """`count` calls were refused UNAUTHENTICATED for `reason` (missing, malformed,
+        unknown)."""
+        self._auth_failures.labels(reason).inc(count)
 
     def refused_by_limit(self, limit: str) -> None:
         """A request was refused by the limit `limit` (`ServiceError.limit`)."""

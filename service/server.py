@@ -17,16 +17,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from rnnserve._pb import grpc_service_pb2 as pb
-from rnnserve.api.auth import Authentication
-from rnnserve.api.health import HealthServicer
-from rnnserve.api.parsing import register
-from rnnserve.api.servicer import InferenceServicer, add_to_server
+from rnnserve import __version__
+from rnnserve.api import native
+from rnnserve.api.front import Front, Transport
+from rnnserve.api.grpcio import GrpcioFront
+from rnnserve.api.servicer import InferenceServicer
 from rnnserve.auth import TokenFile
 from rnnserve.config import Settings
 from rnnserve.errors import ServiceError, StoreRejected
@@ -40,8 +37,6 @@ from rnnserve.sessions.store import StoreAccess
 from rnnserve.tls import CertificateFiles, TlsFiles
 
 logger = logging.getLogger(__name__)
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 class Server:
@@ -115,13 +110,26 @@ class Server:
         self.servicer = InferenceServicer(
             self.registry, self.metrics, max_stream_bytes=settings.max_message_bytes
         )
-        self.health = HealthServicer()
+        self.front = self._front()
         self.grpc_port = 0
         self.metrics_port: int | None = None
-        self._grpc: grpc.aio.Server | None = None
         self._http: Any = None
         self._background: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+
+    def _front(self) -> Front:
+        """The transport the settings ask for (native where installed, for auto). Raises
+        ValueError for --transport native where the extension is not installed."""
+        transport = self.settings.transport
+        if transport is Transport.NATIVE and not native.AVAILABLE:
+            raise ValueError(
+                "--transport native: the native transport is not installed (`make install` "
+                "builds it where cargo is present; `pip install ./native` from a clone); "
+                "--transport grpcio serves without it"
+            )
+        if transport is Transport.GRPCIO or not native.AVAILABLE:
+            return GrpcioFront(self.servicer, self.settings, self.tokens, self.tls, self.metrics)
+        return native.NativeFront(self.servicer, self.settings, self.tokens, self.metrics)
 
     async def start(self) -> None:
         """Load the models and listen: gRPC, and metrics over HTTP when a port is set; health
@@ -136,49 +144,14 @@ class Server:
         if self.store.shared:
             await self._check_store()
         await self.registry.load_all()
-        size = settings.max_message_bytes
-        interceptors = []
-        if settings.authenticates:
-            metrics = self.metrics
-            interceptors.append(
-                Authentication(
-                    self.tokens,
-                    settings.tls_client_ca is not None,
-                    lambda why: metrics.refused_authentication(why.value),
-                )
-            )
-        self._grpc = grpc.aio.server(
-            interceptors=interceptors or None,  # none: gRPC's path without interceptors
-            options=[
-                ("grpc.max_receive_message_length", size),
-                ("grpc.max_send_message_length", size),
-                ("grpc.so_reuseport", 0),
-                # gRPC cancels calls beyond 1,000 waiting to be picked up; a server built to
-                # hold thousands of concurrent sequences must not.
-                ("grpc.server.max_pending_requests", 65536),
-            ],
-        )
-        add_to_server(self.servicer, self._grpc)
-        register(self._grpc, lambda s: health_pb2_grpc.add_HealthServicer_to_server(self.health, s))
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc
-        )
-        address = f"{settings.host}:{settings.grpc_port}"
-        if self.tls is not None:
-            self.grpc_port = self._grpc.add_secure_port(address, self.tls.credentials())
-        else:
-            self.grpc_port = self._grpc.add_insecure_port(address)
-        if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {address}")
+        self.grpc_port = await self.front.start()
         metrics_host = settings.metrics_host or settings.host
         if settings.metrics_port is not None:
             self._http, _ = start_http_server(
                 settings.metrics_port, metrics_host, registry=self.metrics.registry
             )
             self.metrics_port = self._http.server_port
-        await self._grpc.start()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.front.serve()
         self._background.append(asyncio.create_task(self._evict_idle()))
         if settings.repository_poll_s is not None:
             poll = self._poll_repository(settings.repository_poll_s)
@@ -194,7 +167,9 @@ class Server:
             if on
         ]
         logger.info(
-            "serving grpc=%s:%d tls=%s auth=%s metrics=%s models=%s",
+            "serving version=%s transport=%s grpc=%s:%d tls=%s auth=%s metrics=%s models=%s",
+            __version__,
+            self.front.name,
             settings.host,
             self.grpc_port,
             "off" if self.tls is None else "mutual" if self.tls.mutual else "on",
@@ -248,15 +223,14 @@ class Server:
         if self.store.shared:
             await self.registry.mark_moving(grace)
         self.registry.stop_admitting(hand_over=self.store.shared)
-        await self.health.enter_graceful_shutdown()
+        await self.front.drain()
         for task in self._background:
             task.cancel()
         if self.store.shared:
             await self._hand_over(grace)
             # Every request that could still arrive is refused: a moment for answers in flight.
             grace = min(max(deadline - loop.time(), 0.0), 1.0)
-        if self._grpc is not None:
-            await self._grpc.stop(grace)
+        await self.front.stop(grace)
         await self.registry.stop()
         await asyncio.to_thread(self.store.close)
         if self._http is not None:

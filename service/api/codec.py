@@ -189,28 +189,29 @@ class RequestDecoder:
     def __init__(self) -> None:
         self._templates: dict[bytes, _Template] = {}
 
-    def decode(self, data: bytes) -> InferenceRequest:
-        """The InferenceRequest that ModelInferRequest wire bytes carry; raw tensors are views
-        of `data`, not copies.
+    def decode(self, data: bytes, principal: str = "", received: float = 0.0) -> InferenceRequest:
+        """The InferenceRequest that ModelInferRequest wire bytes carry, from `principal`,
+        received at `received` (see `InferenceRequest`); raw tensors are views of `data`, not
+        copies.
 
         A request that differs from one decoded before only in its tensor bytes and id reuses
         that decode; any other goes through protobuf. Raises InvalidArgument.
         """
         split = _split(data)
         if split is None:
-            return self._decode(data, None)
+            return self._decode(data, None, principal, received)
         key, request_id, raws = split
         template = self._templates.get(key)
         if template is None or len(raws) != len(template.inputs):
-            return self._decode(data, key)
+            return self._decode(data, key, principal, received)
         if len(request_id) > MAX_REQUEST_ID_CHARS:
-            return self._decode(data, None)  # the full decode refuses it
+            return self._decode(data, None, principal, received)  # the full decode refuses it
         inputs: dict[str, np.ndarray] = {}
         for (name, dtype, shape, count, size), (offset, length) in zip(
             template.inputs, raws, strict=True
         ):
-            if length != size:
-                return self._decode(data, None)  # the full decode says what is wrong
+            if length != size:  # the full decode says what is wrong
+                return self._decode(data, None, principal, received)
             inputs[name] = np.frombuffer(data, dtype, count, offset).reshape(shape)
         return InferenceRequest(
             template.model,
@@ -219,12 +220,18 @@ class RequestDecoder:
             template.outputs,
             template.sequence,
             request_id,
+            principal,
+            received,
         )
 
-    def _decode(self, data: bytes, key: bytes | None) -> InferenceRequest:
+    def _decode(
+        self, data: bytes, key: bytes | None, principal: str, received: float
+    ) -> InferenceRequest:
         """The whole decode, through protobuf; remembered under `key` when one is given."""
         message = parse_request(data)
         request = decode_request(message)
+        if principal or received:
+            request = request._replace(principal=principal, received=received)
         raw = message.raw_input_contents
         if key is not None and len(key) <= MAX_TEMPLATE_BYTES and raw and all(map(len, raw)):
             if len(self._templates) >= MAX_TEMPLATES:

@@ -84,6 +84,11 @@ def _parsed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     """Whether the request parsed; if not, the call ends INVALID_ARGUMENT."""
     if not isinstance(request, Undecodable):
         return True
-    text = f"the request is not this method's protobuf message ({request.reason})"
-    details = text.encode()[:MAX_MESSAGE_BYTES].decode(errors="ignore")
-    return end_call(context, grpc.StatusCode.INVALID_ARGUMENT, details)
+    return end_call(context, grpc.StatusCode.INVALID_ARGUMENT, not_this_message(request.reason))
+
+
+def not_this_message(reason: str) -> str:
+    """What a request that is not its method's message is told, `reason` being its parser's
+    error (bounded as every status message is)."""
+    text = f"the request is not this method's protobuf message ({reason})"
+    return text.encode()[:MAX_MESSAGE_BYTES].decode(errors="ignore")

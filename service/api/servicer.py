@@ -36,7 +36,7 @@ from rnnserve.api.handlers import end_call
 from rnnserve.api.parsing import checked_handler
 from rnnserve.api.status import status_of
 from rnnserve.errors import ServiceError
-from rnnserve.serving.model import ModelState
+from rnnserve.serving.model import ModelState, ServedModel
 from rnnserve.serving.registry import ModelRegistry
 from rnnserve.serving.request import InferenceRequest, InferenceResult, Outcome
 from rnnserve.serving.snapshot import ModelSnapshot
@@ -51,6 +51,8 @@ EXTENSIONS = (
     "explicit_state",
 )
 """What ServerMetadata advertises: only what is implemented."""
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 UNKNOWN_MODEL = "_unknown"
 """Metric label for requests naming a model that is not served: client input never becomes a
@@ -85,6 +87,10 @@ class RequestObserver(Protocol):
         """A request was refused by one of the server's limits (`ServiceError.limit`)."""
         ...
 
+
+Answer = bytes | tuple[grpc.StatusCode, str]
+"""What answers a request: a response's wire bytes, or the status code and message of its
+error (a unary call's; a stream's errors are responses)."""
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -285,7 +291,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         labels = (UNKNOWN_MODEL, "")
         try:
-            request = self._decode(data)
+            request = self.decode(data, PRINCIPAL.get(), started)
             model = self.registry.resolve(request)
             labels = model.labels
             result = await model.infer(request)
@@ -293,12 +299,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as error:  # noqa: BLE001 - mapped to a status in one place
             # Set, not raised through `context.abort` (see `end_call`; measured: 100+ MB of
             # refused 1.5 MB requests held in cycles that way).
-            end_call(context, *self._failed(error, labels, started))
+            end_call(context, *self.failed(error, labels, started))
             return b""
         except asyncio.CancelledError as error:
-            self._failed(error, labels, started)
+            self.failed(error, labels, started)
             raise
-        self._succeeded(result, labels, started)
+        self.succeeded(result, labels, started)
         return response
 
     async def ModelStreamInfer(
@@ -340,64 +346,96 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outbox.close()
 
     def _stream_one(self, data: bytes, outbox: _Outbox) -> None:
-        started = time.perf_counter()
         held = len(data)  # what the stream holds for this request until it is answered
         key = outbox.expect(held)
-        try:
-            request = self._decode(data)
-            model = self.registry.resolve(request)
-        except Exception as error:  # noqa: BLE001 - each request is answered, the stream lives on
-            echo = _echo_of(data)
-            code, text = self._failed(error, (UNKNOWN_MODEL, ""), started)
-            outbox.put(encode_stream_error(*echo, f"[{code.name}] {text}"), key, held)
-            return
-        labels = model.labels
-        if outbox.deep:
-            reserved = model.answer_bytes_of(request)
-            outbox.reserve(reserved)
-            held += reserved
-        answered = False  # the answer may come inside `submit`: refused, or run inline
 
-        # The callback names its request by `key`, never by its ticket: the ticket holds the
+        def reserve(model: ServedModel, request: InferenceRequest) -> None:
+            nonlocal held
+            if outbox.deep:
+                reserved = model.answer_bytes_of(request)
+                outbox.reserve(reserved)
+                held += reserved
+
+        # The reply names its request by `key`, never by its ticket: the ticket holds the
         # work, which holds this callback, and a cycle would leave every request's objects to
         # the cyclic garbage collector (measured: 4% of steps/s and p99 x1.7 at 64 streams).
+        def reply(answer: Answer) -> None:
+            assert isinstance(answer, bytes)  # in-band: errors are answers too
+            outbox.put(answer, key, held)
+
+        ticket = self.submit(data, reply, in_band=True, principal=PRINCIPAL.get(), resolved=reserve)
+        if ticket is not None:
+            outbox.track(key, ticket)
+
+    def submit(
+        self,
+        data: bytes,
+        reply: Callable[[Answer], None],
+        *,
+        in_band: bool,
+        principal: str = "",
+        received: float | None = None,
+        resolved: Callable[[ServedModel, InferenceRequest], None] | None = None,
+    ) -> Cancellable | None:
+        """Admit, decode and submit one ModelInferRequest's wire bytes; `reply` hears its
+        answer once, on the event loop: the response's bytes, or its error as (status code,
+        message), or with `in_band` (a stream's request) as a response whose `error_message`
+        says "[CODE] message".
+
+        Whatever the transport, this is what a request means. `received` is when the transport
+        received it (`time.perf_counter()` seconds; now when None); `resolved(model, request)`
+        is called once its model is known, before it is submitted. Returns the ticket to
+        cancel it with while it waits, or None once it is answered (refused, or run inline).
+        """
+        started = time.perf_counter() if received is None else received
+        try:
+            request = self.decode(data, principal, started)
+            model = self.registry.resolve(request)
+        except Exception as error:  # noqa: BLE001 - each request is answered
+            code, text = self.failed(error, (UNKNOWN_MODEL, ""), started)
+            reply(encode_stream_error(*_echo_of(data), f"[{code.name}] {text}") if in_band
+                  else (code, text))  # fmt: skip
+            return None
+        if resolved is not None:
+            resolved(model, request)
+        labels = model.labels
+        answered = False  # the answer may come inside `submit`: refused, or run inline
+
         def answer(outcome: Outcome | Exception) -> None:
             nonlocal answered
             answered = True
             if isinstance(outcome, InferenceResult):
-                outbox.put(encode_stream_response(outcome, request.id), key, held)
-                self._succeeded(outcome, labels, started)
+                encode = encode_stream_response if in_band else encode_response
+                reply(encode(outcome, request.id))
+                self.succeeded(outcome, labels, started)
+                return
+            code, text = self.failed(outcome, labels, started)
+            if in_band:
+                message = f"[{code.name}] {text}"
+                reply(encode_stream_error(request.model, request.version, request.id, message))
             else:
-                code, text = self._failed(outcome, labels, started)
-                outbox.put(
-                    encode_stream_error(
-                        request.model, request.version, request.id, f"[{code.name}] {text}"
-                    ),
-                    key,
-                    held,
-                )
+                reply((code, text))
 
         try:
             ticket = model.submit(request, answer)
         except Exception as error:  # noqa: BLE001 - a model stopped meanwhile: still answered
             answer(error)
-            return
-        if ticket is not None and not answered:
-            outbox.track(key, ticket)
+            return None
+        return None if answered else ticket
 
-    def _decode(self, data: bytes) -> InferenceRequest:
-        """The request in `data`, from the calling principal, if the policy admits it."""
-        principal = PRINCIPAL.get()
+    def decode(self, data: bytes, principal: str, received: float) -> InferenceRequest:
+        """The request in `data`, from `principal`, if the policy admits it; raises the
+        ServiceError that refuses it (LimitExceeded, InvalidArgument)."""
         self.registry.policy.admit(principal, len(data))
-        request = self.decoder.decode(data)
-        return request._replace(principal=principal) if principal else request
+        return self.decoder.decode(data, principal, received)
 
-    def _succeeded(self, result: InferenceResult, labels: tuple[str, str], started: float) -> None:
+    def succeeded(self, result: InferenceResult, labels: tuple[str, str], started: float) -> None:
+        """Record a request answered OK (started at `started`, perf_counter seconds)."""
         self.observer.observe_request(
             *labels, "OK", time.perf_counter() - started, result.queue_s, result.compute_s
         )
 
-    def _failed(
+    def failed(
         self, error: BaseException, labels: tuple[str, str], started: float
     ) -> tuple[grpc.StatusCode, str]:
         """Record a failed request; the status code and message its client gets."""

@@ -12,6 +12,7 @@ import asyncio
 import enum
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -462,7 +463,7 @@ class ServedModel:
         if self._max_answer_bytes is not None:
             self._check_answer_size(rows, time_steps, outputs, len(request.id))
         inputs = {n: request.inputs[n] for n in self._inputs}
-        received = time.perf_counter()
+        received = request.received or time.perf_counter()
         control = request.sequence
         if control.id:
             return self._sequence_work(
@@ -606,6 +607,26 @@ class ServedModel:
         sizes = self._answer_sizes
         per_row = sum(sizes[n][0] * time_steps + sizes[n][1] for n in outputs)
         return rows * per_row + ANSWER_OVERHEAD_BYTES
+
+    def answer_bound(self) -> tuple[float, int]:
+        """The most bytes an answer takes on the wire, as (per request byte, fixed): an answer
+        to a request of n bytes takes at most `per * n + fixed`, whatever outputs it asks for.
+
+        A request carries at least one byte per input element of each row and time step (a
+        packed varint), so rows x time steps is at most its bytes over its elements per row
+        and step; the echoed request id takes at most 4 bytes a character of its own. An input
+        whose features are dynamic bounds nothing: the bound is then unbounded (inf).
+        """
+        elements = 0
+        for spec in self.signature.inputs:
+            features = spec.dims[1:]
+            if any(d < 0 for d in features):
+                return math.inf, ANSWER_OVERHEAD_BYTES
+            elements += math.prod(features)
+        per_row_and_step = sum(
+            per_step + per_row for per_step, per_row in self._answer_sizes.values()
+        )
+        return per_row_and_step / max(elements, 1) + 4, ANSWER_OVERHEAD_BYTES
 
     def answer_bytes_of(self, request: InferenceRequest) -> int:
         """About how many bytes the answer to `request` takes on the wire, before the request

@@ -52,6 +52,9 @@ class InferenceRequest(NamedTuple):
     principal: str = ""
     """Who sent it, as authentication established ("" without authentication): its
     sequences are its own."""
+    received: float = 0.0
+    """When the transport received it, in `time.perf_counter()` seconds (0: when the engine
+    first saw it): queueing counts from here, the native transport's queue included."""
 
 
 class InferenceResult(NamedTuple):

@@ -27,7 +27,7 @@ use crate::deadline::DeadlineLayer;
 use crate::health::{Health, HealthService};
 use crate::queue::{Inbox, Pending};
 use crate::service::{Context, InferenceService, MessageLimitLayer};
-use crate::stream::{AnswerBound, StreamLimits};
+use crate::stream::{AnswerBound, OpenStreams, StreamLimits};
 use crate::tls::{Conn, TlsError, TlsFiles, TlsSource};
 
 /// Streams one connection may have open at once (gRPC's own server has no limit; hyper's
@@ -39,6 +39,9 @@ const BACKLOG: u32 = 4096;
 /// A TLS handshake not done by then is dropped: a client that connects and says nothing
 /// holds no task for long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long connections get to carry the statuses of the calls a stop ended.
+const CLOSING: Duration = Duration::from_secs(1);
 
 /// What the transport is started with.
 pub struct Settings {
@@ -128,6 +131,7 @@ pub fn start(settings: Settings, inbox: Inbox) -> Result<Running, StartError> {
     let context = Arc::new(Context {
         inbox,
         pending: Pending::default(),
+        streams: OpenStreams::default(),
         stream_limits: StreamLimits {
             max_held: settings.max_message_bytes,
             // Until Python sets it from the models: a conservative bound.
@@ -300,20 +304,26 @@ async fn accept(
 
 impl Running {
     /// Stop taking connections and calls; let the calls in flight finish within `grace`; then
-    /// answer what is left UNAVAILABLE and tell Python the transport has stopped.
+    /// end what is left UNAVAILABLE (as gRPC's own servers do), let the connections carry that
+    /// out, and tell Python the transport has stopped.
     pub fn stop(&self, grace: Duration) {
         let _ = self.stop.send(true);
         let served = self.served.lock().unwrap_or_else(|p| p.into_inner()).take();
         let context = self.context.clone();
         self.runtime.spawn(async move {
-            if let Some(served) = served
-                && tokio::time::timeout(grace, served).await.is_err()
-            {
-                tracing::info!("calls still open after the grace period are cut off");
+            let Some(mut served) = served else {
+                context.inbox.stopped();
+                return;
+            };
+            if tokio::time::timeout(grace, &mut served).await.is_err() {
+                let open = context.streams.count() + context.pending.waiting();
+                tracing::info!("{open} calls still open after the grace period end UNAVAILABLE");
+                let status = Status::unavailable("the server is shutting down");
+                context.pending.fail_all(&status);
+                context.streams.end_all(&status);
+                // Their statuses go out as the connections close (each ends once its calls did).
+                let _ = tokio::time::timeout(CLOSING, served).await;
             }
-            context
-                .pending
-                .fail_all(&Status::unavailable("the server is shutting down"));
             context.inbox.stopped();
         });
     }

@@ -22,7 +22,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::auth::Authenticated;
 use crate::codec::RawCodec;
 use crate::queue::{Arrival, Call, Gone, Inbox, Pending, Principal, Waiter, monotonic_s};
-use crate::stream::{self, Answers, StreamLimits};
+use crate::stream::{self, Answers, OpenStreams, StreamLimits};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -30,6 +30,7 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub struct Context {
     pub inbox: Inbox,
     pub pending: Pending,
+    pub streams: OpenStreams,
     pub stream_limits: StreamLimits,
     /// The largest message either way (--max-message-bytes).
     pub max_message_bytes: usize,

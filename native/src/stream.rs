@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context as TaskContext, Poll};
 
 use bytes::Bytes;
@@ -237,6 +237,35 @@ pub struct Answers {
     shared: Arc<StreamShared>,
     reader: JoinHandle<()>,
     context: Arc<Context>,
+    /// Its key among the open streams (`OpenStreams`).
+    id: u64,
+}
+
+/// The streams open now, so that a stop can end each with a status rather than a reset.
+#[derive(Default)]
+pub struct OpenStreams {
+    streams: Mutex<HashMap<u64, Weak<StreamShared>>>,
+}
+
+impl OpenStreams {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Weak<StreamShared>>> {
+        self.streams
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// End every open stream with `status` (the transport stops: no answer will come).
+    pub fn end_all(&self, status: &Status) {
+        let open: Vec<Arc<StreamShared>> = self.lock().values().filter_map(Weak::upgrade).collect();
+        for stream in open {
+            stream.fail(Status::new(status.code(), status.message()));
+        }
+    }
+
+    /// How many streams are open.
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
 }
 
 impl Stream for Answers {
@@ -253,6 +282,7 @@ impl Stream for Answers {
 
 impl Drop for Answers {
     fn drop(&mut self) {
+        self.context.streams.lock().remove(&self.id);
         self.reader.abort();
         let keys = self.shared.close();
         if !keys.is_empty() {
@@ -276,12 +306,15 @@ pub fn serve(context: Arc<Context>, requests: Streaming<Bytes>, principal: Princ
         room: Notify::new(),
         gone: Arc::new(AtomicBool::new(false)),
     });
+    let id = context.inbox.next_key();
+    context.streams.lock().insert(id, Arc::downgrade(&shared));
     let reader = tokio::spawn(read(context.clone(), requests, shared.clone(), principal));
     Answers {
         answers,
         shared,
         reader,
         context,
+        id,
     }
 }
 

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from rnnserve import __version__
 from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve.api.auth import Authentication
 from rnnserve.api.health import HealthServicer
@@ -194,7 +195,8 @@ class Server:
             if on
         ]
         logger.info(
-            "serving grpc=%s:%d tls=%s auth=%s metrics=%s models=%s",
+            "serving version=%s grpc=%s:%d tls=%s auth=%s metrics=%s models=%s",
+            __version__,
             settings.host,
             self.grpc_port,
             "off" if self.tls is None else "mutual" if self.tls.mutual else "on",

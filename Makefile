@@ -24,6 +24,11 @@ SYSTEM_PACKAGES ?= libb64-0d redis-server openjdk-17-jre-headless prometheus $(I
 # as no image registry is reachable (deploy/base-image.sh). As root, overlay storage needs no
 # fuse-overlayfs.
 IMAGE_PACKAGES := podman runc debootstrap
+# The version, defined once: pyproject's [project].version. `make version VERSION=X.Y.Z` sets
+# it, and each copy the manifests carry (deploy/set-version.py).
+project_version = $(shell $(PYTHON) -c 'import sys, tomllib; \
+	print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' $(1)/pyproject.toml)
+PROJECT_VERSION = $(call project_version,.)
 # The CPU serving image `make image` builds (the GPU one: deploy/Containerfile.gpu), on BASE_IMAGE;
 # elsewhere BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm skips debootstrap.
 IMAGE ?= localhost/rnnserve:cpu
@@ -43,7 +48,7 @@ TRITON := build/triton/run
 
 .DEFAULT_GOAL := help
 .PHONY: help serve bench test install install-test system-deps perf-analyzer triton torchserve bench-idle \
-	image proto lint format train bench-durability bench-gpu clean helm manifests lock \
+	image version proto lint format train bench-durability bench-gpu clean helm manifests lock \
 	lock-upgrade test-minimums
 
 help: ## list the targets
@@ -149,6 +154,14 @@ image: ## the CPU serving image with podman, as IMAGE (makes BASE_IMAGE first wh
 	$(PODMAN_ENV) podman build --format docker --layers -f deploy/Containerfile \
 		--build-arg BASE=$(BASE_IMAGE) -t $(IMAGE) \
 		$(if $(wildcard $(CA_BUNDLE)),--secret id=pip-cert$(,)src=$(CA_BUNDLE)) .
+
+version: ## print the version; VERSION=X.Y.Z sets it in pyproject, the chart, the manifests and CHANGELOG
+ifeq ($(origin VERSION),command line)
+	$(PYTHON) deploy/set-version.py $(VERSION)
+	@$(MAKE) --no-print-directory manifests
+else
+	@echo $(PROJECT_VERSION)
+endif
 
 proto: install-test ## regenerate service/_pb from proto/*.proto
 	$(BIN)/python proto/generate.py

@@ -1,18 +1,38 @@
 """One version, defined once (pyproject's [project].version), reaches every place that names it:
 the installed distribution, `rnnserve --version`, the server's start line and ServerMetadata,
-the Helm chart, the KServe runtime, and the kustomize base and GPU overlay."""
+the Helm chart, the KServe runtime, the kustomize base and GPU overlay, and CHANGELOG.md; and
+`make version VERSION=X.Y.Z` moves all of them at once. (The wheel's version is checked in
+tests/test_packaging.py, the images' tags and label in tests/deploy.)"""
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 import tritonclient.grpc as triton
 import yaml
 
 import rnnserve
 from tests.conftest import ROOT, VERSION, project_version, run_cli
 from tests.server import serving
+
+SET_VERSION_FILES = (
+    "Makefile",
+    "pyproject.toml",
+    "CHANGELOG.md",
+    "deploy/set-version.py",
+    "deploy/helm/rnnserve",
+    "deploy/kserve",
+    "deploy/kustomize",
+    "tests/tools/install-helm.sh",
+)
+"""What `make version` reads and writes: the tree a copy needs to run it."""
+HELM = ROOT / "build" / "helm" / "bin" / "helm"
 
 
 def tag(image: str) -> str:
@@ -32,6 +52,8 @@ def manifest_versions(root: Path = ROOT) -> dict[str, str]:
     (gpu_image,) = overlay["images"]
     labels = {d["metadata"]["labels"]["app.kubernetes.io/version"] for d in base}
     (label,) = labels  # one version across the base's objects
+    changelog = (root / "CHANGELOG.md").read_text()
+    released = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", changelog, re.M)
     return {
         "pyproject.toml": project_version(root),
         "Chart.yaml version": str(chart["version"]),
@@ -42,12 +64,18 @@ def manifest_versions(root: Path = ROOT) -> dict[str, str]:
         ),
         "kustomize base label": label,
         "kustomize gpu overlay tag": gpu_image["newTag"].removesuffix("-gpu"),
+        "CHANGELOG.md latest release": released[0],
     }
 
 
 def test_every_manifest_names_the_project_version() -> None:
     versions = manifest_versions()
-    assert versions == dict.fromkeys(versions, VERSION)
+    assert versions == dict.fromkeys(versions, VERSION), "run `make version VERSION=...`"
+
+
+def test_changelog_keeps_an_unreleased_section_on_top() -> None:
+    headings = re.findall(r"^## .*$", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert headings[0] == "## [Unreleased]", headings
 
 
 def test_installed_package_reports_the_project_version() -> None:
@@ -67,3 +95,48 @@ def test_server_names_its_version_on_start_and_in_its_metadata(tmp_path: Path) -
         (start,) = (line for line in server.log_text().splitlines() if "msg=serving " in line)
     assert served == VERSION
     assert f"msg=serving version={VERSION} grpc=127.0.0.1:" in start, start
+
+
+def test_make_version_sets_every_copy_and_dates_the_unreleased_changes(tmp_path: Path) -> None:
+    """`make version` in a copy of the files it touches: every copy of the version moves, the
+    kustomize base is rendered again, and the Unreleased entries become the new version's."""
+    for name in SET_VERSION_FILES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, tmp_path / name)
+        else:
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, tmp_path / name)
+    unreleased = (ROOT / "CHANGELOG.md").read_text().split("## [Unreleased]\n")[1]
+    new = "9.18.27"
+    done = subprocess.run(
+        ["make", "--no-print-directory", "version", f"VERSION={new}", f"HELM={HELM}",
+         f"PYTHON={sys.executable}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    versions = manifest_versions(tmp_path)
+    assert versions == dict.fromkeys(versions, new)
+    changelog = (tmp_path / "CHANGELOG.md").read_text()
+    assert re.search(
+        rf"^## \[Unreleased\]\n\n## \[{new}\] - \d{{4}}-\d{{2}}-\d{{2}}\n", changelog, re.M
+    )
+    assert changelog.split(f"## [{new}] - ")[1].split("\n", 1)[1] == unreleased
+    # Everything else is left as it was.
+    before = (ROOT / "deploy/helm/rnnserve/Chart.yaml").read_text()
+    after = (tmp_path / "deploy/helm/rnnserve/Chart.yaml").read_text()
+    assert after == before.replace(VERSION, new)
+
+    again = subprocess.run(
+        ["make", "--no-print-directory", "version", f"VERSION={new}", f"PYTHON={sys.executable}"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert again.returncode != 0 and f"the version is {new} already" in again.stderr
+
+
+@pytest.mark.parametrize("wrong", ["1.2", "1.0.0rc1", "1.0.0-rc.1", "v1.2.3"])
+def test_make_version_takes_only_a_release_number(wrong: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "set-version.py"), wrong, "/nonexistent"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0 and "X.Y.Z" in done.stderr

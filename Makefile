@@ -24,14 +24,27 @@ SYSTEM_PACKAGES ?= libb64-0d redis-server openjdk-17-jre-headless prometheus $(I
 # as no image registry is reachable (deploy/base-image.sh). As root, overlay storage needs no
 # fuse-overlayfs.
 IMAGE_PACKAGES := podman runc debootstrap
-# The version, defined once: pyproject's [project].version. `make version VERSION=X.Y.Z` sets
-# it, and each copy the manifests carry (deploy/set-version.py).
+# The version, defined once: pyproject's [project].version, read from SOURCE, the tree that is
+# built. `make version VERSION=X.Y.Z` sets it, and each copy the manifests carry
+# (deploy/set-version.py).
+SOURCE ?= .
 project_version = $(shell $(PYTHON) -c 'import sys, tomllib; \
 	print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' $(1)/pyproject.toml)
-PROJECT_VERSION = $(call project_version,.)
+PROJECT_VERSION = $(call project_version,$(SOURCE))
+# The wheels the images install (nothing is built inside them): rnnserve's, built from its sdist
+# (as pip would from PyPI), with the build backend test.txt pins; a native extension's wheel
+# joins it there. Reproducible: setuptools dates a wheel's members SOURCE_DATE_EPOCH, and
+# deploy/normalize-sdist.py does the same for the sdist.
+WHEELS = $(SOURCE)/build/wheels
+SDISTS = $(SOURCE)/build/sdist
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct)
+# The commit an image is built from, in its revision label (-dirty: with uncommitted changes).
+REVISION ?= $(shell git rev-parse HEAD)$(shell git diff --quiet HEAD -- || echo -dirty)
 # The CPU serving image `make image` builds (the GPU one: deploy/Containerfile.gpu), on BASE_IMAGE;
-# elsewhere BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm skips debootstrap.
-IMAGE ?= localhost/rnnserve:cpu
+# elsewhere BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm skips debootstrap. Tagged
+# IMAGE and IMAGE_REPOSITORY:<version>, the tag the Helm chart deploys (its appVersion).
+IMAGE_REPOSITORY ?= localhost/rnnserve
+IMAGE ?= $(IMAGE_REPOSITORY):cpu
 BASE_IMAGE ?= localhost/rnnserve-base:bookworm
 # The CA bundle pip trusts inside the build, where TLS to PyPI is intercepted (none: pip's own).
 CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
@@ -48,8 +61,8 @@ TRITON := build/triton/run
 
 .DEFAULT_GOAL := help
 .PHONY: help serve bench test install install-test system-deps perf-analyzer triton torchserve bench-idle \
-	image version proto lint format train bench-durability bench-gpu clean helm manifests lock \
-	lock-upgrade test-minimums
+	image image-gpu base-image wheels version proto lint \
+	format train bench-durability bench-gpu clean helm manifests lock lock-upgrade test-minimums
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -147,13 +160,30 @@ triton: $(TRITON) ## the real Triton 2.51 (CPU), the conformance suite's peer, i
 test: system-deps install-test $(PERF_ANALYZER) $(TRITON) $(HELM) lint ## install everything, lint, run the test suite
 	$(BIN)/python -m pytest
 
-image: ## the CPU serving image with podman, as IMAGE (makes BASE_IMAGE first when it is local)
+# podman's build of SOURCE with deploy/$(1), tagged with each of $(2).
+podman_build = $(PODMAN_ENV) podman build --format docker --layers -f $(SOURCE)/deploy/$(1) \
+	--build-arg BASE=$(BASE_IMAGE) --build-arg VERSION=$(PROJECT_VERSION) \
+	--build-arg REVISION=$(REVISION) $(addprefix -t ,$(sort $(2))) \
+	$(if $(wildcard $(CA_BUNDLE)),--secret id=pip-cert$(,)src=$(CA_BUNDLE)) $(SOURCE)
+
+wheels: $(UV) ## rnnserve's sdist and wheel, reproducibly, into build/sdist and build/wheels (what the images install)
+	rm -rf $(WHEELS) $(SDISTS)
+	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(UV) build --quiet --sdist \
+		--build-constraint $(LOCKS)/test.txt --out-dir $(SDISTS) $(SOURCE)
+	$(PYTHON) deploy/normalize-sdist.py $(SOURCE_DATE_EPOCH) $(SDISTS)/*.tar.gz
+	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(UV) build --quiet --wheel \
+		--build-constraint $(LOCKS)/test.txt --out-dir $(WHEELS) $(SDISTS)/*.tar.gz
+
+base-image: ## the images' base, BASE_IMAGE, when it is local (debootstrap; see deploy/base-image.sh)
 	@$(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="$(IMAGE_PACKAGES)"
 	@# A registry's image is pulled by the build; only the local default is made here.
 	$(if $(filter localhost/%,$(BASE_IMAGE)),$(PODMAN_ENV) deploy/base-image.sh $(BASE_IMAGE))
-	$(PODMAN_ENV) podman build --format docker --layers -f deploy/Containerfile \
-		--build-arg BASE=$(BASE_IMAGE) -t $(IMAGE) \
-		$(if $(wildcard $(CA_BUNDLE)),--secret id=pip-cert$(,)src=$(CA_BUNDLE)) .
+
+image: wheels base-image ## the CPU serving image with podman, as IMAGE and IMAGE_REPOSITORY:<version>
+	$(call podman_build,Containerfile,$(IMAGE) $(IMAGE_REPOSITORY):$(PROJECT_VERSION))
+
+image-gpu: wheels base-image ## the GPU serving image, as IMAGE_REPOSITORY:<version>-gpu (gigabytes of CUDA wheels)
+	$(call podman_build,Containerfile.gpu,$(IMAGE_REPOSITORY):$(PROJECT_VERSION)-gpu)
 
 version: ## print the version; VERSION=X.Y.Z sets it in pyproject, the chart, the manifests and CHANGELOG
 ifeq ($(origin VERSION),command line)

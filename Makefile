@@ -17,16 +17,18 @@ UV := build/uv/bin/uv
 PIP_LOCKED = $(BIN)/pip install --quiet -c $(LOCKS)/$(1) --build-constraint $(LOCKS)/$(1)
 # Debian packages the tests need: libb64 for Triton's perf_analyzer, Redis for the state store,
 # Java for TorchServe (the benchmark's peer), Prometheus and promtool for deploy/prometheus (the
-# tests run their own instance on a free port, whatever the package starts), and what
-# `make image` needs.
-SYSTEM_PACKAGES ?= libb64-0d redis-server openjdk-17-jre-headless prometheus $(IMAGE_PACKAGES)
+# tests run their own instance on a free port, whatever the package starts), the CNCF
+# distribution registry for `make image-push` (the tests run their own on a free port; the
+# package's service is not started), and what `make image` needs.
+SYSTEM_PACKAGES ?= libb64-0d redis-server openjdk-17-jre-headless prometheus docker-registry \
+	$(IMAGE_PACKAGES)
 # podman (with runc) builds and runs the images without a daemon; debootstrap makes their base,
 # as no image registry is reachable (deploy/base-image.sh). As root, overlay storage needs no
 # fuse-overlayfs.
 IMAGE_PACKAGES := podman runc debootstrap
 # The version, defined once: pyproject's [project].version, read from SOURCE, the tree that is
-# built. `make version VERSION=X.Y.Z` sets it, and each copy the manifests carry
-# (deploy/set-version.py).
+# built (`make release` builds an export of the commit). `make version VERSION=X.Y.Z` sets it,
+# and each copy the manifests carry (deploy/set-version.py).
 SOURCE ?= .
 project_version = $(shell $(PYTHON) -c 'import sys, tomllib; \
 	print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' $(1)/pyproject.toml)
@@ -51,6 +53,14 @@ CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
 # podman's settings for this machine, from deploy/containers/ (/etc is left alone).
 PODMAN_ENV := CONTAINERS_CONF=$(CURDIR)/deploy/containers/containers.conf \
 	CONTAINERS_STORAGE_CONF=$(CURDIR)/deploy/containers/storage.conf
+# `make release` exports the commit into RELEASE_SOURCE and builds it into DIST.
+RELEASE_SOURCE := build/release
+DIST = dist/$(PROJECT_VERSION)
+RELEASE_IMAGE = $(DIST)/rnnserve-$(PROJECT_VERSION)-image-cpu.tar
+# `make image-push REGISTRY=registry.example.com/team`; PUSH_OPTIONS=--tls-verify=false for a
+# registry that speaks plain HTTP.
+REGISTRY ?=
+PUSH_OPTIONS ?=
 PERF_ANALYZER := build/perf_analyzer/bin/perf_analyzer
 # helm v4 and kubectl (kustomize), from a PyPI wheel, for the chart tests (tests/deploy).
 HELM := build/helm/bin/helm
@@ -61,7 +71,7 @@ TRITON := build/triton/run
 
 .DEFAULT_GOAL := help
 .PHONY: help serve bench test install install-test system-deps perf-analyzer triton torchserve bench-idle \
-	image image-gpu base-image wheels version proto lint \
+	image image-gpu base-image wheels release release-artifacts image-push version proto lint \
 	format train bench-durability bench-gpu clean helm manifests lock lock-upgrade test-minimums
 
 help: ## list the targets
@@ -185,6 +195,32 @@ image: wheels base-image ## the CPU serving image with podman, as IMAGE and IMAG
 image-gpu: wheels base-image ## the GPU serving image, as IMAGE_REPOSITORY:<version>-gpu (gigabytes of CUDA wheels)
 	$(call podman_build,Containerfile.gpu,$(IMAGE_REPOSITORY):$(PROJECT_VERSION)-gpu)
 
+release: $(UV) $(HELM) ## the commit's wheel, sdist, CPU image and Helm chart into dist/<version>, with SHA256SUMS
+	@git diff --quiet HEAD -- || echo "make release: uncommitted changes are left out; \
+	it releases the commit, $$(git rev-parse --short HEAD)" >&2
+	rm -rf $(RELEASE_SOURCE) && mkdir -p $(RELEASE_SOURCE)
+	git archive HEAD | tar -x -C $(RELEASE_SOURCE)
+	@$(MAKE) --no-print-directory release-artifacts SOURCE=$(RELEASE_SOURCE) \
+		REVISION=$$(git rev-parse HEAD) SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH)
+
+# `make release`'s second half, in the export (SOURCE): the image is tagged with the version only.
+release-artifacts: IMAGE = $(IMAGE_REPOSITORY):$(PROJECT_VERSION)
+release-artifacts: image
+	rm -rf $(DIST) && mkdir -p $(DIST)
+	cp $(WHEELS)/*.whl $(SDISTS)/*.tar.gz $(DIST)/
+	$(PODMAN_ENV) podman save --quiet --format docker-archive --output $(RELEASE_IMAGE) \
+		$(IMAGE_REPOSITORY):$(PROJECT_VERSION)
+	$(HELM) package $(SOURCE)/deploy/helm/rnnserve --destination $(DIST)
+	cd $(DIST) && sha256sum -- * > SHA256SUMS
+	@echo "make release: $(DIST)" && cat $(DIST)/SHA256SUMS
+
+image-push: ## push the released image (`make release` first) as REGISTRY/rnnserve:<version>
+	@[ -n "$(REGISTRY)" ] || { echo "make image-push: REGISTRY=host[:port][/path], where to push" >&2; exit 1; }
+	cd $(DIST) && sha256sum --check --quiet SHA256SUMS
+	$(PODMAN_ENV) podman load --quiet --input $(RELEASE_IMAGE)
+	$(PODMAN_ENV) podman tag $(IMAGE_REPOSITORY):$(PROJECT_VERSION) $(REGISTRY)/rnnserve:$(PROJECT_VERSION)
+	$(PODMAN_ENV) podman push $(PUSH_OPTIONS) $(REGISTRY)/rnnserve:$(PROJECT_VERSION)
+
 version: ## print the version; VERSION=X.Y.Z sets it in pyproject, the chart, the manifests and CHANGELOG
 ifeq ($(origin VERSION),command line)
 	$(PYTHON) deploy/set-version.py $(VERSION)
@@ -216,4 +252,4 @@ train: install-test ## retrain and republish the three bundled models (CPU, a fe
 	for m in digits_lstm sensor_gru charlm_lstm; do $(BIN)/rnnserve train $$m --no-progress || exit 1; done
 
 clean: ## remove the virtualenv and build outputs
-	rm -rf $(VENV) $(MINIMUMS_VENV) build .pytest_cache
+	rm -rf $(VENV) $(MINIMUMS_VENV) build dist .pytest_cache

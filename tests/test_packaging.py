@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import ROOT, VERSION
 
-WHEEL_SOURCES = ("pyproject.toml", "README.md", "service", "models")
+WHEEL_SOURCES = ("pyproject.toml", "MANIFEST.in", "README.md", "service", "models")
 """All the wheel is built from: the build needs no more."""
 MAPPED = {"service": "rnnserve", "models": "rnnserve/models"}
 """pyproject.toml's package-dir: source folder -> path in the wheel."""

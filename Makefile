@@ -199,7 +199,9 @@ release: $(UV) $(HELM) ## the commit's wheel, sdist, CPU image and Helm chart in
 	@git diff --quiet HEAD -- || echo "make release: uncommitted changes are left out; \
 	it releases the commit, $$(git rev-parse --short HEAD)" >&2
 	rm -rf $(RELEASE_SOURCE) && mkdir -p $(RELEASE_SOURCE)
-	git archive HEAD | tar -x -C $(RELEASE_SOURCE)
+	@# Modes as a checkout has them (git archive writes 0664 by default): the layer cache
+	@# of `make image` serves the release too.
+	git -c tar.umask=0022 archive HEAD | tar -x -C $(RELEASE_SOURCE)
 	@$(MAKE) --no-print-directory release-artifacts SOURCE=$(RELEASE_SOURCE) \
 		REVISION=$$(git rev-parse HEAD) SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH)
 

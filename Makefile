@@ -173,7 +173,7 @@ test: system-deps install-test $(PERF_ANALYZER) $(TRITON) $(HELM) lint ## instal
 # podman's build of SOURCE with deploy/$(1), tagged with each of $(2).
 podman_build = $(PODMAN_ENV) podman build --format docker --layers -f $(SOURCE)/deploy/$(1) \
 	--build-arg BASE=$(BASE_IMAGE) --build-arg VERSION=$(PROJECT_VERSION) \
-	--build-arg REVISION=$(REVISION) $(addprefix -t ,$(sort $(2))) \
+	--label org.opencontainers.image.revision=$(REVISION) $(addprefix -t ,$(sort $(2))) \
 	$(if $(wildcard $(CA_BUNDLE)),--secret id=pip-cert$(,)src=$(CA_BUNDLE)) $(SOURCE)
 
 wheels: $(UV) ## rnnserve's sdist and wheel, reproducibly, into build/sdist and build/wheels (what the images install)

@@ -171,7 +171,9 @@ def test_image_push_sends_the_released_image_to_a_registry(release: Path, regist
             "image", "inspect", "--format", "{{.Id}}", RELEASED_IMAGE
         ).stdout.strip()
     finally:
-        podman("untag", pushed, check=False)  # the tag image-push made; the image stays
+        # Only the name image-push gave the image: `untag` without a name removes them all.
+        podman("untag", pushed, pushed, check=False)
+    assert podman("image", "exists", RELEASED_IMAGE, check=False).returncode == 0
 
     # Pulled into an empty storage of the test's own: every layer comes from the registry.
     # (Under /tmp: podman refuses a runroot path over 50 characters.)

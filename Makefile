@@ -17,22 +17,50 @@ UV := build/uv/bin/uv
 PIP_LOCKED = $(BIN)/pip install --quiet -c $(LOCKS)/$(1) --build-constraint $(LOCKS)/$(1)
 # Debian packages the tests need: libb64 for Triton's perf_analyzer, Redis for the state store,
 # Java for TorchServe (the benchmark's peer), Prometheus and promtool for deploy/prometheus (the
-# tests run their own instance on a free port, whatever the package starts), and what
-# `make image` needs.
-SYSTEM_PACKAGES ?= libb64-0d redis-server openjdk-17-jre-headless prometheus $(IMAGE_PACKAGES)
+# tests run their own instance on a free port, whatever the package starts), the CNCF
+# distribution registry for `make image-push` (the tests run their own on a free port; the
+# package's service is not started), and what `make image` needs.
+SYSTEM_PACKAGES ?= libb64-0d redis-server openjdk-17-jre-headless prometheus docker-registry \
+	$(IMAGE_PACKAGES)
 # podman (with runc) builds and runs the images without a daemon; debootstrap makes their base,
 # as no image registry is reachable (deploy/base-image.sh). As root, overlay storage needs no
 # fuse-overlayfs.
 IMAGE_PACKAGES := podman runc debootstrap
+# The version, defined once: pyproject's [project].version, read from SOURCE, the tree that is
+# built (`make release` builds an export of the commit). `make version VERSION=X.Y.Z` sets it,
+# and each copy the manifests carry (deploy/set-version.py).
+SOURCE ?= .
+project_version = $(shell $(PYTHON) -c 'import sys, tomllib; \
+	print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' $(1)/pyproject.toml)
+PROJECT_VERSION = $(call project_version,$(SOURCE))
+# The wheels the images install (nothing is built inside them): rnnserve's, built from its sdist
+# (as pip would from PyPI), with the build backend test.txt pins, and the native transport's
+# (where cargo is; maturin builds it for the host, whose Debian and glibc the base image has). Reproducible: setuptools dates a wheel's members SOURCE_DATE_EPOCH, and
+# deploy/normalize-sdist.py does the same for the sdist.
+WHEELS = $(SOURCE)/build/wheels
+SDISTS = $(SOURCE)/build/sdist
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct)
+# The commit an image is built from, in its revision label (-dirty: with uncommitted changes).
+REVISION ?= $(shell git rev-parse HEAD)$(shell git diff --quiet HEAD -- || echo -dirty)
 # The CPU serving image `make image` builds (the GPU one: deploy/Containerfile.gpu), on BASE_IMAGE;
-# elsewhere BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm skips debootstrap.
-IMAGE ?= localhost/rnnserve:cpu
+# elsewhere BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm skips debootstrap. Tagged
+# IMAGE and IMAGE_REPOSITORY:<version>, the tag the Helm chart deploys (its appVersion).
+IMAGE_REPOSITORY ?= localhost/rnnserve
+IMAGE ?= $(IMAGE_REPOSITORY):cpu
 BASE_IMAGE ?= localhost/rnnserve-base:bookworm
 # The CA bundle pip trusts inside the build, where TLS to PyPI is intercepted (none: pip's own).
 CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
 # podman's settings for this machine, from deploy/containers/ (/etc is left alone).
 PODMAN_ENV := CONTAINERS_CONF=$(CURDIR)/deploy/containers/containers.conf \
 	CONTAINERS_STORAGE_CONF=$(CURDIR)/deploy/containers/storage.conf
+# `make release` exports the commit into RELEASE_SOURCE and builds it into DIST.
+RELEASE_SOURCE := build/release
+DIST = dist/$(PROJECT_VERSION)
+RELEASE_IMAGE = $(DIST)/rnnserve-$(PROJECT_VERSION)-image-cpu.tar
+# `make image-push REGISTRY=registry.example.com/team`; PUSH_OPTIONS=--tls-verify=false for a
+# registry that speaks plain HTTP.
+REGISTRY ?=
+PUSH_OPTIONS ?=
 PERF_ANALYZER := build/perf_analyzer/bin/perf_analyzer
 # helm v4 and kubectl (kustomize), from a PyPI wheel, for the chart tests (tests/deploy).
 HELM := build/helm/bin/helm
@@ -43,8 +71,9 @@ TRITON := build/triton/run
 
 .DEFAULT_GOAL := help
 .PHONY: help serve bench test install install-test system-deps perf-analyzer triton torchserve bench-idle \
-	image proto lint format train bench-durability bench-gpu clean helm manifests lock \
-	lock-upgrade test-minimums native-check
+	image image-gpu base-image wheels release release-artifacts image-push version proto lint \
+	format train bench-durability bench-gpu clean helm manifests lock lock-upgrade test-minimums \
+	native-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -54,17 +83,17 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet -c $(LOCKS)/serve.txt pip
 
 $(VENV)/.installed: pyproject.toml bench/pyproject.toml $(LOCKS)/serve.txt | $(BIN)/python
-	$(call PIP_LOCKED,serve.txt) -e . -e ./bench setuptools
+	$(call PIP_LOCKED,serve.txt) -e . -e ./bench setuptools maturin
 	@touch $@
 
 $(VENV)/.installed-lint: pyproject.toml bench/pyproject.toml $(LOCKS)/test.txt | $(BIN)/python
-	$(call PIP_LOCKED,test.txt) -e '.[test]' -e ./bench pip setuptools
+	$(call PIP_LOCKED,test.txt) -e '.[test]' -e ./bench pip setuptools maturin
 	@touch $@ $(VENV)/.installed
 
 # LOCK: the lock the test environment installs through (test-minimums sets minimums.txt).
 LOCK ?= test.txt
 $(VENV)/.installed-test: pyproject.toml bench/pyproject.toml $(LOCKS)/$(LOCK) | $(BIN)/python
-	$(call PIP_LOCKED,$(LOCK)) -e '.[train,test]' -e './bench[peers]' torch pip setuptools
+	$(call PIP_LOCKED,$(LOCK)) -e '.[train,test]' -e './bench[peers]' torch pip setuptools maturin
 	@touch $@ $(VENV)/.installed $(VENV)/.installed-lint
 
 # The native transport (native/, the rnnserve-native distribution): built and installed where
@@ -158,13 +187,71 @@ triton: $(TRITON) ## the real Triton 2.51 (CPU), the conformance suite's peer, i
 test: system-deps install-test $(NATIVE) $(PERF_ANALYZER) $(TRITON) $(HELM) lint $(if $(CARGO),native-check) ## install everything, lint, run the test suite
 	$(BIN)/python -m pytest
 
-image: ## the CPU serving image with podman, as IMAGE (makes BASE_IMAGE first when it is local)
+# podman's build of SOURCE with deploy/$(1), tagged with each of $(2).
+podman_build = $(PODMAN_ENV) podman build --format docker --layers -f $(SOURCE)/deploy/$(1) \
+	--build-arg BASE=$(BASE_IMAGE) --build-arg VERSION=$(PROJECT_VERSION) \
+	--label org.opencontainers.image.revision=$(REVISION) $(addprefix -t ,$(sort $(2))) \
+	$(if $(wildcard $(CA_BUNDLE)),--secret id=pip-cert$(,)src=$(CA_BUNDLE)) $(SOURCE)
+
+wheels: $(UV) ## rnnserve's sdist and wheel, reproducibly, into build/sdist and build/wheels (what the images install)
+	rm -rf $(WHEELS) $(SDISTS)
+	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(UV) build --quiet --sdist \
+		--build-constraint $(LOCKS)/test.txt --out-dir $(SDISTS) $(SOURCE)
+	$(PYTHON) deploy/normalize-sdist.py $(SOURCE_DATE_EPOCH) $(SDISTS)/*.tar.gz
+	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(UV) build --quiet --wheel \
+		--build-constraint $(LOCKS)/test.txt --out-dir $(WHEELS) $(SDISTS)/*.tar.gz
+	@# The native transport's wheel, where cargo is: the image then serves through it. Its
+	@# crates build in the checkout's native/target, which a release's export reuses.
+	$(if $(CARGO),CARGO_TARGET_DIR=$(CURDIR)/native/target SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) \
+		$(UV) build --quiet --wheel --build-constraint $(LOCKS)/test.txt --out-dir $(WHEELS) \
+		$(SOURCE)/native)
+
+base-image: ## the images' base, BASE_IMAGE, when it is local (debootstrap; see deploy/base-image.sh)
 	@$(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="$(IMAGE_PACKAGES)"
 	@# A registry's image is pulled by the build; only the local default is made here.
 	$(if $(filter localhost/%,$(BASE_IMAGE)),$(PODMAN_ENV) deploy/base-image.sh $(BASE_IMAGE))
-	$(PODMAN_ENV) podman build --format docker --layers -f deploy/Containerfile \
-		--build-arg BASE=$(BASE_IMAGE) -t $(IMAGE) \
-		$(if $(wildcard $(CA_BUNDLE)),--secret id=pip-cert$(,)src=$(CA_BUNDLE)) .
+
+image: wheels base-image ## the CPU serving image with podman, as IMAGE and IMAGE_REPOSITORY:<version>
+	$(call podman_build,Containerfile,$(IMAGE) $(IMAGE_REPOSITORY):$(PROJECT_VERSION))
+
+image-gpu: wheels base-image ## the GPU serving image, as IMAGE_REPOSITORY:<version>-gpu (gigabytes of CUDA wheels)
+	$(call podman_build,Containerfile.gpu,$(IMAGE_REPOSITORY):$(PROJECT_VERSION)-gpu)
+
+release: $(UV) $(HELM) ## the commit's wheel, sdist, CPU image and Helm chart into dist/<version>, with SHA256SUMS
+	@git diff --quiet HEAD -- || echo "make release: uncommitted changes are left out; \
+	it releases the commit, $$(git rev-parse --short HEAD)" >&2
+	rm -rf $(RELEASE_SOURCE) && mkdir -p $(RELEASE_SOURCE)
+	@# Modes as a checkout has them (git archive writes 0664 by default): the layer cache
+	@# of `make image` serves the release too.
+	git -c tar.umask=0022 archive HEAD | tar -x -C $(RELEASE_SOURCE)
+	@$(MAKE) --no-print-directory release-artifacts SOURCE=$(RELEASE_SOURCE) \
+		REVISION=$$(git rev-parse HEAD) SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH)
+
+# `make release`'s second half, in the export (SOURCE): the image is tagged with the version only.
+release-artifacts: IMAGE = $(IMAGE_REPOSITORY):$(PROJECT_VERSION)
+release-artifacts: image
+	rm -rf $(DIST) && mkdir -p $(DIST)
+	cp $(WHEELS)/*.whl $(SDISTS)/*.tar.gz $(DIST)/
+	$(PODMAN_ENV) podman save --quiet --format docker-archive --output $(RELEASE_IMAGE) \
+		$(IMAGE_REPOSITORY):$(PROJECT_VERSION)
+	$(HELM) package $(SOURCE)/deploy/helm/rnnserve --destination $(DIST)
+	cd $(DIST) && sha256sum -- * > SHA256SUMS
+	@echo "make release: $(DIST)" && cat $(DIST)/SHA256SUMS
+
+image-push: ## push the released image (`make release` first) as REGISTRY/rnnserve:<version>
+	@[ -n "$(REGISTRY)" ] || { echo "make image-push: REGISTRY=host[:port][/path], where to push" >&2; exit 1; }
+	cd $(DIST) && sha256sum --check --quiet SHA256SUMS
+	$(PODMAN_ENV) podman load --quiet --input $(RELEASE_IMAGE)
+	$(PODMAN_ENV) podman tag $(IMAGE_REPOSITORY):$(PROJECT_VERSION) $(REGISTRY)/rnnserve:$(PROJECT_VERSION)
+	$(PODMAN_ENV) podman push $(PUSH_OPTIONS) $(REGISTRY)/rnnserve:$(PROJECT_VERSION)
+
+version: ## print the version; VERSION=X.Y.Z sets it in pyproject, the chart, the manifests and CHANGELOG
+ifeq ($(origin VERSION),command line)
+	$(PYTHON) deploy/set-version.py $(VERSION)
+	@$(MAKE) --no-print-directory manifests
+else
+	@echo $(PROJECT_VERSION)
+endif
 
 proto: install-test ## regenerate service/_pb from proto/*.proto
 	$(BIN)/python proto/generate.py
@@ -189,4 +276,4 @@ train: install-test ## retrain and republish the three bundled models (CPU, a fe
 	for m in digits_lstm sensor_gru charlm_lstm; do $(BIN)/rnnserve train $$m --no-progress || exit 1; done
 
 clean: ## remove the virtualenv and build outputs
-	rm -rf $(VENV) $(MINIMUMS_VENV) build .pytest_cache
+	rm -rf $(VENV) $(MINIMUMS_VENV) build dist .pytest_cache

@@ -5,8 +5,9 @@
 `cpu`: rnnserve's dependencies. `gpu`: the same with onnxruntime replaced by the `gpu` extra,
 onnxruntime-gpu with the CUDA and cuDNN wheels it loads (its `cuda` and `cudnn` extras), so the
 image needs no CUDA toolkit; onnxruntime and onnxruntime-gpu share one package folder, so only
-one of them may be installed. The images install these first, in a layer of their own that is
-rebuilt only when pyproject.toml changes, and then the rnnserve wheel without dependencies.
+one of them may be installed. `make lock` (requirements/lock.py) compiles these lines into the
+images' locks, requirements/image-cpu.txt and image-gpu.txt, which the images install (not
+these lines) before the wheels built on the host.
 """
 
 import sys

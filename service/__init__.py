@@ -1,3 +1,7 @@
 """rnnserve: a stateful gRPC inference server for recurrent networks exported to ONNX."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("rnnserve")
+"""The installed distribution's version: pyproject's [project].version, the one place it is
+defined (`make version` changes it and every manifest that names it)."""

@@ -1,10 +1,12 @@
-"""Shared fixtures: the repository root, a way to run the real `rnnserve` command, and Redis."""
+"""Shared fixtures: the repository root, the project's version, a way to run the real `rnnserve`
+command, and Redis."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,15 @@ from tests.redis_server import RunningRedis, start_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "models" / "repository"
+
+
+def project_version(root: Path = ROOT) -> str:
+    """pyproject's [project].version under `root`: the one place the version is defined."""
+    with (root / "pyproject.toml").open("rb") as file:
+        return tomllib.load(file)["project"]["version"]
+
+
+VERSION = project_version()
 
 # The fuzz tests' profile (tests/api/fuzzing.py): no example database, so a run depends on the
 # seed alone; no deadline, as a call to the real server takes what the shared machine gives it;

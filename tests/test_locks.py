@@ -21,7 +21,7 @@ from packaging.version import Version
 from tests.conftest import ROOT
 
 LOCKS = ROOT / "requirements"
-OWN = {"rnnserve", "rnnserve-bench"}
+OWN = {"rnnserve", "rnnserve-bench", "rnnserve-native"}
 """The clone's own distributions: installed from the clone, never pinned."""
 
 

@@ -1,6 +1,8 @@
 """What ships: the wheel holds the server and its bundled models under one import name and no
-benchmark; serving never imports torch; the command lists the bundled models and says how to
-get the benchmark where it is not installed."""
+benchmark, at the project's version; the sdist and wheel `make wheels` builds are the same
+bytes from any copy of the sources, and the sdist leaves nothing out; serving never imports
+torch; the command lists the bundled models and says how to get the benchmark where it is not
+installed."""
 
 from __future__ import annotations
 
@@ -9,18 +11,33 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, VERSION
 
-WHEEL_SOURCES = ("pyproject.toml", "README.md", "service", "models")
-"""All the wheel is built from, as deploy/Containerfile copies it: the build needs no more."""
+WHEEL_SOURCES = ("pyproject.toml", "MANIFEST.in", "README.md", "service", "models")
+"""All the wheel is built from: the build needs no more."""
 MAPPED = {"service": "rnnserve", "models": "rnnserve/models"}
 """pyproject.toml's package-dir: source folder -> path in the wheel."""
 BUNDLED_FILES = ("config.pbtxt", "model_card.json", "1/model.onnx")
+
+
+def copy_sources(target: Path) -> Path:
+    """WHEEL_SOURCES copied under `target` (fresh modification times), without bytecode."""
+    for name in WHEEL_SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(
+                ROOT / name, target / name, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / name, target / name)
+    return target
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +49,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     checkout built before.
     """
     root = tmp_path_factory.mktemp("wheel")
-    source = root / "source"
-    source.mkdir()
-    for name in WHEEL_SOURCES:
-        if (ROOT / name).is_dir():
-            shutil.copytree(
-                ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__")
-            )
-        else:
-            shutil.copy2(ROOT / name, source / name)
+    source = copy_sources(root / "source")
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
          "--quiet", "--wheel-dir", str(root / "dist"), str(source)],
@@ -50,6 +59,47 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert done.returncode == 0, done.stdout + done.stderr
     (built,) = (root / "dist").glob("rnnserve-*.whl")
     return built
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, Path]]:
+    """The sdist and the wheel `make wheels` builds (the wheel from the sdist, as a release
+    and the images have them), twice, from two copies of the sources made a second apart."""
+    builds = []
+    for copy in ("a", "b"):
+        source = copy_sources(tmp_path_factory.mktemp(copy))
+        done = subprocess.run(
+            ["make", "--no-print-directory", "wheels", f"SOURCE={source}",
+             "SOURCE_DATE_EPOCH=1700000000"],
+            capture_output=True, text=True, timeout=300, cwd=ROOT,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        (sdist,) = (source / "build" / "sdist").glob("*.tar.gz")
+        (built,) = (source / "build" / "wheels").glob("*.whl")
+        builds.append((sdist, built))
+        time.sleep(1.1)  # so the second copy's files are dated otherwise
+    return builds
+
+
+def test_sdist_and_wheel_are_reproducible(released: list[tuple[Path, Path]]) -> None:
+    """Byte for byte, whatever the files' dates: SOURCE_DATE_EPOCH dates every member."""
+    (sdist_a, wheel_a), (sdist_b, wheel_b) = released
+    assert sdist_a.name == f"rnnserve-{VERSION}.tar.gz"
+    assert sdist_a.read_bytes() == sdist_b.read_bytes()
+    assert wheel_a.read_bytes() == wheel_b.read_bytes()
+    with tarfile.open(sdist_a) as archive:
+        assert {member.mtime for member in archive.getmembers()} == {1700000000}
+    with zipfile.ZipFile(wheel_a) as archive:
+        assert {info.date_time for info in archive.infolist()} == {(2023, 11, 14, 22, 13, 20)}
+
+
+def test_wheel_from_the_sdist_holds_what_the_tree_builds(
+    released: list[tuple[Path, Path]], wheel: Path
+) -> None:
+    """The sdist leaves nothing out: the wheel built from it holds the same files as the one
+    built from the source tree."""
+    (_, from_sdist), _ = released
+    assert wheel_names(from_sdist) == wheel_names(wheel)
 
 
 def wheel_names(wheel: Path) -> set[str]:
@@ -97,6 +147,13 @@ def test_wheel_holds_the_bundled_models(wheel: Path) -> None:
     for model in models:
         for file in BUNDLED_FILES:
             assert f"rnnserve/models/repository/{model}/{file}" in names
+
+
+def test_wheel_carries_the_project_version(wheel: Path) -> None:
+    assert wheel.name == f"rnnserve-{VERSION}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = archive.read(f"rnnserve-{VERSION}.dist-info/METADATA").decode()
+    assert f"\nVersion: {VERSION}\n" in metadata
 
 
 def test_wheel_declares_the_rnnserve_command(wheel: Path) -> None:

@@ -28,7 +28,7 @@ from prometheus_client import generate_latest
 
 from rnnserve.config import Settings
 from rnnserve.metrics import Metrics
-from tests.conftest import ROOT
+from tests.conftest import ROOT, VERSION
 
 CHART = ROOT / "deploy" / "helm" / "rnnserve"
 VALUES = CHART / "ci"
@@ -293,14 +293,14 @@ def test_gpu_profile_asks_for_a_gpu_on_gpu_nodes() -> None:
     limits = container(gpu)["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "1"
     assert limits["memory"] == "8Gi"
-    assert container(gpu)["image"] == "rnnserve:0.1.0-gpu"
+    assert container(gpu)["image"] == f"rnnserve:{VERSION}-gpu"
     assert env(gpu)["RNNSERVE_PROVIDER"]["value"] == "cuda"
     assert pod(gpu)["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod(gpu)[
         "tolerations"
     ]
     assert "nvidia.com/gpu" not in container(cpu)["resources"].get("limits", {})
-    assert container(cpu)["image"] == "rnnserve:0.1.0"
+    assert container(cpu)["image"] == f"rnnserve:{VERSION}"
     assert env(cpu)["RNNSERVE_PROVIDER"]["value"] == "cpu"
     assert "nodeSelector" not in pod(cpu) and "tolerations" not in pod(cpu)
 

@@ -1,10 +1,12 @@
 """The serving images: linted, built with podman and run as a cluster runs them.
 
-The CPU image is built as `make image` builds it, run read-only as its numeric user with host
-networking on free loopback ports, checked against ONNX Runtime run in-process over whole
-sequences, and stopped with SIGTERM: it drains and exits 0. The GPU image needs a GPU and a
-few gigabytes of CUDA wheels to build: its definition is linted, built up to the stage that
-lists its requirements, and those are resolved against PyPI for the image's platform.
+The CPU image is built as `make image` builds it (from the wheels built on the host and the
+image's lock), run read-only as its numeric user with host networking on free loopback ports,
+checked against ONNX Runtime run in-process over whole sequences, and stopped with SIGTERM: it
+drains and exits 0. What it installed is exactly its lock's pins and the wheel, and its tags
+and label name the project's version. The GPU image needs a GPU and a few gigabytes of CUDA
+wheels to build: its definition is linted, held to the CPU one's but for its NVIDIA parts, and
+its lock is resolved against PyPI for the image's platform.
 """
 
 from __future__ import annotations
@@ -27,16 +29,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from packaging.utils import canonicalize_name
 from tritonclient.utils import InferenceServerException
 
 from tests.api.conftest import MODELS, OUTPUTS, Reference, Stream, infer_input, sequence_data
-from tests.conftest import BUNDLED, ROOT
+from tests.conftest import BUNDLED, ROOT, VERSION
+from tests.test_locks import read_lock
 from tests.triton_server import free_ports
 
 DEPLOY = ROOT / "deploy"
 CONTAINERFILES = sorted(DEPLOY.rglob("Containerfile*"))
 IMAGE = "localhost/rnnserve:cpu"
-"""What `make image` builds (its default IMAGE)."""
+"""What `make image` builds (its default IMAGE)..."""
+VERSIONED = f"localhost/rnnserve:{VERSION}"
+"""...and tags with the project's version, the tag the Helm chart deploys."""
+LOCKS = {"Containerfile": "image-cpu.txt", "Containerfile.gpu": "image-gpu.txt"}
+"""The lock each image installs."""
 BASE_IMAGE = "localhost/rnnserve-base:bookworm"
 PODMAN_ENV = {
     **os.environ,
@@ -44,6 +52,11 @@ PODMAN_ENV = {
     "CONTAINERS_STORAGE_CONF": str(DEPLOY / "containers" / "storage.conf"),
 }
 START_TIMEOUT_S = 90.0
+NATIVE = shutil.which("cargo") is not None
+"""`make wheels` builds the native transport's wheel where cargo is, and the image installs it."""
+OWN_WHEELS = ("rnnserve", "rnnserve-native") if NATIVE else ("rnnserve",)
+TRANSPORT = "native" if NATIVE else "grpcio"
+"""What the image serves through: the native transport wherever it was built."""
 GLIBC = (2, 36)
 """Debian bookworm's, the images' base: the newest manylinux wheels they can install."""
 
@@ -223,6 +236,8 @@ def test_cpu_image_serves_sequences_read_only_and_drains_on_sigterm(
         log = container.logs()
         messages = [event["message"] for event in container.events()]
     assert code == "0", f"exit code {code}:\n{log}"
+    (started,) = (m for m in messages if m.startswith("serving "))
+    assert f"transport={TRANSPORT}" in started, started
     draining = next(i for i, m in enumerate(messages) if m.startswith("draining"))
     assert messages[-1] == "stopped" and draining < len(messages) - 1, messages
 
@@ -263,42 +278,180 @@ def test_serving_image_holds_no_compiler_pip_or_torch(image: str) -> None:
     assert done.stdout.strip() == "[] []", done.stdout
 
 
-def test_gpu_image_definition_builds_to_its_requirements_which_resolve(
-    base_image: str, tmp_path: Path
+IMAGE_ENVIRONMENT = """
+import importlib.metadata, json, os, platform, sys
+print(json.dumps({
+    "environment": {
+        "implementation_name": sys.implementation.name,
+        "os_name": os.name,
+        "platform_machine": platform.machine(),
+        "platform_python_implementation": platform.python_implementation(),
+        "platform_system": platform.system(),
+        "python_full_version": platform.python_version(),
+        "python_version": ".".join(platform.python_version_tuple()[:2]),
+        "sys_platform": sys.platform,
+    },
+    "installed": {d.metadata["Name"]: d.version for d in importlib.metadata.distributions()},
+    "lock": open("/opt/rnnserve/requirements.lock").read(),
+}))
+"""
+"""What the image's Python is (the markers' variables), what it has installed and the lock it
+keeps (one container: each `podman run` here takes about 20 s to come back)."""
+
+
+def test_image_installs_exactly_its_lock_and_the_wheel(image: str) -> None:
+    """Every distribution in the image is a pin of requirements/image-cpu.txt that applies to
+    the image's Python, at that version, or one of the project's wheels (rnnserve, and the
+    native transport where cargo built it), at the project's version; every
+    such pin is installed. So two builds of one commit install the same versions. The lock
+    itself is in the image, as installed."""
+    done = podman(
+        "run", "--rm", "--network", "none", "--entrypoint", "python", image,
+        "-c", IMAGE_ENVIRONMENT,
+    )  # fmt: skip
+    probe = json.loads(done.stdout)
+    installed = {canonicalize_name(n): v for n, v in probe["installed"].items()}
+    lock = ROOT / "requirements" / "image-cpu.txt"
+    pins = {p.name: str(p.version) for p in read_lock(lock) if p.applies(probe["environment"])}
+    assert installed == {**pins, **dict.fromkeys(OWN_WHEELS, VERSION)}
+    # A marker that picks by Python version is evaluated, not skipped: bookworm's 3.11.2 needs
+    # the backport the lock pins for Pythons before 3.11.3.
+    assert probe["environment"]["python_full_version"] == "3.11.2"
+    assert "async-timeout" in installed
+    assert probe["lock"] == lock.read_text()
+
+
+def test_image_is_tagged_and_labelled_with_the_project_version(image: str) -> None:
+    """`make image` tags the version beside IMAGE, and labels the image with the version and
+    the commit it was built from."""
+    ids = {
+        ref: podman("image", "inspect", "--format", "{{.Id}}", ref).stdout
+        for ref in (image, VERSIONED)
+    }
+    assert ids[image] == ids[VERSIONED]
+    labels = json.loads(podman("image", "inspect", "--format", "{{json .Labels}}", image).stdout)
+    assert labels["org.opencontainers.image.version"] == VERSION
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.strip()
+    assert labels["org.opencontainers.image.revision"] in (head, f"{head}-dirty")
+
+
+def test_revision_label_is_the_build_s_not_the_layer_cache_s(image: str) -> None:
+    """Two builds of one tree for two commits, every layer from the cache: each image is
+    labelled with its own (a LABEL instruction would be served from the cache as it was)."""
+    repository = f"localhost/rnnserve-test-{uuid.uuid4().hex[:12]}"
+    try:
+        for revision in ("first", "second"):
+            done = subprocess.run(
+                ["make", "--no-print-directory", "image", f"IMAGE_REPOSITORY={repository}",
+                 f"IMAGE={repository}:{revision}", f"REVISION={revision}"],
+                capture_output=True, text=True, timeout=600, cwd=ROOT,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+            label = '{{index .Labels "org.opencontainers.image.revision"}}'
+            inspected = podman("image", "inspect", "--format", label, f"{repository}:{revision}")
+            assert inspected.stdout.strip() == revision
+    finally:
+        for tag in ("first", "second", VERSION):
+            podman("rmi", f"{repository}:{tag}", check=False)
+
+
+def test_build_context_holds_only_what_the_images_copy(
+    image: str, base_image: str, tmp_path: Path
 ) -> None:
-    """The stage that lists the GPU image's requirements is built, and pip resolves them to
-    wheels for the image's Python and glibc: onnxruntime-gpu and NVIDIA's CUDA and cuDNN
-    wheels, never the CPU onnxruntime beside it. (podman skips the stages a target does not
-    need, unparsed; hadolint, above, reads them all.)"""
+    """.dockerignore lets through the wheels, the locks, the bundled models and the health
+    check, and no sources: a build that lists its context sees only those."""
+    containerfile = tmp_path / "Containerfile"
+    containerfile.write_text(
+        f"FROM {base_image}\nCOPY . /context\nRUN cd /context && find . -type f | sort\n"
+    )
     iid = tmp_path / "iid"
-    podman(
-        "build", "--format", "docker", "--layers", "-f", str(DEPLOY / "Containerfile.gpu"),
-        "--target", "requirements", "--build-arg", f"BASE={base_image}",
-        "--iidfile", str(iid), str(ROOT),
+    done = podman(
+        "build", "--no-cache", "--network", "none", "--iidfile", str(iid),
+        "-f", str(containerfile), str(ROOT),
         timeout=300,
     )  # fmt: skip
-    listed = podman(
-        "run", "--rm", "--network", "none", iid.read_text().strip(), "cat", "/src/requirements.txt"
-    ).stdout  # fmt: skip
-    requirements = tmp_path / "requirements.txt"
-    requirements.write_text(listed)
-    assert any(line.startswith("onnxruntime-gpu[cuda,cudnn]") for line in listed.splitlines())
+    podman("rmi", iid.read_text().strip(), check=False)  # an image of no use once listed
+    files = {line[2:] for line in done.stdout.splitlines() if line.startswith("./")}
+    wheels = {f for f in files if f.startswith("build/wheels/")}
+    assert wheels and all(f.endswith(".whl") for f in wheels), wheels
+    models = {f for f in files if f.startswith("models/repository/")}
+    assert {f"models/repository/{m}/1/model.onnx" for m in MODELS} <= models
+    assert files - wheels - models == {
+        "requirements/image-cpu.txt",
+        "requirements/image-gpu.txt",
+        "deploy/healthcheck.py",
+    }
 
+
+def build_stage(containerfile: Path) -> list[str]:
+    """The first stage's instructions, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n\s*", " ", containerfile.read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    stage = [line for line in lines if not line.startswith("#")]
+    froms = [i for i, line in enumerate(stage) if line.startswith("FROM ")]
+    return stage[froms[0] + 1 : froms[1]]
+
+
+@pytest.mark.parametrize("containerfile", CONTAINERFILES, ids=lambda path: path.name)
+def test_images_install_their_lock_with_hashes_then_the_wheels(containerfile: Path) -> None:
+    """The lock first, with --require-hashes and wheels only, then every wheel of
+    build/wheels/ without dependencies and offline; nothing is built from sources."""
+    stage = build_stage(containerfile)
+    lock = f"COPY requirements/{LOCKS[containerfile.name]} /opt/rnnserve/requirements.lock"
+    wheels = "COPY build/wheels/ /tmp/wheels/"
+    assert lock in stage and wheels in stage
+    install_lock, install_wheels = (
+        next(line for line in stage[stage.index(copy) :] if line.startswith("RUN "))
+        for copy in (lock, wheels)
+    )
+    assert stage.index(lock) < stage.index(wheels)
+    for option in ("--require-hashes", "--only-binary=:all:", "/opt/rnnserve/requirements.lock"):
+        assert option in install_lock
+    for option in ("--no-deps", "--no-index", "/tmp/wheels/*.whl", " check "):
+        assert option in install_wheels
+    assert not any(
+        line.startswith(("COPY service", "COPY pyproject", "COPY models ")) for line in stage
+    )
+
+
+def test_gpu_image_builds_as_the_cpu_image_does() -> None:
+    """The two build stages are the same but for the lock and the CUDA libraries' list."""
+    cpu = build_stage(DEPLOY / "Containerfile")
+    gpu = build_stage(DEPLOY / "Containerfile.gpu")
+    cuda = [line for line in gpu if "rnnserve-cuda.conf" in line]
+    assert len(cuda) == 1
+    as_cpu = [line.replace("image-gpu.txt", "image-cpu.txt") for line in gpu if line not in cuda]
+    assert as_cpu == cpu
+
+
+def test_gpu_lock_resolves_for_the_image_platform(tmp_path: Path) -> None:
+    """pip resolves the GPU image's lock, hashes required, to wheels for the image's Python and
+    glibc: onnxruntime-gpu and NVIDIA's CUDA and cuDNN wheels, never the CPU onnxruntime beside
+    it. (The GPU image itself is never built here: gigabytes of CUDA wheels, and no GPU.)"""
+    lock = ROOT / "requirements" / "image-gpu.txt"
     platforms = [f"manylinux_2_{minor}_x86_64" for minor in range(5, GLIBC[1] + 1)]
     report = tmp_path / "report.json"
     done = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-         "--report", str(report), "--only-binary=:all:", "--python-version", "3.11",
-         "--implementation", "cp", *(f"--platform={p}" for p in platforms),
-         "--requirement", str(requirements)],
+         "--report", str(report), "--require-hashes", "--only-binary=:all:",
+         "--python-version", "3.11", "--implementation", "cp",
+         *(f"--platform={p}" for p in platforms), "--requirement", str(lock)],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
-    assert "onnxruntime-gpu" in names and "onnxruntime" not in names, names
+    installs = json.loads(report.read_text())["install"]
+    resolved = {
+        canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"] for i in installs
+    }
+    # pip picks wheels for the platform and Python asked for, but evaluates the lock's markers
+    # for the Python that runs it: the pins that apply here are those it resolved.
+    assert resolved == {p.name: str(p.version) for p in read_lock(lock) if p.applies()}
+    assert "onnxruntime-gpu" in resolved and "onnxruntime" not in resolved, resolved
     for library in ("nvidia-cudnn", "nvidia-cublas", "nvidia-cuda-runtime", "nvidia-ml-py"):
-        assert any(name.startswith(library) for name in names), (library, names)
+        assert any(name.startswith(library) for name in resolved), (library, resolved)
 
 
 def serving_stage(containerfile: Path) -> dict[str, list[str]]:
@@ -333,3 +486,4 @@ def test_gpu_image_runs_as_the_cpu_image_does() -> None:
     )
     assert [c for c in gpu["COPY"] if "ld.so.conf.d" not in c] == cpu["COPY"]
     assert gpu["RUN"] == [*cpu["RUN"], "ldconfig"]
+    assert gpu["LABEL"] == cpu["LABEL"] and gpu["ARG"] == cpu["ARG"]

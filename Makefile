@@ -202,7 +202,8 @@ wheels: $(UV) ## rnnserve's sdist and wheel, reproducibly, into build/sdist and 
 		--build-constraint $(LOCKS)/test.txt --out-dir $(WHEELS) $(SDISTS)/*.tar.gz
 	@# The native transport's wheel, where cargo is: the image then serves through it. Its
 	@# crates build in the checkout's native/target, which a release's export reuses.
-	$(if $(CARGO),CARGO_TARGET_DIR=$(CURDIR)/native/target SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) \
+	$(if $(and $(CARGO),$(wildcard $(SOURCE)/native/Cargo.toml)),CARGO_TARGET_DIR=$(CURDIR)/native/target \
+		SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) \
 		$(UV) build --quiet --wheel --build-constraint $(LOCKS)/test.txt --out-dir $(WHEELS) \
 		$(SOURCE)/native)
 

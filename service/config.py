@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rnnserve.api.front import Transport
+from rnnserve.api.front import Transport, native_installed
 from rnnserve.logging import LogFormat, LogLevel
 from rnnserve.models import bundled_repository
 from rnnserve.runtime.onnx import Provider, Spinning
@@ -199,6 +199,12 @@ class Settings:
                     " (0 picks a free one; off turns metrics off)" if name == "metrics_port" else ""
                 )
                 raise ValueError(f"{_flag(name)} {port} is not a port number{off}")
+        if self.transport is Transport.NATIVE and not native_installed():
+            raise ValueError(
+                "--transport native: the native transport is not installed (`make install` "
+                "builds it where cargo is present; `pip install ./native` from a clone); "
+                "--transport grpcio serves without it"
+            )
         if self.native_threads < 1:
             raise ValueError(f"{_flag('native_threads')} must be 1 or more")
         for name in ("inline_max_work", "parallel_min_work"):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -53,6 +53,13 @@ class Metrics:
 
     def __init__(self, snapshots: Snapshots, store: StoreSnapshots = lambda: None) -> None:
         self.registry = CollectorRegistry()
+        self._handoffs = Histogram(
+            "rnnserve_transport_handoff_requests",
+            "Inference requests the native transport handed the engine in one crossing into "
+            "Python (one event-loop wake-up): above 1, requests cross in batches",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
         self._requests = _RequestCollector()
         self.registry.register(self._requests)
         self.registry.register(_ServingCollector(snapshots))
@@ -74,6 +81,11 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+
+    def handed_over(self, requests: int) -> None:
+        """The native transport handed the engine `requests` inference requests in one
+        crossing."""
+        self._handoffs.observe(requests)
 
     def refused_authentication(self, reason: str, count: int = 1) -> None:
         """`count` calls were refused UNAUTHENTICATED for `reason` (missing, malformed,

@@ -118,16 +118,9 @@ class Server:
         self._stopping = asyncio.Event()
 
     def _front(self) -> Front:
-        """The transport the settings ask for (native where installed, for auto). Raises
-        ValueError for --transport native where the extension is not installed."""
-        transport = self.settings.transport
-        if transport is Transport.NATIVE and not native.AVAILABLE:
-            raise ValueError(
-                "--transport native: the native transport is not installed (`make install` "
-                "builds it where cargo is present; `pip install ./native` from a clone); "
-                "--transport grpcio serves without it"
-            )
-        if transport is Transport.GRPCIO or not native.AVAILABLE:
+        """The transport the settings ask for (native where installed, for auto; the settings
+        refuse --transport native where it is not)."""
+        if self.settings.transport is Transport.GRPCIO or not native.AVAILABLE:
             return GrpcioFront(self.servicer, self.settings, self.tokens, self.tls, self.metrics)
         return native.NativeFront(self.servicer, self.settings, self.tokens, self.metrics)
 

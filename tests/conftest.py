@@ -3,6 +3,7 @@ command, and Redis."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -44,6 +45,36 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "rnnserve"))
 FUZZ_SEED = int(os.environ.get("RNNSERVE_FUZZ_SEED", "0"))
 """The fuzz tests' seed: fixed, so that a failure reproduces; printed in the header."""
+
+
+NATIVE_BUILT = importlib.util.find_spec("rnnserve_native") is not None
+"""Whether the native transport is installed: wherever cargo is (`make test` builds it there,
+and tests/test_native.py fails if it did not)."""
+TRANSPORTS = ("native", "grpcio") if NATIVE_BUILT else ("grpcio",)
+"""The transports a server is tested on; the first is what `rnnserve serve` picks by default."""
+BOTH_TRANSPORTS = frozenset(
+    {
+        "tests.api.test_auth",
+        "tests.api.test_cancellation",
+        "tests.api.test_errors",
+        "tests.api.test_golden",
+        "tests.api.test_ownership",
+        "tests.api.test_principal_limits",
+        "tests.api.test_tls",
+    }
+)
+"""The suites that define behaviour (sequences, errors, security, cancellation) run on every
+transport; the others on the default one. (tests/conformance compares each with Triton.)"""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`serving_transport`: the transport a test's server serves through (--transport), each
+    of TRANSPORTS for the modules of BOTH_TRANSPORTS, else the default."""
+    if "serving_transport" in metafunc.fixturenames:
+        both = metafunc.module.__name__ in BOTH_TRANSPORTS
+        metafunc.parametrize(
+            "serving_transport", TRANSPORTS if both else TRANSPORTS[:1], scope="session"
+        )
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -36,7 +36,11 @@ class RunningServer(ChildServer):
     output in `workdir/rnnserve.log`."""
 
     def __init__(
-        self, workdir: Path, flags: tuple[str, ...], env: Mapping[str, str] | None = None
+        self,
+        workdir: Path,
+        flags: tuple[str, ...],
+        env: Mapping[str, str] | None = None,
+        transport: str | None = None,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "rnnserve.log"
@@ -46,7 +50,8 @@ class RunningServer(ChildServer):
         command = [
             sys.executable, "-P", "-m", "rnnserve", "serve",
             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
-            "--port-file", str(port_file), *flags,
+            "--port-file", str(port_file),
+            *(("--transport", transport) if transport else ()), *flags,
         ]  # fmt: skip
         with self.log_path.open("w") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
@@ -102,18 +107,27 @@ class RunningServer(ChildServer):
         return self.process.returncode
 
 
-def start_server(workdir: Path, *flags: str, env: Mapping[str, str] | None = None) -> RunningServer:
+def start_server(
+    workdir: Path,
+    *flags: str,
+    env: Mapping[str, str] | None = None,
+    transport: str | None = None,
+) -> RunningServer:
     """A server the caller stops (`stop()`), or that a test kills itself."""
-    return RunningServer(workdir, flags, env)
+    return RunningServer(workdir, flags, env, transport)
 
 
 @contextmanager
 def serving(
-    workdir: Path, *flags: str, env: Mapping[str, str] | None = None
+    workdir: Path,
+    *flags: str,
+    env: Mapping[str, str] | None = None,
+    transport: str | None = None,
 ) -> Iterator[RunningServer]:
     """A server for the duration of a `with`, which must then stop cleanly (exit code 0);
-    `env`: variables set for it beside the test's own."""
-    server = RunningServer(workdir, flags, env)
+    `env`: variables set for it beside the test's own; `transport`: --transport (native or
+    grpcio; the server's default when None)."""
+    server = RunningServer(workdir, flags, env, transport)
     try:
         yield server
     finally:

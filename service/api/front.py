@@ -10,6 +10,7 @@ decides what every inference request means, whichever carries it):
 from __future__ import annotations
 
 import enum
+import importlib.util
 from typing import Protocol
 
 
@@ -20,6 +21,14 @@ class Transport(enum.Enum):
     """native where the extension is installed, else grpcio."""
     NATIVE = "native"
     GRPCIO = "grpcio"
+
+
+def native_installed() -> bool:
+    """Whether the native transport's extension (the rnnserve-native distribution) is there."""
+    try:
+        return importlib.util.find_spec("rnnserve_native") is not None
+    except ValueError:  # a module set to None in sys.modules: blocked
+        return False
 
 
 class Front(Protocol):

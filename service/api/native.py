@@ -195,6 +195,8 @@ class NativeFront:
     def _on_wake(self) -> None:
         """Take everything that arrived and start it; answers go back as they come."""
         arrivals, calls, cancelled, logs, refusals, stopped = self._transport.take()
+        if arrivals:
+            self.metrics.handed_over(len(arrivals))
         submit, tickets = self.servicer.submit, self._tickets
         for key, stream, data, principal, arrived in arrivals:
             reply = _Reply(self, key)

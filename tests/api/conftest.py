@@ -21,8 +21,13 @@ OUTPUTS = {"charlm_lstm": "logits", "sensor_gru": "forecast", "digits_lstm": "pr
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    with serving(tmp_path_factory.mktemp("server"), "--max-queue-delay-us", "500") as running:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, serving_transport: str
+) -> Iterator[RunningServer]:
+    """The server most API tests share, on each transport its modules are tested on."""
+    workdir = tmp_path_factory.mktemp(f"server-{serving_transport}")
+    flags = ("--max-queue-delay-us", "500")
+    with serving(workdir, *flags, transport=serving_transport) as running:
         yield running
 
 

@@ -45,8 +45,10 @@ def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tokens: Path, tmp_path_factory: pytest.TempPathFactory):
-    with serving(tmp_path_factory.mktemp("server"), "--auth-tokens", str(tokens)) as running:
+def server(tokens: Path, tmp_path_factory: pytest.TempPathFactory, serving_transport: str):
+    workdir = tmp_path_factory.mktemp("server")
+    flags = ("--auth-tokens", str(tokens))
+    with serving(workdir, *flags, transport=serving_transport) as running:
         yield running
 
 

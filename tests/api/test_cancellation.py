@@ -97,9 +97,10 @@ def measure_step(server: RunningServer, sequence_id: int, steps: int = LONG) -> 
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(tmp_path_factory: pytest.TempPathFactory, serving_transport: str) -> Iterator[Served]:
     flags = ("--max-steps-per-request", str(LONG))
-    with serving(tmp_path_factory.mktemp("cancellation"), *flags) as server:
+    workdir = tmp_path_factory.mktemp("cancellation")
+    with serving(workdir, *flags, transport=serving_transport) as server:
         yield Served(server, measure_step(server, 1))
 
 
@@ -319,10 +320,10 @@ async def watch(server: RunningServer, seen: list[dict[str, float]]) -> None:
 
 
 async def test_shutdown_drops_the_queued_steps_of_the_streams_it_cuts_off(
-    tmp_path: Path,
+    tmp_path: Path, serving_transport: str
 ) -> None:
     flags = ("--max-steps-per-request", str(LONG), "--shutdown-grace-s", "0.1")
-    with serving(tmp_path, *flags) as server:
+    with serving(tmp_path, *flags, transport=serving_transport) as server:
         async with grpc.aio.insecure_channel(server.target, CHANNEL) as channel:
             before = await outcomes(server)
             call = open_stream(channel)

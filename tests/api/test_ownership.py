@@ -32,9 +32,9 @@ MODEL = "sensor_gru"
 
 
 @pytest.fixture(scope="module")
-def server(token_file: Path, tmp_path_factory) -> Iterator[RunningServer]:
+def server(token_file: Path, tmp_path_factory, serving_transport: str) -> Iterator[RunningServer]:
     flags = ("--auth-tokens", str(token_file), "--auth-admins", "root")
-    with serving(tmp_path_factory.mktemp("owned"), *flags) as running:
+    with serving(tmp_path_factory.mktemp("owned"), *flags, transport=serving_transport) as running:
         yield running
 
 
@@ -178,7 +178,9 @@ def test_principals_sharing_ids_at_random_each_see_their_own_sequences(
 
 # ---------------------------------------------------------------------- mutual TLS principals
 @pytest.fixture(scope="module")
-def mtls(token_file: Path, tmp_path_factory) -> Iterator[tuple[RunningServer, Authority, Path]]:
+def mtls(
+    token_file: Path, tmp_path_factory, serving_transport: str
+) -> Iterator[tuple[RunningServer, Authority, Path]]:
     folder = tmp_path_factory.mktemp("pki")
     ca = Authority("rnnserve-ca", folder)
     server_cert = ca.issue("rnnserve")
@@ -187,7 +189,7 @@ def mtls(token_file: Path, tmp_path_factory) -> Iterator[tuple[RunningServer, Au
         "--tls-client-ca", str(ca.path), "--auth-tokens", str(token_file),
         "--auth-admins", "root",
     )  # fmt: skip
-    with serving(tmp_path_factory.mktemp("mtls"), *flags) as running:
+    with serving(tmp_path_factory.mktemp("mtls"), *flags, transport=serving_transport) as running:
         yield running, ca, folder
 
 
@@ -231,11 +233,11 @@ def test_client_certificates_name_principals_that_own_sequences(mtls, reference)
 
 # ---------------------------------------------------------------------- Redis: owner in the key
 @pytest.fixture(scope="module")
-def replicas(redis_server, token_file: Path, tmp_path_factory):
+def replicas(redis_server, token_file: Path, tmp_path_factory, serving_transport: str):
     flags = ("--auth-tokens", str(token_file), "--state-store", redis_server.url)
     with (
-        serving(tmp_path_factory.mktemp("a"), *flags) as a,
-        serving(tmp_path_factory.mktemp("b"), *flags) as b,
+        serving(tmp_path_factory.mktemp("a"), *flags, transport=serving_transport) as a,
+        serving(tmp_path_factory.mktemp("b"), *flags, transport=serving_transport) as b,
     ):
         yield a, b
 

@@ -42,13 +42,13 @@ def refused(call) -> InferenceServerException:
 
 # ---------------------------------------------------------------------- sequences and sizes
 @pytest.fixture(scope="module")
-def server(token_file: Path, tmp_path_factory) -> Iterator[RunningServer]:
+def server(token_file: Path, tmp_path_factory, serving_transport: str) -> Iterator[RunningServer]:
     flags = (
         "--auth-tokens", str(token_file),
         "--principal-max-sequences", "2", "--max-live-sequences", "3",
         "--max-request-bytes", "2048", "--max-steps-per-request", "16",
     )  # fmt: skip
-    with serving(tmp_path_factory.mktemp("limits"), *flags) as running:
+    with serving(tmp_path_factory.mktemp("limits"), *flags, transport=serving_transport) as running:
         yield running
 
 
@@ -130,12 +130,14 @@ def send(target: str, principal: str | None, count: int) -> tuple[int, int, floa
         return admitted, refusals, time.monotonic() - started, messages
 
 
-def test_each_principal_has_its_own_request_rate(token_file: Path, tmp_path) -> None:
+def test_each_principal_has_its_own_request_rate(
+    token_file: Path, tmp_path, serving_transport: str
+) -> None:
     flags = (
         "--auth-tokens", str(token_file),
         "--principal-requests-per-s", "1", "--principal-burst", "5",
     )  # fmt: skip
-    with serving(tmp_path, *flags) as server:
+    with serving(tmp_path, *flags, transport=serving_transport) as server:
         started = time.monotonic()
         alice = send(server.target, "alice", 15)
         bob = send(server.target, "bob", 15)
@@ -149,8 +151,8 @@ def test_each_principal_has_its_own_request_rate(token_file: Path, tmp_path) -> 
     assert counted["principal_rate"] == alice[1] + bob[1]
 
 
-def test_the_server_has_a_request_rate_for_all_callers(tmp_path) -> None:
-    with serving(tmp_path, "--max-requests-per-s", "3") as server:
+def test_the_server_has_a_request_rate_for_all_callers(tmp_path, serving_transport: str) -> None:
+    with serving(tmp_path, "--max-requests-per-s", "3", transport=serving_transport) as server:
         admitted, refusals, elapsed, messages = send(server.target, None, 15)
         counted = server.counts_by_reason("rnnserve_limit_refusals")
     assert 3 <= admitted <= 3 + 3 * elapsed + 1e-6, (admitted, elapsed)

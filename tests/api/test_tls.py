@@ -61,12 +61,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture(scope="module")
-def mtls_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def mtls_server(
+    pki: Pki, tmp_path_factory: pytest.TempPathFactory, serving_transport: str
+) -> Iterator[RunningServer]:
     with serving(
         tmp_path_factory.mktemp("mtls"),
         "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
         "--tls-client-ca", str(pki.ca.path),
         "--metrics-host", "127.0.0.2",
+        transport=serving_transport,
     ) as running:  # fmt: skip
         yield running
 
@@ -201,7 +204,9 @@ def test_unusable_tls_files_stop_the_start_with_a_message(pki) -> None:
     assert alone.returncode == 2 and "--tls-cert and --tls-key go together" in alone.stderr
 
 
-def test_a_rotated_certificate_reaches_new_connections_only(pki, tmp_path, reference) -> None:
+def test_a_rotated_certificate_reaches_new_connections_only(
+    pki, tmp_path, reference, serving_transport: str
+) -> None:
     served = tmp_path / "served"
     served.mkdir()
     cert, key = served / "tls.crt", served / "tls.key"
@@ -211,7 +216,8 @@ def test_a_rotated_certificate_reaches_new_connections_only(pki, tmp_path, refer
     renewed = successor.issue("rnnserve")
     x = sequence_data(MODEL, 8, np.random.default_rng(5))
     expected = reference.run(MODEL, x)
-    with serving(tmp_path / "server", "--tls-cert", str(cert), "--tls-key", str(key)) as server:
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key))
+    with serving(tmp_path / "server", *tls, transport=serving_transport) as server:
         with tls_client(server, pki.ca.path) as before:
             assert before.is_server_live()
             replace(key, renewed.key.read_bytes())

@@ -16,12 +16,15 @@ import pytest
 from tests.api.conftest import Reference
 from tests.conformance.cases import CASES, Ids
 from tests.conformance.protocol import Call, Outcome, run_stream, run_unary
-from tests.conftest import BUNDLED
+from tests.conftest import BUNDLED, NATIVE_BUILT
 from tests.server import RunningServer, serving
 from tests.triton_server import MISSING, RunningTriton, triton_installed, triton_serving
 
-SERVERS = {"rnnserve": "rnnserve_server", "triton": "triton_server"}
-"""Each server's name in test ids, and its fixture."""
+RNNSERVES = {"rnnserve": "rnnserve_server"}
+if NATIVE_BUILT:  # the default transport is then native: grpc.aio is tested beside it
+    RNNSERVES["rnnserve-grpcio"] = "rnnserve_grpcio_server"
+SERVERS = {**RNNSERVES, "triton": "triton_server"}
+"""Each server's name in test ids, and its fixture: rnnserve on each transport, and Triton."""
 
 TRANSPORTS = ("unary", "stream")
 
@@ -42,8 +45,18 @@ class Server(Protocol):
 
 @pytest.fixture(scope="session")
 def rnnserve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """rnnserve on its default transport (native where it is built)."""
     workdir = tmp_path_factory.mktemp("rnnserve")
     with serving(workdir, "--model-repository", str(BUNDLED)) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def rnnserve_grpcio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """rnnserve on grpc.aio."""
+    workdir = tmp_path_factory.mktemp("rnnserve-grpcio")
+    flags = ("--model-repository", str(BUNDLED))
+    with serving(workdir, *flags, transport="grpcio") as running:
         yield running
 
 

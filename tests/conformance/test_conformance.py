@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.conformance.cases import CASES
-from tests.conformance.conftest import SERVERS, TRANSPORTS, Observations
+from tests.conformance.conftest import RNNSERVES, SERVERS, TRANSPORTS, Observations
 from tests.conformance.protocol import Call, Outcome
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
@@ -103,7 +103,7 @@ def answers(name: str, case: str, index: int, call: Call, count: int) -> bool:
     """Whether the server should answer this call (rather than refuse it)."""
     deliberate = DELIBERATE.get(case)
     if deliberate is not None and index == count - 1:
-        return getattr(deliberate, name) == "OK"
+        return getattr(deliberate, "triton" if name == "triton" else "rnnserve") == "OK"
     return not call.refused
 
 
@@ -141,18 +141,21 @@ def test_each_server_answers_as_the_model_computes(
     assert not problems, f"{server} over {transport}, {case}:\n" + "\n".join(problems)
 
 
+@pytest.mark.parametrize("server", RNNSERVES)
 @pytest.mark.parametrize(("case", "transport"), params(servers=False))
-def test_servers_agree(case: str, transport: str, request, observations: Observations) -> None:
+def test_servers_agree(
+    case: str, transport: str, server: str, request, observations: Observations
+) -> None:
     calls = observations.calls(case, transport)
-    ours = server_outcomes(request, observations, "rnnserve", case, transport)
+    ours = server_outcomes(request, observations, server, case, transport)
     theirs = server_outcomes(request, observations, "triton", case, transport)
     problems = []
     for index, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         problem = disagreement(case, transport, index == len(calls) - 1, a, b)
         if problem:
             problems.append(f"request {index}: {problem}")
-            problems.append(f"  rnnserve: {a.describe()}\n  triton:   {b.describe()}")
-    assert not problems, f"over {transport}, {case}:\n" + "\n".join(problems)
+            problems.append(f"  {server}: {a.describe()}\n  triton:   {b.describe()}")
+    assert not problems, f"{server} over {transport}, {case}:\n" + "\n".join(problems)
 
 
 def disagreement(case: str, transport: str, last: bool, a: Outcome, b: Outcome) -> str:

@@ -199,14 +199,7 @@ class Settings:
                     " (0 picks a free one; off turns metrics off)" if name == "metrics_port" else ""
                 )
                 raise ValueError(f"{_flag(name)} {port} is not a port number{off}")
-        if self.transport is Transport.NATIVE and not native_installed():
-            raise ValueError(
-                "--transport native: the native transport is not installed (`make install` "
-                "builds it where cargo is present; `pip install ./native` from a clone); "
-                "--transport grpcio serves without it"
-            )
-        if self.native_threads < 1:
-            raise ValueError(f"{_flag('native_threads')} must be 1 or more")
+        self._validate_transport()
         for name in ("inline_max_work", "parallel_min_work"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be 0 (none) or more")
@@ -237,6 +230,16 @@ class Settings:
                 "(--tls-client-ca)"
             )
         self._validate_store()
+
+    def _validate_transport(self) -> None:
+        if self.transport is Transport.NATIVE and not native_installed():
+            raise ValueError(
+                "--transport native: the native transport is not installed (`make install` "
+                "builds it where cargo is present; `pip install ./native` from a clone); "
+                "--transport grpcio serves without it"
+            )
+        if self.native_threads < 1:
+            raise ValueError(f"{_flag('native_threads')} must be 1 or more")
 
     @property
     def authenticates(self) -> bool:

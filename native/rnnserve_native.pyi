@@ -9,9 +9,11 @@ from os import PathLike
 
 __version__: str
 
-Arrival = tuple[int, bool, bytes, str | None, float]
-"""(key, came on a stream, ModelInferRequest wire bytes, principal or None, arrival time in
-seconds on CLOCK_MONOTONIC, the clock of time.perf_counter())."""
+Arrival = tuple[int, bool, bool, bytes, str | None, float]
+"""(key, came on a stream, holds a provisional reservation for its answer (a deep stream's
+request: say its answer's size in `answer`'s `reserved`), ModelInferRequest wire bytes,
+principal or None, arrival time in seconds on CLOCK_MONOTONIC, the clock of
+time.perf_counter())."""
 Call = tuple[int, str, bytes, str | None]
 """(key, method name within inference.GRPCInferenceService, request wire bytes, principal)."""
 Taken = tuple[

@@ -11,6 +11,7 @@ within `shutdown_grace_s`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -137,6 +138,11 @@ class Server:
         if self.store.shared:
             await self._check_store()
         await self.registry.load_all()
+        # What exists now (modules, models, sessions) lives as long as the server: out of the
+        # cyclic collector's sight, its full collections no longer walk it (measured: p99 at
+        # 64 sequences 1.5 to 2 ms lower under perf_analyzer, docs/performance.md).
+        gc.collect()
+        gc.freeze()
         self.grpc_port = await self.front.start()
         metrics_host = settings.metrics_host or settings.host
         if settings.metrics_port is not None:

@@ -48,8 +48,9 @@ struct Handles {
     authenticator: Arc<Authenticator>,
 }
 
-/// An arrival as Python takes it: (key, on a stream, request bytes, principal, arrived).
-type PyArrival<'py> = (u64, bool, Bound<'py, PyBytes>, Option<String>, f64);
+/// An arrival as Python takes it: (key, on a stream, holding a provisional reservation, request
+/// bytes, principal, arrived).
+type PyArrival<'py> = (u64, bool, bool, Bound<'py, PyBytes>, Option<String>, f64);
 /// A call as Python takes it: (key, method, request bytes, principal).
 type PyCall<'py> = (u64, String, Bound<'py, PyBytes>, Option<String>);
 /// One take: arrivals, calls, cancelled keys, log records, refusals by reason, stopped.
@@ -194,6 +195,7 @@ impl Transport {
                 (
                     a.key,
                     a.stream,
+                    a.reserved,
                     PyBytes::new(py, &a.data),
                     principal(&a.principal),
                     a.arrived,
@@ -249,10 +251,12 @@ impl Transport {
                 .into_iter()
                 .map(|(key, code, message)| (key, Err(Status::new(Code::from(code), message)))),
         );
-        py.detach(|| {
-            context.pending.reserve(&reserved);
-            context.pending.answer(replies);
-        });
+        // With the GIL held: these take short locks that tokio threads hold as briefly, and
+        // queue each answer without waiting on anything; no other Python thread needs the GIL
+        // meanwhile, so releasing it around them would buy nothing.
+        let _ = py;
+        context.pending.reserve(&reserved);
+        context.pending.answer(replies);
         Ok(())
     }
 

@@ -36,6 +36,9 @@ pub struct Arrival {
     pub key: u64,
     /// Whether it came on a stream (errors are then answered in-band).
     pub stream: bool,
+    /// Whether it holds a provisional reservation for its answer (a deep stream's request),
+    /// which Python replaces with the answer's size once it decoded it.
+    pub reserved: bool,
     /// The request message's wire bytes.
     pub data: Bytes,
     pub principal: Principal,
@@ -317,6 +320,7 @@ mod tests {
         Arrival {
             key: inbox.next_key(),
             stream: false,
+            reserved: false,
             data: Bytes::from_static(b"x"),
             principal: None,
             arrived: monotonic_s(),

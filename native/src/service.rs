@@ -62,6 +62,7 @@ impl Context {
             Handed::Infer { data, principal } => self.inbox.arrive(Arrival {
                 key,
                 stream: false,
+                reserved: false,
                 data,
                 principal,
                 arrived: monotonic_s(),

@@ -129,8 +129,8 @@ impl StreamShared {
     }
 
     /// Count a request of `nbytes` read as `key`, with a provisional reservation for its
-    /// answer when the stream is deep.
-    fn admit(&self, key: u64, nbytes: usize, limits: &StreamLimits, largest: usize) {
+    /// answer when the stream is deep; whether it took one.
+    fn admit(&self, key: u64, nbytes: usize, limits: &StreamLimits, largest: usize) -> bool {
         let mut state = self.lock();
         let reserved = if state.outstanding.len() >= SHALLOW {
             limits.answers.reserve(nbytes, largest)
@@ -145,6 +145,7 @@ impl StreamShared {
             },
         );
         state.held += nbytes + reserved;
+        reserved > 0
     }
 
     /// Request `key`'s answer takes `nbytes` (Python decoded it): its reservation, if it
@@ -331,12 +332,13 @@ async fn read(
             Ok(Some(data)) => {
                 let arrived = monotonic_s();
                 let key = context.inbox.next_key();
-                shared.admit(key, data.len(), limits, context.max_message_bytes);
+                let reserved = shared.admit(key, data.len(), limits, context.max_message_bytes);
                 // Registered before it is handed over: Python may answer at once.
                 context.pending.insert(key, Waiter::Stream(shared.clone()));
                 context.inbox.arrive(Arrival {
                     key,
                     stream: true,
+                    reserved,
                     data,
                     principal: principal.clone(),
                     arrived,

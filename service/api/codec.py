@@ -4,10 +4,12 @@ Raw little-endian tensor bytes are wrapped without copying (`np.frombuffer`); ty
 fields are accepted on input too.
 
 Both directions skip protobuf's objects where they can, as reading or building them field by
-field costs microseconds per field. Requests: the requests of a sequence differ only in their
-tensor bytes (and their id), so `RequestDecoder` splits a request's bytes into those and the
-rest, decodes the rest once, and reuses it for every request that has the same rest. Responses
-are written straight to protobuf's wire format from parts cached per model and output shape.
+field costs microseconds per field. Requests: requests of one shape differ only in their tensor
+bytes, their id and their sequence parameters, so `RequestDecoder` splits a request's bytes
+into those and the rest, decodes the rest once, and reuses it for every request that has the
+same rest; the sequence parameters, a few bytes, are read on their own (and remembered too, as
+a sequence repeats them). Responses are written straight to protobuf's wire format from parts
+cached per model and output shape.
 """
 
 from __future__ import annotations
@@ -163,20 +165,26 @@ def decode_request(message: pb.ModelInferRequest) -> InferenceRequest:
 
 @dataclass(frozen=True, slots=True)
 class _Template:
-    """What requests with the same bytes, tensor data and id aside, decode to."""
+    """What requests with the same bytes, tensor data, id and sequence parameters aside,
+    decode to."""
 
     model: str
     version: str
     inputs: tuple[tuple[str, np.dtype[np.generic], tuple[int, ...], int, int], ...]
     """(name, dtype, shape, element count, byte count) of each raw input, in order."""
     outputs: tuple[str, ...]
-    sequence: SequenceControl
 
 
 _RAW_INPUT_CONTENTS = 7
 _ID = 3
+_PARAMETERS = 4
+_SEQUENCE_ENTRY_KEYS = tuple(
+    b"\n" + bytes((len(name),)) + name.encode() for name in sorted(_SEQUENCE_PARAMETERS)
+)
+"""How a `parameters` map entry whose key is a sequence parameter begins: its key field."""
+_SEQUENCE_PREFIX = b"sequence_"
 MAX_TEMPLATES = 4096
-"""Distinct request shapes remembered; about one per active sequence (its id is in them)."""
+"""Distinct request shapes remembered (a model's requests take a handful of shapes)."""
 MAX_TEMPLATE_BYTES = 4096
 """The longest request (tensor data and id aside) whose shape is remembered: a real one takes
 a few hundred bytes; a longer one decodes in full each time, so that MAX_TEMPLATES of them
@@ -200,12 +208,16 @@ class RequestDecoder:
         split = _split(data)
         if split is None:
             return self._decode(data, None, principal, received)
-        key, request_id, raws = split
+        key, request_id, raws, sequence_entries = split
         template = self._templates.get(key)
         if template is None or len(raws) != len(template.inputs):
             return self._decode(data, key, principal, received)
         if len(request_id) > MAX_REQUEST_ID_CHARS:
             return self._decode(data, None, principal, received)  # the full decode refuses it
+        try:
+            sequence = _sequence_of(b"".join(sequence_entries)) if sequence_entries else None
+        except DecodeError:  # the full decode says what is wrong
+            return self._decode(data, None, principal, received)
         inputs: dict[str, np.ndarray] = {}
         for (name, dtype, shape, count, size), (offset, length) in zip(
             template.inputs, raws, strict=True
@@ -218,7 +230,7 @@ class RequestDecoder:
             inputs,
             template.version,
             template.outputs,
-            template.sequence,
+            sequence or NO_SEQUENCE,
             request_id,
             principal,
             received,
@@ -244,7 +256,6 @@ class RequestDecoder:
                     for t, a in zip(message.inputs, request.inputs.values(), strict=True)
                 ),
                 request.outputs,
-                request.sequence,
             )
         return request
 
@@ -257,11 +268,21 @@ def parse_request(data: bytes) -> pb.ModelInferRequest:
         raise InvalidArgument(f"the request is not a valid ModelInferRequest: {error}") from None
 
 
-def _split(data: bytes) -> tuple[bytes, str, list[tuple[int, int]]] | None:
-    """A request's bytes without its tensor data and id; the id; (offset, length) of each raw
-    input. None when the request is not plain enough to split (it then decodes in full)."""
+@functools.lru_cache(maxsize=4096)
+def _sequence_of(entries: bytes) -> SequenceControl:
+    """The sequence control that `parameters` map entries (field 4 of a ModelInferRequest, each
+    whole) carry: the requests of a sequence repeat them, so each is read once. Raises
+    DecodeError for bytes protobuf refuses, InvalidArgument as `sequence_control` does."""
+    return sequence_control(pb.ModelInferRequest.FromString(entries).parameters)
+
+
+def _split(data: bytes) -> tuple[bytes, str, list[tuple[int, int]], list[bytes]] | None:
+    """A request's bytes without its tensor data, id and sequence parameters; the id; (offset,
+    length) of each raw input; the sequence parameters' map entries, whole. None when the
+    request is not plain enough to split (it then decodes in full)."""
     kept: list[bytes] = []
     raws: list[tuple[int, int]] = []
+    sequence_entries: list[bytes] = []
     request_id = ""
     position, size = 0, len(data)
     try:
@@ -278,6 +299,10 @@ def _split(data: bytes) -> tuple[bytes, str, list[tuple[int, int]]] | None:
                 raws.append((position, length))
             elif field == _ID:
                 request_id = data[position:end].decode()
+            elif field == _PARAMETERS and data.startswith(_SEQUENCE_ENTRY_KEYS, position):
+                sequence_entries.append(data[start:end])
+            elif field == _PARAMETERS and _SEQUENCE_PREFIX in data[position:end]:
+                return None  # an entry whose key protobuf may read as a sequence parameter
             else:
                 kept.append(data[start:end])
             position = end
@@ -285,7 +310,7 @@ def _split(data: bytes) -> tuple[bytes, str, list[tuple[int, int]]] | None:
         return None
     if not raws:
         return None  # typed contents: the tensor data is in what would be the key
-    return b"".join(kept), request_id, raws
+    return b"".join(kept), request_id, raws, sequence_entries
 
 
 def _read_varint(data: bytes, position: int) -> tuple[int, int]:

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import descriptor_pb2
@@ -48,12 +48,18 @@ except ImportError:  # built only where cargo was present at install
 else:
     AVAILABLE = True
 
+if TYPE_CHECKING:
+    from rnnserve_native import Arrival  # a type of the stub only
+
 logger = logging.getLogger(__name__)
 native_logger = logging.getLogger("rnnserve.native")
 
 MAINTENANCE_S = 1.0
 """How often the token file's stat and the models' answer bound are checked again."""
 HOT_METHODS = frozenset({"ModelInfer", "ModelStreamInfer"})
+REFUSALS = tuple(reason.value for reason in Refusal)
+"""The reasons of the refusal counts a take reports, in their order (missing, malformed,
+unknown)."""
 UNBOUNDED = 1e12
 """An answer bound per request byte that always reserves the largest message."""
 
@@ -196,9 +202,28 @@ class NativeFront:
         """Take everything that arrived and start it; answers go back as they come."""
         arrivals, calls, cancelled, logs, refusals, stopped = self._transport.take()
         if arrivals:
-            self.metrics.handed_over(len(arrivals))
+            self._arrive(arrivals)
+        for key, method, data, principal in calls:
+            self._start_call(key, method, data, principal or "")
+        if cancelled:
+            self._cancel(cancelled)
+        for level, message in logs:
+            native_logger.log(level, "%s", message)
+        if any(refusals):
+            for reason, count in zip(REFUSALS, refusals, strict=True):
+                if count:
+                    self.metrics.refused_authentication(reason, count)
+        if stopped:
+            self._stopped.set()
+        # What was answered at once (refused, or run inline) goes back now, not a loop
+        # iteration later.
+        self._flush()
+
+    def _arrive(self, arrivals: list[Arrival]) -> None:
+        """Submit each inference request, in the order they arrived."""
+        self.metrics.handed_over(len(arrivals))
         submit, tickets = self.servicer.submit, self._tickets
-        for key, stream, data, principal, arrived in arrivals:
+        for key, stream, reserved, data, principal, arrived in arrivals:
             reply = _Reply(self, key)
             ticket = submit(
                 data,
@@ -206,21 +231,10 @@ class NativeFront:
                 in_band=stream,
                 principal=principal or "",
                 received=arrived,
-                resolved=reply.reserve if stream else None,
+                resolved=reply.reserve if reserved else None,
             )
             if ticket is not None:
                 tickets[key] = ticket
-        for key, method, data, principal in calls:
-            self._start_call(key, method, data, principal or "")
-        if cancelled:
-            self._cancel(cancelled)
-        for level, message in logs:
-            native_logger.log(level, "%s", message)
-        for reason, count in zip(Refusal, refusals, strict=True):
-            if count:
-                self.metrics.refused_authentication(reason.value, count)
-        if stopped:
-            self._stopped.set()
 
     def _cancel(self, keys: list[int]) -> None:
         """Their calls ended: drop these requests if they have not run, stop these calls."""
@@ -254,10 +268,12 @@ class NativeFront:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        ok, failed, reserved = self._ok, self._failed, self._reserved
-        self._ok, self._failed, self._reserved = [], [], []
+        """Hand what is queued to the transport, in one call."""
         self._flush_scheduled = False
-        self._transport.answer(ok, failed, reserved)
+        ok, failed, reserved = self._ok, self._failed, self._reserved
+        if ok or failed or reserved:
+            self._ok, self._failed, self._reserved = [], [], []
+            self._transport.answer(ok, failed, reserved)
 
     # ------------------------------------------------------------------ cold methods
     def _start_call(self, key: int, method: str, data: bytes, principal: str) -> None:

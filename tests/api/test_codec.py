@@ -115,8 +115,32 @@ def test_decoder_reuses_a_shape_but_reads_each_requests_own_data_and_id() -> Non
             kwargs = {**variant, "request_id": f"{variant.get('request_id', 'r')}-{round_}"}
             raw = request_bytes(data=data, **kwargs)
             assert_same(decoder.decode(raw), decode_request(pb.ModelInferRequest.FromString(raw)))
-    # Each distinct shape was decoded in full once and then reused; an id is no part of one.
-    assert len(decoder._templates) == len(variants) - 1
+    # Each distinct shape was decoded in full once and then reused; an id and the sequence
+    # parameters are no part of one: the base, other outputs, another shape.
+    assert len(decoder._templates) == 3
+
+
+def test_a_parameter_whose_key_protobuf_reads_as_a_sequence_parameter_decodes_as_protobuf() -> None:
+    """A map entry may hold its key twice (protobuf keeps the last): one that begins as another
+    parameter and ends as sequence_id is a sequence parameter, wherever it stands among the
+    others, and every request carrying one decodes as protobuf decodes it."""
+    value = pb.InferParameter(int64_param=5).SerializeToString()
+    hidden = (
+        b"\x22"  # parameters (field 4), a map entry of:
+        + bytes((len(value) + 18,))
+        + b"\x0a\x01a"  # key "a", then
+        + b"\x0a\x0bsequence_id"  # key "sequence_id"
+        + b"\x12"
+        + bytes((len(value),))
+        + value  # value: int64 5
+    )
+    decoder = RequestDecoder()
+    for sequence_id in (7, 8, 9):
+        plain = request_bytes(sequence_id=sequence_id)
+        for raw in (hidden + plain, plain + hidden):
+            expected = decode_request(pb.ModelInferRequest.FromString(raw))
+            assert_same(decoder.decode(raw), expected)
+    assert expected.sequence.id == 5  # the hidden one came last, and was read
 
 
 def test_decoder_takes_fields_in_any_order() -> None:

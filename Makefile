@@ -146,7 +146,7 @@ system-deps: ## Debian packages the tests need (run as root, or with sudo)
 serve: install ## serve the bundled models (gRPC :8001, metrics :8002)
 	$(BIN)/rnnserve serve
 
-bench: install ## run the benchmark, Triton beside rnnserve (about 10 minutes; BENCH_ARGS=--quick for about 1)
+bench: install ## run the benchmark, Triton beside rnnserve on both transports (about 15 minutes; BENCH_ARGS=--quick for about 2)
 	$(BIN)/rnnserve bench $(BENCH_ARGS)
 
 bench-gpu: install ## the benchmark on a GPU machine, into docs/bench/gpu-<GPU> (see bench/run-gpu.sh)

@@ -17,11 +17,16 @@ def build_parser(prog: str = "rnnserve bench") -> argparse.ArgumentParser:
         prog=prog,
         description="In one run on this machine: ONNX Runtime in-process on the model file "
         "(the compute limit), rnnserve over gRPC on loopback with N concurrent sequences "
-        "(stream and unary), the real Triton beside it point by point, and a bare gRPC server "
-        "answering same-size responses with the same client (the transport limit). Writes "
-        "results.json, results.md and plots, and prints the table and the headline ratios last.",
+        "(stream and unary) through its native transport (`rnnserve`) and through grpc.aio "
+        "(`rnnserve-grpcio`), the real Triton beside both point by point, a bare gRPC server "
+        "answering same-size responses with the same client (the transport limit), "
+        "perf_analyzer against each server, and a scale point of 4,096 streams. Writes "
+        "results.json, results.md (led by the ratios to Triton against the targets) and plots, "
+        "and prints the report and the headline ratios last.",
     )
-    bench.add_argument("--quick", action="store_true", help="about a minute: fewer, shorter points")
+    bench.add_argument(
+        "--quick", action="store_true", help="about two minutes: fewer, shorter points"
+    )
     bench.add_argument("--model", default="charlm_lstm", help="a streaming model (charlm_lstm)")
     bench.add_argument(
         "--model-repository", type=Path, default=bundled_repository(), help="(the bundled one)"
@@ -63,7 +68,18 @@ def build_parser(prog: str = "rnnserve bench") -> argparse.ArgumentParser:
     )
     bench.add_argument("--no-unary", action="store_true", help="skip the ModelInfer points")
     bench.add_argument(
-        "--no-peers", action="store_true", help="skip the peers: Triton, TorchServe, perf_analyzer"
+        "--no-peers",
+        action="store_true",
+        help="skip the peers: Triton, TorchServe, perf_analyzer (rnnserve's two series and the "
+        "transport ceiling are still measured)",
+    )
+    bench.add_argument(
+        "--scale-streams",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="concurrent streams of the scale point on a fresh rnnserve (native): memory per "
+        "open stream and per idle sequence, one short window (4096; 0 skips it)",
     )
     bench.add_argument(
         "--triton",
@@ -108,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
             unary=not args.no_unary,
             peers=not args.no_peers,
             triton=args.triton,
+            scale_streams=args.scale_streams,
         )
         report = runner.run(options)
     except (ValueError, OSError, RuntimeError, ServiceError) as error:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import resource
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ STREAM = "stream"
 UNARY = "unary"
 FINISH_TIMEOUT_S = 60.0
 """How long sequences may take to send their END and close once a point's window is over."""
+SPARE_DESCRIPTORS = 256
+"""Open files the client needs besides one socket per channel (gRPC's pollers and wake-ups,
+the interpreter's own)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,9 @@ class LoadResult:
     after: Snapshot
     response_bytes: int
     channels: int
+    started: tuple[int, int] = (0, 0)
+    """Sequences whose first request had been answered, at the window's start and at its end:
+    how many were in the closed loop."""
 
     @property
     def steps_per_s(self) -> float:
@@ -114,11 +121,12 @@ class LoadResult:
 class _Window:
     """What all sequences of one point share; written from one event loop only."""
 
-    __slots__ = ("errors", "first_error", "latencies", "open", "response_bytes", "stop")
+    __slots__ = ("errors", "first_error", "latencies", "open", "response_bytes", "started", "stop")
 
     def __init__(self) -> None:
         self.open = False
         self.stop = False
+        self.started = 0
         self.latencies: list[float] = []
         self.errors = 0
         self.first_error = ""
@@ -174,6 +182,7 @@ async def _stream_sequence(
             w.error(problem)
             return
         w.response_bytes = len(reply)
+        w.started += 1
         step, latencies, clock = messages.step, w.latencies, time.perf_counter
         while not w.stop:
             sent = clock()
@@ -210,6 +219,7 @@ async def _unary_sequence(
     sent_with = metadata or None
     try:
         w.response_bytes = len(await infer(messages.start, metadata=sent_with))
+        w.started += 1
         step, latencies, clock = messages.step, w.latencies, time.perf_counter
         while not w.stop:
             sent = clock()
@@ -222,19 +232,47 @@ async def _unary_sequence(
         w.error(f"{error.code().name}: {error.details()}")
 
 
-async def _monitor(spec: LoadSpec, w: _Window, sample: Callable[[], Snapshot]) -> list[Snapshot]:
+async def _monitor(
+    spec: LoadSpec, w: _Window, sample: Callable[[], Snapshot]
+) -> tuple[Snapshot, Snapshot, tuple[int, int]]:
     await asyncio.sleep(spec.warmup_s)
     before = sample()
+    started_before = w.started
     w.open = True
     await asyncio.sleep(spec.duration_s)
     w.open = False
     after = sample()
     w.stop = True
-    return [before, after]
+    return before, after, (started_before, w.started)
 
 
 def channel_count(sessions: int, sessions_per_channel: int) -> int:
     return max(1, math.ceil(sessions / max(1, sessions_per_channel)))
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit, so that the client and
+    the servers it starts afterwards (which inherit it) can hold a socket per connection;
+    the soft limit now. Streams share their channel's connection, so 4,096 streams on 1,024
+    per channel take 4 descriptors; one channel per sequence takes one each, on both sides."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            logger.warning("cannot raise the open-file limit from %d to %d", soft, hard)
+    return soft
+
+
+def _check_descriptors(channels: int) -> None:
+    soft = raise_descriptor_limit()
+    if soft != resource.RLIM_INFINITY and channels + SPARE_DESCRIPTORS > soft:
+        raise ValueError(
+            f"{channels} channels need about {channels + SPARE_DESCRIPTORS} open files, above "
+            f"this process's limit of {soft} (`ulimit -n`); share channels between more "
+            "sequences (--sessions-per-channel)"
+        )
 
 
 async def run_load(
@@ -250,12 +288,11 @@ async def run_load(
     """
     if len(messages) != spec.sessions:
         raise ValueError(f"{len(messages)} sequences' messages for {spec.sessions} sessions")
+    count = channel_count(spec.sessions, spec.sessions_per_channel)
+    _check_descriptors(count)
     # A local subchannel pool gives each channel its own connection.
     options = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [
-        grpc.aio.insecure_channel(target, options=options)
-        for _ in range(channel_count(spec.sessions, spec.sessions_per_channel))
-    ]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(count)]
     try:
         for channel in channels:
             await asyncio.wait_for(channel.channel_ready(), 30)
@@ -267,7 +304,7 @@ async def run_load(
             )
             for i, m in enumerate(messages)
         ]
-        before, after = await _monitor(spec, window, sample)
+        before, after, started = await _monitor(spec, window, sample)
         done, pending = await asyncio.wait(tasks, timeout=FINISH_TIMEOUT_S)
         for task in pending:
             task.cancel()
@@ -289,4 +326,5 @@ async def run_load(
         after=after,
         response_bytes=window.response_bytes,
         channels=len(channels),
+        started=started,
     )

@@ -13,6 +13,7 @@ FULL_BATCHES = (1, 8, 32, 64, 256)
 """32: the batch rnnserve forms at 64 sequences, which the T=32 target compares with."""
 QUICK_BATCHES = (1, 64)
 HEADLINE_SESSIONS = 64
+SCALE_STREAMS = 4096
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,8 @@ class BenchOptions:
     unary: bool = True
     """Measure ModelInfer (unary) as well as the stream."""
     peers: bool = True
-    """Measure Triton and TorchServe and run perf_analyzer against rnnserve (each when
-    installed)."""
+    """Measure Triton and TorchServe and run perf_analyzer against rnnserve and Triton (each
+    when installed)."""
     triton: Path | None = None
     """Triton's launcher, `run REPOSITORY HTTP GRPC METRICS` (None: build/triton/run in the
     checkout, where `make triton` installs it)."""
@@ -59,6 +60,9 @@ class BenchOptions:
     token: str = ""
     """A bearer token every call sends (`authorization: Bearer <token>`), for a server that
     authenticates; empty sends none."""
+    scale_streams: int = SCALE_STREAMS
+    """Concurrent streams of the scale point, on a fresh rnnserve (native): their memory per
+    stream and per idle sequence, and one short window of their steps/s (0 skips it)."""
 
     def __post_init__(self) -> None:
         for name in ("sessions", "batches", "steps"):
@@ -75,6 +79,8 @@ class BenchOptions:
             raise ValueError(f"--provider must be auto, cpu or cuda, got {self.provider!r}")
         if self.sessions_per_channel < 1:
             raise ValueError("--sessions-per-channel must be at least 1")
+        if self.scale_streams < 0:
+            raise ValueError("--scale-streams must be 0 (skip) or more")
 
     @classmethod
     def resolve(

@@ -1,5 +1,10 @@
-"""Triton's perf_analyzer against rnnserve, run when it is installed and skipped with a reason
-when it is not. (The peer server, TorchServe, is `rnnserve_bench.torchserve`.)"""
+"""Triton's perf_analyzer, Triton's own load generator, run unchanged against each server when it
+is installed, and skipped with a reason when it is not. (The peer servers are
+`rnnserve_bench.triton` and `rnnserve_bench.torchserve`.)
+
+It runs in its two ways of sending a sequence's steps: one ModelInfer call per step (its default,
+asynchronous for a sequence model) and one bidirectional stream per sequence (`--streaming`).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,18 @@ logger = logging.getLogger(__name__)
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 PERF_ANALYZER = Path("build") / "perf_analyzer" / "bin" / "perf_analyzer"
 SEQUENCE_LENGTH = 20
+UNARY = "unary"
+STREAMING = "streaming"
+MODES = (UNARY, STREAMING)
+"""Its default (ModelInfer) and --streaming (ModelStreamInfer)."""
+IDS_PER_RUN = 10_000
+"""Sequence ids each run has to itself (`--sequence-id-range`): a run leaves the sequences it
+was in the middle of open, and the next must not find them."""
+TRIALS = 3
+"""Measurement windows per run. Its stability check is set out of reach, so every run measures
+exactly this many windows and reports them, as the benchmark's own points do; left to itself it
+may give up on a lone sequence whose latency varies more than it allows (no figure at all)."""
+TIMEOUT_S = 180
 
 
 def find_perf_analyzer() -> Path | None:
@@ -28,42 +45,73 @@ def find_perf_analyzer() -> Path | None:
     return next((p for p in candidates if p.is_file() and os.access(p, os.X_OK)), None)
 
 
-def perf_analyzer(
-    target: str, workload: Workload, concurrency: int, interval_s: float, workdir: Path
-) -> dict[str, Any]:
-    """perf_analyzer's streaming sequence mode at one concurrency, one step per request."""
-    binary = find_perf_analyzer()
-    if binary is None:
-        return {"skipped": f"perf_analyzer not found ({PERF_ANALYZER}; `make perf-analyzer`)"}
-    report = workdir / "perf_analyzer.csv"
-    report.unlink(missing_ok=True)
+def missing() -> str:
+    return f"perf_analyzer not found ({PERF_ANALYZER}; `make perf-analyzer`)"
+
+
+def command(
+    binary: Path,
+    target: str,
+    workload: Workload,
+    mode: str,
+    concurrency: int,
+    interval_s: float,
+    first_id: int,
+    report: Path,
+) -> list[str]:
+    """perf_analyzer's command line: `concurrency` sequences of SEQUENCE_LENGTH one-step
+    requests, zeros as input, TRIALS windows of `interval_s`."""
+    if mode not in MODES:
+        raise ValueError(f"perf_analyzer mode {mode!r} is not one of {MODES}")
     shapes = [f"{t.name}:{','.join(str(d) for d in t.shape(1, 1)[1:])}" for t in workload.inputs]
-    command = [
-        str(binary), "-m", workload.model, "-i", "grpc", "-u", target, "--streaming",
+    return [
+        str(binary), "-m", workload.model, "-i", "grpc", "-u", target,
+        *(["--streaming"] if mode == STREAMING else []),
         *(arg for shape in shapes for arg in ("--shape", shape)),
         "--input-data", "zero", "--sequence-length", str(SEQUENCE_LENGTH),
-        "--concurrency-range", str(concurrency),
+        "--sequence-id-range", f"{first_id}:{first_id + IDS_PER_RUN - 1}",
+        "--concurrency-range", f"{concurrency}:{concurrency}",
         "--measurement-interval", str(max(500, round(interval_s * 1000))),
-        "--max-trials", "3", "--stability-percentage", "100", "-f", str(report),
+        "--max-trials", str(TRIALS), "--stability-percentage", "10000", "-f", str(report),
     ]  # fmt: skip
-    logger.info("running %s", " ".join(command))
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=180)
-    except subprocess.TimeoutExpired:
-        return {"skipped": "perf_analyzer ran past 180 s", "command": command}
-    output = done.stdout + done.stderr
-    if done.returncode != 0 or not report.exists():
-        tail = "\n".join(output.splitlines()[-10:])
-        return {"skipped": f"perf_analyzer failed ({done.returncode}): {tail}", "command": command}
-    rows = list(csv.DictReader(io.StringIO(report.read_text())))
-    if not rows:
-        return {"skipped": "perf_analyzer wrote no result row", "command": command}
-    row = rows[-1]
-    return {
+
+
+def perf_analyzer(
+    binary: Path,
+    target: str,
+    workload: Workload,
+    mode: str,
+    concurrency: int,
+    interval_s: float,
+    first_id: int,
+    report: Path,
+) -> dict[str, Any]:
+    """One run at one concurrency: its steps/s and latency percentiles, or `failed` with the
+    reason (the tail of its output)."""
+    argv = command(binary, target, workload, mode, concurrency, interval_s, first_id, report)
+    report.unlink(missing_ok=True)
+    found: dict[str, Any] = {
+        "mode": mode,
         "concurrency": concurrency,
         "sequence_length": SEQUENCE_LENGTH,
+        "command": argv,
+    }
+    logger.info("running %s", " ".join(argv))
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {**found, "failed": f"perf_analyzer ran past {TIMEOUT_S} s"}
+    output = done.stdout + done.stderr
+    if done.returncode != 0 or not report.exists():
+        tail = " / ".join(line.strip() for line in output.splitlines()[-4:] if line.strip())
+        return {**found, "failed": f"perf_analyzer exited with {done.returncode}: {tail}"}
+    rows = list(csv.DictReader(io.StringIO(report.read_text())))
+    if not rows:
+        return {**found, "failed": "perf_analyzer wrote no result row"}
+    row = rows[-1]
+    return {
+        **found,
         "steps_per_s": float(row["Inferences/Second"]),
         "p50_ms": float(row["p50 latency"]) / 1e3,
         "p99_ms": float(row["p99 latency"]) / 1e3,
-        "command": command,
     }

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,8 @@ PYTHON = (sys.executable, "-P")
 """How servers under test are started: -P keeps the current folder off the module path, so a
 `models/` or `service/` folder where the benchmark runs does not shadow the installed ones."""
 START_TIMEOUT_S = 90.0
+START_LINE = re.compile(r"serving version=\S+ transport=(\w+)")
+"""rnnserve's start line, which names the transport serving the port."""
 
 
 class ProcessError(RuntimeError):
@@ -89,23 +92,52 @@ class ChildServer:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def death(self) -> str:
+        """How the process ended, in words ("" while it runs)."""
+        code = self.process.poll()
+        if code is None:
+            return ""
+        if code < 0:
+            return f"(pid {self.pid}) died of {signal.Signals(-code).name}"
+        return f"(pid {self.pid}) exited with {code}"
+
 
 class ServerProcess(ChildServer):
-    """A server started with `--port-file`, stopped with SIGTERM on exit from its `with`."""
+    """A server started with `--port-file`, stopped with SIGTERM on exit from its `with`;
+    `restart` starts it again (on fresh ports) after it died, keeping the earlier logs as
+    NAME.1.log, NAME.2.log, ..."""
+
+    ports: Ports
+    _last_threads: dict[int, tuple[str, float]]
 
     def __init__(self, name: str, command: Sequence[str], workdir: Path) -> None:
         self.name = name
+        self._command = list(command)
         workdir.mkdir(parents=True, exist_ok=True)
+        self._workdir = workdir
         self.log_path = workdir / f"{name}.log"
         self._port_file = workdir / f"{name}.ports.json"
+        self.starts = 0
+        self._start()
+
+    def _start(self) -> None:
+        if self.starts:
+            self.log_path.rename(self._workdir / f"{self.name}.{self.starts}.log")
+        self.starts += 1
+        self._last_cpu, self._last_threads = 0.0, {}
         self._port_file.unlink(missing_ok=True)
         with self.log_path.open("w") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
-                [*command, "--port-file", str(self._port_file)],
+                [*self._command, "--port-file", str(self._port_file)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
         self.ports = self._wait_for_ports()
+
+    def restart(self) -> None:
+        """A fresh process after a crash (or a stop)."""
+        self.stop()
+        self._start()
 
     def _wait_for_ports(self) -> Ports:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -122,11 +154,20 @@ class ServerProcess(ChildServer):
         return Ports(ports["grpc"], ports.get("metrics"))
 
     def cpu_seconds(self) -> float:
-        return process_cpu_seconds(self.pid)
+        """The last reading stays once the process is gone, so a point it dies in still ends."""
+        try:
+            self._last_cpu = process_cpu_seconds(self.pid)
+        except OSError:
+            pass
+        return self._last_cpu
 
     def cpu_by_thread(self) -> dict[int, tuple[str, float]]:
-        """Each thread's kind and CPU seconds (`rnnserve.threads.cpu_by_thread`)."""
-        return cpu_by_thread(self.pid)
+        """Each thread's kind and CPU seconds (`rnnserve.threads.cpu_by_thread`); the last
+        reading once the process is gone."""
+        threads = cpu_by_thread(self.pid)
+        if threads:
+            self._last_threads = threads
+        return self._last_threads
 
     def scrape(self) -> str:
         if self.ports.metrics is None:
@@ -165,14 +206,29 @@ def end_process(
     return process.returncode
 
 
-def start_rnnserve(workdir: Path, server_args: Sequence[str]) -> ServerProcess:
+def start_rnnserve(
+    workdir: Path, server_args: Sequence[str], name: str = "rnnserve"
+) -> ServerProcess:
     """The real server, started as an operator starts it (tests/server.py does the same)."""
     command = [
         *PYTHON, "-m", "rnnserve", "serve",
         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
         *server_args,
     ]  # fmt: skip
-    return ServerProcess("rnnserve", command, workdir)
+    return ServerProcess(name, command, workdir)
+
+
+def serving_transport(server: ServerProcess, timeout_s: float = 10.0) -> str:
+    """The transport the server's start line names (`transport=native` or `grpcio`).
+
+    The line follows the port file by a moment; ProcessError if it does not come."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if found := START_LINE.search(server.log_text()):
+            return found.group(1)
+        if time.monotonic() > deadline or not server.alive():
+            raise ProcessError(f"{server.name} logged no start line:\n{server.log_tail()}")
+        time.sleep(0.05)
 
 
 def start_echo(workdir: Path, repository: Path, model: str, steps: int) -> ServerProcess:

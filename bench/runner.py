@@ -15,8 +15,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from rnnserve.api import native
 from rnnserve.runtime.onnx import EngineSettings, Provider
-from rnnserve_bench import inprocess, machine, peers, report, torchserve, triton
+from rnnserve_bench import inprocess, machine, peers, report, scale, torchserve, triton
 from rnnserve_bench.loadgen import (
     OPEN_INFERENCE,
     STREAM,
@@ -25,6 +28,7 @@ from rnnserve_bench.loadgen import (
     LoadSpec,
     Snapshot,
     StreamApi,
+    raise_descriptor_limit,
     run_load,
 )
 from rnnserve_bench.options import BenchOptions
@@ -32,7 +36,9 @@ from rnnserve_bench.procs import (
     Measured,
     ProcessError,
     Restartable,
+    ServerProcess,
     histogram_totals,
+    serving_transport,
     start_echo,
     start_rnnserve,
 )
@@ -46,8 +52,20 @@ SETTLE_S = 0.2
 """Pause between points, so one point's END requests do not run into the next one's clock."""
 CHANNEL_SESSIONS = 64
 """The transport ceiling is measured with one channel per this many sequences too."""
-CONTENDERS = ("rnnserve", "triton", "transport")
+RNNSERVE = "rnnserve"
+RNNSERVE_GRPCIO = "rnnserve-grpcio"
+TRITON = "triton"
+TRANSPORT = "transport"
+OURS = {RNNSERVE: "native", RNNSERVE_GRPCIO: "grpcio"}
+"""rnnserve's series and the transport (`--transport`) each is served through: the main series
+is the native transport's."""
+CONTENDERS = (RNNSERVE, RNNSERVE_GRPCIO, TRITON, TRANSPORT)
 """Measured at each point in this order, then in the reverse order at the next."""
+PERF_ANALYZER_SERVERS = (RNNSERVE, RNNSERVE_GRPCIO, TRITON)
+NATIVE_MISSING = (
+    "the native transport is not installed (rnnserve-native: `make install` builds it where "
+    "cargo is present, or `pip install ./native`)"
+)
 LOG_TAIL_LINES = 40
 """Lines of a crashed peer's log kept in the results."""
 
@@ -80,11 +98,15 @@ class BenchReport:
 
 @dataclass
 class PeerRun:
-    """A peer through one run: its points, and the crashes it was restarted after."""
+    """A server through one run, and the crashes it was restarted after."""
 
     server: Restartable | None
-    """None once it could not be started again."""
-    points: list[dict[str, Any]] = field(default_factory=list)
+    """None once it could not be started (again)."""
+    name: str = ""
+    """What its points are called (the server's own name when empty)."""
+    scrape: bool = False
+    """Read its batch sizes from its /metrics (rnnserve's)."""
+    started: bool = True
     crashes: list[dict[str, Any]] = field(default_factory=list)
     stopped: str = ""
     """Why it was not measured after some point ("" while it is)."""
@@ -118,8 +140,11 @@ def run(options: BenchOptions) -> BenchReport:
         "options": _jsonable(asdict(options)),
         "model": {"name": workload.model, "version": workload.version},
     }
+    results["machine"]["open_files_limit"] = raise_descriptor_limit()  # servers inherit it
     results["inprocess"] = _run_inprocess(options, workload)
     results.update(_run_servers(options, workload))
+    results["targets"] = report.targets(results)
+    results["server_cpu_us_per_step"] = report.server_cpu(results, options.headline_sessions)
     results["headline"] = report.headline(results, options.headline_sessions)
     results["seconds"] = round(time.monotonic() - started, 1)
     files = report.write(results, options.out)
@@ -172,82 +197,111 @@ def _server_flags(options: BenchOptions) -> list[str]:
 
 
 def _run_servers(options: BenchOptions, workload: Workload) -> dict[str, Any]:
-    """rnnserve, Triton, the transport-only server and TorchServe, all started first and
-    measured point by point: each rnnserve point right next to Triton's and the transport's,
-    in alternating order.
+    """rnnserve on each transport, Triton, the transport-only server and TorchServe, all
+    started first and measured point by point: each rnnserve point right next to Triton's and
+    the transport's, in alternating order; then perf_analyzer against each.
 
     The machine's speed drifts over minutes (on the shared VM, the transport's figures once
     doubled from one part of a run to the next), and E and the Triton ratios compare these.
     """
     logs, ids = options.out / "logs", _Ids()
-    ours: list[dict[str, Any]] = []
-    transport: list[dict[str, Any]] = []
+    points: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
     found: dict[str, Any] = {}
     with ExitStack() as stack:
-        server = stack.enter_context(start_rnnserve(logs, _server_flags(options)))
+        runs = {name: _start_ours(options, name, stack) for name in OURS}
+        if all(run.server is None for run in runs.values()):
+            raise ProcessError(
+                "rnnserve did not start: " + "; ".join(run.stopped for run in runs.values())
+            )
         echoes = {
-            steps: stack.enter_context(start_echo(logs, options.repository, workload.model, steps))
+            steps: PeerRun(
+                stack.enter_context(start_echo(logs, options.repository, workload.model, steps)),
+                TRANSPORT,
+            )
             for steps in options.steps
         }
         started = _start_triton(options, workload, stack)
         if isinstance(started, str):
             found["triton"] = {"skipped": started}
-            rival = PeerRun(None, stopped=started)
+            runs[TRITON] = PeerRun(None, TRITON, stopped=started)
         else:
             found["triton"] = {
                 "version": triton.VERSION,
                 "settings": triton.settings(started.model_config(workload.model)),
             }
-            rival = PeerRun(started)
+            runs[TRITON] = PeerRun(started, TRITON)
         peer = _start_torchserve(options, workload, stack)
         if isinstance(peer, str):
             found["torchserve"] = {"skipped": peer}
-        sample_ours = _sampler(server, server.scrape, workload.model)
         turn = 0
         for series in series_of(options):
             for sessions in options.sessions:
-                echo = echoes[series.steps]
-                plain = {
-                    "rnnserve": (server, sample_ours),
-                    "transport": (echo, _sampler(echo)),
-                }
-                rounds = _rounds(options, workload, plain, rival, series, sessions, ids, turn)
+                contenders = {**runs, TRANSPORT: echoes[series.steps]}
+                rounds = _rounds(options, workload, contenders, series, sessions, ids, turn)
                 turn += options.repeats
-                for name, points in (("rnnserve", ours), ("triton", rival.points)):
-                    if rounds[name]:
-                        points.append(median_point(rounds[name]))
-                transport.append(median_point(rounds["transport"]))
+                for name, measured in rounds.items():
+                    if measured:
+                        points[name].append(median_point(measured))
                 headline = (report.HEADLINE_SERIES, options.headline_sessions)
                 if not isinstance(peer, str) and (series.label, sessions) == headline:
                     found["torchserve"] = _torchserve_point(options, workload, peer, ids)
         found.setdefault("torchserve", {"skipped": "the headline point was not measured"})
         channels = _compare_channels(options, workload, echoes.get(1), ids)
-        if options.peers:
-            found["perf_analyzer"] = peers.perf_analyzer(
-                server.target,
-                workload,
-                options.headline_sessions,
-                max(options.duration_s / 2, 0.5),
-                options.out,
-            )
-        else:
-            found["perf_analyzer"] = {"skipped": "--no-peers"}
+        found["perf_analyzer"] = _perf_analyzer(options, workload, runs)
     if "skipped" not in found["triton"]:
-        found["triton"].update(crashes=rival.crashes, stopped=rival.stopped)
+        found["triton"].update(crashes=runs[TRITON].crashes, stopped=runs[TRITON].stopped)
     return {
-        "rnnserve": ours,
-        "triton": rival.points,
-        "transport": transport,
+        "servers": _servers(runs, list(echoes.values())),
+        **points,
         "channels": channels,
         "peers": found,
+        "scale": _scale_point(options, workload, ids),
     }
+
+
+def _servers(runs: dict[str, PeerRun], echoes: list[PeerRun]) -> dict[str, Any]:
+    """rnnserve's series (the transport each served through) and the transport ceiling: the
+    crashes each was started again after (Triton's are with Triton's)."""
+    servers: dict[str, Any] = {}
+    for name, transport in OURS.items():
+        run = runs[name]
+        servers[name] = (
+            {"transport": transport, "crashes": run.crashes, "stopped": run.stopped}
+            if run.started
+            else {"skipped": run.stopped}
+        )
+    servers[TRANSPORT] = {
+        "crashes": [c for run in echoes for c in run.crashes],
+        "stopped": "; ".join(run.stopped for run in echoes if run.stopped),
+    }
+    return servers
+
+
+def _start_ours(options: BenchOptions, name: str, stack: ExitStack) -> PeerRun:
+    """rnnserve serving through `OURS[name]`, stopped with `stack`; checked against its start
+    line. A series that cannot start is skipped with the reason (the native transport is built
+    only where cargo was present)."""
+    transport = OURS[name]
+    if transport == "native" and not native.AVAILABLE:
+        return PeerRun(None, name, started=False, stopped=NATIVE_MISSING)
+    # The series is what its name says: its transport comes after the caller's flags.
+    flags = [*_server_flags(options), "--transport", transport]
+    try:
+        server = stack.enter_context(start_rnnserve(options.out / "logs", flags, name))
+        served = serving_transport(server)
+    except (OSError, ProcessError) as error:
+        logger.warning("%s did not start: %s", name, error)
+        reason = f"did not start: {str(error).splitlines()[0]}"
+        return PeerRun(None, name, started=False, stopped=reason)
+    if served != transport:
+        raise ProcessError(f"{name} serves through {served}, not {transport}")
+    return PeerRun(server, name, scrape=True, started=True)
 
 
 def _rounds(
     options: BenchOptions,
     workload: Workload,
-    plain: dict[str, tuple[Measured, Callable[[], Snapshot]]],
-    rival: PeerRun,
+    contenders: dict[str, PeerRun],
     series: Series,
     sessions: int,
     ids: _Ids,
@@ -255,17 +309,13 @@ def _rounds(
 ) -> dict[str, list[dict[str, Any]]]:
     """Each contender's measurements of one point, `options.repeats` rounds of them, the order
     reversed from one round to the next (the first round's order set by `turn`)."""
-    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
+    names = [name for name in CONTENDERS if name in contenders]
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for round_ in range(options.repeats):
-        for name in CONTENDERS[:: 1 if (turn + round_) % 2 == 0 else -1]:
-            if name == "triton":
-                measured = peer_point(options, workload, rival, series, sessions, ids)
-                if measured is not None:
-                    rounds[name].append(measured)
-                continue
-            target, sample = plain[name]
-            result = _point(options, workload, target, series, sessions, ids, sample)
-            rounds[name].append(_load_point(name, series, result))
+        for name in names[:: 1 if (turn + round_) % 2 == 0 else -1]:
+            measured = peer_point(options, workload, contenders[name], series, sessions, ids)
+            if measured is not None:
+                rounds[name].append(measured)
     return rounds
 
 
@@ -294,36 +344,57 @@ def peer_point(
     series: Series,
     sessions: int,
     ids: _Ids,
+    sessions_per_channel: int | None = None,
 ) -> dict[str, Any] | None:
-    """One point of a peer that may crash: a crash is recorded and the peer started again, so
-    the run goes on (Triton 2.51 has died of SIGSEGV under heavy streaming). None when the
-    peer could not be started again."""
-    server = peer.server
+    """One point of a server that may crash: a crash is recorded and the server started
+    again, so the run goes on (Triton 2.51 has died of SIGSEGV under heavy streaming). None
+    when the server could not be started again."""
+    server = _alive(peer, series.label, sessions)
     if server is None:
         return None
-    if not server.alive():  # between points
-        _crashed(peer, server, series, sessions, "between points")
-        server = peer.server
-        if server is None:
-            return None
+    scrape = server.scrape if peer.scrape and isinstance(server, ServerProcess) else None
+    sample = _sampler(server, scrape, workload.model)
+    label = peer.name or server.name
     try:
-        result = _point(options, workload, server, series, sessions, ids, _sampler(server))
+        result = _point(
+            options, workload, server, series, sessions, ids, sample, sessions_per_channel
+        )
     except ServerDied as died:
-        point = _load_point(server.name, series, died.result)
-        point["crashed"] = True
-        _crashed(peer, server, series, sessions, "during the point")
+        point = _load_point(label, series, died.result)
+        point.update(crashed=True, valid=False)
+        _crashed(peer, server, series.label, sessions, "during the point")
         return point
-    return _load_point(server.name, series, result)
+    except TimeoutError:  # its channels never became ready
+        if server.alive():
+            raise
+        _crashed(peer, server, series.label, sessions, "before the point")
+        return None
+    return _load_point(label, series, result)
+
+
+def _alive(peer: PeerRun, what: str, sessions: int) -> Restartable | None:
+    """The peer's server, started again first if it died since it was last measured; None
+    once it cannot be."""
+    server = peer.server
+    if server is not None and not server.alive():
+        _crashed(peer, server, what, sessions, "between points")
+        server = peer.server
+    return server
 
 
 def median_point(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One server's point from its repeated measurements: the round with the median steps/s
     (the lower of the two middle ones for an even count) among the rounds in which it did not
     crash (all of them if it crashed in every one), with every round's steps/s and p99 beside
-    it, the errors of all rounds, `crashed` if the server died in any and `crashed_rounds`."""
+    it, the errors of all rounds, `crashed` if the server died in any and `crashed_rounds`.
+
+    `valid` says whether the figures stand for the server: the round they come from neither
+    crashed nor had an error. The plots and the targets take only valid points."""
     clean = [p for p in rounds if not p.get("crashed", False)] or rounds
     ranked = sorted(clean, key=lambda p: p["steps_per_s"])
-    point = dict(ranked[(len(ranked) - 1) // 2])
+    chosen = ranked[(len(ranked) - 1) // 2]
+    point = dict(chosen)
+    point["valid"] = not chosen.get("crashed", False) and chosen["errors"] == 0
     point["rounds"] = len(rounds)
     point["steps_per_s_rounds"] = [p["steps_per_s"] for p in rounds]
     point["p99_ms_rounds"] = [p["p99_ms"] for p in rounds]
@@ -334,9 +405,9 @@ def median_point(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return point
 
 
-def _crashed(peer: PeerRun, server: Restartable, series: Series, sessions: int, when: str) -> None:
+def _crashed(peer: PeerRun, server: Restartable, what: str, sessions: int, when: str) -> None:
     crash = {
-        "series": series.label,
+        "series": what,
         "sessions": sessions,
         "when": when,
         "death": server.death(),
@@ -345,7 +416,7 @@ def _crashed(peer: PeerRun, server: Restartable, series: Series, sessions: int, 
     peer.crashes.append(crash)
     logger.warning(
         "%s %s at %s, %d sessions (%s); starting it again",
-        server.name, crash["death"], series.label, sessions, when,
+        server.name, crash["death"], what, sessions, when,
     )  # fmt: skip
     try:
         server.restart()
@@ -353,6 +424,119 @@ def _crashed(peer: PeerRun, server: Restartable, series: Series, sessions: int, 
         peer.server = None
         peer.stopped = f"did not start again after a crash: {str(error).splitlines()[0]}"
         logger.warning("%s %s", server.name, peer.stopped)
+
+
+def _perf_analyzer(
+    options: BenchOptions, workload: Workload, runs: dict[str, PeerRun]
+) -> dict[str, Any]:
+    """perf_analyzer in each of its modes at 1 and the headline concurrency, against each
+    server in turn (the order alternating from one cell to the next), as it drives Triton."""
+    if not options.peers:
+        return {"skipped": "--no-peers"}
+    binary = peers.find_perf_analyzer()
+    if binary is None:
+        return {"skipped": peers.missing()}
+    interval_s = max(options.duration_s / 2, 0.5)
+    names = [name for name in PERF_ANALYZER_SERVERS if name in runs]
+    found: list[dict[str, Any]] = []
+    cells = [(m, c) for m in peers.MODES for c in sorted({1, options.headline_sessions})]
+    for turn, (mode, concurrency) in enumerate(cells):
+        for name in names[:: 1 if turn % 2 == 0 else -1]:
+            run = PerfAnalyzerRun(binary, mode, concurrency, interval_s, 1 + len(found))
+            found.append(perf_analyzer_run(run, workload, runs[name], options.out / "logs"))
+    return {
+        "binary": str(binary),
+        "interval_s": interval_s,
+        "trials": peers.TRIALS,
+        "sequence_length": peers.SEQUENCE_LENGTH,
+        "runs": found,
+    }
+
+
+@dataclass(frozen=True)
+class PerfAnalyzerRun:
+    binary: Path
+    mode: str
+    concurrency: int
+    interval_s: float
+    number: int
+    """Its place in the run, from 1: which sequence ids it has to itself."""
+
+    @property
+    def first_id(self) -> int:
+        first = 1 + (self.number - 1) * peers.IDS_PER_RUN
+        if first + peers.IDS_PER_RUN > FIRST_SEQUENCE_ID:
+            raise ValueError(f"perf_analyzer run {self.number} would take the load points' ids")
+        return first
+
+
+def perf_analyzer_run(
+    run: PerfAnalyzerRun, workload: Workload, peer: PeerRun, workdir: Path
+) -> dict[str, Any]:
+    """One perf_analyzer run against a server that may crash: a crash found before the run
+    or caused by it is recorded, the server started again, and the run marked `crashed`."""
+    what = f"perf_analyzer {run.mode}"
+    server = _alive(peer, what, run.concurrency)
+    if server is None:
+        return {
+            "server": peer.name, "mode": run.mode, "concurrency": run.concurrency,
+            "skipped": peer.stopped,
+        }  # fmt: skip
+    name = peer.name or server.name
+    report_csv = workdir / f"perf_analyzer-{name}-{run.mode}-{run.concurrency}.csv"
+    measured = peers.perf_analyzer(
+        run.binary, server.target, workload, run.mode, run.concurrency, run.interval_s,
+        run.first_id, report_csv,
+    )  # fmt: skip
+    measured["server"] = name
+    if not server.alive():
+        measured["crashed"] = True
+        _crashed(peer, server, what, run.concurrency, "during the run")
+    if "failed" in measured:
+        logger.warning("perf_analyzer against %s: %s", name, measured["failed"])
+    else:
+        logger.info(
+            "perf_analyzer %s against %s, concurrency %d: %.0f steps/s, p99 %.2f ms",
+            run.mode, name, run.concurrency, measured["steps_per_s"], measured["p99_ms"],
+        )  # fmt: skip
+    time.sleep(SETTLE_S)
+    return measured
+
+
+def _scale_point(options: BenchOptions, workload: Workload, ids: _Ids) -> dict[str, Any]:
+    """`options.scale_streams` streams on a fresh rnnserve (native), once the rest is done."""
+    streams = options.scale_streams
+    if not streams:
+        return {"skipped": "--scale-streams 0"}
+    if not native.AVAILABLE:
+        return {"skipped": NATIVE_MISSING}
+    flags = [*_server_flags(options), *scale.server_flags(streams), "--transport", "native"]
+    try:
+        with start_rnnserve(options.out / "logs", flags, "rnnserve-scale") as server:
+            sample = _sampler(server, server.scrape, workload.model)
+            try:
+                found = scale.measure(
+                    server, workload, sample, streams, ids.take(scale.ids_needed(streams)),
+                    options.warmup_s, options.duration_s, options.sessions_per_channel,
+                )  # fmt: skip
+            except (grpc.RpcError, OSError, RuntimeError) as error:
+                return {
+                    "streams": streams,
+                    "failed": f"{type(error).__name__}: {error}",
+                    "death": server.death(),
+                    "log_tail": server.log_tail(LOG_TAIL_LINES),
+                }
+            if not server.alive():
+                found["crashed"] = server.death()
+    except (OSError, ProcessError) as error:
+        return {"streams": streams, "failed": f"did not start: {str(error).splitlines()[0]}"}
+    logger.info(
+        "scale: %d streams: %.0f steps/s, p99 %.1f ms, %d errors; RSS %.0f bytes per open "
+        "stream, %.0f per idle sequence",
+        streams, found["steps_per_s"], found["p99_ms"], found["errors"],
+        found["rss_per_open_stream_bytes"], found["rss_per_idle_sequence_bytes"],
+    )  # fmt: skip
+    return found
 
 
 def _start_torchserve(
@@ -383,18 +567,23 @@ def _torchserve_point(
     series = Series(STREAM, 1)
     # Java compiles its hot code as it runs: a fresh JVM needs longer than Python to warm up.
     options = replace(options, warmup_s=max(options.warmup_s, torchserve.WARMUP_S))
-    result = _point(
-        options, workload, server, series, options.headline_sessions, ids, _sampler(server),
-        messages_of=lambda sequence, steps: torchserve.messages(workload, sequence, steps),
-        api=torchserve.STREAM,
-    )  # fmt: skip
-    point = _load_point("torchserve", series, result)
+    try:
+        result = _point(
+            options, workload, server, series, options.headline_sessions, ids, _sampler(server),
+            messages_of=lambda sequence, steps: torchserve.messages(workload, sequence, steps),
+            api=torchserve.STREAM,
+        )  # fmt: skip
+    except ServerDied as died:
+        point = _load_point("torchserve", series, died.result)
+        point.update(crashed=True, valid=False, death=server.log_tail(LOG_TAIL_LINES))
+    else:
+        point = _load_point("torchserve", series, result)
     point["settings"] = torchserve.settings(workload.max_batch_size)
     return point
 
 
 def _compare_channels(
-    options: BenchOptions, workload: Workload, echo: Measured | None, ids: _Ids
+    options: BenchOptions, workload: Workload, echo: PeerRun | None, ids: _Ids
 ) -> list[dict[str, Any]]:
     """The transport ceiling with one channel per 64 sequences against one for all."""
     sessions = 256 if 256 in options.sessions else max(options.sessions)
@@ -402,22 +591,25 @@ def _compare_channels(
         return []
     channels = []
     for per_channel in (CHANNEL_SESSIONS, sessions):
-        result = _point(
-            options, workload, echo, Series(STREAM, 1), sessions, ids, _sampler(echo), per_channel
-        )
-        channels.append(_load_point("transport", Series(STREAM, 1), result))
+        point = peer_point(options, workload, echo, Series(STREAM, 1), sessions, ids, per_channel)
+        if point is not None:
+            channels.append(point)
     return channels
 
 
 def _sampler(
     server: Measured, scrape: Callable[[], str] | None = None, model: str = ""
 ) -> Callable[[], Snapshot]:
-    """Counters at a window's edge; the batch sizes from `scrape`, rnnserve's /metrics."""
+    """Counters at a window's edge; the batch sizes from `scrape`, rnnserve's /metrics (not
+    known where it does not answer: the server died)."""
 
     def sample() -> Snapshot:
         batch = (0.0, 0.0)
         if scrape is not None:
-            batch = histogram_totals(scrape(), "rnnserve_batch_size", model)
+            try:
+                batch = histogram_totals(scrape(), "rnnserve_batch_size", model)
+            except OSError:
+                batch = (math.nan, math.nan)
         return Snapshot(
             time.perf_counter(),
             time.process_time(),
@@ -490,13 +682,14 @@ def _load_point(server: str, series: Series, result: LoadResult) -> dict[str, An
         "p50_ms": result.percentile_ms(50),
         "p90_ms": result.percentile_ms(90),
         "p99_ms": result.percentile_ms(99),
-        "mean_batch": result.mean_batch if server == "rnnserve" else None,
+        "mean_batch": result.mean_batch if result.after.batch_count else None,
         "server_cpu_s_per_1000_steps": result.cpu_per_1000_steps("server_cpu_s"),
         "server_cpu_by_thread_s_per_1000_steps": result.thread_cpu_per_1000_steps(),
         "client_cpu_s_per_1000_steps": result.cpu_per_1000_steps("client_cpu_s"),
         "server_cpu_cores": _cores(result, "server_cpu_s"),
         "client_cpu_cores": _cores(result, "client_cpu_s"),
         "response_bytes": result.response_bytes,
+        "valid": result.errors == 0,
     }
 
 

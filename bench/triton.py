@@ -7,13 +7,12 @@ drives rnnserve (ModelStreamInfer and ModelInfer), and its answers equal rnnserv
 Readiness and the model's configuration are read over Triton's HTTP API, so the benchmark needs
 no tritonclient. Triton is stopped with SIGKILL: on SIGTERM it waits its 30 s exit timeout for
 the live sequences. It has died of SIGSEGV under heavy streaming in about a third of runs on the
-2-core VM, so the runner restarts it (`restart`) and records the crash.
+2-core VM, so the runner restarts it (`restart`) and records the crash (`death`).
 """
 
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import time
@@ -69,6 +68,7 @@ class Triton(ChildServer):
     (a restart keeps the earlier logs as triton.1.log, triton.2.log, ...)."""
 
     name = "triton"
+    ports: Ports
 
     def __init__(self, run: Path, repository: Path, workdir: Path) -> None:
         self._run, self._repository = run, repository
@@ -127,15 +127,6 @@ class Triton(ChildServer):
         """A fresh process on fresh ports, after a crash."""
         self.stop()
         self._start()
-
-    def death(self) -> str:
-        """How the process ended, in words ("" while it runs)."""
-        code = self.process.poll()
-        if code is None:
-            return ""
-        if code < 0:
-            return f"(pid {self.pid}) died of {signal.Signals(-code).name}"
-        return f"(pid {self.pid}) exited with {code}"
 
     def cpu_seconds(self) -> float:
         """The last reading stays once the process is gone, so a point it dies in still ends."""

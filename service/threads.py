@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 BATCH_THREAD = "rnnserve-batch"
-GRPC_THREADS = ("event_engine", "grpc_global_tim", "lifeguard")
+GRPC_THREADS = ("event_engine", "grpc_global_tim", "lifeguard", "rnnserve-io")
+"""gRPC's core threads, and the native transport's (its tokio runtime, native/src/server.rs)."""
 KINDS = ("event_loop", "batch", "grpc", "other")
 """The process's first thread runs the event loop; `other` is mostly ONNX Runtime's pools."""
 

@@ -385,7 +385,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         Whatever the transport, this is what a request means. `received` is when the transport
         received it (`time.perf_counter()` seconds; now when None); `resolved(model, request)`
         is called once its model is known, before it is submitted. Returns the ticket to
-        cancel it with while it waits, or None once it is answered (refused, or run inline).
+        cancel it with while it waits, or None when it was refused (and answered) at once; an
+        accepted request is never answered inside this call.
         """
         started = time.perf_counter() if received is None else received
         try:
@@ -399,11 +400,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if resolved is not None:
             resolved(model, request)
         labels = model.labels
-        answered = False  # the answer may come inside `submit`: refused, or run inline
 
         def answer(outcome: Outcome | Exception) -> None:
-            nonlocal answered
-            answered = True
             if isinstance(outcome, InferenceResult):
                 encode = encode_stream_response if in_band else encode_response
                 reply(encode(outcome, request.id))
@@ -417,11 +415,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 reply((code, text))
 
         try:
-            ticket = model.submit(request, answer)
-        except Exception as error:  # noqa: BLE001 - a model stopped meanwhile: still answered
+            return model.submit(request, answer)
+        except Exception as error:  # noqa: BLE001 - refused, or a model stopped meanwhile
             answer(error)
             return None
-        return None if answered else ticket
 
     def decode(self, data: bytes, principal: str, received: float) -> InferenceRequest:
         """The request in `data`, from `principal`, if the policy admits it; raises the

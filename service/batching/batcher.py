@@ -13,9 +13,10 @@ event loop with the batch, the outcomes and their timings. Everything else is it
   items handed over meanwhile, without waiting for the event loop, which completes the finished
   batch in parallel: `complete` is called once per batch, with no future or task per item.
 - The inline rule: an item that `may_run_inline` accepts, submitted while the batcher is idle,
-  runs on the event loop at once. Handing a batch to the worker thread and back costs two thread
-  wake-ups, about as much as a tiny model call (docs/performance.md measures it), and a lone
-  sequence would pay them on every request.
+  runs on the event loop right after the callback that submitted it (never inside `submit`:
+  no caller hears its outcome from inside its own submission). Handing a batch to the worker
+  thread and back costs two thread wake-ups, about as much as a tiny model call
+  (docs/performance.md measures it), and a lone sequence would pay them on every request.
 - Cancellation: an item cancelled before a worker takes it never runs; it is completed with
   `Cancelled` as its outcome.
 """
@@ -155,7 +156,8 @@ class SequenceBatcher(Generic[W, R]):
             self._worker_jobs -= 1
 
     def submit(self, item: W) -> Ticket[W]:
-        """Queue `item`; `complete` hears of it once it ran, failed or was cancelled.
+        """Queue `item`; `complete` hears of it once it ran, failed or was cancelled, never
+        inside this call.
 
         Synchronous on purpose: the items of one sequence are queued in the order they are
         submitted, whatever callers await in between. Raises RuntimeError after `stop`.
@@ -165,11 +167,12 @@ class SequenceBatcher(Generic[W, R]):
         ticket = Ticket(item)
         idle = self._unanswered == 0 and not self._running_inline and self._worker_jobs == 0
         if idle and self._may_run_inline is not None and self._may_run_inline(item):
+            # Items submitted meanwhile find the batcher busy, and queue behind this one.
             self._running_inline = True
-            try:
-                self._run_inline(ticket)
-            finally:
-                self._running_inline = False
+            self._unanswered += 1
+            loop = self._loop
+            assert loop is not None, "start() the batcher on the event loop first"
+            loop.call_soon(self._run_inline, ticket)
             return ticket
         self._unanswered += 1
         self._pending.append(ticket)
@@ -263,10 +266,15 @@ class SequenceBatcher(Generic[W, R]):
             logger.exception("completing a batch of model %s failed", self.name)
 
     def _run_inline(self, ticket: Ticket[W]) -> None:
-        self._unanswered += 1
-        started = time.perf_counter()
-        outcomes = self._run([ticket])
-        compute_s = time.perf_counter() - started
+        """On the event loop: run an inline item (unless cancelled meanwhile) and complete it."""
+        try:
+            started = time.perf_counter()
+            outcomes: Sequence[R | Exception] = (
+                [Cancelled()] if ticket.cancelled else self._run([ticket])
+            )
+            compute_s = time.perf_counter() - started
+        finally:
+            self._running_inline = False
         self._finish([ticket], outcomes, [started - ticket.submitted], compute_s)
 
     def _take(self) -> tuple[list[Ticket[W]], list[Ticket[W]]]:

@@ -77,6 +77,15 @@ class Ran(NamedTuple):
 Result = Ran | ServiceError
 
 
+class Executed(NamedTuple):
+    """What executing one work item gave: its result, and for a sequence's item whether the
+    slot held the sequence's state after it (its standing, read by the execution that wrote
+    it; None for work of no sequence). The event loop learns the standing only from this."""
+
+    result: Result
+    held: bool | None
+
+
 @dataclass(frozen=True)
 class BatchExecution:
     """Runs batches of one model version: `self(batch)` -> one `Ran` or ServiceError per item.
@@ -96,8 +105,9 @@ class BatchExecution:
     """Inputs that may hold no NaN and no infinity: the float ones, unless the config allows
     them (parameter allow_non_finite_inputs)."""
 
-    def __call__(self, batch: Sequence[Work]) -> list[Result]:
-        """On the worker thread: prepare, then run the items that may run; one answer each."""
+    def __call__(self, batch: Sequence[Work]) -> list[Executed]:
+        """On the worker thread (or inline on the event loop): prepare, then run the items
+        that may run; one `Executed` each."""
         advances = {
             k: Advance(work.sequence, work.start, work.end, work.expect)
             for k, work in enumerate(batch)
@@ -124,7 +134,13 @@ class BatchExecution:
                         self._run([item], advances, answers)
                     except Exception as alone:  # noqa: BLE001 - this request's own failure
                         answers[item[0]] = _answer_to(alone)
-        return [a if a is not None else Ran({}) for a in answers]
+        return [
+            Executed(
+                a if a is not None else Ran({}),
+                w.sequence.state.held if w.sequence is not None else None,
+            )
+            for a, w in zip(answers, batch, strict=True)
+        ]
 
     def _run(
         self,
@@ -168,7 +184,7 @@ class BatchExecution:
         for (k, work), row in zip(items, offsets, strict=False):
             if answers[k] is not None:
                 continue
-            version = work.sequence.version if work.sequence is not None else None
+            version = work.sequence.state.version if work.sequence is not None else None
             answers[k] = Ran({n: results[n][row : row + work.rows] for n in work.outputs}, version)
 
     def _keep_states(
@@ -309,10 +325,10 @@ def non_finite_error(what: str, may_opt_in: bool = False) -> InvalidArgument:
 
 def _state_not_finite(model: str, state: str, advance: Advance) -> InvalidArgument:
     sequence = advance.sequence
-    if advance.start and not sequence.held:
+    if advance.start and not sequence.state.held:
         kept = "the sequence was not started"
     else:
-        kept = f"its state was not advanced (it stays at version {sequence.version})"
+        kept = f"its state was not advanced (it stays at version {sequence.state.version})"
     return InvalidArgument(
         f"model {model} produced NaN or infinity in state {state} for sequence {sequence.id!r} "
         f"on this request; {kept}; check the request's inputs"

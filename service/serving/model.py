@@ -36,8 +36,8 @@ from rnnserve.repository.signature import ModelSignature, TensorSpec, signature_
 from rnnserve.runtime.base import Runtime
 from rnnserve.serving.execution import (
     BatchExecution,
+    Executed,
     Ran,
-    Result,
     Work,
     all_finite,
     non_finite_error,
@@ -175,7 +175,7 @@ class ServedModel:
         inline_max_work = 0 if store.shared else limits.inline_max_work
         self.stats = Statistics()
         support = self.sequences
-        self._batcher: SequenceBatcher[Work, Result] = SequenceBatcher(
+        self._batcher: SequenceBatcher[Work, Executed] = SequenceBatcher(
             f"{name}-{version}",
             BatchExecution(
                 runtime,
@@ -358,8 +358,7 @@ class ServedModel:
         try:
             outcome = await future
         except asyncio.CancelledError:
-            if ticket is not None:
-                ticket.cancel()
+            ticket.cancel()
             raise
         if not isinstance(outcome, ServiceError):
             return outcome
@@ -371,25 +370,23 @@ class ServedModel:
             # collector runs.
             del outcome, future, ticket
 
-    def submit(self, request: InferenceRequest, on_outcome: OnOutcome) -> Ticket[Work] | None:
-        """Check the request and queue its work; `on_outcome` hears how it ended, once.
+    def submit(self, request: InferenceRequest, on_outcome: OnOutcome) -> Ticket[Work]:
+        """Check the request and queue its work; the ticket, to cancel it. `on_outcome` hears
+        how it ended, once, on the event loop, and never inside this call.
 
-        A request that fails its checks is answered at once (a ServiceError, before this
-        returns) and None is returned; otherwise the ticket, to cancel it. Synchronous on
-        purpose: the requests of one sequence are queued in the order they arrive, whatever
-        callers await in between. Call on the event loop.
+        Raises the ServiceError that refuses the request (its checks failed), before anything
+        is queued; RuntimeError once the model stopped. Synchronous on purpose: the requests of
+        one sequence are queued in the order they arrive, whatever callers await in between.
+        Call on the event loop.
         """
         try:
             work = self._plan(request, on_outcome)
-        except ServiceError as error:
+        except ServiceError:
             self.stats.refused()
-            # Without its traceback: that holds this frame, whose `on_outcome` may hold the
-            # error (a waiting future): a cycle, and the request's bytes kept until collected.
-            on_outcome(error.with_traceback(None))
-            return None
+            raise
         sequence = work.sequence
         if sequence is not None and self.sequences is not None:
-            sequence.pending += 1
+            self.sequences.manager.request_started(sequence)
             if work.end:
                 self.sequences.manager.end(sequence)
         return self._batcher.submit(work)
@@ -397,7 +394,7 @@ class ServedModel:
     def _complete(
         self,
         batch: Sequence[Work],
-        outcomes: Sequence[Result | Exception],
+        outcomes: Sequence[Executed | Exception],
         queue_s: Sequence[float],
         compute_s: float,
     ) -> None:
@@ -405,8 +402,9 @@ class ServedModel:
         now = time.perf_counter()
         ok = ok_ns = failed = failed_ns = 0
         ran = False
-        for work, outcome, waited in zip(batch, outcomes, queue_s, strict=True):
+        for work, executed, waited in zip(batch, outcomes, queue_s, strict=True):
             answer: Outcome
+            outcome, held = executed if isinstance(executed, Executed) else (executed, None)
             if isinstance(outcome, Ran):
                 ran = True
                 answer = InferenceResult(
@@ -425,7 +423,7 @@ class ServedModel:
                 failed, failed_ns = failed + 1, failed_ns + elapsed_ns
             else:
                 ok, ok_ns = ok + 1, ok_ns + elapsed_ns
-            self._release(work, isinstance(answer, ServiceError))
+            self._release(work, isinstance(answer, ServiceError), held)
             try:
                 work.on_outcome(answer)
             except Exception:  # one caller's failure must not stop the others
@@ -435,13 +433,17 @@ class ServedModel:
             rows, int(compute_s * 1e9), int(sum(queue_s) * 1e9), (ok, ok_ns), (failed, failed_ns)
         )
 
-    def _release(self, work: Work, failed: bool) -> None:
+    def _release(self, work: Work, failed: bool, held: bool | None) -> None:
+        """Its sequence's bookkeeping after one request: `held` is what its execution reported
+        of the slot (None when it never ran)."""
         sequence, support = work.sequence, self.sequences
         if sequence is None or support is None:
             return
-        if failed and work.end and sequence.held:
+        if held is not None:
+            support.manager.reported(sequence, held)
+        if failed and work.end and sequence.has_state:
             support.manager.revive(sequence)  # an END not applied did not end it
-        if failed and not sequence.held and sequence.pending == 1:
+        if failed and not sequence.has_state and sequence.pending == 1:
             # Its state never reached the slot (a failed first step or load), and no request
             # of it is still queued (a START sent again after this one): drop it.
             support.manager.forget(sequence, "its first request failed")

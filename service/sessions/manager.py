@@ -178,6 +178,15 @@ class SequenceManager:
             if sequence.pending == 0:
                 self.arena.release(sequence.slot)
 
+    def request_started(self, sequence: LiveSequence) -> None:
+        """A request of `sequence` was submitted: it is pending until `request_finished`."""
+        sequence.pending += 1
+
+    def reported(self, sequence: LiveSequence, held: bool) -> None:
+        """The execution of a request of `sequence` reported whether its slot held its state
+        after it (requests complete in the order they ran)."""
+        sequence.has_state = held
+
     def request_finished(self, sequence: LiveSequence) -> None:
         """A submitted request ran (or failed); free the slot of an ended sequence once idle."""
         sequence.pending -= 1

@@ -144,12 +144,12 @@ class StateSync:
 
     def _read_for(self, advance: Advance) -> Read | ServiceError | None:
         """What to read for this step: a validation, a load, a take, nothing, or an error."""
-        sequence = advance.sequence
+        sequence, state = advance.sequence, advance.sequence.state
         if advance.start:
             return None
         if self.store.shared and self.durability is Durability.STEP:
-            return Read(self.key(sequence), unless=sequence.stamp if sequence.held else b"")
-        if sequence.held:
+            return Read(self.key(sequence), unless=state.stamp if state.held else b"")
+        if state.held:
             return None
         if self.store.shared:
             return Read(self.key(sequence), take=True)
@@ -160,10 +160,11 @@ class StateSync:
 
     def _unexpected(self, advance: Advance) -> Aborted | None:
         expect, sequence = advance.expect, advance.sequence
-        if expect is None or advance.start or expect == sequence.version:
+        version = sequence.state.version
+        if expect is None or advance.start or expect == version:
             return None
         return Aborted(
-            f"sequence {sequence.id!r} of model {self._label} is at version {sequence.version}, "
+            f"sequence {sequence.id!r} of model {self._label} is at version {version}, "
             f"not {expect} as the request expects (sequence_version); it was not applied"
         )
 
@@ -174,7 +175,7 @@ class StateSync:
                 return result
             return StoreUnavailable(f"state store {self.store.name}: {result}")
         if result is None:
-            sequence.held = False
+            sequence.state.held = False
             return SequenceNotFound(
                 f"sequence {sequence.id!r} of model {self._label} is not live: neither this "
                 f"replica nor the state store {self.store.name} holds it (never started, ended, "
@@ -183,7 +184,7 @@ class StateSync:
         if result == UNCHANGED:
             return None
         if result == MOVING:
-            sequence.held = False
+            sequence.state.held = False
             return ShuttingDown(
                 f"sequence {sequence.id!r} of model {self._label} is being handed over by a "
                 f"replica that is shutting down; send the request again in a moment"
@@ -191,7 +192,7 @@ class StateSync:
         try:
             stored = decode_state(result)
         except ValueError as error:
-            sequence.held = False
+            sequence.state.held = False
             self.events["refused"] += 1
             return StateMismatch(
                 f"sequence {sequence.id!r} of model {self._label}: the state store holds an "
@@ -200,7 +201,7 @@ class StateSync:
         shapes = [t.shape for t in stored.tensors]
         dtypes = {t.dtype for t in stored.tensors}
         if shapes != self.shapes or dtypes - {np.dtype("<f4")}:
-            sequence.held = False
+            sequence.state.held = False
             self.events["refused"] += 1
             return StateMismatch(
                 f"sequence {sequence.id!r} of model {self._label}: its stored state has shapes "
@@ -211,10 +212,10 @@ class StateSync:
             )
         slot = np.asarray([sequence.slot], dtype=np.intp)
         self.arena.put(slot, [t[np.newaxis] for t in stored.tensors])
-        sequence.held = True
-        sequence.version = stored.version
+        sequence.state.held = True
+        sequence.state.version = stored.version
         # A taken record is no longer in the store: nothing there to compare against.
-        sequence.stamp = stored.stamp if self.durability is Durability.STEP else b""
+        sequence.state.stamp = stored.stamp if self.durability is Durability.STEP else b""
         self.events["loaded"] += 1
         return None
 
@@ -233,11 +234,11 @@ class StateSync:
         errors = self._write(advances, writes) if writes else {}
         for j, advance in enumerate(advances):
             if j not in errors:
-                sequence = advance.sequence
-                sequence.version = 1 if advance.start else sequence.version + 1
-                sequence.held = True
+                state = advance.sequence.state
+                state.version = 1 if advance.start else state.version + 1
+                state.held = True
                 record = writes[j].record if j in writes else None
-                sequence.stamp = record[STAMP_OFFSET : STAMP_OFFSET + STAMP_SIZE] if record else b""
+                state.stamp = record[STAMP_OFFSET : STAMP_OFFSET + STAMP_SIZE] if record else b""
         return errors
 
     def _write(self, advances: Sequence[Advance], writes: dict[int, Write]) -> Errors:
@@ -260,10 +261,10 @@ class StateSync:
         if self.durability is not Durability.STEP:
             # A START leaves no stale record of an earlier sequence with its id to be taken.
             return Write(key, None) if advance.start else None
-        expect = None if advance.start else sequence.stamp
+        expect = None if advance.start else sequence.state.stamp
         if advance.end:
             return Write(key, None, expect)
-        version = 1 if advance.start else sequence.version + 1
+        version = 1 if advance.start else sequence.state.version + 1
         return Write(key, encode_state(version, new_tag(), state), expect, self.ttl_s)
 
     def _write_failure(self, sequence: LiveSequence, result: WriteResult) -> ServiceError:
@@ -288,7 +289,7 @@ class StateSync:
         """
         if not self.store.shared or self.durability is not Durability.END:
             return 0
-        held = [s for s in sequences if s.held]
+        held = [s for s in sequences if s.state.held]
         for first in range(0, len(held), _WRITE_CHUNK):
             chunk = held[first : first + _WRITE_CHUNK]
             self.store.write([Write(self.key(s), MOVING, ttl_s=ttl_s) for s in chunk])
@@ -298,7 +299,7 @@ class StateSync:
         """Write every held state (graceful shutdown at durability `end`); how many were."""
         if not self.store.shared or self.durability is not Durability.END:
             return 0
-        held = [s for s in sequences if s.held]
+        held = [s for s in sequences if s.state.held]
         for first in range(0, len(held), _WRITE_CHUNK):
             chunk = held[first : first + _WRITE_CHUNK]
             slots = np.asarray([s.slot for s in chunk], dtype=np.intp)
@@ -306,7 +307,7 @@ class StateSync:
             writes = [
                 Write(
                     self.key(s),
-                    encode_state(s.version, new_tag(), [t[k] for t in tensors]),
+                    encode_state(s.state.version, new_tag(), [t[k] for t in tensors]),
                     ttl_s=self.ttl_s,
                 )
                 for k, s in enumerate(chunk)

@@ -369,7 +369,10 @@ async def test_an_accepted_item_runs_inline_when_the_batcher_is_idle(harness: Ha
     batcher = harness.batcher(inline=True)
     loop_thread = threading.current_thread()
     batcher.submit(Item("i1", Stream("i"), inline=True))
-    # No await in between: it ran and was completed within submit.
+    # Never inside submit: right after this callback, on the event loop.
+    assert harness.complete.ids == []
+    assert batcher.busy
+    await asyncio.sleep(0)
     assert harness.complete.ids == ["i1"]
     assert harness.complete.outcome("i1") == "ran i1"
     assert harness.execute.threads == [loop_thread]
@@ -383,8 +386,20 @@ async def test_an_accepted_item_runs_inline_when_the_batcher_is_idle(harness: Ha
     assert harness.complete.of("w1").thread is loop_thread
 
     batcher.submit(Item("i2", Stream("i"), inline=True))  # idle again: inline again
+    await asyncio.sleep(0)
     assert harness.complete.ids == ["i1", "w1", "i2"]
     assert harness.execute.threads[2] is loop_thread
+
+
+async def test_an_inline_item_cancelled_before_it_ran_never_runs(harness: Harness) -> None:
+    batcher = harness.batcher(inline=True)
+    ticket = batcher.submit(Item("i1", Stream("i"), inline=True))
+    ticket.cancel()  # its client left in the same turn
+    await asyncio.sleep(0)
+    assert harness.complete.ids == ["i1"]
+    assert isinstance(harness.complete.outcome("i1"), Cancelled)
+    assert harness.execute.batches == []
+    assert not batcher.busy
 
 
 async def test_an_accepted_item_goes_to_the_worker_while_the_batcher_is_busy(
@@ -496,8 +511,8 @@ async def test_a_failing_complete_does_not_stop_the_batcher(harness: Harness) ->
     harness.complete.failures = 2
     batcher.submit(Item("first", Stream("f")))
     await harness.complete.wait("first")
-    batcher.submit(Item("inline", Stream("i"), inline=True))  # complete raises: submit doesn't
-    assert harness.complete.ids == ["first", "inline"]
+    batcher.submit(Item("inline", Stream("i"), inline=True))
+    await harness.complete.wait("inline")  # complete raised: the batcher did not
     batcher.submit(Item("then", Stream("t")))
     await harness.complete.wait("then")
     assert harness.complete.outcome("then") == "ran then"

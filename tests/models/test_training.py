@@ -36,7 +36,7 @@ def test_training_is_reproducible_with_a_fixed_seed() -> None:
 
 
 def test_packed_windows_train_the_forecaster() -> None:
-    task = SensorForecast(settings=TrainSettings(max_epochs=3, batch_size=16, patience=5))
+    task = SensorForecast(settings=TrainSettings(max_epochs=1, batch_size=16, patience=5))
     batch = next(task.train_batches(np.random.default_rng(0)))
     windows, lengths = batch
     assert len(set(lengths.tolist())) > 1, "windows of different lengths exercise packing"

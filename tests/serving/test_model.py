@@ -123,16 +123,23 @@ def step(sequence: object, token: int, start: bool, end: bool = False) -> Infere
 
 
 def submit(model: ServedModel, request: InferenceRequest) -> asyncio.Future[Outcome]:
-    """Submit now (not when a task first runs), as the servicer does; the outcome's future."""
+    """Submit now (not when a task first runs), as the servicer does; the outcome's future:
+    the refusal that `submit` raised, or what its callback heard, once and never inside it."""
     answer: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
     outcomes: list[Outcome] = []
+    submitting = True
 
     def deliver(outcome: Outcome) -> None:
+        assert not submitting, "answered from inside its own submission"
         outcomes.append(outcome)
         assert len(outcomes) == 1, "an outcome was delivered twice"
         answer.set_result(outcome)
 
-    model.submit(request, deliver)
+    try:
+        model.submit(request, deliver)
+    except ServiceError as refused:
+        answer.set_result(refused)
+    submitting = False
     return answer
 
 
@@ -323,7 +330,7 @@ async def test_a_callback_that_raises_does_not_keep_others_from_their_answers(en
         raise RuntimeError("a caller's bug")
 
     model.submit(step("h", 1, start=True, end=True), broken)
-    model.submit(step("i", 2, start=True, end=True), answered.set_result)
+    model.submit(step("i", 2, start=True, end=True), answered.set_result)  # after h: not inline
     assert_first_steps([await asyncio.wait_for(answered, WAIT_S)], [2])
     await until(lambda: not model.busy)
     assert model.live_sequences == 0

@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from rnnserve.errors import InvalidArgument, InvalidModelRepository, SequenceNotFound
+from rnnserve.errors import InvalidArgument, InvalidModelRepository, SequenceNotFound, ServiceError
 from rnnserve.runtime.base import Runtime
 from rnnserve.runtime.onnx import EngineSettings, OnnxRuntime, Provider, Spinning
 from rnnserve.serving.model import Limits, ServedModel
@@ -121,9 +121,13 @@ def request(
 
 
 def submit(model: ServedModel, wanted: InferenceRequest) -> asyncio.Future[Outcome]:
-    """Submit now, as the servicer does; the outcome's future."""
+    """Submit now, as the servicer does; the outcome's future (a refusal `submit` raised, or
+    what its callback heard)."""
     answer: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-    model.submit(wanted, answer.set_result)
+    try:
+        model.submit(wanted, answer.set_result)
+    except ServiceError as refused:
+        answer.set_result(refused)
     return answer
 
 

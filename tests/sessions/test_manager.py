@@ -265,7 +265,7 @@ def test_adopt_allocates_a_slot_for_an_id_not_held_here() -> None:
     sequences = manager(capacity=1, adopt=True)
     adopted = sequences.resume("elsewhere")
     assert sequences.live == {"elsewhere": adopted}
-    assert adopted.slot == 0 and not adopted.held
+    assert adopted.slot == 0 and not adopted.has_state and not adopted.state.held
     assert sequences.resume("elsewhere") is adopted  # the next continuation finds it
     assert sequences.counters.started == 0
     with pytest.raises(CapacityExhausted):

@@ -201,7 +201,7 @@ def test_replicas_that_alternate_continue_each_other(store) -> None:
     a.step(sid, 100)  # validates, sees b's newer state, loads it
     b.step(sid, 1000, expect=3)
     assert b.state(sid) == 1111
-    assert b.held[sid].version == 4
+    assert b.held[sid].state.version == 4
     with pytest.raises(Aborted, match="at version 4, not 3"):
         a.prepare(sid, expect=3)
 
@@ -258,6 +258,6 @@ def test_memory_store_checks_without_storing() -> None:
     replica = Replica(MemoryStore())
     replica.step("s", 1, start=True)
     replica.step("s", 1, expect=1)
-    assert replica.held["s"].version == 2
+    assert replica.held["s"].state.version == 2
     with pytest.raises(SequenceNotFound, match="first request failed"):
         replica.prepare("new")

@@ -102,9 +102,19 @@ $(VENV)/.installed-test: pyproject.toml bench/pyproject.toml $(LOCKS)/$(LOCK) | 
 CARGO := $(shell command -v cargo 2>/dev/null)
 NATIVE_SOURCES := $(wildcard native/Cargo.* native/pyproject.toml native/*.pyi native/src/*.rs)
 NATIVE := $(if $(CARGO),$(VENV)/.installed-native)
+# Its wheel, built once (maturin, through uv, with the backend the locks pin; the crates build in
+# native/target) for the virtualenv and the images alike; it needs no virtualenv, so `make test`
+# builds it while pip installs the rest.
+NATIVE_WHEEL := build/native/.built
 
-$(VENV)/.installed-native: $(NATIVE_SOURCES) $(LOCKS)/serve.txt | $(VENV)/.installed
-	$(call PIP_LOCKED,serve.txt) --no-deps ./native
+$(NATIVE_WHEEL): $(NATIVE_SOURCES) $(LOCKS)/test.txt | $(UV)
+	rm -rf build/native
+	CARGO_TARGET_DIR=$(CURDIR)/native/target SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) \
+		$(UV) build --quiet --wheel --build-constraint $(LOCKS)/test.txt --out-dir build/native native
+	@touch $@
+
+$(VENV)/.installed-native: $(NATIVE_WHEEL) | $(VENV)/.installed
+	$(BIN)/pip install --quiet --no-deps --force-reinstall build/native/*.whl
 	@touch $@
 
 install: $(VENV)/.installed $(NATIVE) ## virtualenv with rnnserve, its native transport (where cargo is) and its benchmark (no torch)
@@ -184,7 +194,12 @@ $(TRITON):
 
 triton: $(TRITON) ## the real Triton 2.51 (CPU), the conformance suite's peer, into build/triton
 
-test: system-deps install-test $(NATIVE) $(PERF_ANALYZER) $(TRITON) $(HELM) lint $(if $(CARGO),native-check) ## install everything, lint, run the test suite
+# The slow prerequisites that do not depend on each other are made side by side: pip's downloads,
+# the native crate's compile, perf_analyzer, Triton and helm (about 2 minutes saved cold).
+test: system-deps ## install everything, lint, run the test suite
+	@$(MAKE) --no-print-directory -j4 install-test $(if $(CARGO),$(NATIVE_WHEEL)) $(PERF_ANALYZER) \
+		$(TRITON) $(HELM)
+	@$(MAKE) --no-print-directory $(NATIVE) lint $(if $(CARGO),native-check)
 	$(BIN)/python -m pytest
 
 # podman's build of SOURCE with deploy/$(1), tagged with each of $(2).
@@ -200,12 +215,14 @@ wheels: $(UV) ## rnnserve's sdist and wheel, reproducibly, into build/sdist and 
 	$(PYTHON) deploy/normalize-sdist.py $(SOURCE_DATE_EPOCH) $(SDISTS)/*.tar.gz
 	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(UV) build --quiet --wheel \
 		--build-constraint $(LOCKS)/test.txt --out-dir $(WHEELS) $(SDISTS)/*.tar.gz
-	@# The native transport's wheel, where cargo is: the image then serves through it. Its
-	@# crates build in the checkout's native/target, which a release's export reuses.
-	$(if $(and $(CARGO),$(wildcard $(SOURCE)/native/Cargo.toml)),CARGO_TARGET_DIR=$(CURDIR)/native/target \
-		SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) \
+	@# The native transport's wheel, where cargo is: the image then serves through it. The
+	@# checkout's is built once (NATIVE_WHEEL); a release's export builds its own, its crates
+	@# from the checkout's native/target.
+	$(if $(and $(CARGO),$(wildcard $(SOURCE)/native/Cargo.toml)),$(if $(filter .,$(SOURCE)),\
+		$(MAKE) --no-print-directory $(NATIVE_WHEEL) && cp build/native/*.whl $(WHEELS)/,\
+		CARGO_TARGET_DIR=$(CURDIR)/native/target SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) \
 		$(UV) build --quiet --wheel --build-constraint $(LOCKS)/test.txt --out-dir $(WHEELS) \
-		$(SOURCE)/native)
+		$(SOURCE)/native))
 
 base-image: ## the images' base, BASE_IMAGE, when it is local (debootstrap; see deploy/base-image.sh)
 	@$(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="$(IMAGE_PACKAGES)"

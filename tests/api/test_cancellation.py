@@ -353,8 +353,9 @@ class Ticket:
 
 
 class FakeModel:
-    """Answers request ids starting "inline" inside `submit` (as the engine's inline path
-    does), refuses ids starting "refused", and queues the rest until `answer_queued`."""
+    """Answers request ids starting "inline" right after the callback that submitted them (as
+    the engine's inline path does), refuses ids starting "refused" (raising, as the engine's
+    checks do), and queues the rest until `answer_queued`."""
 
     name, version, labels = MODEL, 1, (MODEL, "1")
 
@@ -362,16 +363,19 @@ class FakeModel:
         self.tickets: dict[str, Ticket] = {}
         self.queued: dict[str, OnOutcome] = {}
 
-    def submit(self, request: InferenceRequest, on_outcome: OnOutcome) -> Ticket | None:
+    def submit(self, request: InferenceRequest, on_outcome: OnOutcome) -> Ticket:
         if request.id.startswith("refused"):
-            on_outcome(InvalidArgument("no"))
-            return None
+            raise InvalidArgument("no")
         ticket = self.tickets[request.id] = Ticket()
         if request.id.startswith("inline"):
-            on_outcome(InferenceResult(MODEL, 1, {}, sequence_version=1))
+            result = InferenceResult(MODEL, 1, {}, sequence_version=1)
+            asyncio.get_running_loop().call_soon(on_outcome, result)
         else:
             self.queued[request.id] = on_outcome
         return ticket
+
+    def answer_bytes_of(self, request: InferenceRequest) -> int:
+        return 0  # what a deep stream reserves: nothing to bound here
 
     def answer_queued(self, rid: str) -> None:
         self.queued.pop(rid)(InferenceResult(MODEL, 1, {}, sequence_version=2))
@@ -412,6 +416,12 @@ async def requests(ids: list[str], then_wait: bool) -> AsyncIterator[bytes]:
 IDS = ["inline-0", "refused-1", "queued-2", "inline-3", "queued-4", "queued-5"]
 
 
+async def all_queued(model: FakeModel) -> None:
+    """Until every queued request of IDS was read and submitted."""
+    while len(model.queued) < 3:
+        await asyncio.sleep(0)
+
+
 async def answered_ids(stream: AsyncIterator[bytes], count: int) -> list[str]:
     return [
         pb.ModelStreamInferResponse.FromString(await anext(stream)).infer_response.id
@@ -425,7 +435,8 @@ async def test_only_the_unanswered_requests_of_an_abandoned_stream_are_cancelled
 ) -> None:
     model = FakeModel()
     stream = servicer_over(model).ModelStreamInfer(requests(IDS, then_wait=True), None)
-    assert await answered_ids(stream, 3) == ["inline-0", "refused-1", "inline-3"]
+    assert set(await answered_ids(stream, 3)) == {"inline-0", "refused-1", "inline-3"}
+    await all_queued(model)
     model.answer_queued("queued-4")
     assert await answered_ids(stream, 1) == ["queued-4"]
     if how == "closed-between-answers":
@@ -445,8 +456,10 @@ async def test_a_half_closed_stream_cancels_nothing_and_answers_everything() -> 
     model = FakeModel()
     stream = servicer_over(model).ModelStreamInfer(requests(IDS, then_wait=False), None)
     first = await answered_ids(stream, 3)
+    await all_queued(model)
     for rid in ("queued-5", "queued-2", "queued-4"):
         model.answer_queued(rid)
     rest = [pb.ModelStreamInferResponse.FromString(a).infer_response.id async for a in stream]
-    assert first + rest == ["inline-0", "refused-1", "inline-3", "queued-5", "queued-2", "queued-4"]
+    # Refused at once, answered right after the submitting callback, then as they came.
+    assert first + rest == ["refused-1", "inline-0", "inline-3", "queued-5", "queued-2", "queued-4"]
     assert not any(ticket.cancelled for ticket in model.tickets.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -120,3 +121,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as error:
         print(f"rnnserve {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:
+        # Whoever read stdout stopped (`rnnserve forecast ... | head`): what is left to print
+        # has nowhere to go, and the exit's own flush must not fail on the closed pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
+
+
+BROKEN_PIPE = 141
+"""The exit code when stdout's reader went away: 128 + SIGPIPE, as a shell reports a command
+that a closed pipe ended (`yes | head`)."""

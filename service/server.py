@@ -108,8 +108,15 @@ class Server:
             ),
         )
         self.metrics = Metrics(self.registry.snapshot, self.store.statistics)
+        # A token's principal is checked again at each request (a stream's token is checked
+        # once, as it opens); under mutual TLS a principal may be a certificate's instead, which
+        # the token file does not name.
+        tokens = self.tokens
         self.servicer = InferenceServicer(
-            self.registry, self.metrics, max_stream_bytes=settings.max_message_bytes
+            self.registry,
+            self.metrics,
+            max_stream_bytes=settings.max_message_bytes,
+            known=tokens.names if tokens is not None and settings.tls_client_ca is None else None,
         )
         self.front = self._front()
         self.grpc_port = 0

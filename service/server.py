@@ -29,7 +29,7 @@ from rnnserve.auth import TokenFile
 from rnnserve.config import Settings
 from rnnserve.errors import ServiceError, StoreRejected
 from rnnserve.metrics import Metrics
-from rnnserve.runtime.onnx import EngineSettings, OnnxRuntime
+from rnnserve.runtime.onnx import EngineSettings, OnnxRuntime, quiet_process_logger
 from rnnserve.serving.model import Limits
 from rnnserve.serving.policy import Policy, PolicySettings
 from rnnserve.serving.registry import ModelRegistry
@@ -51,6 +51,7 @@ class Server:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        quiet_process_logger()  # before any model loads: the log is ours alone
         engine = EngineSettings(
             settings.provider,
             settings.intra_op_threads,

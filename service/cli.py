@@ -9,6 +9,11 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
+# gRPC's core logs lines of its own on stderr, unformatted ("I1207 ... Handshake failed" beside
+# the one line a command prints for an error, or amid --log-format json); it still logs errors.
+# It reads the variable once, as it is imported by the modules below.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from rnnserve import __version__
 from rnnserve.client import cli as client_commands
 from rnnserve.config import Settings, environment

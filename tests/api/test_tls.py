@@ -293,3 +293,5 @@ def test_a_failed_tls_handshake_is_told_as_one(mtls_server, pki) -> None:
     assert "the TLS handshake failed" in untrusted.stderr, untrusted.stderr
     assert "--tls-ca" in untrusted.stderr
     assert "running there" not in untrusted.stderr
+    # One line, as every failure of a command: none of gRPC's own ("I1207 ... Handshake failed").
+    assert len(untrusted.stderr.splitlines()) == 1, untrusted.stderr

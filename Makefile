@@ -291,7 +291,7 @@ bench-durability: system-deps install ## steps/s and latency of each state store
 	$(BIN)/python -m rnnserve_bench.durability
 
 train: install-test ## retrain and republish the three bundled models (CPU, a few minutes)
-	for m in digits_lstm sensor_gru charlm_lstm; do $(BIN)/rnnserve train $$m --no-progress || exit 1; done
+	for m in digits_lstm sensor_gru charlm_lstm; do $(BIN)/rnnserve train $$m --model-repository models/repository --overwrite --no-progress || exit 1; done
 
 clean: ## remove the virtualenv and build outputs
 	rm -rf $(VENV) $(MINIMUMS_VENV) build dist .pytest_cache

@@ -11,13 +11,13 @@ import argparse
 import datetime
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from rnnserve.errors import CommandError
-from rnnserve.models import bundled_repository
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +35,7 @@ def add_commands(sub: Any) -> None:
     train.add_argument(
         "model", metavar="MODEL", choices=BUNDLED, help=f"one of {', '.join(BUNDLED)}"
     )
-    train.add_argument(
-        "--repository",
-        type=Path,
-        default=bundled_repository(),
-        help="model repository to write into (default: the bundled one)",
-    )
-    train.add_argument("--version", type=int, default=1, help="version folder to write (default 1)")
+    add_target_arguments(train)
     train.add_argument(
         "--checkpoint-dir",
         type=Path,
@@ -67,16 +61,8 @@ def add_commands(sub: Any) -> None:
     export.add_argument(
         "checkpoint", type=Path, nargs="?", help="a .pt file written by `rnnserve train`"
     )
-    export.add_argument(
-        "--repository",
-        type=Path,
-        default=bundled_repository(),
-        help="model repository to write into (default: the bundled one)",
-    )
+    add_target_arguments(export)
     export.add_argument("--name", help="model name in the repository (default: the checkpoint's)")
-    export.add_argument(
-        "--version", type=int, default=1, help="version folder to write (default 1)"
-    )
     export.add_argument(
         "--streaming",
         action=argparse.BooleanOptionalAction,
@@ -133,15 +119,7 @@ def add_commands(sub: Any) -> None:
     )
     imports.add_argument("onnx_file", type=Path, metavar="MODEL.onnx", help="the ONNX graph")
     imports.add_argument("--name", required=True, help="model name in the repository")
-    imports.add_argument(
-        "--repository",
-        type=Path,
-        default=Path("model_repository"),
-        help="model repository to write into (default ./model_repository)",
-    )
-    imports.add_argument(
-        "--version", type=int, default=1, help="version folder to write (default 1)"
-    )
+    add_target_arguments(imports)
     imports.add_argument(
         "--state",
         action="append",
@@ -168,6 +146,77 @@ def add_commands(sub: Any) -> None:
     imports.set_defaults(run=_run_import, layout="auto")
 
 
+class _DeprecatedSpelling(argparse.Action):
+    """An option's old name: it still works, with a warning naming the new one."""
+
+    def __init__(self, *args: Any, new: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        sys.stderr.write(f"rnnserve: warning: {option_string} is deprecated: use {self.new}\n")
+        setattr(namespace, self.dest, values)
+
+
+WRITE_REPOSITORY = Path("model_repository")
+"""Where train, export and import write by default: a folder of the current directory, never the
+repository committed with rnnserve (`--model-repository models/repository` writes there)."""
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a command that writes a model puts it: `--model-repository` (the name `serve` and
+    `models` give a repository too; `--repository`, the old spelling, still works), the
+    version, and `--overwrite`."""
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        default=WRITE_REPOSITORY,
+        metavar="DIR",
+        help=f"model repository to write into (default ./{WRITE_REPOSITORY})",
+    )
+    parser.add_argument(
+        "--repository",
+        dest="model_repository",
+        type=Path,
+        action=_DeprecatedSpelling,
+        new="--model-repository",
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--version", type=int, default=1, help="version folder to write (default 1)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the version if the repository already holds it (default: refuse)",
+    )
+
+
+def check_target(args: argparse.Namespace, name: str) -> None:
+    """Refuse (CommandError, exit 2) to write a version the repository already holds, unless
+    --overwrite; checked before any training or export is spent on it."""
+    if args.version < 1:
+        raise CommandError(f"--version {args.version}: versions are 1 or more")
+    published = args.model_repository / name / str(args.version) / "model.onnx"
+    if args.overwrite or not published.exists():
+        return
+    taken = [
+        int(p.name)
+        for p in (args.model_repository / name).iterdir()
+        if p.name.isdigit() and (p / "model.onnx").exists()
+    ]
+    raise CommandError(
+        f"{published.parent} already holds version {args.version} of {name}: pass --version "
+        f"{max(taken) + 1} to add a version, or --overwrite to replace it"
+    )
+
+
 def _require_torch() -> None:
     try:
         import torch  # noqa: F401
@@ -187,6 +236,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from rnnserve.models.training import evaluate, fit, settings_card
     from rnnserve.models.zoo import TASKS
 
+    check_target(args, args.model)
     task = TASKS[args.model]()
     settings = task.settings
     if args.max_epochs is not None:
@@ -213,10 +263,17 @@ def _run_train(args: argparse.Namespace) -> int:
     save_checkpoint(checkpoint, args.model, result.model, task.signature, card)
     try:
         published = publish(
-            result.model, task.signature, args.repository, args.model, args.version, card=card
+            result.model,
+            task.signature,
+            args.model_repository,
+            args.model,
+            args.version,
+            card=card,
         )
     except OSError as error:
-        raise CommandError(f"cannot write to repository {args.repository}: {error}") from error
+        raise CommandError(
+            f"cannot write to repository {args.model_repository}: {error}"
+        ) from error
     print(
         json.dumps(
             {
@@ -291,17 +348,26 @@ def _run_export(args: argparse.Namespace) -> int:
     from rnnserve.models.publish import publish
 
     name, net, signature, card = load_checkpoint(args.checkpoint)
+    check_target(args, args.name or name)
     streamable = net.spec.streamable if args.streaming is None else args.streaming
     started = time.perf_counter()
     try:
         published = publish(
-            net, signature, args.repository, args.name or name, args.version, streamable, card
+            net,
+            signature,
+            args.model_repository,
+            args.name or name,
+            args.version,
+            streamable,
+            card,
         )
     except ExportError as error:
         exit_code = 2 if streamable and not net.spec.streamable else 1
         raise CommandError(str(error), exit_code) from error
     except OSError as error:
-        raise CommandError(f"cannot write to repository {args.repository}: {error}") from error
+        raise CommandError(
+            f"cannot write to repository {args.model_repository}: {error}"
+        ) from error
     _report(args.name or name, published, started)
     return 0
 
@@ -389,6 +455,7 @@ def _run_export_module(args: argparse.Namespace) -> int:
         shape = [int(d) for d in args.example_shape.split(",")]
     except ValueError as error:
         raise CommandError(f"--example-shape {args.example_shape}: {error}") from error
+    check_target(args, args.name)
     module = load_module(args.module, args.weights)
     torch.manual_seed(0)
     example = torch.zeros(shape, dtype=torch.int64) if args.token_ids else torch.randn(shape)
@@ -397,7 +464,7 @@ def _run_export_module(args: argparse.Namespace) -> int:
         published = export_module(
             module,
             example,
-            args.repository,
+            args.model_repository,
             args.name,
             args.version,
             state_layout=args.state_layout,
@@ -409,7 +476,9 @@ def _run_export_module(args: argparse.Namespace) -> int:
     except ExportError as error:
         raise CommandError(str(error), exit_code=1) from error
     except OSError as error:
-        raise CommandError(f"cannot write to repository {args.repository}: {error}") from error
+        raise CommandError(
+            f"cannot write to repository {args.model_repository}: {error}"
+        ) from error
     _report(args.name, published, started)
     return 0
 
@@ -428,11 +497,12 @@ def _run_import(args: argparse.Namespace) -> int:
             pairs.append((state_in, state_out))
     if not args.onnx_file.is_file():
         raise CommandError(f"{args.onnx_file}: not found")
+    check_target(args, args.name)
     started = time.perf_counter()
     try:
         published, found = import_onnx(
             args.onnx_file,
-            args.repository,
+            args.model_repository,
             args.name,
             args.version,
             pairs=pairs,
@@ -442,7 +512,9 @@ def _run_import(args: argparse.Namespace) -> int:
     except ExportError as error:
         raise CommandError(str(error), exit_code=1) from error
     except OSError as error:
-        raise CommandError(f"cannot write to repository {args.repository}: {error}") from error
+        raise CommandError(
+            f"cannot write to repository {args.model_repository}: {error}"
+        ) from error
     states = [f"{s.input_name}:{s.output_name}" for s in found.interface.states]
     _report(args.name, published, started, states=states, rewrites=list(found.notes))
     return 0

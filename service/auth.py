@@ -62,6 +62,12 @@ class TokenFile:
         native transport compares presented tokens with."""
         return self._digests
 
+    def names(self, principal: str) -> bool:
+        """Whether the file (read again if it changed) still names `principal`: a call
+        authenticated when it began, a stream say, goes on only while it does."""
+        self._reload_if_changed()
+        return any(known == principal for _, known in self._digests)
+
     def refresh(self) -> bool:
         """Read the file again if it changed (at most once a second); whether its entries
         changed."""

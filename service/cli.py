@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
+
+# gRPC's core logs lines of its own on stderr, unformatted ("I1207 ... Handshake failed" beside
+# the one line a command prints for an error, or amid --log-format json); it still logs errors.
+# It reads the variable once, as it is imported by the modules below.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from rnnserve import __version__
 from rnnserve.client import cli as client_commands
@@ -120,3 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as error:
         print(f"rnnserve {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:
+        # Whoever read stdout stopped (`rnnserve forecast ... | head`): what is left to print
+        # has nowhere to go, and the exit's own flush must not fail on the closed pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
+
+
+BROKEN_PIPE = 141
+"""The exit code when stdout's reader went away: 128 + SIGPIPE, as a shell reports a command
+that a closed pipe ended (`yes | head`)."""

@@ -141,6 +141,13 @@ class AnswerTooLarge(ServiceError):
     limit = "answer_bytes"
 
 
+class Unauthenticated(ServiceError):
+    """The call's principal is no longer one the server knows (its token was revoked while
+    its stream was open)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class RequestCancelled(ServiceError):
     """The request was cancelled (its client went away) before it ran; it was not applied."""
 

@@ -29,7 +29,7 @@ from rnnserve.auth import TokenFile
 from rnnserve.config import Settings
 from rnnserve.errors import ServiceError, StoreRejected
 from rnnserve.metrics import Metrics
-from rnnserve.runtime.onnx import EngineSettings, OnnxRuntime
+from rnnserve.runtime.onnx import EngineSettings, OnnxRuntime, quiet_process_logger
 from rnnserve.serving.model import Limits
 from rnnserve.serving.policy import Policy, PolicySettings
 from rnnserve.serving.registry import ModelRegistry
@@ -51,6 +51,7 @@ class Server:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        quiet_process_logger()  # before any model loads: the log is ours alone
         engine = EngineSettings(
             settings.provider,
             settings.intra_op_threads,
@@ -108,8 +109,15 @@ class Server:
             ),
         )
         self.metrics = Metrics(self.registry.snapshot, self.store.statistics)
+        # A token's principal is checked again at each request (a stream's token is checked
+        # once, as it opens); under mutual TLS a principal may be a certificate's instead, which
+        # the token file does not name.
+        tokens = self.tokens
         self.servicer = InferenceServicer(
-            self.registry, self.metrics, max_stream_bytes=settings.max_message_bytes
+            self.registry,
+            self.metrics,
+            max_stream_bytes=settings.max_message_bytes,
+            known=tokens.names if tokens is not None and settings.tls_client_ca is None else None,
         )
         self.front = self._front()
         self.grpc_port = 0

@@ -56,6 +56,7 @@ BOTH_TRANSPORTS = frozenset(
     {
         "tests.api.test_auth",
         "tests.api.test_cancellation",
+        "tests.api.test_client_outcomes",
         "tests.api.test_errors",
         "tests.api.test_golden",
         "tests.api.test_ownership",

@@ -25,7 +25,7 @@ from rnnserve import __version__
 from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve._pb import grpc_service_pb2_grpc as pb_grpc
 from rnnserve._pb import model_config_pb2 as mc
-from rnnserve.api.auth import PRINCIPAL
+from rnnserve.api.auth import MESSAGE, PRINCIPAL
 from rnnserve.api.codec import (
     RequestDecoder,
     encode_response,
@@ -35,7 +35,7 @@ from rnnserve.api.codec import (
 from rnnserve.api.handlers import end_call
 from rnnserve.api.parsing import checked_handler
 from rnnserve.api.status import status_of
-from rnnserve.errors import ServiceError
+from rnnserve.errors import ServiceError, Unauthenticated
 from rnnserve.serving.model import ModelState, ServedModel
 from rnnserve.serving.registry import ModelRegistry
 from rnnserve.serving.request import InferenceRequest, InferenceResult, Outcome
@@ -126,11 +126,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         registry: ModelRegistry,
         observer: RequestObserver,
         max_stream_bytes: int = 64 * 1024 * 1024,
+        known: Callable[[str], bool] | None = None,
     ) -> None:
         self.registry = registry
         self.observer = observer
         self.decoder = RequestDecoder()
         self.max_stream_bytes = max_stream_bytes
+        self.known = known
+        """Whether a principal the transport authenticated is still known (None: no check).
+        Checked at every request: a stream authenticates once, when it opens, and a token
+        revoked after that must not keep it going."""
 
     # ------------------------------------------------------------------ health
     async def ServerLive(
@@ -422,7 +427,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def decode(self, data: bytes, principal: str, received: float) -> InferenceRequest:
         """The request in `data`, from `principal`, if the policy admits it; raises the
-        ServiceError that refuses it (LimitExceeded, InvalidArgument)."""
+        ServiceError that refuses it (Unauthenticated, LimitExceeded, InvalidArgument)."""
+        if self.known is not None and not self.known(principal):
+            raise Unauthenticated(MESSAGE)
         self.registry.policy.admit(principal, len(data))
         return self.decoder.decode(data, principal, received)
 

@@ -36,7 +36,9 @@ from rnnserve.client.errors import (
     ClientError,
     DeadlineExceeded,
     InvalidArgument,
+    NotFound,
     OutputLost,
+    ResourceExhausted,
     Unavailable,
     from_rpc_error,
     from_stream_error,
@@ -141,15 +143,22 @@ class Health:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How a step that failed UNAVAILABLE is sent again (where that is safe: see Session)."""
+    """How a step that failed UNAVAILABLE is sent again (where that is safe: see Session), and
+    how long a step refused by a request-rate limit waits to be sent again."""
 
     attempts: int = 20
-    """Sends of one step in all, the first included (1: never retry)."""
+    """Sends of one step that failed UNAVAILABLE, in all, the first included (1: never
+    retry)."""
     timeout_s: float = 30.0
-    """Time from the first send after which no retry starts."""
+    """Seconds from the first send after which no retry starts (rate refusals included)."""
     backoff_s: float = 0.1
-    """Wait before the first retry; doubles each time, up to `max_backoff_s`."""
+    """Seconds to wait before the first retry after UNAVAILABLE; doubles each time, up to
+    `max_backoff_s`."""
     max_backoff_s: float = 2.0
+    rate_limited: bool = True
+    """Whether a step refused RESOURCE_EXHAUSTED by a request-rate limit ("retry in X s": the
+    server refused it before reading it, so it is always safe to send again) is sent again
+    after the wait the server names, for as long as `timeout_s` allows."""
 
 
 def _read_pem(path: str | Path | None) -> bytes | None:
@@ -241,11 +250,12 @@ class Client(AsyncClosing):
     TLS: `tls=True` verifies the server against `root_certificates` (a PEM file; default: the
     system's CAs); `private_key` and `certificate_chain` (PEM files) are the client's
     certificate for mutual TLS. Any of the files turns TLS on. `token` is sent on every call as
-    `authorization: Bearer <token>` (rnnserve does not check it yet; a proxy in front may).
+    `authorization: Bearer <token>` (what a server started with --auth-tokens asks for).
 
-    `timeout_s` bounds each unary call and the wait for each step's answer
-    (DeadlineExceeded). Errors are ClientError subclasses (rnnserve.client.errors), each with
-    the gRPC status code and the server's message.
+    `timeout_s` (seconds) bounds each unary call and the wait for each step's answer
+    (DeadlineExceeded; a step so abandoned is settled by its session's next step). `retry`
+    says which failed steps are sent again (RetryPolicy). Errors are ClientError subclasses
+    (rnnserve.client.errors), each with the gRPC status code and the server's message.
     """
 
     def __init__(
@@ -396,6 +406,10 @@ class Client(AsyncClosing):
     def _next_id(self) -> str:
         return str(next(self._ids))
 
+    def _forget(self, model: str) -> None:
+        """Drop what was read of `model`: it was unloaded, and may come back changed."""
+        self._configs = {key: info for key, info in self._configs.items() if key[0] != model}
+
     async def _shared_stream(self) -> _Stream:
         assert self._stream_lock is not None, "the client is not open"
         async with self._stream_lock:
@@ -411,6 +425,27 @@ class Client(AsyncClosing):
 
 def _version_key(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (1 << 62, version)
+
+
+@dataclass
+class _Abandoned:
+    """Steps of a sequence whose caller stopped waiting for their answers (a deadline, a
+    cancelled await): the server may still apply them. Only the latest one's answer is kept;
+    with the version check at most one of the `count` steps sent from `version` applies."""
+
+    answer: asyncio.Future[pb.ModelInferResponse]
+    version: int
+    """The sequence's version the steps were sent from (0: before its START)."""
+    count: int
+    start: bool
+    """Whether the first of them was the sequence's START."""
+    end: bool
+    """Whether the latest of them ends the sequence."""
+
+
+_OUTCOME_UNKNOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+"""A step that failed so may or may not have been applied: its answer, not the step, was
+lost."""
 
 
 class Session(AsyncClosing):
@@ -437,6 +472,17 @@ class Session(AsyncClosing):
       the next step continues it (only that step's output is gone, as the server does not keep
       answers). An END retried after it had been applied finds the sequence gone
       (INVALID_ARGUMENT): that too is OutputLost, and the session counts as ended.
+    A step refused RESOURCE_EXHAUSTED by a request-rate limit ("retry in X s") was not read by
+    the server: it is sent again after the wait the server names, within `RetryPolicy.timeout_s`.
+
+    Abandoned steps: a step whose answer the caller stops waiting for (DeadlineExceeded after
+    `Client.timeout_s`, or its `await` cancelled, as Ctrl-C does) may still be applied by the
+    server; its output is lost either way, as with OutputLost. The session settles it with its
+    next step (or `close()`): that step is sent with the version the session last saw, and if
+    the server reports the sequence one step further on, the abandoned step was applied and the
+    session adopts that version and sends the step again from it; if the server reports the
+    sequence ended (an abandoned END), the session counts as ended. So a session goes on from
+    whatever the server holds, and `sequence_version` says which it was.
     Any other error is raised at once and leaves the session where it was.
     """
 
@@ -467,6 +513,7 @@ class Session(AsyncClosing):
         self._state: dict[str, np.ndarray] | None = None
         self._started = False
         self._ended = False
+        self._abandoned: _Abandoned | None = None
         self._lock = asyncio.Lock()
 
     async def open(self) -> Session:
@@ -503,7 +550,9 @@ class Session(AsyncClosing):
         config's data type (charlm_lstm: int64 token ids [B, T]; sensor_gru: float32 readings
         in degC [B, T, 1]); a mapping gives several inputs by name. The output is [B, T, O...]
         (a forecast in the model's unit, logits, probabilities). `end=True` ends the sequence
-        after this step. Raises the ClientError subclasses listed in Session's description.
+        after this step. Raises the ClientError subclasses listed in Session's description;
+        DeadlineExceeded when no answer came within `Client.timeout_s` seconds (the step may
+        still be applied: the next step settles it).
         """
         outputs = await self.infer(x, end=end)
         assert self.info is not None
@@ -517,32 +566,36 @@ class Session(AsyncClosing):
             await self.open()
         assert self.info is not None
         async with self._lock:
+            inputs = self._inputs(x)
+            self._settle()
             if self._ended:
                 raise ClientError(f"sequence {self.sequence_id} has ended")
-            inputs = self._inputs(x)
             answer = await self._send(inputs, end)
             outputs = _outputs(answer)
             if self.explicit_state:
                 self._state = {s.input_name: outputs.pop(s.output_name) for s in self.info.states}
             else:
-                self._started, self._ended = True, end
-                if "sequence_version" in answer.parameters:
-                    self.sequence_version = answer.parameters["sequence_version"].int64_param
+                self._advanced(answer, end)
             return outputs
 
     async def close(self) -> None:
         """End the sequence if it is open (a step of zeros with END; its output is dropped)
-        and close the session's own stream, if it has one."""
+        and close the session's own stream, if it has one. Raises what a step raises."""
         try:
-            if self._started and not self._ended and self.info is not None:
-                zeros = {
-                    i.name: np.zeros((1, 1, *(max(d, 1) for d in i.dims[1:])), i.datatype_numpy)
-                    for i in self.info.inputs
-                }
-                try:
-                    await self.infer(zeros, end=True)
-                except OutputLost:
-                    pass  # the END took effect
+            if self.info is not None and not self.explicit_state:
+                async with self._lock:
+                    self._settle()
+                    if (self._started or self._abandoned is not None) and not self._ended:
+                        zeros = {
+                            i.name: np.zeros(
+                                (1, 1, *(max(d, 1) for d in i.dims[1:])), i.datatype_numpy
+                            )
+                            for i in self.info.inputs
+                        }
+                        try:
+                            self._advanced(await self._send(zeros, end=True), end=True)
+                        except OutputLost:
+                            pass  # the END took effect
         finally:
             if self._stream is not None:
                 await self._stream.close()
@@ -603,11 +656,89 @@ class Session(AsyncClosing):
             else:
                 assert self.sequence_id is not None
                 parameters["sequence_id"].int64_param = self.sequence_id
-            parameters["sequence_start"].bool_param = not self._started
+            # After an abandoned START whose fate is unknown, the step continues the sequence
+            # that START would have begun; "never started" then says to send the START again.
+            start = not self._started and self._abandoned is None
+            parameters["sequence_start"].bool_param = start
             parameters["sequence_end"].bool_param = end
-            if self._started and self.sequence_version is not None:
-                parameters["sequence_version"].int64_param = self.sequence_version
+            expected = self.sequence_version if self._started else None
+            if not self._started and self._abandoned is not None:
+                expected = 1
+            if expected is not None:
+                parameters["sequence_version"].int64_param = expected
         return request
+
+    def _advanced(self, answer: pb.ModelInferResponse, end: bool) -> None:
+        """A step of the sequence was answered: the server's version accounts for every step
+        abandoned before it."""
+        self._started, self._ended = True, end
+        self._abandoned = None
+        if "sequence_version" in answer.parameters:
+            self.sequence_version = answer.parameters["sequence_version"].int64_param
+
+    def _settle(self) -> None:
+        """Learn what became of the abandoned steps from the latest one's answer, if it came."""
+        abandoned = self._abandoned
+        if abandoned is None or not abandoned.answer.done() or abandoned.answer.cancelled():
+            return
+        failure = abandoned.answer.exception()
+        if failure is None:
+            logger.debug(
+                "an abandoned step of sequence %s was applied; the session goes on from it",
+                self.sequence_id,
+            )
+            self._advanced(abandoned.answer.result(), abandoned.end)
+        elif isinstance(failure, Aborted) and self._adopt(failure):
+            pass
+        elif isinstance(failure, ClientError) and failure.code not in _OUTCOME_UNKNOWN:
+            if abandoned.count == 1:  # refused: not applied
+                self._abandoned = None
+
+    def _adopt(self, refusal: Aborted | InvalidArgument) -> bool:
+        """Whether `refusal` of a step tells what became of the abandoned steps; if so, the
+        session now stands where the server does."""
+        abandoned = self._abandoned
+        if abandoned is None:
+            return False
+        if isinstance(refusal, Aborted):
+            reported = refusal.sequence_version
+            if reported is None or not 0 < reported - abandoned.version <= abandoned.count:
+                return False
+            logger.debug(
+                "an abandoned step of sequence %s was applied (the server is at version %d); "
+                "the session goes on from it",
+                self.sequence_id,
+                reported,
+            )
+            self.sequence_version, self._started = reported, True
+            self._abandoned = None
+            return True
+        if not _not_live(refusal):
+            return False
+        if abandoned.end:  # an abandoned END was applied
+            self._abandoned = None
+            self._started = self._ended = True
+            return True
+        if abandoned.start and not self._started:  # an abandoned START was not
+            self._abandoned = None
+            return True
+        return False
+
+    def _abandon(
+        self, answer: asyncio.Future[pb.ModelInferResponse], start: bool, end: bool
+    ) -> None:
+        """The caller stopped waiting for `answer`, to a step of the sequence."""
+        answer.add_done_callback(_retrieved)
+        if self.explicit_state:
+            return  # the server keeps nothing: the step changed nothing the session relies on
+        before = self._abandoned
+        if before is not None:
+            self._abandoned = _Abandoned(
+                answer, before.version, before.count + 1, before.start, end
+            )
+        else:
+            version = (self.sequence_version or 0) if self._started else 0
+            self._abandoned = _Abandoned(answer, version, 1, start, end)
 
     def _retry_is_safe(self) -> bool:
         return self.explicit_state or not self._started or self.sequence_version is not None
@@ -615,19 +746,21 @@ class Session(AsyncClosing):
     async def _send(self, inputs: Mapping[str, np.ndarray], end: bool) -> pb.ModelInferResponse:
         policy = self.client.retry
         first = time.monotonic()
-        for attempt in itertools.count(1):
+        failures = 0  # sends that failed UNAVAILABLE
+        while True:
             request = self._request(inputs, end)
             try:
                 return await self._exchange(request)
             except Unavailable as error:
+                failures += 1
                 elapsed = time.monotonic() - first
                 if (
-                    attempt >= policy.attempts
+                    failures >= policy.attempts
                     or elapsed >= policy.timeout_s
                     or not self._retry_is_safe()
                 ):
                     raise
-                wait = min(policy.backoff_s * 2 ** (attempt - 1), policy.max_backoff_s)
+                wait = min(policy.backoff_s * 2 ** (failures - 1), policy.max_backoff_s)
                 logger.info(
                     "step of %s unavailable (%s); sending it again in %.1f s",
                     self.model,
@@ -635,44 +768,101 @@ class Session(AsyncClosing):
                     wait,
                 )
                 await asyncio.sleep(wait)
-                if self._own_stream and self._stream is not None and self._stream.broken:
-                    metadata = self._stream_metadata()
-                    self._stream = self.client._open_stream(metadata)
-            except (Aborted, InvalidArgument) as error:
-                if attempt == 1 or self.explicit_state or not self._started:
+            except ResourceExhausted as error:
+                wait = error.retry_after_s
+                if (
+                    wait is None
+                    or not policy.rate_limited
+                    or time.monotonic() - first + wait >= policy.timeout_s
+                ):
                     raise
-                assert self.sequence_version is not None
-                applied = self.sequence_version + 1
-                if isinstance(error, Aborted) and error.sequence_version == applied:
-                    self.sequence_version = applied
-                    self._ended = end
-                    raise OutputLost(
-                        f"step {applied} of sequence {self.sequence_id} was applied before "
-                        f"its answer was lost; the sequence goes on from it"
-                    ) from error
-                if isinstance(error, InvalidArgument) and end:
-                    self._ended = True
-                    raise OutputLost(
-                        f"the END of sequence {self.sequence_id} was applied before its "
-                        f"answer was lost"
-                    ) from error
+                logger.debug("step of %s rate-limited; sent again in %.3f s", self.model, wait)
+                await asyncio.sleep(max(wait, 0.001))
+            except (Aborted, InvalidArgument) as error:
+                if self.explicit_state:
+                    raise
+                self._refused(error, end, resent=failures > 0)
+            except NotFound:
+                self.client._forget(self.model)  # unloaded: a later session reads it again
                 raise
-        raise AssertionError("unreachable")
+
+    def _refused(self, error: Aborted | InvalidArgument, end: bool, resent: bool) -> None:
+        """A step of the sequence was refused ABORTED or INVALID_ARGUMENT: return to send it
+        again from where the server stands (an abandoned step was applied, or an abandoned
+        START was not); raise OutputLost where the refusal shows that the step itself was
+        applied before its answer was lost (`resent`: it was sent again after UNAVAILABLE);
+        else raise `error`."""
+        if self._adopt(error):
+            if not self._ended:
+                return
+            message = f"sequence {self.sequence_id} has ended: its END was applied"
+            if end:
+                raise OutputLost(message, error.code) from error
+            raise ClientError(message) from error
+        if not resent or not self._started:
+            raise error
+        assert self.sequence_version is not None
+        applied = self.sequence_version + 1
+        if isinstance(error, Aborted) and error.sequence_version == applied:
+            self.sequence_version = applied
+            self._ended = end
+            raise OutputLost(
+                f"step {applied} of sequence {self.sequence_id} was applied before "
+                f"its answer was lost; the sequence goes on from it"
+            ) from error
+        if isinstance(error, InvalidArgument) and end:
+            self._ended = True
+            raise OutputLost(
+                f"the END of sequence {self.sequence_id} was applied before its answer was lost"
+            ) from error
+        raise error
 
     def _stream_metadata(self) -> Metadata:
         header = (SEQUENCE_ID_HEADER, sequence_id_header(self.sequence_id or 0))
         return (*self.client._metadata, header)
 
+    async def _current_stream(self) -> _Stream:
+        if not self._own_stream:
+            return await self.client._shared_stream()
+        if self._stream is None or self._stream.broken is not None:
+            # A broken stream stays broken: every later step would fail on it.
+            self._stream = self.client._open_stream(self._stream_metadata())
+        return self._stream
+
     async def _exchange(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        stream = self._stream if self._own_stream else await self.client._shared_stream()
-        assert stream is not None
-        future = stream.send(request)
+        stream = await self._current_stream()
+        answer = stream.send(request)
+        # Read without indexing: indexing a protobuf map adds the key.
+        flags = {
+            k: v.bool_param for k, v in request.parameters.items() if k.startswith("sequence_")
+        }
+        start, end = flags.get("sequence_start", False), flags.get("sequence_end", False)
         try:
-            return await asyncio.wait_for(future, self.client.timeout_s)
-        except TimeoutError:
+            # asyncio.wait, not wait_for: a late answer still reaches the future, and the next
+            # step learns from it what became of this one.
+            done, _ = await asyncio.wait((answer,), timeout=self.client.timeout_s)
+        except asyncio.CancelledError:
+            self._abandon(answer, start, end)
+            raise
+        if not done:
+            self._abandon(answer, start, end)
             raise DeadlineExceeded(
-                f"no answer within {self.client.timeout_s} s", grpc.StatusCode.DEADLINE_EXCEEDED
-            ) from None
+                f"no answer within {self.client.timeout_s} s (the step may still be applied: "
+                f"the session's next step settles it)",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+        return answer.result()
+
+
+def _not_live(refusal: InvalidArgument) -> bool:
+    """Whether `refusal` says the sequence is not live (rnnserve), or needs a START (Triton)."""
+    return "not live" in refusal.message or "START" in refusal.message
+
+
+def _retrieved(answer: asyncio.Future[pb.ModelInferResponse]) -> None:
+    """Mark an abandoned answer's failure as seen (asyncio logs one never retrieved)."""
+    if not answer.cancelled():
+        answer.exception()
 
 
 def _dim(d: int) -> str:

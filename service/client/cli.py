@@ -12,6 +12,7 @@ import asyncio
 import csv
 import json
 import math
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ from rnnserve.repository.layout import scan
 
 T = TypeVar("T")
 
+URL_VARIABLE = "RNNSERVE_URL"
+"""The environment variable that gives the client commands' --url its default."""
 DEFAULT_URL = f"{Settings.host}:{Settings.grpc_port}"
 PLOT_SIZE = (1000, 500)
 """Pixels of a `forecast --plot` image (10 x 5 inches at 100 dpi)."""
@@ -66,11 +69,13 @@ def add_commands(sub: Any) -> None:
     generate = sub.add_parser(
         "generate",
         help="stream a prompt through a character model and print its continuation",
-        description="A streaming client: feeds the prompt one character per request on one "
-        "gRPC stream (the server carries the LSTM state), then continues the text, printing "
-        "each character as it comes.",
+        description="A streaming client: sends the whole prompt in one request on a gRPC "
+        "stream, then each generated character as one more request on the same stream (the "
+        "server carries the LSTM state between them), printing each character as it comes. "
+        "The prompt may hold only characters of the model's vocabulary (a usage error names "
+        "any others).",
     )
-    generate.add_argument("prompt", help="text to start from")
+    generate.add_argument("prompt", help="text to start from, in the model's vocabulary")
     generate.add_argument(
         "--model", default="charlm_lstm", help="a model with a vocabulary (default: charlm_lstm)"
     )
@@ -135,7 +140,9 @@ def add_commands(sub: Any) -> None:
 def _add_output_arguments(parser: argparse.ArgumentParser, url: bool = True) -> None:
     if url:
         parser.add_argument(
-            "--url", default=DEFAULT_URL, help=f"server address, host:port (default {DEFAULT_URL})"
+            "--url",
+            default=os.environ.get(URL_VARIABLE) or DEFAULT_URL,
+            help=f"server address, host:port (default: ${URL_VARIABLE}, else {DEFAULT_URL})",
         )
     parser.add_argument("--json", action="store_true", help="print one JSON document, for scripts")
     parser.add_argument("--token", help="bearer token sent with every call")
@@ -179,18 +186,46 @@ def _talk(args: argparse.Namespace, job: Callable[[Client], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(run())
+    except KeyboardInterrupt:
+        # asyncio.run cancelled the job first: its session ended its sequence on the way out.
+        raise CommandError("interrupted", exit_code=INTERRUPTED) from None
+    except BrokenPipeError:
+        raise  # stdout's reader went away (`| head`): rnnserve.cli ends quietly
     except OSError as error:
         raise CommandError(f"{error.filename}: cannot read it ({error.strerror})") from error
     except Unavailable as error:
         raise CommandError(
-            f"{args.url}: UNAVAILABLE: {error.message} (is `rnnserve serve` running there? "
-            f"--url names another address; a server with TLS needs --tls-ca, or --tls)",
+            f"{args.url}: UNAVAILABLE: {error.message} ({_why_unavailable(args, error)})",
             exit_code=1,
         ) from error
     except NotFound as error:
         raise CommandError(f"{args.url}: {error.message}", exit_code=1) from error
     except ClientError as error:
         raise CommandError(f"{args.url}: {error}", exit_code=1) from error
+
+
+INTERRUPTED = 130
+"""The exit code of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it)."""
+_HANDSHAKE = ("handshake", "ssl", "tls", "certificate")
+"""Words of a failure to connect that happened in TLS, not before it."""
+
+
+def _why_unavailable(args: argparse.Namespace, error: Unavailable) -> str:
+    """What the person at the terminal should check, for a server that was not reached."""
+    tls = args.tls or args.tls_ca is not None or args.tls_cert is not None
+    if any(word in error.message.lower() for word in _HANDSHAKE):
+        if not tls:
+            return "the server speaks TLS: give --tls-ca (its CA), or --tls for the system's CAs"
+        return (
+            "the TLS handshake failed: the server's certificate must chain to --tls-ca (or the "
+            "system's CAs with --tls) and name the host of --url; a server that asks for client "
+            "certificates (--tls-client-ca) needs --tls-cert and --tls-key; one without TLS, "
+            "none of these options"
+        )
+    advice = "is `rnnserve serve` running there? --url names another address"
+    if not tls:
+        advice += "; a server with TLS needs --tls-ca, or --tls"
+    return advice
 
 
 @contextmanager
@@ -291,10 +326,7 @@ def _run_generate(args: argparse.Namespace) -> int:
                 bool(vocabulary),
                 "has no vocabulary: generate needs a character model (charlm_lstm)",
             )
-            index = {ch: i for i, ch in enumerate(vocabulary)}
-            prompt = np.array([[index.get(ch, 0) for ch in args.prompt]], dtype=np.int64)
-            if prompt.size == 0:
-                raise CommandError("the prompt is empty")
+            prompt = encode_prompt(args.prompt, vocabulary, args.model)
             if not args.json:
                 print(args.prompt, end="", flush=True)
             # The whole prompt in one request: the server runs its steps in order.
@@ -315,6 +347,22 @@ def _run_generate(args: argparse.Namespace) -> int:
     else:
         print()
     return 0
+
+
+def encode_prompt(prompt: str, vocabulary: str, model: str) -> np.ndarray:
+    """`prompt` as token ids [1, T] (int64) of `vocabulary`; a CommandError (exit 2) for an
+    empty prompt or one with characters outside the vocabulary, naming them."""
+    if not prompt:
+        raise CommandError("the prompt is empty")
+    index = {ch: i for i, ch in enumerate(vocabulary)}
+    unknown = sorted({ch for ch in prompt if ch not in index})
+    if unknown:
+        raise CommandError(
+            f"the prompt holds characters outside {model}'s vocabulary: "
+            f"{' '.join(repr(ch) for ch in unknown)}; it knows these {len(vocabulary)}: "
+            f"{vocabulary!r}"
+        )
+    return np.array([[index[ch] for ch in prompt]], dtype=np.int64)
 
 
 def _pick(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:

@@ -38,7 +38,9 @@ class InvalidArgument(ClientError):
 
 class ResourceExhausted(ClientError):
     """RESOURCE_EXHAUSTED: a live-sequence limit (the model's, the principal's or the
-    server's), a request-rate limit, or a message too large."""
+    server's), a request-rate limit, or a message too large. A session sends a step refused by
+    a request-rate limit again after the wait the server names (RetryPolicy.rate_limited), and
+    raises this once RetryPolicy.timeout_s would be past."""
 
     @property
     def retry_after_s(self) -> float | None:
@@ -79,7 +81,9 @@ class OutputLost(ClientError):
 
 
 class DeadlineExceeded(ClientError):
-    """DEADLINE_EXCEEDED: the call did not finish within its timeout."""
+    """DEADLINE_EXCEEDED: the call did not finish within its timeout. A session's step so
+    abandoned may still be applied by the server; the session's next step settles which (see
+    rnnserve.client.Session)."""
 
 
 _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {

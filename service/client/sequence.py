@@ -120,9 +120,15 @@ class SequenceClient(Closing):
         return result
 
     def encode(self, text: str) -> np.ndarray:
-        """`text` as int64 token ids [T] of the model's vocabulary; unknown characters are 0."""
+        """`text` as int64 token ids [T] of the model's vocabulary. Raises ClientError naming
+        the characters outside it (they were once sent as id 0, a character of their own)."""
         index = {ch: i for i, ch in enumerate(self.vocabulary)}
-        return np.array([index.get(ch, 0) for ch in text], dtype=np.int64)
+        unknown = sorted({ch for ch in text if ch not in index})
+        if unknown:
+            raise ClientError(
+                f"{', '.join(map(repr, unknown))}: not in the vocabulary of model {self.model}"
+            )
+        return np.array([index[ch] for ch in text], dtype=np.int64)
 
     def generate(self, prompt: str, length: int, temperature: float = 0.0, seed: int = 0) -> str:
         """Feed `prompt` one character per request, then let the model continue it."""

@@ -26,6 +26,14 @@ _DTYPES: dict[str, np.dtype[np.generic]] = {
 }
 
 
+def quiet_process_logger() -> None:
+    """Make ONNX Runtime's process-wide logger report fatal errors only, as each session's
+    does: its warnings (GPU device discovery or CUDA provider probing in a container, say) are
+    coloured lines on stderr, past --log-format json, the first a container logs. Call it
+    before the first session; a failure is raised, and reported by whoever handles it."""
+    ort.set_default_logger_severity(4)
+
+
 class Provider(enum.Enum):
     """Which execution provider a model runs on."""
 

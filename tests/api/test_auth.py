@@ -23,7 +23,8 @@ from tritonclient.utils import InferenceServerException
 
 from rnnserve._pb import grpc_service_pb2 as pb
 from rnnserve.api.auth import MESSAGE, PRINCIPAL, Authentication
-from rnnserve.auth import TokenFile
+from rnnserve.auth import RELOAD_CHECK_S, TokenFile
+from rnnserve.client import Client, Unauthenticated
 from tests.api.conftest import OUTPUTS, Reference, infer_input, sequence_data
 from tests.api.fuzzing import examples, seeded
 from tests.conftest import run_cli
@@ -153,6 +154,29 @@ def test_tokens_are_added_and_revoked_without_a_restart(server, tokens: Path) ->
         time.sleep(1.2)
         assert client.is_model_ready(MODEL, headers=bearer(BOB))
         tokens.write_text(line("alice", ALICE))
+
+
+async def test_a_stream_whose_token_is_revoked_is_refused_at_its_next_request(
+    tmp_path: Path, serving_transport: str
+) -> None:
+    """A stream authenticates once, as it opens; the revocation reaches it all the same."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(line("alice", ALICE) + line("bob", BOB))
+    x = sequence_data(MODEL, 2, np.random.default_rng(4))
+    flags = ("--auth-tokens", str(tokens))
+    with serving(tmp_path / "server", *flags, transport=serving_transport) as server:
+        async with (
+            Client(server.target, token=ALICE) as alice,
+            Client(server.target, token=BOB) as bob,
+        ):
+            theirs = [await c.session(MODEL).open() for c in (alice, bob)]
+            for session in theirs:
+                await session.step(x[:, :1])
+            tokens.write_text(line("bob", BOB))  # alice revoked, her stream still open
+            await asyncio.sleep(RELOAD_CHECK_S + 0.5)
+            with pytest.raises(Unauthenticated, match="authentication required"):
+                await theirs[0].step(x[:, 1:])
+            await theirs[1].step(x[:, 1:], end=True)
 
 
 def test_a_token_file_that_cannot_be_used_stops_the_start(tmp_path: Path) -> None:

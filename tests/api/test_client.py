@@ -17,10 +17,12 @@ from tritonclient.utils import InferenceServerException
 
 from rnnserve.client import (
     Client,
+    ClientError,
     InvalidArgument,
     NotFound,
     OutputLost,
     RetryPolicy,
+    SequenceClient,
     SyncClient,
     Unavailable,
 )
@@ -222,3 +224,10 @@ async def test_close_ends_the_sequence_and_own_stream_keeps_apart(
         with pytest.raises(InferenceServerException, match="séance-7") as ended:
             other.infer("sensor_gru", [infer_input("sensor_gru", x[:, :1])], sequence_id="séance-7")
     assert ended.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_sequence_client_refuses_characters_outside_the_vocabulary(server) -> None:
+    with SequenceClient(server.target, "charlm_lstm") as lm:
+        with pytest.raises(ClientError, match="'ï': not in the vocabulary of model charlm_lstm"):
+            lm.generate("naïve", 3)
+        assert lm.generate("def ", 3)  # nothing was sent: the stream goes on

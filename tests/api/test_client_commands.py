@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -190,3 +192,38 @@ def test_failures_print_no_traceback_from_the_installed_command(server, tmp_path
     unknown = run_cli("classify", "nope", "--sample", "3", "--url", server.target, timeout=60)
     assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1, unknown.stderr
     assert "unknown model 'nope'" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def test_generate_refuses_characters_outside_the_vocabulary(server) -> None:
+    done = run_cli("generate", "naïve ∑", "--url", server.target, "--length", "3", timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "the prompt holds characters outside charlm_lstm's vocabulary: 'ï' '∑';" in done.stderr
+    assert done.stdout == "" and "Traceback" not in done.stderr
+
+
+def test_generate_help_says_what_each_request_carries(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "sends the whole prompt in one request" in text
+    assert "each generated character as one more request" in text
+
+
+def test_forecast_into_a_pipe_its_reader_closed(server, tmp_path) -> None:
+    series = tmp_path / "long.csv"
+    readings = 24 + np.sin(np.arange(5000) / 12)
+    series.write_text("sst\n" + "".join(f"{r:.3f}\n" for r in readings))
+    forecast = (
+        f"{sys.executable} -P -m rnnserve forecast sensor_gru --csv {series} --column sst "
+        f"--chunk 500 --url {server.target}"
+    )
+    # 5,000 rows of output are more than a pipe holds: the writes after head left fail.
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", f"{forecast} | head -n 3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert len(done.stdout.splitlines()) == 3
+    assert "Traceback" not in done.stderr and "Broken pipe" not in done.stderr, done.stderr
+    assert done.returncode == 141  # 128 + SIGPIPE, as `yes | head` ends

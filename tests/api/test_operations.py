@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -186,3 +187,18 @@ def test_bad_settings_fail_cleanly(cli, tmp_path) -> None:
     )
     assert done.returncode == 1, done.stderr
     assert "is not a directory" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_json_logs_are_json_from_the_first_line(tmp_path) -> None:
+    """What a log collector reads of a container: every line one JSON object, ONNX Runtime's
+    own start-up warnings included (they would come first, coloured, on stderr)."""
+    server = start_server(tmp_path, "--log-format", "json", "--metrics-port", "off")
+    try:
+        with triton.InferenceServerClient(server.target) as client:
+            assert client.is_server_ready()
+    finally:
+        assert server.stop() == 0
+    lines = server.log_text().splitlines()
+    assert lines, "the server logged nothing"
+    for line in lines:
+        assert isinstance(json.loads(line), dict), line

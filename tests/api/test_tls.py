@@ -284,3 +284,14 @@ def test_client_library_over_mutual_tls_with_a_token(mtls_server, pki) -> None:
             np.testing.assert_allclose(streamed, whole.step(x), rtol=1e-5, atol=1e-5)
     with SyncClient(mtls_server.target, **options) as anonymous, pytest.raises(Unavailable):
         anonymous.health()  # no client certificate: the handshake fails
+
+
+def test_a_failed_tls_handshake_is_told_as_one(mtls_server, pki) -> None:
+    health = ["health", "--url", mtls_server.target]
+    untrusted = run_cli(*health, "--tls-ca", str(pki.other.path), timeout=60)
+    assert untrusted.returncode == 1
+    assert "the TLS handshake failed" in untrusted.stderr, untrusted.stderr
+    assert "--tls-ca" in untrusted.stderr
+    assert "running there" not in untrusted.stderr
+    # One line, as every failure of a command: none of gRPC's own ("I1207 ... Handshake failed").
+    assert len(untrusted.stderr.splitlines()) == 1, untrusted.stderr

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
+from rnnserve.cli import build_parser
 from rnnserve.models.architectures import RecurrentNet, RecurrentSpec
 from rnnserve.models.cli import save_checkpoint
 from rnnserve.models.signature import Signature
@@ -65,3 +67,31 @@ def test_unwritable_repository(cli, tmp_path: Path) -> None:
     blocker.write_text("a file where the repository should be")
     done = cli("export", str(checkpoint), "--repository", str(blocker))
     assert_clean_failure(done, 2, "cannot write")
+
+
+def test_a_version_held_is_replaced_only_with_overwrite(cli, tmp_path: Path) -> None:
+    spec = RecurrentSpec(cell="rnn", input_size=2, hidden_size=3, output_size=1)
+    checkpoint = tmp_path / "rnn.pt"
+    save_checkpoint(checkpoint, "tiny", RecurrentNet(spec), Signature("x", "y", "t"), {})
+    repository = tmp_path / "repo"
+    first = cli("export", str(checkpoint), "--model-repository", str(repository))
+    assert first.returncode == 0, first.stderr
+    again = cli("export", str(checkpoint), "--model-repository", str(repository))
+    assert_clean_failure(
+        again, 2, f"{repository / 'tiny' / '1'} already holds version 1 of tiny", "--version 2"
+    )
+    # The old spelling still works, saying what replaces it.
+    replaced = cli("export", str(checkpoint), "--repository", str(repository), "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "--repository is deprecated: use --model-repository" in replaced.stderr
+    added = cli("export", str(checkpoint), "--model-repository", str(repository), "--version", "2")
+    assert added.returncode == 0, added.stderr
+    assert (repository / "tiny" / "2" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize(
+    "command", [["train", "charlm_lstm"], ["export", "x.pt"], ["import", "x.onnx", "--name", "x"]]
+)
+def test_commands_that_write_a_model_default_to_a_repository_of_their_own(command) -> None:
+    """Never the repository committed with rnnserve (models/repository), which serve reads."""
+    assert build_parser().parse_args(command).model_repository == Path("model_repository")

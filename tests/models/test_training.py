@@ -66,7 +66,7 @@ def test_train_and_export_commands(cli, tmp_path: Path) -> None:
         "--max-epochs",
         "2",
         "--no-progress",
-        "--repository",
+        "--model-repository",
         str(repository),
         "--checkpoint-dir",
         str(checkpoints),
@@ -88,7 +88,7 @@ def test_train_and_export_commands(cli, tmp_path: Path) -> None:
     exported = cli(
         "export",
         str(checkpoints / "digits_lstm.pt"),
-        "--repository",
+        "--model-repository",
         str(repository),
         "--name",
         "digits_copy",

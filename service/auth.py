@@ -49,12 +49,13 @@ class TokenFile:
         self._lock = threading.Lock()
         self._stat = _stat(path)
         self._digests = _read(path)
+        self._principals = _principals(self._digests)
         self._checked = time.monotonic()
 
     @property
     def principals(self) -> frozenset[str]:
         """The principals the file names."""
-        return frozenset(principal for _, principal in self._digests)
+        return self._principals
 
     @property
     def entries(self) -> tuple[tuple[bytes, str], ...]:
@@ -66,7 +67,7 @@ class TokenFile:
         """Whether the file (read again if it changed) still names `principal`: a call
         authenticated when it began, a stream say, goes on only while it does."""
         self._reload_if_changed()
-        return any(known == principal for _, known in self._digests)
+        return principal in self._principals
 
     def refresh(self) -> bool:
         """Read the file again if it changed (at most once a second); whether its entries
@@ -102,12 +103,17 @@ class TokenFile:
                 seen = _stat(self.path)
                 if seen == self._stat:
                     return
-                self._digests = _read(self.path)
+                digests = _read(self.path)
+                self._digests, self._principals = digests, _principals(digests)
                 self._stat = seen
             except UnusableCredentials as error:
                 logger.warning("keeping the tokens loaded before: %s", error)
                 return
         logger.info("auth tokens reloaded from %s: %d principals", self.path, len(self.principals))
+
+
+def _principals(digests: tuple[tuple[bytes, str], ...]) -> frozenset[str]:
+    return frozenset(principal for _, principal in digests)
 
 
 def _stat(path: Path) -> tuple[int, int, int]:

@@ -57,25 +57,51 @@ def read_config(path: Path) -> mc.ModelConfig:
 
 
 def scan(repository: Path) -> list[ModelEntry]:
-    """Every model folder with a config.pbtxt, sorted by name."""
+    """Every model folder with a config.pbtxt, sorted by name.
+
+    Raises InvalidModelRepository when the repository is not a directory, or a config cannot
+    be read or names another model.
+    """
+    _check_is_directory(repository)
+    return [
+        _entry(folder)
+        for folder in sorted(p for p in repository.iterdir() if (p / CONFIG_FILE).is_file())
+    ]
+
+
+def find(repository: Path, name: str) -> ModelEntry | None:
+    """The model folder `name` as it is on disk now; None when there is none (no folder, or
+    one without a config.pbtxt). Raises what `scan` raises, for that folder alone."""
+    _check_is_directory(repository)
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        return None  # not a folder name (a client may send anything)
+    folder = repository / name
+    try:
+        if not (folder / CONFIG_FILE).is_file():
+            return None
+    except OSError:  # a name too long for the file system
+        return None
+    return _entry(folder)
+
+
+def _check_is_directory(repository: Path) -> None:
     if not repository.is_dir():
         raise InvalidModelRepository(f"model repository {repository} is not a directory")
-    entries = []
-    for folder in sorted(p for p in repository.iterdir() if (p / CONFIG_FILE).is_file()):
-        config = read_config(folder / CONFIG_FILE)
-        if config.name and config.name != folder.name:
-            raise InvalidModelRepository(
-                f"{folder / CONFIG_FILE}: name {config.name!r} differs from its folder "
-                f"{folder.name!r}"
-            )
-        config.name = folder.name
-        filename = config.default_model_filename or MODEL_FILE
-        versions = tuple(
-            sorted(
-                int(p.name)
-                for p in folder.iterdir()
-                if p.is_dir() and p.name.isdigit() and (p / filename).is_file()
-            )
+
+
+def _entry(folder: Path) -> ModelEntry:
+    config = read_config(folder / CONFIG_FILE)
+    if config.name and config.name != folder.name:
+        raise InvalidModelRepository(
+            f"{folder / CONFIG_FILE}: name {config.name!r} differs from its folder {folder.name!r}"
         )
-        entries.append(ModelEntry(folder.name, config, versions, folder))
-    return entries
+    config.name = folder.name
+    filename = config.default_model_filename or MODEL_FILE
+    versions = tuple(
+        sorted(
+            int(p.name)
+            for p in folder.iterdir()
+            if p.is_dir() and p.name.isdigit() and (p / filename).is_file()
+        )
+    )
+    return ModelEntry(folder.name, config, versions, folder)

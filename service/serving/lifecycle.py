@@ -6,9 +6,11 @@ repository poll), an unload, and the final removal of a version whose unload gra
 change sees another half done, and none is made outside this path.
 
 - A load reads the model's folder when its turn comes and loads every version the folder's
-  `version_policy` asks for that is not served; only then does what is served change, all at
-  once: the new versions join, versions still in their unload grace that the policy asks for
-  again are kept (their live sequences go on), and versions it no longer asks for are unloaded.
+  `version_policy` asks for that is not served, or whose files changed (its config.pbtxt, or
+  its model file); only then does what is served change, all at once: the new versions join,
+  versions still in their unload grace that the policy asks for again are kept (their live
+  sequences go on), and versions it no longer asks for are unloaded, as are the instances
+  whose files changed (their live sequences finish on them, new ones start on the new files).
   A load that fails, or is cancelled, changes nothing: what it loaded is stopped and the model
   serves what it served before. When a load answers, the model serves exactly the versions the
   folder asks for.
@@ -38,6 +40,7 @@ from pathlib import Path
 
 from rnnserve.errors import (
     InvalidArgument,
+    InvalidModelRepository,
     ModelNotFound,
     SequenceNotFound,
     ServiceError,
@@ -51,6 +54,10 @@ logger = logging.getLogger(__name__)
 
 LoadVersion = Callable[[ModelEntry, int], Awaitable[ServedModel]]
 """Loads one version of a model folder and starts it; raises the ServiceError that failed it."""
+
+Source = tuple[bytes, int, int, int]
+"""What a version was loaded from: its config (serialized) and its model file's inode, size
+and modification time (ns). Another source on disk means the version's files changed."""
 
 REMEMBERED_SEQUENCES = 100_000
 """Sequences of removed versions a model remembers the ending of (the oldest are forgotten)."""
@@ -67,6 +74,18 @@ def versions_to_serve(entry: ModelEntry) -> list[int]:
         return [v for v in available if v in set(policy.specific.versions)]
     keep = policy.latest.num_versions if which == "latest" else 1
     return available[-max(keep, 1) :]
+
+
+def source_of(entry: ModelEntry, version: int) -> Source:
+    """What `version` of `entry` would be loaded from now. Raises InvalidModelRepository when
+    its model file cannot be read."""
+    path = entry.model_file(version)
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise InvalidModelRepository(f"model {entry.name}: cannot read {path}: {error}") from error
+    config = entry.config.SerializeToString(deterministic=True)
+    return config, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,7 @@ class ModelLife:
         self._closed = False
         self._retiring: dict[ServedModel, asyncio.Task[None]] = {}
         self._draining: set[ServedModel] = set()
+        self._sources: dict[ServedModel, Source] = {}
         self._ended_versions: dict[int, str] = {}
         self._ended_sequences: OrderedDict[SequenceKey, Ending] = OrderedDict()
 
@@ -136,7 +156,14 @@ class ModelLife:
                     raise InvalidArgument(
                         f"model {self.name} has no version folder with a model file"
                     )
-                staged = await self._stage(entry, [v for v in wanted if v not in self.versions])
+                sources = {version: source_of(entry, version) for version in wanted}
+                stale = [
+                    version
+                    for version in wanted
+                    if version not in self.versions
+                    or self._sources.get(self.versions[version]) != sources[version]
+                ]
+                staged = await self._stage(entry, stale)
             except (ModelNotFound, ShuttingDown):
                 raise
             except ServiceError as error:
@@ -145,7 +172,7 @@ class ModelLife:
             if self._closed:
                 await _stop_unserved(staged)
                 self._refuse_when_closed()
-            self._commit(wanted, staged)
+            self._commit(wanted, staged, sources)
 
     async def unload(self, why: str = "unloaded by request", by_poll: bool = False) -> None:
         """Take no new sequences on any version from now on; each is removed once its unload
@@ -180,8 +207,16 @@ class ModelLife:
             self.loading = ()
         return staged
 
-    def _commit(self, wanted: list[int], staged: dict[int, ServedModel]) -> None:
-        """Serve `wanted`: `staged` join, kept ones stay, the others unload. Never awaits."""
+    def _commit(
+        self, wanted: list[int], staged: dict[int, ServedModel], sources: dict[int, Source]
+    ) -> None:
+        """Serve `wanted`: `staged` join (replacing instances whose files changed), kept ones
+        stay, the others unload. Never awaits."""
+        for version, model in staged.items():
+            self._sources[model] = sources[version]
+            replaced = self.versions.get(version)
+            if replaced is not None and replaced not in self._retiring:
+                self._retire(replaced, f"version {version} was loaded again: its files changed")
         versions = {**self.versions, **staged}
         for version in wanted:
             model = versions[version]
@@ -235,8 +270,9 @@ class ModelLife:
             if self._retiring.get(model) is not asyncio.current_task():
                 return  # a load kept it while this waited for its turn
             del self._retiring[model]
-            self._bury(model, why)
             self.versions = {v: m for v, m in self.versions.items() if m is not model}
+            self._sources.pop(model, None)
+            self._bury(model, why)
             self._draining.add(model)
             self._on_change()
         try:
@@ -247,7 +283,8 @@ class ModelLife:
 
     def _bury(self, model: ServedModel, why: str) -> None:
         """End the version's live sequences; remember why they, and it, ended."""
-        self._ended_versions[model.version] = why
+        if model.version not in self.versions:  # else another instance serves it
+            self._ended_versions[model.version] = why
         told = f"version {model.version} of model {self.name} was unloaded ({why})"
         unloaded = model.end_sequences(told)
         for key, ending in model.endings():
@@ -272,6 +309,7 @@ class ModelLife:
         it ended on a version removed since.
         """
         newest_first = [m for _, m in sorted(self.versions.items(), reverse=True)]
+        newest_first += [m for m in self._retiring if m not in newest_first]  # files changed
         for model in newest_first:
             if model.holds(sequence_id, owner):
                 return model
@@ -315,10 +353,11 @@ class ModelLife:
         """Take no change from now on (a load under way is refused when it ends); call off the
         retirements in their grace. Every version to stop: served or draining."""
         self._closed = True
+        retiring = [model for model in self._retiring if model not in self.versions.values()]
         for task in self._retiring.values():
             task.cancel()
         self._retiring.clear()
-        return [*self.versions.values(), *self._draining]
+        return [*self.versions.values(), *retiring, *self._draining]
 
     def _refuse_when_closed(self) -> None:
         if self._closed:

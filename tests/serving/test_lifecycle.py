@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import shutil
 import threading
 import weakref
@@ -28,6 +29,7 @@ from rnnserve.errors import (
     ServiceError,
     ShuttingDown,
 )
+from rnnserve.models.publish import parse_config, render_config
 from rnnserve.runtime.base import Runtime
 from rnnserve.serving.model import Limits, ModelState
 from rnnserve.serving.registry import ModelRegistry
@@ -266,6 +268,43 @@ async def test_a_load_overlapping_a_versions_final_drain_serves_what_the_reposit
     assert isinstance(gone, ModelNotFound) and "version 1 was unloaded" in str(gone), gone
     await assert_continues_exactly(registry, 6, expected)
     await assert_nothing_outlives_what_is_served(registry, lab.factory)
+
+
+@pytest.mark.parametrize("changed", ["model-file", "config"])
+async def test_a_load_serves_a_version_whose_files_changed_afresh(
+    lab: Lab, tmp_path: Path, changed: str
+) -> None:
+    registry = await lab.loaded(grace_s=3.0)
+    old = registry.get(MODEL)
+    before = run_onnx(lab.model_file(1), X)
+    first = await infer(registry, step(4, X[:, :2], start=True))
+    await registry.load(MODEL)  # nothing changed: nothing is loaded again
+    assert registry.get(MODEL) is old and lab.factory.calls == [1]
+    if changed == "model-file":  # replaced whole, as a careful operator does
+        publish_versions(tmp_path / "elsewhere", MODEL, {1: 9})
+        staging = lab.model_file(1).with_suffix(".new")
+        shutil.copyfile(tmp_path / "elsewhere" / MODEL / "1" / "model.onnx", staging)
+        os.replace(staging, lab.model_file(1))
+    else:
+        config_path = lab.repository / MODEL / "config.pbtxt"
+        config = parse_config(config_path.read_text())
+        config.parameters["max_steps_per_request"].string_value = "3"
+        config_path.write_text(render_config(config))
+    await registry.load(MODEL)
+
+    served = registry.get(MODEL)
+    assert served is not old and served.version == 1 and registry.versions(MODEL) == [1]
+    assert served.max_steps == (3 if changed == "config" else old.max_steps)
+    await assert_continues_exactly(registry, 5, version=1)  # on the new files
+    # The live sequence finishes on the instance it started on, within the grace.
+    rest = await infer(registry, step(4, X[:, 2:]))
+    joined = np.concatenate([first.outputs["y"], rest.outputs["y"]], axis=1)
+    np.testing.assert_allclose(joined, before, rtol=1e-5, atol=1e-5)
+    old = served = None  # the test lets go of them: only what is served may live
+    await assert_nothing_outlives_what_is_served(registry, lab.factory)
+    gone = await refusal(registry, step(4))
+    assert isinstance(gone, ModelNotFound), gone
+    assert "version 1 was loaded again: its files changed" in str(gone)
 
 
 async def test_a_grace_that_ends_during_a_load_waits_for_the_load(lab: Lab) -> None:

@@ -62,26 +62,34 @@ def scan(repository: Path) -> list[ModelEntry]:
     Raises InvalidModelRepository when the repository is not a directory, or a config cannot
     be read or names another model.
     """
+    return [_entry(repository / name) for name in folders(repository)]
+
+
+def folders(repository: Path) -> list[str]:
+    """The names of the model folders (those with a config.pbtxt), sorted, none of them read.
+    Raises InvalidModelRepository when the repository is not a directory."""
     _check_is_directory(repository)
-    return [
-        _entry(folder)
-        for folder in sorted(p for p in repository.iterdir() if (p / CONFIG_FILE).is_file())
-    ]
+    return sorted(p.name for p in repository.iterdir() if (p / CONFIG_FILE).is_file())
 
 
 def find(repository: Path, name: str) -> ModelEntry | None:
     """The model folder `name` as it is on disk now; None when there is none (no folder, or
     one without a config.pbtxt). Raises what `scan` raises, for that folder alone."""
+    folder = model_folder(repository, name)
+    return _entry(folder) if folder is not None else None
+
+
+def model_folder(repository: Path, name: str) -> Path | None:
+    """The folder of model `name` when it has a config.pbtxt (not read); else None. Raises
+    InvalidModelRepository when the repository is not a directory."""
     _check_is_directory(repository)
     if name in ("", ".", "..") or "/" in name or "\0" in name:
         return None  # not a folder name (a client may send anything)
     folder = repository / name
     try:
-        if not (folder / CONFIG_FILE).is_file():
-            return None
+        return folder if (folder / CONFIG_FILE).is_file() else None
     except OSError:  # a name too long for the file system
         return None
-    return _entry(folder)
 
 
 def _check_is_directory(repository: Path) -> None:

@@ -39,7 +39,7 @@ from rnnserve.errors import (
     ServiceError,
     ShuttingDown,
 )
-from rnnserve.repository.layout import ModelEntry, find, scan
+from rnnserve.repository.layout import ModelEntry, folders, model_folder
 from rnnserve.runtime.base import Runtime
 from rnnserve.serving.lifecycle import ModelLife
 from rnnserve.serving.model import Limits, ModelState, ServedModel
@@ -212,7 +212,7 @@ class ModelRegistry:
         UNAVAILABLE with why its load failed, or UNLOADED."""
         entries: list[IndexEntry] = []
         try:
-            on_disk = {e.name for e in scan(self.repository)}
+            on_disk = set(folders(self.repository))
         except ServiceError:
             on_disk = set()
         for name in sorted(on_disk | set(self._lives)):
@@ -233,10 +233,11 @@ class ModelRegistry:
     # ------------------------------------------------------------------ changes
     def _life(self, name: str) -> ModelLife:
         """The life of model `name`, the one path its changes take (made on first need: only
-        for a model with a folder, or one loaded already). Raises ModelNotFound."""
+        for a model with a folder, or one loaded already). Raises ModelNotFound, or
+        InvalidModelRepository when the repository is not a directory."""
         life = self._lives.get(name)
         if life is None:
-            if find(self.repository, name) is None:
+            if model_folder(self.repository, name) is None:
                 raise ModelNotFound(
                     f"no model {name!r} in repository {self.repository} (a folder with "
                     f"config.pbtxt and a numbered version folder holding the model file)"
@@ -248,14 +249,14 @@ class ModelRegistry:
         return life
 
     async def load_all(self) -> None:
-        """Load every model of the repository (at start); one that fails is reported and left
-        out, the others are served. Raises InvalidModelRepository when the repository cannot
-        be read."""
-        for entry in scan(self.repository):
+        """Load every model of the repository (at start); one that fails, its config.pbtxt
+        unreadable too, is reported and left out, the others are served. Raises
+        InvalidModelRepository when the repository is not a directory."""
+        for name in folders(self.repository):
             try:
-                await self._life(entry.name).load()
+                await self._life(name).load()
             except ServiceError as error:
-                logger.error("model %s not loaded: %s", entry.name, error)
+                logger.error("model %s not loaded: %s", name, error)
 
     async def poll(self) -> None:
         """One repository poll (--repository-poll-s): load every model as `load` does (new
@@ -263,18 +264,17 @@ class ModelRegistry:
         but a model unloaded by request stays unloaded until it is loaded by request again;
         unload the models whose folder left the repository. Each failure is logged once.
 
-        Raises InvalidModelRepository when the repository cannot be read.
+        Raises InvalidModelRepository when the repository is not a directory.
         """
-        entries = scan(self.repository)
-        for entry in entries:
-            known = self._lives.get(entry.name)
+        on_disk = folders(self.repository)
+        for name in on_disk:
+            known = self._lives.get(name)
             before = known.failure if known is not None else ""
             try:
-                await self._life(entry.name).load(by_poll=True)
+                await self._life(name).load(by_poll=True)
             except ServiceError as error:
                 if str(error) != before:  # the same failure as at the last poll: said already
-                    logger.error("model %s not loaded: %s", entry.name, error)
-        on_disk = {entry.name for entry in entries}
+                    logger.error("model %s not loaded: %s", name, error)
         for name, life in list(self._lives.items()):
             if name not in on_disk and life.versions:
                 try:

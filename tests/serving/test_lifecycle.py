@@ -441,6 +441,30 @@ async def test_a_poll_serves_what_the_repository_holds(lab: Lab) -> None:
     await assert_nothing_outlives_what_is_served(registry, lab.factory)
 
 
+async def test_an_unreadable_config_fails_its_model_alone(
+    lab: Lab, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = lab.repository / "broken"
+    broken.mkdir()
+    (broken / "config.pbtxt").write_text("this is not a model configuration {")
+    registry = await lab.loaded()  # at start
+    assert registry.versions(MODEL) == [1]
+    rows = {e.name: (e.state, e.reason) for e in registry.index()}
+    assert (
+        rows["broken"][0] == "UNAVAILABLE"
+        and "not a valid model configuration" in rows["broken"][1]
+    )
+    with pytest.raises(ModelNotReady, match="not a valid model configuration"):
+        registry.get("broken")
+    publish_versions(lab.repository, MODEL, {2: 2})
+    caplog.set_level(logging.ERROR, logger="rnnserve")
+    await registry.poll()
+    await registry.poll()
+    assert registry.get(MODEL).version == 2  # the poll went on past the broken folder
+    said = [r.getMessage() for r in caplog.records if "broken" in r.getMessage()]
+    assert len(said) == 1, said  # at start; the polls saw the same failure: not said again
+
+
 async def test_unloading_twice_keeps_one_grace(lab: Lab, caplog: pytest.LogCaptureFixture) -> None:
     registry = await lab.loaded(grace_s=0.3)
     await infer(registry, step(5, start=True))

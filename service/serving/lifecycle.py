@@ -46,7 +46,7 @@ from rnnserve.errors import (
     ServiceError,
     ShuttingDown,
 )
-from rnnserve.repository.layout import ModelEntry, find
+from rnnserve.repository.layout import ModelEntry, find, model_folder
 from rnnserve.serving.model import ModelState, ServedModel
 from rnnserve.sessions.sequence import SequenceId, SequenceKey, sequence_key
 
@@ -182,7 +182,7 @@ class ModelLife:
         Raises ModelNotFound when no version is served.
         """
         async with self._lock:
-            if by_poll and find(self._repository, self.name) is not None:
+            if by_poll and model_folder(self._repository, self.name) is not None:
                 return
             if not self.versions:
                 raise ModelNotFound(f"model {self.name!r} is not loaded")

@@ -157,9 +157,13 @@ class ModelRegistry:
                 served = ", ".join(map(str, sorted(versions)))
                 assert life is not None  # it has versions
                 why = life.version_ended(int(version))
-                gone = f"was unloaded ({why})" if why else "is not loaded"
+                if why:
+                    raise ModelNotFound(
+                        f"model {name} version {version} was unloaded ({why}); loaded versions: "
+                        f"{served}"
+                    )
                 raise ModelNotFound(
-                    f"model {name} version {version} {gone}; loaded versions: {served}"
+                    f"model {name} has no version {version} loaded; loaded versions: {served}"
                 )
             return model
         loaded = [m for _, m in sorted(versions.items())]

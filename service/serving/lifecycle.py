@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rnnserve._pb import model_config_pb2 as mc
 from rnnserve.errors import (
     InvalidArgument,
     InvalidModelRepository,
@@ -56,8 +57,9 @@ LoadVersion = Callable[[ModelEntry, int], Awaitable[ServedModel]]
 """Loads one version of a model folder and starts it; raises the ServiceError that failed it."""
 
 Source = tuple[bytes, int, int, int]
-"""What a version was loaded from: its config (serialized) and its model file's inode, size
-and modification time (ns). Another source on disk means the version's files changed."""
+"""What a version was loaded from: its config (serialized, but for `version_policy`) and its
+model file's inode, size and modification time (ns). Another source on disk means the
+version's files changed."""
 
 REMEMBERED_SEQUENCES = 100_000
 """Sequences of removed versions a model remembers the ending of (the oldest are forgotten)."""
@@ -84,8 +86,10 @@ def source_of(entry: ModelEntry, version: int) -> Source:
         stat = path.stat()
     except OSError as error:
         raise InvalidModelRepository(f"model {entry.name}: cannot read {path}: {error}") from error
-    config = entry.config.SerializeToString(deterministic=True)
-    return config, stat.st_ino, stat.st_size, stat.st_mtime_ns
+    config = mc.ModelConfig()
+    config.CopyFrom(entry.config)
+    config.ClearField("version_policy")  # which versions load, not how each runs
+    return config.SerializeToString(deterministic=True), stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 @dataclass(frozen=True)

@@ -307,24 +307,33 @@ async def test_a_load_serves_a_version_whose_files_changed_afresh(
     assert "version 1 was loaded again: its files changed" in str(gone)
 
 
-async def test_a_grace_that_ends_during_a_load_waits_for_the_load(lab: Lab) -> None:
+@pytest.mark.parametrize("kept", [False, True], ids=["dropped", "kept"])
+async def test_a_grace_that_ends_during_a_load_waits_for_the_load(lab: Lab, kept: bool) -> None:
     grace_s = 0.3
     registry = await lab.loaded(grace_s=grace_s)
-    await infer(registry, step(5, start=True))
+    first = await infer(registry, step(5, X[:, :2], start=True))
     await registry.unload(MODEL)
-    publish_versions(lab.repository, MODEL, {2: 2})
+    publish_versions(lab.repository, MODEL, {2: 2}, policy_all=kept)  # kept: 1 and 2 serve
     lab.factory.hold()
     load = asyncio.ensure_future(registry.load(MODEL))
     await until(lab.factory.waiting.is_set)
+    assert (MODEL, "2", "LOADING") in [(e.name, e.version, e.state) for e in registry.index()]
     await asyncio.sleep(grace_s + 0.3)
     # Past the grace, the version stays while the load may still keep it; its sequence too.
     assert registry.resolve(step(5)).version == 1
     lab.factory.go.set()
     await load
     assert registry.get(MODEL).version == 2
-    await until(lambda: registry.versions(MODEL) == [2])
-    gone = await refusal(registry, step(5))
-    assert isinstance(gone, ModelNotFound) and "version 1 was unloaded" in str(gone), gone
+    if kept:
+        assert registry.versions(MODEL) == [1, 2] and lab.factory.calls == [1, 2]
+        assert registry.get(MODEL, "1").state is ModelState.READY
+        rest = await infer(registry, step(5, X[:, 2:], end=True))  # it goes on, exactly
+        joined = np.concatenate([first.outputs["y"], rest.outputs["y"]], axis=1)
+        np.testing.assert_allclose(joined, run_onnx(lab.model_file(1), X), atol=1e-5)
+    else:
+        await until(lambda: registry.versions(MODEL) == [2])
+        gone = await refusal(registry, step(5))
+        assert isinstance(gone, ModelNotFound) and "version 1 was unloaded" in str(gone), gone
     await assert_continues_exactly(registry, 6, version=2)
     await assert_nothing_outlives_what_is_served(registry, lab.factory)
 

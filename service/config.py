@@ -149,7 +149,8 @@ class Settings:
     """At durability step with Redis: a step is acknowledged only once its state reached this
     many replicas (Redis WAIT, within --state-store-timeout-s); otherwise it fails UNAVAILABLE."""
     repository_poll_s: float | None = None
-    """Rescan the repository this often, in seconds, and load new versions (default: never)."""
+    """Rescan the repository this often, in seconds: load new models and versions, unload those
+    that left it, leave models unloaded by request alone (default: never)."""
     port_file: Path | None = None
     """Once serving, write the bound ports here as JSON (for supervisors and tests)."""
     log_level: LogLevel = LogLevel.INFO

@@ -207,7 +207,7 @@ class Server:
         while True:
             await asyncio.sleep(every_s)
             try:
-                await self.registry.load_all()
+                await self.registry.poll()
             except Exception:
                 logger.exception("repository poll failed")
 

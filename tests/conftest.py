@@ -62,6 +62,7 @@ BOTH_TRANSPORTS = frozenset(
         "tests.api.test_ownership",
         "tests.api.test_principal_limits",
         "tests.api.test_tls",
+        "tests.api.test_version_replacement",
     }
 )
 """The suites that define behaviour (sequences, errors, security, cancellation) run on every

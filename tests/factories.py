@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import torch
 
 from rnnserve.models.architectures import RecurrentNet, RecurrentSpec
@@ -41,3 +43,13 @@ def publish_versions(
         config = parse_config(config_path.read_text())
         config.version_policy.all.SetInParent()
         config_path.write_text(render_config(config))
+
+
+def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    """The output `y` of the model file at `path` for `x` [B, T, 3], from the zero state: what
+    a sequence served by that file must answer, request by request."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {"x": x}
+    for tensor in session.get_inputs()[1:]:
+        feeds[tensor.name] = np.zeros((x.shape[0], *tensor.shape[1:]), np.float32)
+    return session.run(["y"], feeds)[0]

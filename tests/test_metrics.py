@@ -122,7 +122,7 @@ async def test_scrapes_during_loads_unloads_and_inference_never_fail() -> None:
                     sequence=SequenceControl(sid, start=t == 0, end=t == 2),
                 )
                 await registry.get("charlm_lstm").infer(request)
-            while "sensor_gru" in registry.models:  # retired in the background
+            while registry.versions("sensor_gru"):  # retired in the background
                 await asyncio.sleep(0.001)
             await registry.load("sensor_gru")
     finally:

@@ -237,9 +237,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        """Load or reload a model by folder name (Triton's model_repository extension);
-        NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION (invalid repository) or UNAVAILABLE;
-        PERMISSION_DENIED for a principal not in the admin list when callers authenticate."""
+        """Load or reload a model by folder name (Triton's model_repository extension): OK once
+        it serves exactly the versions its folder asks for; NOT_FOUND, INVALID_ARGUMENT,
+        FAILED_PRECONDITION (invalid repository) or UNAVAILABLE (a version failed to load, or
+        the server is shutting down), and then it serves what it did before; PERMISSION_DENIED
+        for a principal not in the admin list when callers authenticate."""
         self.registry.policy.require_admin(PRINCIPAL.get())
         await self.registry.load(request.model_name)
         return pb.RepositoryModelLoadResponse()

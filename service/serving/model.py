@@ -47,7 +47,7 @@ from rnnserve.serving.snapshot import ModelSnapshot, SequenceSnapshot
 from rnnserve.serving.statistics import Statistics
 from rnnserve.sessions.arena import StateArena
 from rnnserve.sessions.manager import EvictionReason, SequenceManager, SequenceQuota
-from rnnserve.sessions.sequence import SequenceId, sequence_key
+from rnnserve.sessions.sequence import SequenceId, SequenceKey, sequence_key
 from rnnserve.sessions.store import Durability, MemoryStore, StateStore
 from rnnserve.sessions.sync import StateSync
 
@@ -266,22 +266,23 @@ class ServedModel:
         self.state = ModelState.UNAVAILABLE
         await self._batcher.stop()
 
-    async def retire(self, grace_s: float) -> None:
-        """Unload: take no new sequences; let live ones run up to `grace_s` seconds, then end
-        the rest (their next request hears that the version was unloaded) and stop."""
-        self.state = ModelState.UNLOADING
+    async def wait_for_sequences(self, grace_s: float) -> None:
+        """Wait until it holds no live sequence, or for `grace_s` seconds at most (the unload
+        grace: an unloaded version's live sequences go on meanwhile)."""
         deadline = time.monotonic() + grace_s
         while self.live_sequences and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.sequences is not None:
-            manager = self.sequences.manager
-            for sequence in list(manager.live.values()):
-                manager.evict(
-                    sequence,
-                    f"version {self.version} of model {self.name} was unloaded",
-                    EvictionReason.UNLOADED,
-                )
-        await self.stop()
+
+    def end_sequences(self, why: str) -> list[SequenceKey]:
+        """End every live sequence now, their next request to be told `why` (the unload grace
+        ran out); their keys."""
+        if self.sequences is None:
+            return []
+        manager = self.sequences.manager
+        ended = list(manager.live.values())
+        for sequence in ended:
+            manager.evict(sequence, why, EvictionReason.UNLOADED)
+        return [sequence.key for sequence in ended]
 
     @property
     def live_sequences(self) -> int:
@@ -294,6 +295,15 @@ class ServedModel:
             self.sequences is not None
             and sequence_key(owner, sequence_id) in self.sequences.manager.live
         )
+
+    def ending(self, key: SequenceKey) -> str | None:
+        """Why the sequence of `key` recently stopped being live on this version; None when it
+        is live here or unknown."""
+        return self.sequences.manager.ending(key) if self.sequences is not None else None
+
+    def endings(self) -> list[tuple[SequenceKey, str]]:
+        """Every ending this version remembers, as (key, why), oldest first."""
+        return self.sequences.manager.endings() if self.sequences is not None else []
 
     @property
     def busy(self) -> bool:

@@ -1,11 +1,16 @@
-"""The models being served: loading, versions, unloading and idle eviction.
+"""The models being served: which requests go to which version, and shutting down.
+
+What a model serves changes only through its `ModelLife` (serving/lifecycle.py): loads,
+unloads, polls and the removal of unloaded versions, one at a time per model, with tombstones
+for what ended and why.
 
 Version rule: a request that names a version gets that version; one that does not gets the
 sequence's own version when it continues a live sequence, otherwise the latest ready version.
-A live sequence thus stays on the version it started with until it ends.
+A live sequence thus stays on the version it started with until it ends; a continuation of a
+sequence whose version was unloaded since is told so (NOT_FOUND).
 
-Unload rule: an unloaded version (by RepositoryModelUnload, or by a reload that drops it)
-takes no new sequences at once (new ones go to the latest remaining version); its live sequences
+Unload rule: an unloaded version (by RepositoryModelUnload, or by a load that drops it) takes
+no new sequences at once (new ones go to the latest remaining version); its live sequences
 may go on for up to `unload_grace_s` seconds, in the background; after that the rest are ended,
 and their next request fails saying the version was unloaded.
 
@@ -13,7 +18,8 @@ Shutdown rule (`Admission`): draining, the registry refuses new sequences and re
 one, and lets live sequences go on; handing over (with a shared state store), it refuses every
 request in a sequence too, so that clients continue on another replica.
 
-The registry runs on the event loop; `snapshot()` may be called from any thread.
+The registry runs on the event loop; `snapshot()` and `all_models()` may be called from any
+thread.
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ from rnnserve.errors import (
     ServiceError,
     ShuttingDown,
 )
-from rnnserve.repository.layout import ModelEntry, scan
+from rnnserve.repository.layout import ModelEntry, folders, model_folder
 from rnnserve.runtime.base import Runtime
+from rnnserve.serving.lifecycle import ModelLife
 from rnnserve.serving.model import Limits, ModelState, ServedModel
 from rnnserve.serving.policy import Policy, PolicySettings
 from rnnserve.serving.request import InferenceRequest
@@ -67,19 +74,6 @@ class IndexEntry:
     reason: str
 
 
-def versions_to_serve(entry: ModelEntry) -> list[int]:
-    """The versions Triton's `version_policy` asks for (latest 1 by default), ascending."""
-    policy = entry.config.version_policy
-    available = list(entry.versions)
-    which = policy.WhichOneof("policy_choice")
-    if which == "all":
-        return available
-    if which == "specific":
-        return [v for v in available if v in set(policy.specific.versions)]
-    keep = policy.latest.num_versions if which == "latest" else 1
-    return available[-max(keep, 1) :]
-
-
 class ModelRegistry:
     """The models being served, and which requests go to which (see the module docstring)."""
 
@@ -102,24 +96,22 @@ class ModelRegistry:
         self.limits = limits
         self.unload_grace_s = unload_grace_s
         self.admission = Admission.OPEN
-        self.models: dict[str, dict[int, ServedModel]] = {}
-        # Every loaded version, replaced whole on each change: another thread reads it as it is.
+        self._lives: dict[str, ModelLife] = {}
+        # Every served version, replaced whole on each change: another thread reads it as it is.
         self._published: tuple[ServedModel, ...] = ()
-        self._failures: dict[str, str] = {}
-        self._unloaded: dict[str, str] = {}
-        self._retiring: dict[ServedModel, asyncio.Task[None]] = {}
-        self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lookups
     @property
     def ready(self) -> bool:
         """Whether the server takes new work: models are loaded and it is not shutting down."""
-        return self.admission is Admission.OPEN and bool(self.models)
+        return self.admission is Admission.OPEN and bool(self._published)
 
     def resolve(self, request: InferenceRequest) -> ServedModel:
         """The model version that serves `request` (the version rule, the shutdown rule).
 
-        Raises ShuttingDown, ModelNotFound, ModelNotReady or InvalidArgument.
+        Raises ShuttingDown, ModelNotFound (also for a sequence whose version was unloaded),
+        ModelNotReady, SequenceNotFound (one that ended on a version unloaded since) or
+        InvalidArgument.
         """
         control = request.sequence
         if self.admission is not Admission.OPEN:
@@ -130,9 +122,13 @@ class ModelRegistry:
                     "the server is shutting down and hands its sequences over to the state "
                     "store; send this request to another replica, which continues the sequence"
                 )
-        if control.id and not request.version and not control.start:
-            for _, model in sorted(self.models.get(request.model, {}).items(), reverse=True):
-                if model.holds(control.id, request.principal):
+        life = self._lives.get(request.model)
+        if control.id and life is not None:
+            if control.start:
+                life.started(control.id, request.principal)
+            elif not request.version:
+                model = life.continuing(control.id, request.principal, self.store.shared)
+                if model is not None:
                     return model
         return self.get(request.model, request.version)
 
@@ -140,20 +136,14 @@ class ModelRegistry:
         """Version `version` of model `name`, or when empty its latest ready version (with
         `any_state`, its latest loaded one, as metadata and statistics describe it).
 
-        Raises ModelNotFound, ModelNotReady or InvalidArgument (a version that is not a number).
+        Raises ModelNotFound (never loaded, unloaded, or no such version served),
+        ModelNotReady (loading, failed to load, or every version being unloaded) or
+        InvalidArgument (a version that is not a number).
         """
-        versions = self.models.get(name)
+        life = self._lives.get(name)
+        versions = life.versions if life is not None else {}
         if not versions:
-            reason = self._failures.get(name)
-            if reason:
-                raise ModelNotReady(f"model {name} is not ready: {reason}")
-            if name in self._unloaded:
-                raise ModelNotFound(
-                    f"model {name} was unloaded ({self._unloaded[name]}); load it again with "
-                    f"RepositoryModelLoad"
-                )
-            known = ", ".join(sorted(self.models)) or "none"
-            raise ModelNotFound(f"unknown model {name!r}; models being served: {known}")
+            raise self._not_served(name, life)
         if version:
             # isdigit() alone takes "²" and digits of other scripts, which int() refuses, and
             # int() refuses more than 4300 digits: both would fail as INTERNAL.
@@ -165,6 +155,13 @@ class ModelRegistry:
             model = versions.get(int(version))
             if model is None:
                 served = ", ".join(map(str, sorted(versions)))
+                assert life is not None  # it has versions
+                why = life.version_ended(int(version))
+                if why:
+                    raise ModelNotFound(
+                        f"model {name} version {version} was unloaded ({why}); loaded versions: "
+                        f"{served}"
+                    )
                 raise ModelNotFound(
                     f"model {name} has no version {version} loaded; loaded versions: {served}"
                 )
@@ -178,9 +175,27 @@ class ModelRegistry:
             f"for up to {self.unload_grace_s:g} s); load it again with RepositoryModelLoad"
         )
 
+    def _not_served(self, name: str, life: ModelLife | None) -> ServiceError:
+        """Why model `name` serves no version now."""
+        if life is not None and life.loading:
+            return ModelNotReady(
+                f"model {name} is being loaded; it serves once its RepositoryModelLoad answers "
+                f"(ModelReady turns true)"
+            )
+        if life is not None and life.failure:
+            return ModelNotReady(f"model {name} is not ready: {life.failure}")
+        if life is not None and life.unloaded:
+            return ModelNotFound(
+                f"model {name} was unloaded ({life.unloaded}); load it again with "
+                f"RepositoryModelLoad"
+            )
+        known = ", ".join(sorted({m.name for m in self._published})) or "none"
+        return ModelNotFound(f"unknown model {name!r}; models being served: {known}")
+
     def versions(self, name: str) -> list[int]:
         """The loaded versions of model `name`, ascending (none when it is not loaded)."""
-        return sorted(self.models.get(name, {}))
+        life = self._lives.get(name)
+        return sorted(life.versions) if life is not None else []
 
     def all_models(self) -> tuple[ServedModel, ...]:
         """Every loaded version (safe from any thread)."""
@@ -191,67 +206,104 @@ class ModelRegistry:
         return [model.snapshot() for model in self._published]
 
     def _publish(self) -> None:
-        self._published = tuple(m for versions in self.models.values() for m in versions.values())
+        self._published = tuple(
+            model for _, life in sorted(self._lives.items()) for model in life.versions.values()
+        )
 
     def index(self) -> list[IndexEntry]:
-        """RepositoryIndex: every model on disk or loaded, with its state."""
+        """RepositoryIndex: every model on disk or loaded, with its state: each served
+        version READY or UNLOADING, each version a load is loading LOADING; else one row,
+        UNAVAILABLE with why its load failed, or UNLOADED."""
         entries: list[IndexEntry] = []
         try:
-            on_disk = {e.name: e for e in scan(self.repository)}
+            on_disk = set(folders(self.repository))
         except ServiceError:
-            on_disk = {}
-        for name in sorted(set(on_disk) | set(self.models) | set(self._failures)):
-            loaded = self.models.get(name, {})
-            for version, model in sorted(loaded.items()):
+            on_disk = set()
+        for name in sorted(on_disk | set(self._lives)):
+            life = self._lives.get(name)
+            if life is None:
+                entries.append(IndexEntry(name, "", "UNLOADED", ""))
+                continue
+            for version, model in sorted(life.versions.items()):
                 entries.append(IndexEntry(name, str(version), model.state.value, ""))
-            if not loaded:
-                reason = self._failures.get(name, "")
-                state = "UNAVAILABLE" if reason else "UNLOADED"
-                entries.append(IndexEntry(name, "", state, reason))
+            for version in life.loading:
+                if version not in life.versions:
+                    entries.append(IndexEntry(name, str(version), "LOADING", ""))
+            if not life.versions and not life.loading:
+                state = "UNAVAILABLE" if life.failure else "UNLOADED"
+                entries.append(IndexEntry(name, "", state, life.failure or life.unloaded))
         return entries
 
-    # ------------------------------------------------------------------ loading
-    async def load_all(self) -> None:
-        """Load every model; one that fails is reported and left out, the rest are served."""
-        for entry in scan(self.repository):
-            if entry.name in self.models or entry.name in self._unloaded:
-                continue
-            try:
-                await self.load(entry.name)
-            except ServiceError as error:
-                logger.error("model %s not loaded: %s", entry.name, error)
-
-    async def load(self, name: str) -> None:
-        """Load (or reload) a model from the repository by its folder name."""
-        async with self._lock:
-            entries = {e.name: e for e in scan(self.repository)}
-            entry = entries.get(name)
-            if entry is None:
+    # ------------------------------------------------------------------ changes
+    def _life(self, name: str) -> ModelLife:
+        """The life of model `name`, the one path its changes take (made on first need: only
+        for a model with a folder, or one loaded already). Raises ModelNotFound, or
+        InvalidModelRepository when the repository is not a directory."""
+        life = self._lives.get(name)
+        if life is None:
+            if model_folder(self.repository, name) is None:
                 raise ModelNotFound(
                     f"no model {name!r} in repository {self.repository} (a folder with "
                     f"config.pbtxt and a numbered version folder holding the model file)"
                 )
-            wanted = versions_to_serve(entry)
-            if not wanted:
-                raise InvalidArgument(f"model {name} has no version folder with a model file")
-            current = self.models.setdefault(name, {})
+            life = ModelLife(
+                name, self.repository, self.unload_grace_s, self._load_version, self._publish
+            )
+            self._lives[name] = life
+        return life
+
+    async def load_all(self) -> None:
+        """Load every model of the repository (at start); one that fails, its config.pbtxt
+        unreadable too, is reported and left out, the others are served. Raises
+        InvalidModelRepository when the repository is not a directory."""
+        for name in folders(self.repository):
             try:
-                for version in wanted:
-                    model = current.get(version)
-                    if model is not None and model.state is ModelState.UNLOADING:
-                        self._keep(model)  # still in its grace: it serves on, sequences too
-                    elif model is None or model.state is not ModelState.READY:
-                        current[version] = await self._load_version(entry, version)
-                        self._publish()
+                await self._life(name).load()
             except ServiceError as error:
-                self._failures[name] = str(error)
-                if not current:
-                    del self.models[name]
-                raise
-            self._failures.pop(name, None)
-            self._unloaded.pop(name, None)
-            for version in [v for v in current if v not in wanted]:
-                self._retire_in_background(name, version)
+                logger.error("model %s not loaded: %s", name, error)
+
+    async def poll(self) -> None:
+        """One repository poll (--repository-poll-s): load every model as `load` does (new
+        models and versions join, versions that left the folder or its policy are unloaded),
+        but a model unloaded by request stays unloaded until it is loaded by request again;
+        unload the models whose folder left the repository. Each failure is logged once.
+
+        Raises InvalidModelRepository when the repository is not a directory.
+        """
+        on_disk = folders(self.repository)
+        for name in on_disk:
+            known = self._lives.get(name)
+            before = known.failure if known is not None else ""
+            try:
+                await self._life(name).load(by_poll=True)
+            except ServiceError as error:
+                if str(error) != before:  # the same failure as at the last poll: said already
+                    logger.error("model %s not loaded: %s", name, error)
+        for name, life in list(self._lives.items()):
+            if name not in on_disk and life.versions:
+                try:
+                    await life.unload("its folder left the repository", by_poll=True)
+                except ModelNotFound:
+                    pass  # unloaded meanwhile
+                except ServiceError as error:  # its folder came back, unreadable
+                    logger.error("model %s not unloaded: %s", name, error)
+
+    async def load(self, name: str) -> None:
+        """Load (or reload) a model from the repository by its folder name: when this returns,
+        it serves exactly the versions its folder asks for (serving/lifecycle.py).
+
+        Raises ModelNotFound, InvalidArgument, InvalidModelRepository, ModelNotReady or
+        ShuttingDown (see `ModelLife.load`).
+        """
+        await self._life(name).load()
+
+    async def unload(self, name: str) -> None:
+        """Stop taking new sequences on every version of `name`; retire them in the background.
+        Raises ModelNotFound when it is not loaded."""
+        life = self._lives.get(name)
+        if life is None:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        await life.unload()
 
     async def _load_version(self, entry: ModelEntry, version: int) -> ServedModel:
         path = entry.model_file(version)
@@ -277,61 +329,7 @@ class ModelRegistry:
             quota=self.policy if self.policy.limits_sequences else None,
         )
         model.start()
-        logger.info(
-            "loaded model %s version %d provider=%s streamable=%s",
-            entry.name,
-            version,
-            runtime.provider,
-            model.signature.streamable,
-        )
         return model
-
-    async def unload(self, name: str) -> None:
-        """Stop taking new sequences on every version of `name`; retire them in the background."""
-        async with self._lock:
-            versions = self.models.get(name)
-            if not versions:
-                raise ModelNotFound(f"model {name!r} is not loaded")
-            self._unloaded[name] = "unloaded by request"
-            for version in list(versions):
-                self._retire_in_background(name, version)
-
-    def _retire_in_background(self, name: str, version: int) -> None:
-        model = self.models[name][version]
-        model.state = ModelState.UNLOADING
-        logger.info(
-            "unloading model %s version %d: no new sequences; %d live ones may go on for %g s",
-            name,
-            version,
-            model.live_sequences,
-            self.unload_grace_s,
-        )
-        task = asyncio.create_task(self._retire(model), name=f"unload-{name}-{version}")
-        self._retiring[model] = task
-
-        def retired(done: asyncio.Task[None]) -> None:
-            if self._retiring.get(model) is done:
-                del self._retiring[model]
-
-        task.add_done_callback(retired)
-
-    def _keep(self, model: ServedModel) -> None:
-        """Call off the retirement of a version still in its unload grace (a load came)."""
-        task = self._retiring.pop(model, None)
-        if task is not None:
-            task.cancel()
-        model.state = ModelState.READY
-        logger.info("model %s version %d loaded again; it was unloading", model.name, model.version)
-
-    async def _retire(self, model: ServedModel) -> None:
-        await model.retire(self.unload_grace_s)
-        versions = self.models.get(model.name, {})
-        if versions.get(model.version) is model:
-            del versions[model.version]
-            if not versions:
-                del self.models[model.name]
-            self._publish()
-        logger.info("unloaded model %s version %d", model.name, model.version)
 
     # ------------------------------------------------------------------ shutting down
     def stop_admitting(self, hand_over: bool) -> None:
@@ -371,10 +369,9 @@ class ModelRegistry:
         return written
 
     async def stop(self) -> None:
-        """Stop every model (after the work queued on it ran)."""
-        for task in list(self._retiring.values()):
-            task.cancel()
-        await asyncio.gather(*(m.stop() for m in self.all_models()))
+        """Stop every model (after the work queued on it ran); take no change from now on."""
+        models = [model for life in self._lives.values() for model in life.close()]
+        await asyncio.gather(*(model.stop() for model in models))
 
     def evict_idle(self, now: float | None = None) -> int:
         """Evict the sequences idle for over their model's idle timeout at `now`

@@ -152,6 +152,15 @@ class SequenceManager:
         sequence.last_used = time.monotonic()
         return sequence
 
+    def ending(self, key: SequenceKey) -> str | None:
+        """Why the sequence of `key` recently stopped being live here ("it ended", ...); None
+        when it is live or unknown (never started, or ended long ago)."""
+        return self._gone.get(key)
+
+    def endings(self) -> list[tuple[SequenceKey, str]]:
+        """Every remembered ending, as (key, why), oldest first."""
+        return list(self._gone.items())
+
     def end(self, sequence: LiveSequence) -> None:
         """Remove the id now; free the slot once no step of it is pending."""
         if self.live.get(sequence.key) is sequence:

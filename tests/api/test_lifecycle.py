@@ -8,14 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from rnnserve.models.architectures import RecurrentSpec
 from rnnserve.models.publish import parse_config, publish, render_config
-from tests.factories import SIGNATURE, publish_versions, random_net
+from tests.factories import SIGNATURE, publish_versions, random_net, run_onnx
 from tests.server import RunningServer, serving
 
 GRACE_S = 2.0
@@ -25,14 +24,6 @@ def x_input(x: np.ndarray) -> triton.InferInput:
     tensor = triton.InferInput("x", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
     return tensor
-
-
-def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {"x": x}
-    for tensor in session.get_inputs()[1:]:
-        feeds[tensor.name] = np.zeros((x.shape[0], *tensor.shape[1:]), np.float32)
-    return session.run(["y"], feeds)[0]
 
 
 @pytest.fixture(scope="module")

@@ -294,10 +294,11 @@ class RedisStore:
 
     Each `read` or `write` is one pipelined round trip per server; `timeout_s` bounds
     connecting and each reply, in seconds. A round trip that fails raises StoreUnavailable; an
-    operation that fails alone has a StoreUnavailable as its result. With `min_replicas` > 0 a
-    write round trip waits up to `timeout_s` for that many replicas to acknowledge it (Redis's
-    WAIT); when fewer do, each of its writes has a StoreUnavailable as its result, although
-    the primary applied it.
+    operation that fails alone has a StoreUnavailable as its result. For writes whose reply was
+    lost (no reply, a broken connection) that is StoreOutcomeUnknown: they may have applied.
+    With `min_replicas` > 0 a write round trip waits up to `timeout_s` for that many replicas
+    to acknowledge it (Redis's WAIT); when fewer do, each of its writes has a StoreUnavailable
+    as its result, although the primary applied it.
     """
 
     shared = True

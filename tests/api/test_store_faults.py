@@ -152,6 +152,25 @@ def test_an_end_whose_reply_is_lost_is_answered(replicas, proxy, reference) -> N
     assert error.status() == "StatusCode.INVALID_ARGUMENT" and "it ended" in str(error), error
 
 
+def test_an_end_whose_replies_are_lost_is_answered_when_sent_again(
+    replicas, proxy, reference
+) -> None:
+    """An END's write ran but neither its reply nor the resend's came back: UNAVAILABLE, outcome
+    unknown. Sent again, as told, the END is answered (with the outputs it had) and ends the
+    sequence once."""
+    step, _ = replicas
+    sequence = Sequence(reference, steps=4)
+    for t in range(3):
+        sequence.step(step, t, version=t if t else None)
+    proxy.lose_replies(lambda sent: CAS_SHA.encode() in sent and sequence.key in sent, times=2)
+    error = sequence.refused(step, 3, version=3, end=True)
+    assert error.status() == "StatusCode.UNAVAILABLE", error
+    assert "its END" in str(error) and "may or may not have been applied" in str(error), error
+    assert version_of(sequence.step(step, 3, version=3, end=True)) == 4
+    error = sequence.refused(step, 3)
+    assert error.status() == "StatusCode.INVALID_ARGUMENT" and "it ended" in str(error), error
+
+
 def test_a_step_whose_write_reply_is_lost_says_how_to_settle_it(replicas, proxy, reference) -> None:
     """A step's write ran but no reply came back, twice (redis-py's resend too): the client is
     told the outcome is unknown and how to learn it; doing so, the sequence goes on exactly."""

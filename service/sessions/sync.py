@@ -93,9 +93,10 @@ Errors = dict[int, ServiceError]
 """Failed steps, by their position in the list given."""
 
 EVENTS = ("loaded", "written", "aborted", "refused", "unavailable")
-"""What `StateSync.events` counts: states read into the arena, states written, steps that lost
-a race (or a sequence_version check), stored states refused (other shapes, unreadable) and
-store operations that failed."""
+"""What `StateSync.events` counts: states read into the arena, states written (not tombstones),
+steps that lost a race (or a sequence_version check, or met states a failover lost), stored
+states refused (other shapes, unreadable) and store operations that failed (or whose outcome
+is unknown)."""
 
 
 class StateSync:

@@ -87,6 +87,7 @@ class RedisProxy:
         selector.register(client, selectors.EVENT_READ)
         selector.register(server, selectors.EVENT_READ)
         server.settimeout(None)
+        losing = False  # a reply to lose is on its way: the rest of its command still goes on
         try:
             while True:
                 for key, _ in selector.select():
@@ -94,16 +95,14 @@ class RedisProxy:
                     data = source.recv(1 << 16)
                     if not data:
                         return
-                    if source is server:
-                        client.sendall(data)
-                    elif self._losing(data):
+                    if source is client:
+                        losing = losing or self._losing(data)
                         server.sendall(data)
-                        server.settimeout(30)
-                        server.recv(1 << 16)  # Redis ran (at least the first of) it
-                        time.sleep(0.005)  # and the rest of a pipeline
+                    elif losing:  # Redis ran (at least the first of) it: lose the reply
+                        time.sleep(0.005)  # and let it run the rest of a pipeline
                         return
                     else:
-                        server.sendall(data)
+                        client.sendall(data)
         except OSError:
             return
         finally:

@@ -14,7 +14,7 @@ import pytest
 
 from rnnserve.errors import Aborted, SequenceNotFound, StoreUnavailable
 from rnnserve.sessions.redis_store import CAS_SHA, RedisStore
-from rnnserve.sessions.store import Durability, Read
+from rnnserve.sessions.store import Durability, Read, Write, encode_state
 from tests.redis_proxy import RedisProxy
 from tests.redis_server import RunningRedis, start_redis, wait_for_replicas
 from tests.sessions.test_store import Replica
@@ -52,6 +52,7 @@ def test_a_take_whose_reply_is_lost_is_settled_by_the_next_step(proxy) -> None:
     lost: the step fails UNAVAILABLE, not applied. The replica's next step confirms the take
     with the same compare-and-set and goes on exactly; no other replica can take it meanwhile."""
     store = RedisStore(proxy.url, 2.0)
+    _load_scripts(store)  # so that the replies lost are the compare-and-set's, not NOSCRIPT's
     a, b, c = (Replica(store, Durability.END) for _ in range(3))
     sid = uuid.uuid4().hex
     a.step(sid, 1, start=True)
@@ -143,6 +144,12 @@ def test_an_evicting_redis_is_warned_about(tmp_path, caplog, redis_server) -> No
         assert "noeviction" in warnings[0]
     finally:
         redis.stop()
+
+
+def _load_scripts(store: RedisStore) -> None:
+    """Have Redis load the store's scripts (a compare-and-set that does not apply)."""
+    write = Write(f"rnnserve:test:1:-:s{uuid.uuid4().hex}", encode_state(1, 1, []), b"y" * 16)
+    assert store.write([write]) == [False]
 
 
 def _debug_sleep(redis: RunningRedis, seconds: float) -> None:

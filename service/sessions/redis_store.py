@@ -46,7 +46,13 @@ from typing import Any, NamedTuple, Protocol
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -220,9 +226,10 @@ class OneServer:
     """One Redis server, named by a URL or found through Sentinels (`sentinel_client`).
 
     With `primary_only`, each pipeline starts with ROLE, and one that reached a replica fails
-    whole (RedisError). Sentinel needs it: during a failover a Sentinel that has not yet heard
-    of it still names the old primary, and if that node is already back as a replica (empty
-    while it syncs, and serving reads meanwhile), its answers would say sequences do not exist.
+    whole (ReadOnlyError: a replica applied none of its writes). Sentinel needs it: during a
+    failover a Sentinel that has not yet heard of it still names the old primary, and if that
+    node is already back as a replica (empty while it syncs, and serving reads meanwhile), its
+    answers would say sequences do not exist.
     """
 
     def __init__(self, client: redis.Redis, primary_only: bool = False) -> None:
@@ -246,10 +253,14 @@ class OneServer:
             if isinstance(role, Exception) or not role or role[0] not in (b"master", "master"):
                 # Connect afresh, asking the Sentinels again, next time.
                 self.client.connection_pool.disconnect()
-                raise redis.ConnectionError(
+                message = (
                     f"the server the Sentinels named is not the primary (ROLE: {role!r}); a "
                     f"failover is under way"
                 )
+                if isinstance(role, Exception):  # what ran there, and on what, is not known
+                    raise redis.ConnectionError(message)
+                # A replica refuses writes (READONLY): nothing of this round trip was applied.
+                raise ReadOnlyError(message)
         return replies, [(acknowledged,)] * len(replies)
 
     def replicas(self) -> int:

@@ -11,9 +11,10 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import redis
 
-from rnnserve.errors import Aborted, SequenceNotFound, StoreUnavailable
-from rnnserve.sessions.redis_store import CAS_SHA, RedisStore
+from rnnserve.errors import Aborted, SequenceNotFound, StoreOutcomeUnknown, StoreUnavailable
+from rnnserve.sessions.redis_store import CAS_SHA, OneServer, RedisStore
 from rnnserve.sessions.store import Durability, Read, Write, encode_state
 from tests.redis_proxy import RedisProxy
 from tests.redis_server import RunningRedis, start_redis, wait_for_replicas
@@ -125,6 +126,24 @@ def test_states_a_failover_lost_are_refused_once(tmp_path) -> None:
     finally:
         store.close()
         proxy.close()
+        replica.stop()
+        primary.stop()
+
+
+def test_a_write_that_reached_a_replica_is_known_not_applied(tmp_path) -> None:
+    """A Sentinel that has not heard of a failover names a replica as the primary: the round
+    trip's ROLE says so, its writes were refused there (READONLY), and the step is reported as
+    not applied, not as an unknown outcome."""
+    primary = start_redis(tmp_path / "primary")
+    replica = start_redis(tmp_path / "replica", "--replicaof", "127.0.0.1", str(primary.port))
+    client = redis.Redis(host="127.0.0.1", port=replica.port, socket_timeout=2)
+    store = RedisStore("redis://named-by-sentinel", 2.0, pipelines=OneServer(client, True))
+    try:
+        with pytest.raises(StoreUnavailable, match="not the primary") as caught:
+            store.write([Write("rnnserve:test:1:-:sreplica", encode_state(1, 1, []))])
+        assert not isinstance(caught.value, StoreOutcomeUnknown), caught.value
+    finally:
+        store.close()
         replica.stop()
         primary.stop()
 

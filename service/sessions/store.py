@@ -147,10 +147,15 @@ class Tombstone:
     def after(cls, kind: Ending, stamp: bytes, token: int = 0) -> Tombstone:
         """The tombstone that replaces the record stamped `stamp`: for ENDED, one version later
         whoever writes it; for TAKEN, at the same version and particular to `token` (the
-        replica's own, non-zero), so that only the replica that wrote it recognises it."""
+        replica's own, non-zero), so that only the replica that wrote it recognises it.
+
+        Raises ValueError for a TAKEN tombstone without a token: its stamp would be the
+        record's own, and a compare-and-set from that stamp would replace it again."""
         version, tag = _STAMP.unpack(stamp)
         if kind is Ending.ENDED:
             return cls(kind, version + 1, tag ^ _ENDED_MASK)
+        if not token:
+            raise ValueError("a TAKEN tombstone needs the replica's non-zero token")
         return cls(kind, version, tag ^ token)
 
 

@@ -127,7 +127,7 @@ def test_a_hand_over_while_redis_is_busy_goes_on(replicas, redis, reference) -> 
     sequence = Sequence(reference)
     for t in range(3):
         sequence.step(step, t)
-    busy = threading.Thread(target=_debug_sleep, args=(redis, 3 * TIMEOUT_S))
+    busy = threading.Thread(target=_debug_sleep, args=(redis, 4 * TIMEOUT_S))
     busy.start()
     time.sleep(0.2)
     try:

@@ -1,6 +1,7 @@
 """The Redis store when an outcome is unknown or the store misbehaves, against real Redis servers:
 busy (`DEBUG SLEEP`), a reply lost after the command ran (tests/redis_proxy.py), a failover
-that lost writes (a replica promoted, the proxy moved to it), an evicting memory policy."""
+that lost writes (a replica promoted, the proxy moved to it), a replica named as the primary,
+an evicting memory policy."""
 
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ def proxy(redis_server: RunningRedis) -> Iterator[RedisProxy]:
 
 def test_a_busy_redis_fails_a_round_trip_within_its_timeout(tmp_path) -> None:
     """A timeout is not retried: the round trip gives up after the store timeout, not twice it."""
-    redis = start_redis(tmp_path, "--enable-debug-command", "local")
-    store = RedisStore(redis.url, 1.0)
+    server = start_redis(tmp_path, "--enable-debug-command", "local")
+    store = RedisStore(server.url, 1.0)
     try:
         store.read([Read("warm")])
-        busy = threading.Thread(target=_debug_sleep, args=(redis, 3.0))
+        busy = threading.Thread(target=_debug_sleep, args=(server, 3.0))
         busy.start()
         time.sleep(0.2)
         started = time.monotonic()
@@ -45,7 +46,7 @@ def test_a_busy_redis_fails_a_round_trip_within_its_timeout(tmp_path) -> None:
         assert elapsed < 1.6, f"{elapsed:.2f} s for a round trip with a 1 s timeout"
     finally:
         store.close()
-        redis.stop()
+        server.stop()
 
 
 def test_a_take_whose_reply_is_lost_is_settled_by_the_next_step(proxy) -> None:
@@ -150,19 +151,19 @@ def test_a_write_that_reached_a_replica_is_known_not_applied(tmp_path) -> None:
 
 def test_an_evicting_redis_is_warned_about(tmp_path, caplog, redis_server) -> None:
     """Every record has a TTL, so under any evicting policy Redis may drop live states."""
-    redis = start_redis(tmp_path, "--maxmemory-policy", "volatile-lru")
+    evicting = start_redis(tmp_path, "--maxmemory-policy", "volatile-lru")
     try:
         with caplog.at_level(logging.WARNING, "rnnserve.sessions.redis_store"):
-            for url in (redis.url, redis_server.url):
+            for url in (evicting.url, redis_server.url):
                 store = RedisStore(url, 2.0)
                 store.ping()
                 store.close()
         warnings = [r.getMessage() for r in caplog.records if "maxmemory-policy" in r.getMessage()]
         assert len(warnings) == 1, warnings
-        assert f"volatile-lru on 127.0.0.1:{redis.port}" in warnings[0]
+        assert f"volatile-lru on 127.0.0.1:{evicting.port}" in warnings[0]
         assert "noeviction" in warnings[0]
     finally:
-        redis.stop()
+        evicting.stop()
 
 
 def _load_scripts(store: RedisStore) -> None:
@@ -171,6 +172,6 @@ def _load_scripts(store: RedisStore) -> None:
     assert store.write([write]) == [False]
 
 
-def _debug_sleep(redis: RunningRedis, seconds: float) -> None:
-    with redis.client() as client:  # its socket timeout, 5 s, outlasts the sleep
+def _debug_sleep(server: RunningRedis, seconds: float) -> None:
+    with server.client() as client:  # its socket timeout, 5 s, outlasts the sleep
         client.execute_command("DEBUG", "SLEEP", seconds)

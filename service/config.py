@@ -144,7 +144,10 @@ class Settings:
     """With a shared state store: step (a response waits until its state is stored), end
     (states are stored only when the server shuts down) or none (never stored)."""
     state_store_timeout_s: float = 2.0
-    """How long one round trip to the state store may take before requests fail UNAVAILABLE."""
+    """How long a wait on the state store, to connect or for a reply, lasts before requests
+    fail UNAVAILABLE, in seconds (for a reply, twice that with --state-min-replicas, for WAIT).
+    A timeout is never retried; a connection that breaks within a quarter of it is replaced
+    once."""
     state_min_replicas: int = 0
     """At durability step with Redis: a step is acknowledged only once its state reached this
     many replicas (Redis WAIT, within --state-store-timeout-s); otherwise it fails UNAVAILABLE."""

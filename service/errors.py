@@ -120,6 +120,11 @@ class StoreUnavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class StoreOutcomeUnknown(StoreUnavailable):
+    """A write to the state store whose reply was lost (a timeout, a connection that broke
+    after the command went out): it may or may not have been applied."""
+
+
 class StoreRejected(StoreUnavailable):
     """The state store and this server do not accept each other: a wrong password or user, a
     server certificate that does not verify, or a client certificate it refuses. Waiting does

@@ -61,6 +61,7 @@ BOTH_TRANSPORTS = frozenset(
         "tests.api.test_golden",
         "tests.api.test_ownership",
         "tests.api.test_principal_limits",
+        "tests.api.test_store_faults",
         "tests.api.test_tls",
         "tests.api.test_version_replacement",
     }

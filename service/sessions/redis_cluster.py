@@ -13,10 +13,11 @@ Redirections (https://redis.io/docs/latest/operate/oss_and_stack/reference/clust
 - MOVED: the slot has a new owner (a resharding finished, or a failover): the slot map is
   read again and the command sent once more, to the new owner.
 - ASK: the slot is being migrated and the key is already on the target: the command is sent
-  there once, after ASKING.
-A command redirected twice, or on a shard that cannot be reached, fails with its own error (the
-store turns it into UNAVAILABLE; the step was not applied, or a client checks with
-sequence_version whether it was); the slot map is read again on the next call.
+  there once, after ASKING (and again after ASKING when the target lacks the scripts).
+A command redirected twice fails with its own error (the store turns it into UNAVAILABLE: not
+applied); one on a shard that stopped answering fails with a connection error (a write's
+outcome is then unknown, see `rnnserve.sessions.redis_store`); the slot map is read again on
+the next call. Resending a redirected command is safe: every command the store sends is.
 """
 
 from __future__ import annotations
@@ -28,16 +29,21 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-import redis
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import AskError, ClusterDownError, MovedError, RedisError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    RedisClusterException,
+    RedisError,
+)
 
-from rnnserve.sessions.redis_store import Command, Wait, redact, run_on
+from rnnserve.sessions.redis_store import Command, Wait, eviction_policy, redact, run_on
 
 logger = logging.getLogger(__name__)
 
 CLUSTER_SCHEME = "redis+cluster://"
-KEY_POSITION = {"GET": 1, "GETDEL": 1, "SET": 1, "DEL": 1, "EVALSHA": 3}
+KEY_POSITION = {"GET": 1, "SET": 1, "DEL": 1, "EVALSHA": 3}
 """Where each command the store sends names its key."""
 
 
@@ -87,7 +93,11 @@ class ClusterPipelines:
         groups: dict[str, list[int]] = defaultdict(list)
         nodes: dict[str, ClusterNode] = {}
         for k, command in enumerate(commands):
-            node = cluster.get_node_from_key(command[KEY_POSITION[command[0]]])
+            try:
+                node = cluster.get_node_from_key(command[KEY_POSITION[command[0]]])
+            except RedisClusterException as error:  # not a RedisError: a slot map with a hole
+                self._stale = True
+                raise ClusterDownError(f"{error}; nothing was sent") from error
             groups[node.name].append(k)
             nodes[node.name] = node
         for name, indices in groups.items():
@@ -104,6 +114,14 @@ class ClusterPipelines:
         ]
         return min(counts, default=0)
 
+    def eviction_policies(self) -> dict[str, str]:
+        """Each primary's `maxmemory-policy`, by its address."""
+        cluster = self._cluster()
+        policies: dict[str, str] = {}
+        for node in cluster.get_primaries():
+            policies.update(eviction_policy(cluster.get_redis_connection(node), node.name))
+        return policies
+
     def close(self) -> None:
         """Close every connection."""
         with self._lock:
@@ -114,7 +132,10 @@ class ClusterPipelines:
     def _cluster(self) -> RedisCluster:
         with self._lock:
             if self._client is None:
-                self._client = RedisCluster(startup_nodes=self._nodes, **self._options)
+                try:
+                    self._client = RedisCluster(startup_nodes=self._nodes, **self._options)
+                except RedisClusterException as error:  # none reachable: not a RedisError
+                    raise ClusterDownError(f"{error}; nothing was sent") from error
                 self._primaries = self._primary_names(self._client)
             elif self._stale:
                 self._stale = False
@@ -160,10 +181,7 @@ class ClusterPipelines:
         batch = [commands[k] for k in indices]
         try:
             client = cluster.get_redis_connection(node)
-            if asking:
-                got, ack = _run_asking(client, batch, wait, count)
-            else:
-                got, ack = run_on(client, batch, wait, count)
+            got, ack = run_on(client, batch, wait, count, asking)
         except RedisError as error:  # this shard alone: the others' replies stand
             self._stale = True
             got, ack = [error] * len(batch), None
@@ -196,15 +214,3 @@ class ClusterPipelines:
         for (host, port, asking), indices in targets.items():
             node = cluster.get_node(host=host, port=port) or ClusterNode(host, port)
             self._send(cluster, node, indices, commands, wait, count, replies, acknowledged, asking)
-
-
-def _run_asking(
-    client: redis.Redis, commands: list[Command], wait: Wait | None, count: Callable[[float], None]
-) -> tuple[list[Any], Any]:
-    """`commands` on the target of a slot migration: each after ASKING (which allows only the
-    command that follows it)."""
-    interleaved: list[Command] = []
-    for command in commands:
-        interleaved += [("ASKING",), command]
-    got, ack = run_on(client, interleaved, wait, count)
-    return got[1::2], ack

@@ -14,6 +14,15 @@ Compare-and-set runs as a Lua script on the server (atomic there), by its SHA; a
 restart forgets the scripts, the affected operations are loaded and run again (only those, as
 the others in the pipeline did run).
 
+Every command it sends is safe to send twice: GET, the validating script (reads only), SET of
+a record with its own stamp, DEL, WAIT, and the compare-and-set script, which counts a record
+already carrying the new stamp as done. That matters because a reply can be lost after the
+command ran (a busy Redis past the timeout, a connection dropped in between). Such a write
+round trip fails StoreOutcomeUnknown, never "not applied"; the next read settles it from the
+stored stamp. A lost reply is never retried after a timeout, so that a round trip waits for
+Redis about `timeout_s` at most; only a connection that breaks at once (a pooled connection
+that a Redis restart closed) is replaced and the round trip sent once more.
+
 With Sentinel (`redis+sentinel://`), redis-py's Sentinel client asks the Sentinels where the
 primary is on each new connection and drops its connections when the primary moves; a round
 trip during a failover fails (UNAVAILABLE) within the store timeout. With `min_replicas`, each
@@ -37,11 +46,22 @@ from typing import Any, NamedTuple, Protocol
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, NoScriptError, RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from rnnserve.errors import StoreRejected, StoreUnavailable, UnusableCredentials
+from rnnserve.errors import (
+    StoreOutcomeUnknown,
+    StoreRejected,
+    StoreUnavailable,
+    UnusableCredentials,
+)
 from rnnserve.sessions.store import (
     ROUND_TRIP_BUCKETS,
     STAMP_OFFSET,
@@ -69,17 +89,16 @@ if redis.call('GETRANGE', KEYS[1], {_STAMP_RANGE}) == ARGV[1] then return '' end
 return redis.call('GET', KEYS[1])
 """
 
-# Replace (or delete, when ARGV[2] is '') the record if its stamp is ARGV[1]: 1 done, 0 not.
-# A record that already carries the new stamp is this very write, applied by an attempt whose
-# reply was lost (redis-py retries a round trip once on a broken connection): done, not a race.
+# Replace the record by ARGV[2] (a record or a tombstone) if its stamp is ARGV[1]: 1 done, 0
+# not. A record that already carries the new stamp is this very write, applied by an attempt
+# whose reply was lost: done, not a race. (Never a DEL: a deletion sent again could not tell
+# itself from another replica's; an END leaves a tombstone instead.)
 _COMPARE_AND_SET = f"""
 local current = redis.call('GETRANGE', KEYS[1], {_STAMP_RANGE})
 local record = ARGV[2]
-if record ~= '' and current == string.sub(record, {_STAMP_IN_RECORD}) then return 1 end
+if current == string.sub(record, {_STAMP_IN_RECORD}) then return 1 end
 if current ~= ARGV[1] then return 0 end
-if record == '' then
-  redis.call('DEL', KEYS[1])
-elseif ARGV[3] == '0' then
+if ARGV[3] == '0' then
   redis.call('SET', KEYS[1], record)
 else
   redis.call('SET', KEYS[1], record, 'PX', ARGV[3])
@@ -90,7 +109,8 @@ return 1
 _SCRIPTS = {
     hashlib.sha1(source.encode()).hexdigest(): source for source in (_VALIDATE, _COMPARE_AND_SET)
 }
-_VALIDATE_SHA, _CAS_SHA = _SCRIPTS
+_VALIDATE_SHA, CAS_SHA = _SCRIPTS
+"""The scripts' SHA1 digests, by which EVALSHA names them (CAS_SHA: compare-and-set)."""
 
 
 def redact(url: str) -> str:
@@ -127,33 +147,66 @@ class Pipelines(Protocol):
         """The fewest replicas connected to a primary; RedisError when one does not answer."""
         ...
 
+    def eviction_policies(self) -> dict[str, str]:
+        """Each primary's `maxmemory-policy`, by its address; RedisError when one does not
+        answer (a primary that refuses CONFIG GET is left out)."""
+        ...
+
     def close(self) -> None:
         """Close every connection."""
         ...
 
 
 def run_on(
-    client: redis.Redis, commands: list[Command], wait: Wait | None, count: Callable[[float], None]
+    client: redis.Redis,
+    commands: list[Command],
+    wait: Wait | None,
+    count: Callable[[float], None],
+    asking: bool = False,
 ) -> tuple[list[Any], Any]:
     """One pipeline on one server, WAIT at its end (when asked); the replies and WAIT's.
 
-    After a Redis restart forgets the scripts, they are loaded and only the affected commands
-    run again (the others did run), followed by a WAIT of their own.
+    `asking`: each command goes after an ASKING (the server is the target of a Cluster slot
+    migration, where ASKING lets only the command that follows it in). After a Redis restart
+    (or a migration target that never ran them) lacks the scripts, they are loaded and only the
+    affected commands run again, each after its ASKING again, followed by a WAIT of their own:
+    the fewer replicas of the two WAITs is what the round trip's writes reached.
     """
-    batch = [*commands, ("WAIT", *wait)] if wait is not None else list(commands)
-    results = _pipeline(client, batch, count)
+    results, acknowledged = _send(client, commands, wait, count, asking)
     unknown = [k for k, r in enumerate(results) if isinstance(r, NoScriptError)]
     if unknown:
         for source in _SCRIPTS.values():
             client.script_load(source)
-        rerun = [batch[k] for k in unknown]
-        if wait is not None:  # the scripts' writes need their own wait
-            rerun.append(batch[-1])
-            unknown.append(len(batch) - 1)
-        for k, result in zip(unknown, _pipeline(client, rerun, count), strict=True):
+        again, also = _send(client, [commands[k] for k in unknown], wait, count, asking)
+        for k, result in zip(unknown, again, strict=True):
             results[k] = result
-    acknowledged = results.pop() if wait is not None else None
+        if wait is not None:
+            acknowledged = _fewer(acknowledged, also)
     return results, acknowledged
+
+
+def _send(
+    client: redis.Redis,
+    commands: list[Command],
+    wait: Wait | None,
+    count: Callable[[float], None],
+    asking: bool,
+) -> tuple[list[Any], Any]:
+    batch = [c for command in commands for c in (("ASKING",), command)] if asking else commands
+    if wait is not None:
+        batch = [*batch, ("WAIT", *wait)]
+    results = _pipeline(client, batch, count)
+    acknowledged = results.pop() if wait is not None else None
+    return (results[1::2] if asking else results), acknowledged
+
+
+def _fewer(first: Any, second: Any) -> Any:
+    """Of two WAIT replies, the one that says fewer replicas (or the error)."""
+    if not isinstance(first, int):
+        return first
+    if not isinstance(second, int):
+        return second
+    return min(first, second)
 
 
 def _pipeline(
@@ -173,9 +226,10 @@ class OneServer:
     """One Redis server, named by a URL or found through Sentinels (`sentinel_client`).
 
     With `primary_only`, each pipeline starts with ROLE, and one that reached a replica fails
-    whole (RedisError). Sentinel needs it: during a failover a Sentinel that has not yet heard
-    of it still names the old primary, and if that node is already back as a replica (empty
-    while it syncs, and serving reads meanwhile), its answers would say sequences do not exist.
+    whole (ReadOnlyError: a replica applied none of its writes). Sentinel needs it: during a
+    failover a Sentinel that has not yet heard of it still names the old primary, and if that
+    node is already back as a replica (empty while it syncs, and serving reads meanwhile), its
+    answers would say sequences do not exist.
     """
 
     def __init__(self, client: redis.Redis, primary_only: bool = False) -> None:
@@ -199,16 +253,35 @@ class OneServer:
             if isinstance(role, Exception) or not role or role[0] not in (b"master", "master"):
                 # Connect afresh, asking the Sentinels again, next time.
                 self.client.connection_pool.disconnect()
-                raise redis.ConnectionError(
+                message = (
                     f"the server the Sentinels named is not the primary (ROLE: {role!r}); a "
                     f"failover is under way"
                 )
+                if isinstance(role, Exception):  # what ran there, and on what, is not known
+                    raise redis.ConnectionError(message)
+                # A replica refuses writes (READONLY): nothing of this round trip was applied.
+                raise ReadOnlyError(message)
         return replies, [(acknowledged,)] * len(replies)
 
     def replicas(self) -> int:
         """The primary's connected replicas."""
         self.client.ping()
         return int(self.client.info("replication").get("connected_slaves", 0))
+
+    def eviction_policies(self) -> dict[str, str]:
+        """The primary's `maxmemory-policy` (none when it refuses CONFIG GET)."""
+        return eviction_policy(self.client, self.name)
+
+    @property
+    def name(self) -> str:
+        """The server's address (Sentinel: the primary's, once known), for messages."""
+        address = getattr(self.client.connection_pool, "master_address", None)
+        if address is not None:
+            return f"{address[0]}:{address[1]}"
+        kwargs = self.client.connection_pool.connection_kwargs
+        return str(
+            kwargs.get("path") or f"{kwargs.get('host', 'the primary')}:{kwargs.get('port', '')}"
+        )
 
     def close(self) -> None:
         """Close its connections."""
@@ -232,10 +305,11 @@ class RedisStore:
 
     Each `read` or `write` is one pipelined round trip per server; `timeout_s` bounds
     connecting and each reply, in seconds. A round trip that fails raises StoreUnavailable; an
-    operation that fails alone has a StoreUnavailable as its result. With `min_replicas` > 0 a
-    write round trip waits up to `timeout_s` for that many replicas to acknowledge it (Redis's
-    WAIT); when fewer do, each of its writes has a StoreUnavailable as its result, although
-    the primary applied it.
+    operation that fails alone has a StoreUnavailable as its result. For writes whose reply was
+    lost (no reply, a broken connection) that is StoreOutcomeUnknown: they may have applied.
+    With `min_replicas` > 0 a write round trip waits up to `timeout_s` for that many replicas
+    to acknowledge it (Redis's WAIT); when fewer do, each of its writes has a StoreUnavailable
+    as its result, although the primary applied it.
     """
 
     shared = True
@@ -267,39 +341,41 @@ class RedisStore:
         self._replication_failures = 0
 
     def read(self, reads: Sequence[Read]) -> list[ReadResult]:
-        """GET each record, GETDEL it (`take`), or validate it by script (`unless`)."""
+        """GET each record, or validate it by script (`unless`); reads change nothing, so a
+        read whose reply was lost is simply not done (StoreUnavailable)."""
         commands: list[Command] = []
         for op in reads:
             if op.unless:
                 commands.append(("EVALSHA", _VALIDATE_SHA, 1, op.key, op.unless))
-            elif op.take:
-                commands.append(("GETDEL", op.key))
             else:
                 commands.append(("GET", op.key))
-        replies, _ = self._round_trip(commands, None)
+        replies, _ = self._round_trip(commands, None, wrote=False)
         return [self._failure(r) if isinstance(r, Exception) else r for r in replies]
 
     def write(self, writes: Sequence[Write]) -> list[WriteResult]:
         """SET each record (PX: its ttl in milliseconds) or DEL it; by compare-and-set script
-        when it names the stamp it `expect`s."""
+        when it names the stamp it `expect`s. A write whose reply was lost has
+        StoreOutcomeUnknown as its result (or the round trip raises it). Raises ValueError for
+        a conditional write without a record."""
         commands: list[Command] = []
         for op in writes:
             ttl_ms = max(1, round(op.ttl_s * 1000)) if op.ttl_s > 0 else 0
             if op.expect is not None:
-                record = op.record if op.record is not None else b""
-                commands.append(("EVALSHA", _CAS_SHA, 1, op.key, op.expect, record, ttl_ms))
+                if op.record is None:
+                    raise ValueError(f"{op.key}: a conditional write needs a record")
+                commands.append(("EVALSHA", CAS_SHA, 1, op.key, op.expect, op.record, ttl_ms))
             elif op.record is None:
                 commands.append(("DEL", op.key))
             elif ttl_ms:
                 commands.append(("SET", op.key, op.record, "PX", ttl_ms))
             else:
                 commands.append(("SET", op.key, op.record))
-        replies, acknowledged = self._round_trip(commands, self._wait)
+        replies, acknowledged = self._round_trip(commands, self._wait, wrote=True)
         failed: dict[Any, StoreUnavailable] = {}  # one error (and count) per WAIT that fell short
         results: list[WriteResult] = []
         for command, result, ack in zip(commands, replies, acknowledged, strict=True):
             if isinstance(result, Exception):
-                results.append(self._failure(result))
+                results.append(self._failure(result, wrote=True))
             elif self._wait is not None and result is not False and not _enough(ack, self._wait):
                 # Whatever the primary did, a failover may not keep it.
                 if id(ack) not in failed:
@@ -323,6 +399,21 @@ class RedisStore:
                 "every stateful step fails UNAVAILABLE until more replicas connect",
                 self.name, replicas, self.min_replicas,
             )  # fmt: skip
+        try:
+            policies = self._pipelines.eviction_policies()
+        except RedisError as error:
+            raise self._failure(error) from error
+        evicting = {a: p for a, p in policies.items() if p != "noeviction"}
+        if evicting:
+            # Every record has a TTL, so even a volatile-* policy evicts live states, and their
+            # clients are told their sequences are not live.
+            logger.warning(
+                "state store %s evicts keys when full (maxmemory-policy %s): it may drop live "
+                "sequence states, whose next requests then fail INVALID_ARGUMENT 'not live'; "
+                "set maxmemory-policy noeviction (CONFIG SET maxmemory-policy noeviction): a "
+                "full store then fails steps UNAVAILABLE and loses nothing",
+                self.name, ", ".join(f"{p} on {a}" for a, p in sorted(evicting.items())),
+            )  # fmt: skip
 
     def statistics(self) -> StoreStatistics:
         """Round trips by duration, failovers and replication failures so far."""
@@ -339,14 +430,14 @@ class RedisStore:
         self._pipelines.close()
 
     def _round_trip(
-        self, commands: list[Command], wait: Wait | None
+        self, commands: list[Command], wait: Wait | None, wrote: bool
     ) -> tuple[list[Any], list[Any]]:
         if not commands:
             return [], []
         try:
             return self._pipelines.run(commands, wait, self._count)
         except RedisError as error:
-            raise self._failure(error) from error
+            raise self._failure(error, wrote) from error
 
     def _count(self, seconds: float) -> None:
         with self._lock:
@@ -366,7 +457,10 @@ class RedisStore:
             f"means this step did take effect"
         )
 
-    def _failure(self, error: Exception) -> StoreUnavailable:
+    def _failure(self, error: Exception, wrote: bool = False) -> StoreUnavailable:
+        """The error `error` means for a round trip (`wrote`: one of writes): for writes, a
+        lost reply (no reply, or a connection error) is StoreOutcomeUnknown; an error reply
+        (OOM, READONLY, a redirection not followed) means the command was not applied."""
         if isinstance(error, AuthenticationError):
             return StoreRejected(
                 f"state store {self.name} refused the login: {error} (check the user in the "
@@ -385,6 +479,9 @@ class RedisStore:
                 "(a Redis that asks for client certificates needs --state-store-cert and "
                 "--state-store-key)"
             )
+        if wrote and not isinstance(error, ResponseError):
+            # Whether an attempt reached Redis before the connection failed is not known.
+            return StoreOutcomeUnknown(f"state store {self.name} is unavailable: {error}")
         return StoreUnavailable(f"state store {self.name} is unavailable: {error}")
 
 
@@ -410,15 +507,56 @@ def client_options(
     Raises UnusableCredentials for a file (password, CA, certificate, key) that cannot be read:
     redis-py would read it only when it first connects.
     """
-    # A WAIT's reply comes when its own timeout ends: the socket must outlast it. One retry
-    # without backoff: a pooled connection broken by a Redis restart reconnects at once, while
-    # a Redis that is down fails fast, as UNAVAILABLE.
+    # A WAIT's reply comes when its own timeout ends: the socket must outlast it.
     return {
         "socket_timeout": timeout_s * 2 if min_replicas else timeout_s,
         "socket_connect_timeout": timeout_s,
-        "retry": Retry(NoBackoff(), 1),
+        "retry": RetryAtOnce(timeout_s / 4),
         **_login(url, access or StoreAccess()),
     }
+
+
+class RetryAtOnce(Retry):
+    """redis-py's retry policy for the store: once, without backoff, and only for a connection
+    that broke within `window_s` seconds of the call's start (a pooled connection that a Redis
+    restart closed fails at once, and a fresh one then succeeds). Never after a timeout: a
+    busy Redis would make a round trip wait twice its timeout, and every command would be sent
+    twice for nothing (they are all safe to repeat, but a lost reply is for the next request
+    to settle, not for a blind resend)."""
+
+    def __init__(self, window_s: float) -> None:
+        super().__init__(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+        self.window_s = window_s
+
+    def call_with_retry(
+        self,
+        do: Callable[[], Any],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> Any:
+        """`do`, sent once more after a connection error within the window (see the class)."""
+        started = time.monotonic()
+
+        def early(error: Exception) -> bool:
+            within = time.monotonic() - started <= self.window_s
+            return within and (is_retryable is None or is_retryable(error))
+
+        return super().call_with_retry(do, fail, early, with_failure_count)
+
+
+def eviction_policy(client: redis.Redis, address: str) -> dict[str, str]:
+    """`{address: maxmemory-policy}` of the server `client` reaches; empty when it refuses
+    CONFIG GET (a managed Redis may); RedisError when it does not answer."""
+    try:
+        found: dict[Any, Any] = dict(client.config_get("maxmemory-policy"))
+    except ResponseError as error:
+        logger.info("state store %s: cannot check its maxmemory-policy (%s)", address, error)
+        return {}
+    policy = found.get("maxmemory-policy") or found.get(b"maxmemory-policy")
+    if isinstance(policy, bytes):
+        policy = policy.decode()
+    return {address: str(policy)} if policy else {}
 
 
 _TLS_FILES = {"ca": "ssl_ca_certs", "cert": "ssl_certfile", "key": "ssl_keyfile"}

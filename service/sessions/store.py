@@ -13,13 +13,22 @@ A record is compact binary, never pickle (a store is shared, so what it holds is
     offset  0  b"RNNS"          magic
             4  u8 format (1), u8 tensor count, u16 reserved
             8  u64 version      requests the state has advanced through
-           16  u64 tag          random per write
+           16  u64 tag          the sequence's epoch (high 32 bits), random per write (low 32)
            24  per tensor: u8 dtype length, dtype (numpy's `str`, e.g. "<f4"),
                            u8 rank, u32 per dimension, the raw little-endian values
 
 Bytes 8..23 are the record's *stamp*. A write that must not fork a sequence names the stamp it
 expects to replace (compare-and-set). The random tag makes a stamp unique to one write, so a
-sequence restarted (or forked) elsewhere never repeats a stamp a replica still holds.
+sequence restarted (or forked) elsewhere never repeats a stamp a replica still holds. The
+tag's high half is the sequence's *epoch*, drawn at its START and kept by every later write:
+a record of the same epoch but an older version than a replica answered is not a restart but
+writes the store lost (a failover that did not wait for replicas).
+
+A sequence that ended, or that a replica took over at durability `end`, leaves a *tombstone* in
+place of its record: the 24-byte header alone, format 0, its kind in the reserved field. Its
+stamp is derived from the stamp of the record it replaced (`Tombstone.after`), so the same
+replacement sent twice (a round trip whose reply was lost, sent again) writes the same bytes
+and is recognised as already done, where a deletion could not tell itself from someone else's.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ UNCHANGED = b""
 """A read's answer when the stored stamp is the one the reader already holds."""
 MOVING = MAGIC + b"\0moving"
 """Put where a state will be, while a replica that shuts down is still writing it (format 0)."""
+TOMBSTONE_SIZE = _HEADER.size
 
 
 class Durability(enum.Enum):
@@ -102,9 +112,77 @@ class StoredState:
         return _STAMP.pack(self.version, self.tag)
 
 
-def new_tag() -> int:
-    """A random 64-bit tag, for the stamp of a record about to be written."""
-    return secrets.randbits(64)
+class Ending(enum.IntEnum):
+    """Why a record was replaced by a tombstone (its kind, in the header's reserved field)."""
+
+    ENDED = 1
+    """The sequence's END was applied."""
+    TAKEN = 2
+    """A replica took the sequence over to run it from memory (durability `end`)."""
+
+
+_ENDED_MASK = 0x454E_4445_445F_5F5F
+"""Mixed into an ENDED tombstone's tag: any replica ending the record gives the same tombstone."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """What is left of a sequence's record once it ended or was taken over."""
+
+    kind: Ending
+    version: int
+    """The sequence's version when it ended (after its END), or when it was taken."""
+    tag: int
+
+    @property
+    def stamp(self) -> bytes:
+        """Its 16-byte stamp, as for a record."""
+        return _STAMP.pack(self.version, self.tag)
+
+    def encode(self) -> bytes:
+        """Its 24 bytes (see the module docstring)."""
+        return _HEADER.pack(MAGIC, 0, 0, self.kind, self.version, self.tag)
+
+    @classmethod
+    def after(cls, kind: Ending, stamp: bytes, token: int = 0) -> Tombstone:
+        """The tombstone that replaces the record stamped `stamp`: for ENDED, one version later
+        whoever writes it; for TAKEN, at the same version and particular to `token` (the
+        replica's own, non-zero), so that only the replica that wrote it recognises it.
+
+        Raises ValueError for a TAKEN tombstone without a token: its stamp would be the
+        record's own, and a compare-and-set from that stamp would replace it again."""
+        version, tag = _STAMP.unpack(stamp)
+        if kind is Ending.ENDED:
+            return cls(kind, version + 1, tag ^ _ENDED_MASK)
+        if not token:
+            raise ValueError("a TAKEN tombstone needs the replica's non-zero token")
+        return cls(kind, version, tag ^ token)
+
+
+def decode_tombstone(data: bytes) -> Tombstone | None:
+    """The tombstone `data` holds; None when it holds something else (a record, MOVING)."""
+    if len(data) != TOMBSTONE_SIZE:
+        return None
+    magic, fmt, count, kind, version, tag = _HEADER.unpack(data)
+    if magic != MAGIC or fmt != 0 or count != 0:
+        return None
+    try:
+        return Tombstone(Ending(kind), version, tag)
+    except ValueError:
+        return None
+
+
+def new_tag(epoch: int | None = None) -> int:
+    """A 64-bit tag for the stamp of a record about to be written: the sequence's `epoch` (a
+    new random one when None, for a START) above 32 random bits."""
+    if epoch is None:
+        epoch = secrets.randbits(32)
+    return (epoch << 32) | secrets.randbits(32)
+
+
+def epoch_of(stamp: bytes) -> int:
+    """The epoch of the sequence whose record has the 16-byte `stamp` (see the docstring)."""
+    return int(_STAMP.unpack(stamp)[1]) >> 32
 
 
 def encode_state(version: int, tag: int, tensors: Sequence[np.ndarray]) -> bytes:
@@ -178,8 +256,6 @@ class Read:
     key: str
     unless: bytes = b""
     """A stamp: answer UNCHANGED rather than the record while the record still has it."""
-    take: bool = False
-    """Delete the record as it is read: ownership of the sequence moves with it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,9 +264,11 @@ class Write:
 
     key: str
     record: bytes | None
-    """The new record, or None to delete it."""
+    """The new record (or tombstone), or None to delete it (unconditionally only)."""
     expect: bytes | None = None
-    """The stamp the record must have for the write to apply; None writes unconditionally."""
+    """The stamp the record must have for the write to apply; None writes unconditionally.
+    A record that already carries the new record's stamp counts as applied: it is this very
+    write, sent again after its reply was lost."""
     ttl_s: float = 0.0
     """Seconds the record lives without another write (the model's idle timeout)."""
 
@@ -226,7 +304,12 @@ class StoreStatistics:
 class StateStore(Protocol):
     """Where states go beyond the arena. Methods are synchronous and thread-safe: the batch
     workers call them, never the event loop. Each call is one round trip; an error of the
-    whole round trip raises StoreUnavailable."""
+    whole round trip raises StoreUnavailable.
+
+    Every operation is safe to repeat: a read changes nothing, and a write sent twice leaves
+    what it left once. A write whose reply was lost (a timeout, a connection that broke after
+    sending) may or may not have been applied: its error is StoreOutcomeUnknown, never "not
+    applied"; the next read settles it from the stored stamp."""
 
     name: str
     """For messages and logs, without credentials."""
@@ -238,7 +321,8 @@ class StateStore(Protocol):
         ...
 
     def write(self, writes: Sequence[Write]) -> list[WriteResult]:
-        """One round trip: a result per write, in order."""
+        """One round trip: a result per write, in order (StoreOutcomeUnknown where the reply
+        was lost)."""
         ...
 
     def ping(self) -> None:

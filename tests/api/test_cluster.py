@@ -14,13 +14,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
 
+from rnnserve.errors import StoreOutcomeUnknown, StoreUnavailable
 from rnnserve.sessions.connect import open_store
-from rnnserve.sessions.store import Read, Write
+from rnnserve.sessions.store import Read, Write, encode_state
 from tests.api.test_failover import Driver
 from tests.api.test_scale_out import Workload
-from tests.redis_server import RunningCluster, start_cluster
+from tests.redis_server import RunningCluster, free_port, start_cluster
 from tests.server import start_server
 
 FAILOVER_TIMEOUT_S = 30.0
@@ -59,6 +63,66 @@ def test_a_cluster_url_without_nodes_is_refused() -> None:
         open_store("redis+cluster://localhost", 1.0)
     with pytest.raises(ValueError, match="at least one node"):
         open_store("redis+cluster:///", 1.0)
+
+
+def test_a_cluster_that_cannot_be_reached_is_unavailable(tmp_path: Path) -> None:
+    """redis-py says so with a RedisClusterException, which is not a RedisError: it must still
+    be UNAVAILABLE (not applied), and a server must start and serve without the cluster."""
+    url = f"redis+cluster://127.0.0.1:{free_port()}"
+    store = open_store(url, 0.5)
+    for operation in (
+        lambda: store.read([Read("rnnserve:m:1:-:s1")]),
+        lambda: store.write([Write("rnnserve:m:1:-:s1", encode_state(1, 1, []))]),
+        store.ping,
+    ):
+        with pytest.raises(StoreUnavailable, match="cannot be connected") as caught:
+            operation()
+        assert not isinstance(caught.value, StoreOutcomeUnknown)
+    server = start_server(
+        tmp_path / "server", "--state-store", url, "--state-store-timeout-s", "0.5"
+    )
+    try:
+        with triton.InferenceServerClient(server.target) as client:
+            tokens = triton.InferInput("tokens", [1, 1], "INT64")
+            tokens.set_data_from_numpy(np.ones((1, 1), np.int64))
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer("charlm_lstm", [tokens], sequence_id=1, sequence_start=True)
+        assert refused.value.status() == "StatusCode.UNAVAILABLE", refused.value
+    finally:
+        assert server.stop() == 0, server.log_text()
+
+
+def test_scripts_run_after_asking_on_a_migration_target_that_lacks_them(
+    cluster: RunningCluster,
+) -> None:
+    """A slot migrates to a shard that never ran the store's scripts: a script command redirected
+    there with ASK answers NOSCRIPT, and must run again after ASKING once the scripts are loaded
+    (without it, the target answers MOVED back to the source and the step fails)."""
+    store = open_store(cluster.url, 2.0)
+    key = "rnnserve:m:1:-:smigrating"
+    nodes = {n.port: n for n in cluster.live()}
+    with nodes[cluster.primaries()[0]].client() as client:
+        slot = client.execute_command("CLUSTER", "KEYSLOT", key)
+        slots = client.execute_command("CLUSTER", "SLOTS")
+    source = next(nodes[int(owner[1])] for a, b, owner, *_ in slots if a <= slot <= b)
+    target = nodes[next(port for port in cluster.primaries() if port != source.port)]
+    ids = cluster.node_ids()
+    with target.client() as client:
+        client.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source.port][0])
+        client.script_flush()
+    with source.client() as client:
+        client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target.port][0])
+    first = encode_state(1, 11, [np.zeros((2, 4), np.float32)])
+    second = encode_state(2, 22, [np.ones((2, 4), np.float32)])
+    assert store.write([Write(key, first)]) == [True]  # not on the source: ASK, to the target
+    assert store.read([Read(key, unless=b"x" * 16)]) == [first]
+    assert store.write([Write(key, second, expect=first[8:24])]) == [True]
+    with target.client() as client:
+        pipe = client.pipeline(transaction=False)
+        pipe.execute_command("ASKING")
+        pipe.get(key)
+        assert pipe.execute()[1] == second
+    store.close()
 
 
 def test_two_replicas_take_turns_across_a_resharding_and_a_failover(

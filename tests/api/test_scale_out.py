@@ -20,6 +20,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from rnnserve.sessions.store import Ending, decode_tombstone
 from tests.api.conftest import OUTPUTS, Reference, infer_input, sequence_data
 from tests.redis_server import RunningRedis, start_redis
 from tests.server import RunningServer, start_server
@@ -241,8 +242,14 @@ def test_requests_alternating_between_replicas_match_one_server(
         client.close()
     for sid, x in sequences.items():
         close(results[sid], reference.run(MODEL, x))
-    # Ended sequences leave nothing behind in the store.
-    assert redis_server.client().exists(*(f"rnnserve:{MODEL}:1:-:i{sid}" for sid in sequences)) == 0
+    # Ended sequences leave only a tombstone behind (an END sent again must find it), 24 bytes
+    # that expire with the idle timeout.
+    with redis_server.client() as store:
+        for sid in sequences:
+            key = f"rnnserve:{MODEL}:1:-:i{sid}"
+            tombstone = decode_tombstone(store.get(key))
+            assert tombstone is not None and tombstone.kind is Ending.ENDED, sid
+            assert tombstone.version == 10 and 0 < store.pttl(key) <= 300_000
 
 
 def test_a_race_between_two_replicas_has_one_winner_and_one_aborted(replicas, reference) -> None:

@@ -22,11 +22,14 @@ from rnnserve.sessions.sequence import LiveSequence
 from rnnserve.sessions.store import (
     UNCHANGED,
     Durability,
+    Ending,
     MemoryStore,
     Read,
     StateKey,
+    Tombstone,
     Write,
     decode_state,
+    decode_tombstone,
     encode_state,
 )
 from rnnserve.sessions.sync import Advance, StateSync
@@ -102,17 +105,27 @@ def test_compare_and_set(store, redis_server) -> None:
     # The same write again (a retried round trip whose reply was lost) is not a conflict.
     assert store.write([Write(key, second, expect=stamp1, ttl_s=60)]) == [True]
     assert store.read([Read(key, unless=stamp1)]) == [second]
-    assert store.write([Write(key, None, expect=stamp1)]) == [False]
-    assert store.write([Write(key, None, expect=stamp2)]) == [True]
-    assert store.read([Read(key), Read(key, unless=stamp2)]) == [None, None]
+    # An END leaves a tombstone derived from the stamp it replaces: sent again, the same bytes.
+    ended = Tombstone.after(Ending.ENDED, stamp2)
+    assert (ended.version, decode_tombstone(ended.encode())) == (3, ended)
+    assert store.write([Write(key, ended.encode(), expect=stamp1)]) == [False]
+    assert store.write([Write(key, ended.encode(), expect=stamp2, ttl_s=60)]) == [True]
+    assert store.write([Write(key, ended.encode(), expect=stamp2, ttl_s=60)]) == [True]
+    assert store.read([Read(key, unless=stamp2)]) == [ended.encode()]
+    with pytest.raises(ValueError, match="conditional write needs a record"):
+        store.write([Write(key, None, expect=stamp2)])
 
 
-def test_take_moves_a_record_out(store) -> None:
+def test_a_take_only_its_own_replica_can_repeat(store) -> None:
     key = fresh_key()
     record = encode_state(3, 1, [np.zeros((2, 4), np.float32)])
+    stamp = record[8:24]
     store.write([Write(key, record, ttl_s=60)])
-    assert store.read([Read(key, take=True)]) == [record]
-    assert store.read([Read(key, take=True)]) == [None]
+    mine, theirs = (Tombstone.after(Ending.TAKEN, stamp, token) for token in (5, 7))
+    assert mine.version == 3 and mine.stamp != stamp != theirs.stamp
+    assert store.write([Write(key, mine.encode(), expect=stamp)]) == [True]
+    assert store.write([Write(key, mine.encode(), expect=stamp)]) == [True]
+    assert store.write([Write(key, theirs.encode(), expect=stamp)]) == [False]
 
 
 def test_scripts_are_loaded_again_after_redis_forgets_them(store, redis_server) -> None:
@@ -121,7 +134,7 @@ def test_scripts_are_loaded_again_after_redis_forgets_them(store, redis_server) 
     store.write([Write(key, record, ttl_s=60)])
     redis_server.client().script_flush()
     other = fresh_key()
-    results = store.read([Read(key, unless=b"x" * 16), Read(other, take=True)])
+    results = store.read([Read(key, unless=b"x" * 16), Read(other)])
     assert results == [record, None]
 
 

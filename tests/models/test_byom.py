@@ -93,18 +93,25 @@ CASES = {
 }
 
 
-def torch_export(case: Case, path: Path) -> None:
-    """What a user runs: plain torch.onnx.export, PyTorch's names and layout."""
+def torch_export(
+    case: Case,
+    path: Path,
+    dynamo: bool = False,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+) -> None:
+    """What a user runs: plain torch.onnx.export, PyTorch's names and layout (the legacy
+    exporter unless `dynamo`, whose graph is then written whole, with no external data)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
+        warnings.simplefilter("ignore")  # each exporter's notices about itself
         torch.onnx.export(
             case.factory(),
             (case.example, case.state),
             str(path),
             input_names=list(case.input_names),
             output_names=list(case.output_names),
-            dynamic_axes=case.dynamic_axes(),
-            dynamo=False,
+            dynamic_axes=dynamic_axes or case.dynamic_axes(),
+            dynamo=dynamo,
+            **({"external_data": False} if dynamo else {}),
         )
 
 

@@ -124,7 +124,28 @@ def export_graph(
     needs onnxscript: ExportError saying how to install it where it is missing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if exporter == "dynamo":
-        _export_dynamo(module, example, path, input_names, output_names, dynamic_axes)
+        _require_onnxscript()
+        # The exporter reports its progress on stdout (a command's output is its JSON report),
+        # logs each pass of its optimiser, and warns about what the checks after it decide
+        # (shapes, parity): the export's own report says what matters.
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            _quiet(DYNAMO_LOGGERS),
+        ):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module.eval(),
+                example,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=_dynamic_shapes(module, input_names, dynamic_axes),
+                verbose=False,
+            )
+            if program is None:
+                raise ExportError("torch.onnx.export(dynamo=True) returned no program")
+            program.save(str(path), external_data=False)
         return
     with warnings.catch_warnings():
         # The legacy exporter is chosen on purpose (see the module docstring); its deprecation
@@ -148,14 +169,7 @@ def export_graph(
         )
 
 
-def _export_dynamo(
-    module: nn.Module,
-    example: tuple[torch.Tensor, ...],
-    path: Path,
-    input_names: list[str],
-    output_names: list[str],
-    dynamic_axes: dict[str, dict[int, str]],
-) -> None:
+def _require_onnxscript() -> None:
     try:
         import onnxscript  # noqa: F401 - what the dynamo exporter writes its graph with
     except ImportError as error:
@@ -163,39 +177,24 @@ def _export_dynamo(
             "torch.onnx's dynamo exporter needs onnxscript, which is not installed: "
             "pip install onnxscript (rnnserve[train] includes it)"
         ) from error
-    # torch.export's own form of the dynamic axes, one entry per positional input (what
-    # dynamic_axes turns into cannot describe a forward(x, *states)); one Dim per axis name, so
-    # the batch of the data and of each state is one symbol.
+
+
+def _dynamic_shapes(
+    module: nn.Module, input_names: list[str], dynamic_axes: dict[str, dict[int, str]]
+) -> tuple[Any, ...]:
+    """torch.export's form of `dynamic_axes`: one entry per positional input of `module`'s
+    forward, its varargs as one tuple (dynamic_axes cannot describe a forward(x, *states));
+    one Dim per axis name, so the batch of the data and of each state is one symbol."""
     dims: dict[str, Any] = {}
     shapes: tuple[Any, ...] = tuple(
         {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()}
         for axes in (dynamic_axes.get(name, {}) for name in input_names)
     )
     parameters = inspect.signature(module.forward).parameters.values()
-    if any(p.kind is p.VAR_POSITIONAL for p in parameters):  # forward(x, *states): one tuple
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
         named = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
         shapes = (*shapes[:named], shapes[named:])
-    # The exporter reports its progress on stdout (a command's output is its JSON report), logs
-    # each pass of its optimiser, and warns about what the checks after it decide (shapes,
-    # parity): the export's own report says what matters.
-    with (
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(io.StringIO()),
-        _quiet(DYNAMO_LOGGERS),
-    ):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module.eval(),
-            example,
-            dynamo=True,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_shapes=shapes,
-            verbose=False,
-        )
-        if program is None:
-            raise ExportError("torch.onnx.export(dynamo=True) returned no program")
-        program.save(str(path), external_data=False)
+    return shapes
 
 
 DYNAMO_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")

@@ -324,7 +324,12 @@ def export_module(
     raise ExportError(
         "no exporter gave a graph that passes the checks: "
         + "; ".join(refused)
-        + (f". Try exporter={others[0]!r} (the default, 'auto', tries both)" if others else "")
+        + (
+            f". Try the {others[0]} exporter: exporter={others[0]!r}, --exporter {others[0]} "
+            "(the default, auto, tries both)"
+            if others
+            else ""
+        )
         + ". The module must run any batch size and length from the state it is given: a "
         "length read as a Python int in forward (x.shape[1] in a loop) fixes the graph's "
         "length to the example's"

@@ -5,8 +5,10 @@ port on 127.0.0.1; in a terminal and as the container logs (JSON lines)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -79,11 +81,23 @@ def test_metrics_refused_after_grpc_bound_closes_what_was_bound(serving_transpor
 
 
 def test_in_the_container_the_reason_is_one_json_line(serving_transport: str) -> None:
+    """Configured as the image configures it, through RNNSERVE_ variables (JSON logs)."""
     with occupied() as port:
-        done = serve(
-            serving_transport, "--grpc-port", str(port), "--metrics-port", "off",
-            "--log-format", "json",
-        )  # fmt: skip
+        environment = {
+            **os.environ,
+            "RNNSERVE_HOST": "127.0.0.1",
+            "RNNSERVE_GRPC_PORT": str(port),
+            "RNNSERVE_METRICS_PORT": "off",
+            "RNNSERVE_LOG_FORMAT": "json",
+            "RNNSERVE_TRANSPORT": serving_transport,
+        }
+        done = subprocess.run(
+            [sys.executable, "-P", "-m", "rnnserve", "serve"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=environment,
+        )
     event = json.loads(one_line(done))
     assert event["level"] == "ERROR", event
     for part in (f"127.0.0.1:{port}", "in use", "--grpc-port", "RNNSERVE_GRPC_PORT"):

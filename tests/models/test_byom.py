@@ -100,7 +100,7 @@ def torch_export(
     dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> None:
     """What a user runs: plain torch.onnx.export, PyTorch's names and layout (the legacy
-    exporter unless `dynamo`, whose graph is then written whole, with no external data)."""
+    exporter unless `dynamo`, with its defaults: weights in a `.data` file beside the graph)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # each exporter's notices about itself
         torch.onnx.export(
@@ -111,7 +111,6 @@ def torch_export(
             output_names=list(case.output_names),
             dynamic_axes=dynamic_axes or case.dynamic_axes(),
             dynamo=dynamo,
-            **({"external_data": False} if dynamo else {}),
         )
 
 

@@ -81,6 +81,15 @@ CASES = {
         time_major=True,
         state_shapes={"h0": [2, 10]},
     ),
+    "sensor": Case(
+        user_modules.sensor_gru,
+        torch.randn(5, 2, 3),
+        torch.zeros(2, 2, 8),
+        ("input", "h0"),
+        ("output", "hn"),
+        time_major=True,
+        state_shapes={"h0": [2, 8]},
+    ),
     "stacked": Case(
         user_modules.stacked,
         torch.randn(2, 5, 5),

@@ -107,6 +107,14 @@ def add_commands(sub: Any) -> None:
     module.add_argument(
         "--state-names", help="comma-separated state names (default h, or h,c for an LSTM)"
     )
+    module.add_argument(
+        "--exporter",
+        choices=["auto", "legacy", "dynamo"],
+        default="auto",
+        help="torch.onnx's exporter: legacy (dynamo=False), dynamo (its graph repaired where it "
+        "pins the example's length), or auto: the first whose graph passes the checks, legacy "
+        "first (default auto; the report says which)",
+    )
     export.set_defaults(run=_run_export)
 
     imports = sub.add_parser(
@@ -472,6 +480,7 @@ def _run_export_module(args: argparse.Namespace) -> int:
             input_name=args.input_name,
             output_name=args.output_name,
             state_names=args.state_names.split(",") if args.state_names else None,
+            exporter=args.exporter,
         )
     except ExportError as error:
         raise CommandError(str(error), exit_code=1) from error
@@ -479,7 +488,9 @@ def _run_export_module(args: argparse.Namespace) -> int:
         raise CommandError(
             f"cannot write to repository {args.model_repository}: {error}"
         ) from error
-    _report(args.name, published, started)
+    _report(
+        args.name, published, started, exporter=published.exporter, repairs=list(published.repairs)
+    )
     return 0
 
 

@@ -2,17 +2,24 @@
 
 The legacy TorchScript exporter (`dynamo=False`) is used on purpose: it emits the native ONNX
 LSTM/GRU/RNN operators and keeps the batch and time axes dynamic, while the torch.export-based
-exporter has been seen to pin an output's time axis to the example's length. Every export is
+exporter pins the example's length in a Reshape after each recurrent node (`repair.py` rewrites
+it; `export_module` falls back to that exporter where the legacy one fails). Every export is
 checked twice before it is accepted: the declared shapes of every graph input and output, and
 numerical parity with PyTorch (ONNX Runtime vs PyTorch, and step-by-step vs whole-sequence).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
 import json
+import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -91,6 +98,16 @@ def check_declared_shapes(
     graph.check_shapes(onnx_path, interface(spec, signature, streamable))
 
 
+Exporter = Literal["legacy", "dynamo"]
+"""torch.onnx's two exporters: the TorchScript-based one (`dynamo=False`) and the
+torch.export-based one (`dynamo=True`, torch.onnx.export's default since PyTorch 2.9)."""
+EXPORTERS: dict[str, str] = {
+    "legacy": "torch.onnx legacy (dynamo=False)",
+    "dynamo": "torch.onnx dynamo (dynamo=True)",
+}
+"""How a model card and a message name each exporter."""
+
+
 def export_graph(
     module: nn.Module,
     example: tuple[torch.Tensor, ...],
@@ -98,9 +115,38 @@ def export_graph(
     input_names: list[str],
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
+    exporter: Exporter = "legacy",
 ) -> None:
-    """torch.onnx.export as every rnnserve export calls it (see the module docstring)."""
+    """torch.onnx.export as every rnnserve export calls it (see the module docstring), with
+    `exporter`; `dynamic_axes` maps each named tensor's axes to their names.
+
+    The dynamo exporter's graph is written whole into `path` (no external data file), and
+    needs onnxscript: ExportError saying how to install it where it is missing."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if exporter == "dynamo":
+        _require_onnxscript()
+        # The exporter reports its progress on stdout (a command's output is its JSON report),
+        # logs each pass of its optimiser, and warns about what the checks after it decide
+        # (shapes, parity): the export's own report says what matters.
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            _quiet(DYNAMO_LOGGERS),
+        ):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module.eval(),
+                example,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=_dynamic_shapes(module, input_names, dynamic_axes),
+                verbose=False,
+            )
+            if program is None:
+                raise ExportError("torch.onnx.export(dynamo=True) returned no program")
+            program.save(str(path), external_data=False)
+        return
     with warnings.catch_warnings():
         # The legacy exporter is chosen on purpose (see the module docstring); its deprecation
         # notices, its own and those of what it calls inside torch, are about that choice. The
@@ -121,6 +167,52 @@ def export_graph(
             output_names=output_names,
             dynamic_axes=dynamic_axes,
         )
+
+
+def _require_onnxscript() -> None:
+    try:
+        import onnxscript  # noqa: F401 - what the dynamo exporter writes its graph with
+    except ImportError as error:
+        raise ExportError(
+            "torch.onnx's dynamo exporter needs onnxscript, which is not installed: "
+            "pip install onnxscript (rnnserve[train] includes it)"
+        ) from error
+
+
+def _dynamic_shapes(
+    module: nn.Module, input_names: list[str], dynamic_axes: dict[str, dict[int, str]]
+) -> tuple[Any, ...]:
+    """torch.export's form of `dynamic_axes`: one entry per positional input of `module`'s
+    forward, its varargs as one tuple (dynamic_axes cannot describe a forward(x, *states));
+    one Dim per axis name, so the batch of the data and of each state is one symbol."""
+    dims: dict[str, Any] = {}
+    shapes: tuple[Any, ...] = tuple(
+        {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()}
+        for axes in (dynamic_axes.get(name, {}) for name in input_names)
+    )
+    parameters = inspect.signature(module.forward).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        named = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
+        shapes = (*shapes[:named], shapes[named:])
+    return shapes
+
+
+DYNAMO_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
+"""The loggers the dynamo exporter talks through."""
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]) -> Iterator[None]:
+    """The loggers `names` at ERROR for the block, then as they were."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def export_onnx(net: RecurrentNet, signature: Signature, path: Path, streamable: bool) -> None:

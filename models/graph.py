@@ -10,7 +10,8 @@ here. No torch: `rnnserve import` runs on an ONNX file alone.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,19 @@ def declared_shapes(onnx_path: Path) -> dict[str, list[int | str]]:
     }
 
 
+def declare(value: Any, dims: Sequence[int | str]) -> None:
+    """Set the declared shape of a graph input or output (an onnx.ValueInfoProto): ints are
+    fixed sizes, strings named dynamic axes."""
+    shape = value.type.tensor_type.shape
+    del shape.dim[:]
+    for d in dims:
+        dim = shape.dim.add()
+        if isinstance(d, str):
+            dim.dim_param = d
+        else:
+            dim.dim_value = d
+
+
 def check_shapes(onnx_path: Path, interface: Interface) -> None:
     expected = interface.expected_shapes()
     declared = declared_shapes(onnx_path)
@@ -155,6 +169,20 @@ def check_shapes(onnx_path: Path, interface: Interface) -> None:
         raise ExportError(
             f"{onnx_path}: declared graph shapes {declared} differ from the expected {expected}"
         )
+
+
+def checking_session(graph_file: Path | bytes) -> Any:
+    """An ONNX Runtime CPU session over a graph file (or a serialized model) for the checks:
+    silent, as whatever fails is reported in the check's own error, once."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # fatal only: not the warnings and errors the check reports
+    return ort.InferenceSession(
+        graph_file if isinstance(graph_file, bytes) else str(graph_file),
+        options,
+        providers=["CPUExecutionProvider"],
+    )
 
 
 def check_parity(
@@ -165,20 +193,23 @@ def check_parity(
     reference_name: str,
     seed: int = 0,
     tolerance: float = PARITY_TOLERANCE,
+    cases: Sequence[tuple[int, int]] = PARITY_CASES,
+    shown: str | None = None,
 ) -> ParityReport:
     """The graph in ONNX Runtime against `reference` on random inputs and states, and the steps
-    fed one at a time (carrying the state) against one call over all of them."""
-    import onnxruntime as ort
-
+    fed one at a time (carrying the state) against one call over all of them, for each (batch,
+    steps) of `cases`. ExportError, naming the graph as `shown` (default: its path), when it
+    does not load, fails on a case, or differs by more than `tolerance` (scaled)."""
+    shown = shown or str(onnx_path)
     try:
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        session = checking_session(onnx_path)
     except Exception as error:  # ONNX Runtime's errors derive from Exception only
-        raise ExportError(f"{onnx_path}: ONNX Runtime cannot load the graph: {error}") from error
+        raise ExportError(f"{shown}: ONNX Runtime cannot load the graph: {error}") from error
     rng = np.random.default_rng(seed)
     vs_reference = (0.0, 0.0)
     steps_vs_whole = (0.0, 0.0)
     names = interface.output_names
-    for batch, steps in PARITY_CASES:
+    for batch, steps in cases:
         feeds = {t.name: make_input(t, batch, steps, rng) for t in interface.inputs}
         for state in interface.states:
             feeds[state.input_name] = rng.uniform(-1, 1, (batch, *state.shape)).astype(np.float32)
@@ -189,10 +220,11 @@ def check_parity(
                 _stepped(session, interface, feeds, steps) if interface.states and steps > 1 else []
             )
         except Exception as error:
+            said = " ".join(str(error).split())  # ONNX Runtime's end in a newline
             raise ExportError(
-                f"{onnx_path}: the graph or its {reference_name} reference failed on random "
+                f"{shown}: the graph or its {reference_name} reference failed on random "
                 f"inputs of batch {batch} and {steps} steps (a graph served per sequence must "
-                f"run any batch and length): {type(error).__name__}: {error}"
+                f"run any batch and length): {type(error).__name__}: {said}"
             ) from error
         vs_reference = _worst(
             vs_reference, *(_diff(a, b) for a, b in zip(ours, theirs, strict=True))
@@ -203,7 +235,7 @@ def check_parity(
             )
     if vs_reference[1] > tolerance or steps_vs_whole[1] > tolerance:
         raise ExportError(
-            f"{onnx_path}: parity check failed (scaled max |onnx - {reference_name}| = "
+            f"{shown}: parity check failed (scaled max |onnx - {reference_name}| = "
             f"{vs_reference[1]:.3g}, scaled max |step-by-step - whole| = "
             f"{steps_vs_whole[1]:.3g}, tolerance {tolerance:g})"
         )
@@ -213,7 +245,7 @@ def check_parity(
         steps_vs_whole[0],
         vs_reference[1],
         steps_vs_whole[1],
-        PARITY_CASES,
+        tuple(cases),
         tolerance,
     )
 
@@ -306,11 +338,36 @@ class Published:
     onnx_path: Path
     card_path: Path
     parity: ParityReport
+    exporter: str | None = None
+    """The torch.onnx exporter whose graph was published (None: an imported graph)."""
+    repairs: tuple[str, ...] = ()
+    """What was rewritten in the exporter's graph so that it runs any length and batch."""
 
 
 def staging_path(repository: Path, name: str, version: int) -> Path:
     """Where a new graph is written first, beside its final place."""
     return repository / name / str(version) / (MODEL_FILE + ".partial")
+
+
+@contextmanager
+def staged(repository: Path, name: str, version: int) -> Iterator[Path]:
+    """The staging path of a new graph (`staging_path`), its folder made; when the block
+    raises, the staging file goes, and so does every folder made here that is still empty
+    (the repository's, the model's, the version's): a refused export or import leaves
+    nothing behind."""
+    staging = staging_path(repository, name, version)
+    made = [p for p in (repository, repository / name, staging.parent) if not p.exists()]
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield staging
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:  # something else is there now: it is not ours to remove
+                break
+        raise
 
 
 def publish_staged(

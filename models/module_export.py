@@ -10,7 +10,11 @@ and publication as the bundled models (graph.py).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
+import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +25,15 @@ import torch
 from torch import nn
 
 from rnnserve.models import graph
-from rnnserve.models.export import export_graph, torch_reference
+from rnnserve.models.export import EXPORTERS, Exporter, export_graph, torch_reference
 from rnnserve.models.graph import BATCH, TIME, ExportError, Published
 from rnnserve.models.publish import git_revision
+from rnnserve.models.repair import repair
+
+logger = logging.getLogger(__name__)
 
 StateLayout = Literal["auto", "layers_first", "batch_first"]
+ExporterChoice = Literal["auto", "legacy", "dynamo"]
 Structure = Any
 """The nesting of a module's state: None for a tensor, else a tuple of structures."""
 
@@ -187,6 +195,7 @@ def export_module(
     tolerance: float = graph.PARITY_TOLERANCE,
     max_batch_size: int = graph.DEFAULT_MAX_BATCH_SIZE,
     idle_seconds: float = graph.DEFAULT_IDLE_SECONDS,
+    exporter: ExporterChoice = "auto",
 ) -> Published:
     """Export `module` to ONNX with batch-first state, check it, and publish it as
     `repository/name/version`.
@@ -197,8 +206,15 @@ def export_module(
     Each state's batch axis is found by running the module at two batch sizes; `state_layout`
     ("layers_first": PyTorch's [layers * directions, B, H], "batch_first": [B, ...]) makes it a
     requirement. States are named `state_names` (default: h, or h and c for an LSTM's (h, c),
-    else state0, state1, ...) with `_in` and `_out` graph tensors. Raises ExportError for a
-    module that does not fit, saying what was found and what to do.
+    else state0, state1, ...) with `_in` and `_out` graph tensors.
+
+    `exporter` picks torch.onnx's exporter: "auto" tries the legacy one, then the dynamo one
+    (`EXPORTER_ORDER`), and publishes the first graph that passes the shape and parity checks;
+    a dynamo graph that pins the example's length after a recurrent node is repaired first.
+    `Published.exporter` (and the card's `export.exporter`) says which was published, and
+    `Published.repairs` what was rewritten. Raises ExportError for a module that does not fit,
+    or when no exporter's graph passes, saying what was found and what to do; nothing is left
+    in `repository` then.
     """
     repository = Path(repository)
     module.eval()
@@ -245,57 +261,148 @@ def export_module(
     wrapper = _BatchFirst(module, first.structure, axes, time_major).eval()
     x = example_input.transpose(0, 1) if time_major else example_input
     zero = tuple(torch.zeros((batch, *s)) for s in shapes)
-    staging = graph.staging_path(repository, name, version)
     sequence_axes = {0: BATCH, 1: TIME}
-    try:
-        export_graph(
-            wrapper,
-            (x, *zero),
-            staging,
-            [input_name, *ins],
-            [output_name, *outs],
-            {
-                input_name: sequence_axes,
-                output_name: sequence_axes,
-                **{n: {0: BATCH} for n in ins + outs},
-            },
-        )
-    except (RuntimeError, torch.onnx.errors.OnnxExporterError) as error:
-        staging.unlink(missing_ok=True)
-        raise ExportError(f"torch.onnx.export failed on the module: {error}") from error
+    dynamic_axes = {
+        input_name: sequence_axes,
+        output_name: sequence_axes,
+        **{n: {0: BATCH} for n in ins + outs},
+    }
     bound = int(example_input.max()) + 1 if not example_input.is_floating_point() else 0
-    return graph.publish_staged(
-        staging,
-        interface,
-        lambda path: graph.check_parity(
-            path,
-            interface,
-            _random_input(path, bound),
-            torch_reference(wrapper, interface),
-            "torch",
-            tolerance=tolerance,
-        ),
-        name,
-        {"streamable": "true", "description": description or f"{type(module).__name__}"},
-        {
-            "name": name,
-            "version": version,
-            "module": f"{type(module).__module__}.{type(module).__qualname__}",
-            "streamable": True,
-            "states": [
-                {"input": i, "output": o, "shape": list(s), "module_batch_axis": a}
-                for i, o, s, a in zip(ins, outs, shapes, axes, strict=True)
-            ],
-            "time_major_module": time_major,
-            "parameters": {"total": sum(p.numel() for p in module.parameters())},
-            "weights_sha256": _weights_digest(module),
-            "export": {"opset": graph.OPSET, "exporter": "torch.onnx legacy (dynamo=False)"},
-            "git_revision": git_revision(),
-            **(card or {}),
-        },
-        max_batch_size,
-        idle_seconds,
+    base_card = {
+        "name": name,
+        "version": version,
+        "module": f"{type(module).__module__}.{type(module).__qualname__}",
+        "streamable": True,
+        "states": [
+            {"input": i, "output": o, "shape": list(s), "module_batch_axis": a}
+            for i, o, s, a in zip(ins, outs, shapes, axes, strict=True)
+        ],
+        "time_major_module": time_major,
+        "parameters": {"total": sum(p.numel() for p in module.parameters())},
+        "weights_sha256": _weights_digest(module),
+        "git_revision": git_revision(),
+    }
+    reference = torch_reference(wrapper, interface)
+    refused: list[str] = []
+    for chosen in EXPORTER_ORDER[exporter]:
+        try:
+            with graph.staged(repository, name, version) as staging:
+                opset, repairs = _export(
+                    chosen, wrapper, (x, *zero), staging, interface, dynamic_axes
+                )
+                parity = functools.partial(
+                    _parity, interface=interface, reference=reference, bound=bound,
+                    tolerance=tolerance, shown=f"the {chosen} exporter's graph",
+                )  # fmt: skip
+                published = graph.publish_staged(
+                    staging,
+                    interface,
+                    parity,
+                    name,
+                    {"streamable": "true", "description": description or type(module).__name__},
+                    {
+                        **base_card,
+                        "export": {
+                            "opset": opset,
+                            "exporter": EXPORTERS[chosen],
+                            "repairs": repairs,
+                            "refused": refused,
+                        },
+                        **(card or {}),
+                    },
+                    max_batch_size,
+                    idle_seconds,
+                )
+        except ExportError as error:
+            refused.append(f"{EXPORTERS[chosen]}: {error}")
+            continue
+        logger.info("exported %s with %s", name, EXPORTERS[chosen])
+        for reason in refused:
+            logger.info("not taken: %s", reason)
+        return dataclasses.replace(published, exporter=EXPORTERS[chosen], repairs=tuple(repairs))
+    others = [e for e in EXPORTER_ORDER["auto"] if e not in EXPORTER_ORDER[exporter]]
+    raise ExportError(
+        "no exporter gave a graph that passes the checks: "
+        + "; ".join(refused)
+        + (
+            f". Try the {others[0]} exporter: exporter={others[0]!r}, --exporter {others[0]} "
+            "(the default, auto, tries both)"
+            if others
+            else ""
+        )
+        + ". The module must run any batch size and length from the state it is given: a "
+        "length read as a Python int in forward (x.shape[1] in a loop) fixes the graph's "
+        "length to the example's"
     )
+
+
+EXPORTER_ORDER: dict[str, tuple[Exporter, ...]] = {
+    "auto": ("legacy", "dynamo"),
+    "legacy": ("legacy",),
+    "dynamo": ("dynamo",),
+}
+"""Which exporters `export_module` tries, in order: `auto` takes the legacy exporter's graph
+where it passes the checks (it writes the native LSTM/GRU/RNN operators with their batch and
+time axes dynamic), else the dynamo exporter's, repaired."""
+
+
+def _export(
+    exporter: Exporter,
+    wrapper: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: Path,
+    interface: graph.Interface,
+    dynamic_axes: dict[str, dict[int, str]],
+) -> tuple[int, list[str]]:
+    """Export `wrapper` into `path` with `exporter`; for the dynamo exporter, repair what pins
+    the example's length (`rnnserve.models.repair`) and declare the interface's axes, which the
+    parity check then proves at other batch sizes and lengths. The graph's opset and what was
+    repaired; ExportError when the exporter fails."""
+    import onnx
+
+    names = [t.name for t in interface.inputs] + [s.input_name for s in interface.states]
+    try:
+        export_graph(wrapper, example, path, names, interface.output_names, dynamic_axes, exporter)
+    except ExportError:
+        raise
+    except Exception as error:
+        why = _root_cause(error)
+        raise ExportError(f"torch.onnx.export failed on the module: {why}") from error
+    model = onnx.load(str(path))
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if exporter == "legacy":
+        return opset, []
+    repairs = repair(model)
+    expected = interface.expected_shapes()
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name in expected:
+            graph.declare(value, expected[value.name])
+    onnx.save(model, str(path))
+    return opset, [fix.describe() for fix in repairs.fixes]
+
+
+def _root_cause(error: BaseException, limit: int = 400) -> str:
+    """The innermost cause of an exporter's error, on one line: the dynamo exporter wraps what
+    torch.export said in pages of advice and colour codes."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _parity(
+    path: Path,
+    *,
+    interface: graph.Interface,
+    reference: graph.Reference,
+    bound: int,
+    tolerance: float,
+    shown: str,
+) -> graph.ParityReport:
+    return graph.check_parity(
+        path, interface, _random_input(path, bound), reference, "torch",
+        tolerance=tolerance, shown=shown,
+    )  # fmt: skip
 
 
 def _random_input(path: Path, example_bound: int) -> graph.MakeInput:

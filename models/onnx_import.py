@@ -7,15 +7,18 @@ takes them), rewrites the graph with ONNX graph surgery so every state is batch-
 and every data input and output [B, T, ...] (Transpose nodes at the graph's edges; the names are
 kept, and per-layer states stay separate state entries: stacking states of different sizes is
 not possible, and separate entries serve the same), then checks the rewritten graph against the
-original and step-by-step against whole-sequence on random inputs, and publishes it. No torch.
+original and step-by-step against whole-sequence on random inputs, and publishes it. A Reshape
+that pins the exporter's example length after a recurrent node (torch.onnx's dynamo exporter
+writes one) is repaired first (`repair.py`). No torch.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +26,7 @@ import numpy as np
 
 from rnnserve.models import graph
 from rnnserve.models.graph import BATCH, TIME, ExportError, Published
+from rnnserve.models.repair import Repairs, repair
 
 DataLayout = Literal["auto", "batch_first", "time_major"]
 Dim = int | str | None
@@ -258,7 +262,10 @@ def _time_major(inputs: Sequence[Value], batch_symbols: set[str], layout: DataLa
         if len(value.dims) < 2 or not {0, 1} <= set(value.dynamic):
             raise ExportError(
                 f"input {value.describe()}: a data input needs a dynamic batch and time axis "
-                "first ([B, T, ...] or [T, B, ...]); re-export with both axes dynamic"
+                "first ([B, T, ...] or [T, B, ...]); export the model again with both marked "
+                "dynamic: torch.onnx.export(..., dynamo=False, dynamic_axes=...) (torch's "
+                "dynamo exporter fixes the time axis of an nn.RNN, which it unrolls over the "
+                "example's steps), or rnnserve export --module"
             )
     if layout != "auto":
         return layout == "time_major"
@@ -368,27 +375,17 @@ def _rename_uses(g: Any, old: str, new: str) -> None:
 
 
 def _declare(values: Any, edge: Edge) -> None:
-    info = next(v for v in values if v.name == edge.value.name)
-    shape = info.type.tensor_type.shape
-    del shape.dim[:]
-    for d in edge.shape:
-        dim = shape.dim.add()
-        if isinstance(d, str):
-            dim.dim_param = d
-        else:
-            dim.dim_value = d
+    graph.declare(next(v for v in values if v.name == edge.value.name), edge.shape)
 
 
-def _original_reference(source: Path, plan: Plan) -> graph.Reference:
-    """The original graph on the feeds, each transposed back to its layout; its outputs
-    transposed to the new one."""
-    import onnxruntime as ort
-
+def _original_reference(graph_file: Path | bytes, plan: Plan, shown: str) -> graph.Reference:
+    """The original graph (a file, or a serialized model) on the feeds, each transposed back to
+    its layout; its outputs transposed to the new one."""
     try:
-        session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+        session = graph.checking_session(graph_file)
     except Exception as error:  # ONNX Runtime's errors derive from Exception only
         raise ExportError(
-            f"{source}: ONNX Runtime cannot load the graph, so rnnserve cannot serve it: {error}"
+            f"{shown}: ONNX Runtime cannot load the graph, so rnnserve cannot serve it: {error}"
         ) from error
     perm_in = {e.value.name: e.perm for e in plan.inputs}
     perm_out = {e.value.name: e.perm for e in plan.outputs}
@@ -439,7 +436,14 @@ def import_onnx(
     max_batch_size: int = graph.DEFAULT_MAX_BATCH_SIZE,
     idle_seconds: float = graph.DEFAULT_IDLE_SECONDS,
 ) -> tuple[Published, Plan]:
-    """Rewrite `source` batch-first, check it and publish it as `repository/name/version`."""
+    """Rewrite `source` batch-first, check it and publish it as `repository/name/version`.
+
+    A Reshape that pins the exporter's example length (or batch) right after a recurrent node
+    (torch.onnx's dynamo exporter writes one for nn.LSTM, nn.GRU and nn.RNN) is repaired first
+    (`rnnserve.models.repair`); the repaired graph must then match the original at the
+    example's own shape, and itself at every other. Raises ExportError saying what was found
+    and what to do; a refused import leaves nothing in `repository`.
+    """
     import onnx
 
     source, repository = Path(source), Path(repository)
@@ -453,43 +457,87 @@ def import_onnx(
     for tensor in [*found.interface.inputs, *found.interface.outputs]:
         if tensor.dtype not in graph.CONFIG_TYPES:
             raise ExportError(f"{source}: {tensor.name} is {tensor.dtype}, which cannot be served")
-    rewritten = rewrite(model, found)
-    staging = graph.staging_path(repository, name, version)
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(rewritten, str(staging))
-    published = graph.publish_staged(
-        staging,
-        found.interface,
-        lambda path: graph.check_parity(
-            path,
+    repaired = onnx.ModelProto()
+    repaired.CopyFrom(model)
+    repairs = repair(repaired)
+    notes = (*found.notes, *(fix.describe() for fix in repairs.fixes))
+    rewritten = rewrite(repaired, found)
+    with graph.staged(repository, name, version) as staging:
+        onnx.save(rewritten, str(staging))
+        published = graph.publish_staged(
+            staging,
             found.interface,
-            _random_input(source),
-            _original_reference(source, found),
-            "original",
-            tolerance=tolerance,
-        ),
-        name,
-        {"streamable": "true", "description": description or f"imported from {source.name}"},
-        {
-            "name": name,
-            "version": version,
-            "imported_from": {
-                "file": source.name,
-                "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
-                "producer": f"{model.producer_name} {model.producer_version}".strip(),
-                "opset": max(
-                    (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
-                    default=0,
-                ),
+            lambda path: _check_import(path, source, repaired, found, repairs, tolerance),
+            name,
+            {"streamable": "true", "description": description or f"imported from {source.name}"},
+            {
+                "name": name,
+                "version": version,
+                "imported_from": {
+                    "file": source.name,
+                    "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+                    "producer": f"{model.producer_name} {model.producer_version}".strip(),
+                    "opset": max(
+                        (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                        default=0,
+                    ),
+                },
+                "streamable": True,
+                "states": [
+                    {"input": s.input_name, "output": s.output_name, "shape": list(s.shape)}
+                    for s in found.interface.states
+                ],
+                "rewrites": list(notes),
             },
-            "streamable": True,
-            "states": [
-                {"input": s.input_name, "output": s.output_name, "shape": list(s.shape)}
-                for s in found.interface.states
-            ],
-            "rewrites": list(found.notes),
-        },
-        max_batch_size,
-        idle_seconds,
+            max_batch_size,
+            idle_seconds,
+        )
+    return published, replace(found, notes=notes)
+
+
+EXAMPLE_BATCH, EXAMPLE_STEPS = 2, 5
+"""The shape the original is compared at where a repair pinned neither its batch nor length."""
+
+
+def _check_import(
+    path: Path, source: Path, repaired: Any, found: Plan, repairs: Repairs, tolerance: float
+) -> graph.ParityReport:
+    """Parity of the rewritten graph: against the original, where a Reshape was repaired
+    against the original at the example's own shape and against the repaired original at
+    every other; then what to do when it fails."""
+    make = _random_input(source)
+    check = functools.partial(
+        graph.check_parity, path, found.interface, make, tolerance=tolerance, shown=source.name
     )
-    return published, found
+    if repairs.fixes:
+        batch, steps = repairs.example()
+        example = ((batch or EXAMPLE_BATCH, steps or EXAMPLE_STEPS),)
+        try:
+            check(_original_reference(source, found, source.name), "original", cases=example)
+        except ExportError as error:
+            raise ExportError(
+                f"{error}; this was at the exporter's own example shape, after rnnserve "
+                f"rewrote what pinned it ({'; '.join(f.describe() for f in repairs.fixes)}): "
+                f"{_EXPORT_AGAIN}"
+            ) from error
+    reference = _original_reference(repaired.SerializeToString(), found, source.name)
+    try:
+        return check(reference, "original")
+    except ExportError as error:
+        if repairs.pinned:
+            pinned = "; ".join(p.describe() for p in repairs.pinned)
+            raise ExportError(
+                f"{source.name}: the graph runs only at its exporter's example shape: {pinned} "
+                "holds the example's sizes, in a form rnnserve does not rewrite (it rewrites a "
+                "target that keeps the time and batch axes in place). To serve it, "
+                f"{_EXPORT_AGAIN}. The check said: {error}"
+            ) from error
+        raise
+
+
+_EXPORT_AGAIN = (
+    "export the model again with torch.onnx.export(..., dynamo=False, dynamic_axes={...}) "
+    "marking the batch and time axes of the data and the batch axis of each state dynamic, or "
+    "with rnnserve's own export (rnnserve.models.export_module, or `rnnserve export "
+    "--module`), which picks an exporter whose graph passes these checks"
+)

@@ -15,7 +15,7 @@ from typing import Any
 from rnnserve._pb import model_config_pb2 as mc
 from rnnserve.models import graph
 from rnnserve.models.architectures import RecurrentNet, RecurrentSpec, recurrent_parameter_count
-from rnnserve.models.export import check_parity, export_onnx, interface
+from rnnserve.models.export import EXPORTERS, check_parity, export_onnx, interface
 from rnnserve.models.graph import (
     CARD_FILE,
     CONFIG_FILE,
@@ -114,10 +114,8 @@ def publish(
     """Export, check and write one model version with its config and card.
 
     Nothing is written over a good model unless the new export passed its checks: the graph is
-    written to a temporary file first.
+    written to a temporary file first, and a refused export leaves no folder it made.
     """
-    staging = graph.staging_path(repository, name, version)
-    export_onnx(net, signature, staging, streamable)
     full_card = {
         "name": name,
         "version": version,
@@ -125,17 +123,19 @@ def publish(
         "streamable": streamable,
         "signature": asdict(signature),
         "parameters": parameter_card(net),
-        "export": {"opset": graph.OPSET, "exporter": "torch.onnx legacy (dynamo=False)"},
+        "export": {"opset": graph.OPSET, "exporter": EXPORTERS["legacy"]},
         "git_revision": git_revision(),
         **(card or {}),
     }
-    return graph.publish_staged(
-        staging,
-        interface(net.spec, signature, streamable),
-        lambda path: check_parity(net, signature, path, streamable),
-        name,
-        _parameters(net.spec, signature, streamable),
-        full_card,
-        max_batch_size,
-        idle_seconds,
-    )
+    with graph.staged(repository, name, version) as staging:
+        export_onnx(net, signature, staging, streamable)
+        return graph.publish_staged(
+            staging,
+            interface(net.spec, signature, streamable),
+            lambda path: check_parity(net, signature, path, streamable),
+            name,
+            _parameters(net.spec, signature, streamable),
+            full_card,
+            max_batch_size,
+            idle_seconds,
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -18,10 +19,12 @@ from rnnserve import __version__
 from rnnserve.client import cli as client_commands
 from rnnserve.config import Settings, environment
 from rnnserve.errors import CommandError, ServiceError
-from rnnserve.logging import LogLevel
+from rnnserve.logging import LogFormat, LogLevel
 from rnnserve.logging import configure as configure_logging
 from rnnserve.models import cli as model_commands
 from rnnserve.server import serve
+
+logger = logging.getLogger(__name__)
 
 COMMANDS_GROUP = "rnnserve.commands"
 """Entry points that add commands to `rnnserve` (the benchmark's `bench`)."""
@@ -98,10 +101,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
-    except ServiceError as error:
-        raise CommandError(str(error), exit_code=1) from error
-    except OSError as error:
-        raise CommandError(f"cannot serve: {error}", exit_code=1) from error
+    except (ServiceError, OSError) as error:
+        message = str(error) if isinstance(error, ServiceError) else f"cannot serve: {error}"
+        if settings.log_format is LogFormat.JSON:
+            # Where logs are JSON lines (the container), why the server stopped is one more:
+            # a log pipeline that parses every line keeps it.
+            logger.error("%s", message)
+            return 1
+        raise CommandError(message, exit_code=1) from error
     return 0
 
 

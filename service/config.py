@@ -326,6 +326,12 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def setting_source(name: str) -> str:
+    """How an operator sets the field `name`: its flag or its environment variable, as a
+    message names them (`--grpc-port or RNNSERVE_GRPC_PORT`)."""
+    return f"{_flag(name)} or {ENV_PREFIX}{name.upper()}"
+
+
 def _convert(name: str, hint: Any, raw: str) -> Any:
     """`raw` as the field's type: int, float, Path, an enum, or None for `off`."""
     source = f"{_flag(name)} (or {ENV_PREFIX}{name.upper()})"

@@ -138,6 +138,14 @@ class UnusableCredentials(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class CannotListen(ServiceError):
+    """An address the server cannot listen on (the gRPC port, the metrics endpoint): a port in
+    use, a host that is not this machine's, a port that needs privileges. The server does not
+    start; the message names the address, the port, and the flag and variable that change it."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class AnswerTooLarge(ServiceError):
     """The answer to a request would not fit in one gRPC message (--max-message-bytes); the
     request was refused before it ran."""

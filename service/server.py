@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from rnnserve import __version__
+from rnnserve import __version__, listeners
 from rnnserve.api import native
 from rnnserve.api.front import Front, Transport
 from rnnserve.api.grpcio import GrpcioFront
@@ -28,6 +28,7 @@ from rnnserve.api.servicer import InferenceServicer
 from rnnserve.auth import TokenFile
 from rnnserve.config import Settings
 from rnnserve.errors import ServiceError, StoreRejected
+from rnnserve.listeners import Listener
 from rnnserve.metrics import Metrics
 from rnnserve.runtime.onnx import EngineSettings, OnnxRuntime, quiet_process_logger
 from rnnserve.serving.model import Limits
@@ -123,6 +124,7 @@ class Server:
         self.grpc_port = 0
         self.metrics_port: int | None = None
         self._http: Any = None
+        self._front_started = False
         self._background: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
@@ -138,27 +140,30 @@ class Server:
         turns SERVING.
 
         `grpc_port` and `metrics_port` become the ports bound (0 in the settings picks a free
-        one); the port file, if asked for, is written. Raises OSError when the gRPC port cannot
-        be bound, InvalidModelRepository when the repository cannot be read, StoreRejected when
-        a shared state store refuses the password or certificates (or its own does not verify).
+        one); the port file, if asked for, is written. Raises CannotListen when an address
+        cannot be listened on (checked before the models load, so a busy port fails at once),
+        InvalidModelRepository when the repository cannot be read, StoreRejected when a shared
+        state store refuses the password or certificates (or its own does not verify). Whatever
+        it started before failing is stopped (`abandon`).
         """
         settings = self.settings
-        if self.store.shared:
-            await self._check_store()
-        await self.registry.load_all()
-        # What exists now (modules, models, sessions) lives as long as the server: out of the
-        # cyclic collector's sight, its full collections no longer walk it (measured: p99 at
-        # 64 sequences 1.5 to 2 ms lower under perf_analyzer, docs/performance.md).
-        gc.collect()
-        gc.freeze()
-        self.grpc_port = await self.front.start()
-        metrics_host = settings.metrics_host or settings.host
-        if settings.metrics_port is not None:
-            self._http, _ = start_http_server(
-                settings.metrics_port, metrics_host, registry=self.metrics.registry
-            )
-            self.metrics_port = self._http.server_port
+        try:
+            for listener in self.addresses():
+                listeners.check(listener)
+            if self.store.shared:
+                await self._check_store()
+            await self.registry.load_all()
+            # What exists now (modules, models, sessions) lives as long as the server: out of
+            # the cyclic collector's sight, its full collections no longer walk it (measured:
+            # p99 at 64 sequences 1.5 to 2 ms lower under perf_analyzer, docs/performance.md).
+            gc.collect()
+            gc.freeze()
+            await self.listen()
+        except BaseException:
+            await self.abandon()
+            raise
         await self.front.serve()
+        metrics_host = settings.metrics_host or settings.host
         self._background.append(asyncio.create_task(self._evict_idle()))
         if settings.repository_poll_s is not None:
             poll = self._poll_repository(settings.repository_poll_s)
@@ -184,6 +189,52 @@ class Server:
             f"{metrics_host}:{self.metrics_port}" if self.metrics_port is not None else "off",
             ",".join(f"{m.name}:{m.version}" for m in self.registry.all_models()),
         )
+
+    def addresses(self) -> list[Listener]:
+        """The addresses this server listens on, as the settings give them."""
+        settings = self.settings
+        found = [Listener("gRPC", settings.host, settings.grpc_port, "host", "grpc_port")]
+        if settings.metrics_port is not None:
+            found.append(
+                Listener(
+                    "metrics (/metrics)",
+                    settings.metrics_host or settings.host,
+                    settings.metrics_port,
+                    "metrics_host",
+                    "metrics_port",
+                    port_hint="0 picks a free one; off turns metrics off",
+                )
+            )
+        return found
+
+    async def listen(self) -> None:
+        """Bind the gRPC port, then the metrics endpoint (what `start` does once the models
+        are loaded); CannotListen naming the one refused, the other left for `abandon`."""
+        grpc_listener, *metrics_listener = self.addresses()
+        try:
+            self.grpc_port = await self.front.start()
+        except OSError as error:
+            raise listeners.cannot_listen(grpc_listener, error) from None
+        self._front_started = True
+        for listener in metrics_listener:
+            try:
+                self._http, _ = start_http_server(
+                    listener.port, listener.host, registry=self.metrics.registry
+                )
+            except OSError as error:
+                raise listeners.cannot_listen(listener, error) from None
+            self.metrics_port = self._http.server_port
+
+    async def abandon(self) -> None:
+        """Close what a failed `start` opened: the gRPC port and metrics endpoint (if bound),
+        the models, the state store."""
+        if self._front_started:
+            await self.front.stop(0)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        await self.registry.stop()
+        await asyncio.to_thread(self.store.close)
 
     async def _check_store(self) -> None:
         """Say whether the store answers; serve either way (stateful requests wait for it),

@@ -59,6 +59,7 @@ BOTH_TRANSPORTS = frozenset(
         "tests.api.test_client_outcomes",
         "tests.api.test_errors",
         "tests.api.test_golden",
+        "tests.api.test_listeners",
         "tests.api.test_ownership",
         "tests.api.test_principal_limits",
         "tests.api.test_store_faults",

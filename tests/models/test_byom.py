@@ -81,6 +81,15 @@ CASES = {
         time_major=True,
         state_shapes={"h0": [2, 10]},
     ),
+    "sensor": Case(
+        user_modules.sensor_gru,
+        torch.randn(5, 2, 3),
+        torch.zeros(2, 2, 8),
+        ("input", "h0"),
+        ("output", "hn"),
+        time_major=True,
+        state_shapes={"h0": [2, 8]},
+    ),
     "stacked": Case(
         user_modules.stacked,
         torch.randn(2, 5, 5),
@@ -93,18 +102,24 @@ CASES = {
 }
 
 
-def torch_export(case: Case, path: Path) -> None:
-    """What a user runs: plain torch.onnx.export, PyTorch's names and layout."""
+def torch_export(
+    case: Case,
+    path: Path,
+    dynamo: bool = False,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+) -> None:
+    """What a user runs: plain torch.onnx.export, PyTorch's names and layout (the legacy
+    exporter unless `dynamo`, with its defaults: weights in a `.data` file beside the graph)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
+        warnings.simplefilter("ignore")  # each exporter's notices about itself
         torch.onnx.export(
             case.factory(),
             (case.example, case.state),
             str(path),
             input_names=list(case.input_names),
             output_names=list(case.output_names),
-            dynamic_axes=case.dynamic_axes(),
-            dynamo=False,
+            dynamic_axes=dynamic_axes or case.dynamic_axes(),
+            dynamo=dynamo,
         )
 
 

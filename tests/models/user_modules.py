@@ -1,6 +1,6 @@
-"""Recurrent modules as users write them, PyTorch's defaults kept: time-major nn.LSTM and nn.RNN
-([T, B, F], states [layers, B, H]), a batch-first nn.GRU over an embedding, and a module with
-two recurrent layers holding separate states. Each forward is (x, state=None) -> (y, state).
+"""Recurrent modules as users write them, PyTorch's defaults kept: time-major nn.LSTM, nn.GRU and
+nn.RNN ([T, B, F], states [layers, B, H]), a batch-first nn.GRU over an embedding, and a module
+with two recurrent layers holding separate states. Each forward is (x, state=None) -> (y, state).
 
 Also a file for `rnnserve export --module tests/models/user_modules.py:FACTORY`.
 """
@@ -51,6 +51,19 @@ class TwoLayerRNN(nn.Module):
         return self.out(out), h
 
 
+class SensorGRU(nn.Module):
+    """A time-major 2-layer nn.GRU forecaster: [T, B, 3] readings -> [T, B, 1], state [2, B, 8]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(3, 8, num_layers=2)
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None):
+        out, h = self.gru(x, h)
+        return self.out(out), h
+
+
 class Stacked(nn.Module):
     """An LSTM feeding a GRU of another width, batch-first, with state ((h1, c1), h2)."""
 
@@ -80,6 +93,11 @@ def token_gru() -> nn.Module:
 def two_layer_rnn() -> nn.Module:
     torch.manual_seed(3)
     return TwoLayerRNN().eval()
+
+
+def sensor_gru() -> nn.Module:
+    torch.manual_seed(5)
+    return SensorGRU().eval()
 
 
 def stacked() -> nn.Module:

@@ -194,8 +194,12 @@ def test_the_installed_environment_is_its_lock() -> None:
     torch pulls in where a CPU build (2.13.0+cpu) was installed instead."""
     lock = ROOT / os.environ.get("RNNSERVE_TEST_LOCK", "requirements/test.txt")
     pins = {p.name: p.version for p in read_lock(lock) if p.applies()}
+    # setuptools (71 and later) appends its _vendor folder to sys.path when imported (torch 2.4
+    # imports it): what lies there is part of setuptools, not installed.
+    path = [entry for entry in sys.path if Path(entry).name != "_vendor"]
     installed = {
-        canonicalize_name(d.metadata["Name"]): Version(d.version) for d in metadata.distributions()
+        canonicalize_name(d.metadata["Name"]): Version(d.version)
+        for d in metadata.distributions(path=path)
     }
     stray = {
         name: str(version)

@@ -580,6 +580,11 @@ def _login(url: str, access: StoreAccess) -> dict[str, Any]:
             options[option] = str(path)
     if access.verify is Verify.NONE:
         options["ssl_cert_reqs"] = "none"
+    else:
+        # Said, not left to redis-py's default: before 6.0 it checked the chain but not the
+        # host (a certificate of the right CA for another host was taken).
+        options["ssl_cert_reqs"] = "required"
+        options["ssl_check_hostname"] = True
     return options
 
 

@@ -437,7 +437,9 @@ def _perf_analyzer(
     if binary is None:
         return {"skipped": peers.missing()}
     interval_s = max(options.duration_s / 2, 0.5)
-    names = [name for name in PERF_ANALYZER_SERVERS if name in runs]
+    # A series that never started (the native transport not built) has no runs: its points
+    # already say why.
+    names = [name for name in PERF_ANALYZER_SERVERS if name in runs and runs[name].started]
     found: list[dict[str, Any]] = []
     cells = [(m, c) for m in peers.MODES for c in sorted({1, options.headline_sessions})]
     for turn, (mode, concurrency) in enumerate(cells):

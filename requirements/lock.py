@@ -41,11 +41,15 @@ def compile_lock(
     output: str,
     *options: str,
     stdin: str | None = None,
+    universal: bool = True,
 ) -> None:
-    """Compile `source` (a requirements file, or "-" with `stdin`) into requirements/`output`."""
+    """Compile `source` (a requirements file, or "-" with `stdin`) into requirements/`output`:
+    for every platform and Python from PYTHON on (`universal`), else for PYTHON on
+    Linux with glibc 2.36 (Debian bookworm)."""
+    target = ["--universal"] if universal else ["--python-platform", "x86_64-manylinux_2_36"]
     command = [
         uv, "pip", "compile", str(source), "--output-file", str(HERE / output),
-        "--universal", "--python-version", PYTHON, "--quiet",
+        *target, "--python-version", PYTHON, "--quiet",
         "--custom-compile-command", "make lock",
         "--no-emit-package", "rnnserve", "--no-emit-package", "rnnserve-bench",
         *options,
@@ -98,7 +102,12 @@ def main(argv: list[str]) -> None:
         # test.in less its exact torch pin: torch comes from the train extra, at its bound.
         lines = (HERE / "test.in").read_text().splitlines(keepends=True)
         source = "".join(line for line in lines if not line.startswith("torch=="))
-        compile_lock(uv, "-", "minimums.txt", "--constraints", str(bounds), *upgrade, stdin=source)
+        # For the Python and platform the suite runs on: the oldest releases never supported
+        # the newest Pythons (numpy 1.26 and 3.13).
+        compile_lock(
+            uv, "-", "minimums.txt", "--constraints", str(bounds), *upgrade,
+            stdin=source, universal=False,
+        )  # fmt: skip
     finally:
         bounds.unlink()
 

@@ -229,7 +229,7 @@ def test_requests_alternating_between_replicas_match_one_server(
                 [infer_input(MODEL, x[:, begin:end])],
                 sequence_id=sid,
                 sequence_start=r == 0,
-                sequence_end=end == 30,
+                sequence_end=bool(end == 30),
             )
             assert result.get_response().parameters["sequence_version"].int64_param == r + 1
             outputs.append(result.as_numpy(OUTPUTS[MODEL]))

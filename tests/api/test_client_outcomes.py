@@ -145,6 +145,14 @@ def counter(server: RunningServer, name: str, model: str) -> float:
     return sum(float(row.split()[-1]) for row in rows)
 
 
+def _as_at_a_terminal() -> None:
+    """SIGINT delivered and handled as at a terminal. A child inherits an ignored or blocked
+    SIGINT, and the test runner's may be either (the whole suite once ran this command with it
+    ignored: Python then installs no KeyboardInterrupt, and Ctrl-C did nothing)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_in_generate_ends_its_sequence(slow_server: RunningServer) -> None:
     ends = counter(slow_server, "rnnserve_sequence_ends_total", "charlm_lstm")
     command = [sys.executable, "-P", "-m", "rnnserve", "generate", "def ", "--length", "40"]
@@ -153,6 +161,7 @@ def test_ctrl_c_in_generate_ends_its_sequence(slow_server: RunningServer) -> Non
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=ROOT,
+        preexec_fn=_as_at_a_terminal,
     )
     assert generate.stdout is not None
     printed = b""

@@ -131,7 +131,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, case in CASES.items():
         path = root / f"{name}.onnx"
         torch_export(case, path)
-        done = run_cli("import", str(path), "--name", f"{name}_imported", "--repository", str(repo))
+        done = run_cli(
+            "import", str(path), "--name", f"{name}_imported", "--model-repository", str(repo)
+        )
         assert done.returncode == 0, done.stderr
         report = json.loads(done.stdout)
         assert report["parity"]["max_scaled_diff_vs_original"] <= TOLERANCE
@@ -293,7 +295,7 @@ def test_export_command_takes_a_module_and_its_weights(tmp_path: Path) -> None:
         "--token-ids",
         "--name",
         "gru_cli",
-        "--repository",
+        "--model-repository",
         str(repo),
     )
     assert done.returncode == 0, done.stderr
@@ -388,7 +390,9 @@ def test_import_refuses_what_it_cannot_serve(
     domain = "com.example" if case == "runtime-cannot-load" else ""
     path = crafted(tmp_path / "m.onnx", inputs, outputs, domain)
     repo = tmp_path / "repo"
-    code = rnnserve_main(["import", str(path), "--name", "m", "--repository", str(repo), *flags])
+    code = rnnserve_main(
+        ["import", str(path), "--name", "m", "--model-repository", str(repo), *flags]
+    )
     error = capsys.readouterr().err
     assert code == 1
     assert message in error and "\n" not in error.strip(), error
@@ -398,7 +402,7 @@ def test_import_refuses_what_it_cannot_serve(
 
 def test_import_refusal_from_the_command(tmp_path: Path) -> None:
     path = crafted(tmp_path / "m.onnx", DATA, DATA_OUT)
-    done = run_cli("import", str(path), "--name", "m", "--repository", str(tmp_path / "r"))
+    done = run_cli("import", str(path), "--name", "m", "--model-repository", str(tmp_path / "r"))
     assert done.returncode == 1
     assert "found no recurrent state" in done.stderr and "--state IN:OUT" in done.stderr
 
@@ -513,7 +517,7 @@ def test_import_keeps_per_layer_states_named_with_state(tmp_path: Path, server_d
 
     source = keras_style(tmp_path / "keras.onnx")
     repo = tmp_path / "repo"
-    base = ["import", str(source), "--name", "keras_gru", "--repository", str(repo)]
+    base = ["import", str(source), "--name", "keras_gru", "--model-repository", str(repo)]
     assert rnnserve_main(base) == 1, "nothing pairs by name: the states must be named"
     flags = ["--state", "gru_1_state:Identity_1", "--state", "gru_2_state:Identity_2"]
     assert rnnserve_main([*base, *flags]) == 0
@@ -561,5 +565,8 @@ def test_import_refuses_a_file_that_is_not_onnx(
 ) -> None:
     path = tmp_path / "m.onnx"
     path.write_text("not a graph\n")
-    assert rnnserve_main(["import", str(path), "--name", "m", "--repository", str(tmp_path)]) == 1
+    assert (
+        rnnserve_main(["import", str(path), "--name", "m", "--model-repository", str(tmp_path)])
+        == 1
+    )
     assert "not an ONNX model" in capsys.readouterr().err

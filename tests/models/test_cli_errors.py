@@ -26,21 +26,21 @@ def test_unknown_model(cli) -> None:
 
 
 def test_missing_checkpoint(cli, tmp_path: Path) -> None:
-    done = cli("export", str(tmp_path / "nope.pt"), "--repository", str(tmp_path))
+    done = cli("export", str(tmp_path / "nope.pt"), "--model-repository", str(tmp_path))
     assert_clean_failure(done, 2, "checkpoint not found", "nope.pt")
 
 
 def test_file_that_is_not_a_checkpoint(cli, tmp_path: Path) -> None:
     bogus = tmp_path / "model.pt"
     bogus.write_bytes(b"\x00not a checkpoint\xff" * 10)
-    done = cli("export", str(bogus), "--repository", str(tmp_path))
+    done = cli("export", str(bogus), "--model-repository", str(tmp_path))
     assert_clean_failure(done, 2, "is not a PyTorch checkpoint")
 
 
 def test_foreign_torch_file(cli, tmp_path: Path) -> None:
     foreign = tmp_path / "weights.pt"
     torch.save({"weight": torch.zeros(2)}, foreign)
-    done = cli("export", str(foreign), "--repository", str(tmp_path))
+    done = cli("export", str(foreign), "--model-repository", str(tmp_path))
     assert_clean_failure(done, 2, "not written by `rnnserve train`")
 
 
@@ -50,11 +50,11 @@ def test_bidirectional_streaming_request(cli, tmp_path: Path) -> None:
     save_checkpoint(
         checkpoint, "bi_gru", RecurrentNet(spec), Signature("x", "y", "bidirectional test"), {}
     )
-    done = cli("export", str(checkpoint), "--repository", str(tmp_path), "--streaming")
+    done = cli("export", str(checkpoint), "--model-repository", str(tmp_path), "--streaming")
     assert_clean_failure(done, 2, "bidirectional", "without --streaming")
     assert not (tmp_path / "bi_gru" / "1" / "model.onnx").exists()
 
-    whole = cli("export", str(checkpoint), "--repository", str(tmp_path))
+    whole = cli("export", str(checkpoint), "--model-repository", str(tmp_path))
     assert whole.returncode == 0, whole.stderr
     assert 'string_value: "false"' in (tmp_path / "bi_gru" / "config.pbtxt").read_text()
 
@@ -65,7 +65,7 @@ def test_unwritable_repository(cli, tmp_path: Path) -> None:
     save_checkpoint(checkpoint, "tiny", RecurrentNet(spec), Signature("x", "y", "t"), {})
     blocker = tmp_path / "file"
     blocker.write_text("a file where the repository should be")
-    done = cli("export", str(checkpoint), "--repository", str(blocker))
+    done = cli("export", str(checkpoint), "--model-repository", str(blocker))
     assert_clean_failure(done, 2, "cannot write")
 
 

@@ -115,7 +115,7 @@ def make(name: str, exporter: str, root: Path, repo: Path) -> Made:
         imported = None
     else:
         model = f"{name}_{exporter}_imported"
-        done = run_cli("import", str(source), "--name", model, "--repository", str(repo))
+        done = run_cli("import", str(source), "--name", model, "--model-repository", str(repo))
         assert done.returncode == 0, done.stderr
         assert done.stderr == "", done.stderr  # nothing from ONNX Runtime or torch
         imported = json.loads(done.stdout)
@@ -193,7 +193,7 @@ def test_a_dynamo_rnn_with_a_fixed_time_axis_is_refused_saying_what_to_do(
     source = tmp_path / "rnn_fixed_time.onnx"
     torch_export("rnn2", source, dynamo=True, dynamic_time=False)
     repo = tmp_path / "repo"
-    done = run_cli("import", str(source), "--name", "rnn", "--repository", str(repo))
+    done = run_cli("import", str(source), "--name", "rnn", "--model-repository", str(repo))
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
     assert "dynamic batch and time axis" in done.stderr and "dynamo=False" in done.stderr
@@ -302,7 +302,7 @@ def test_a_pin_it_cannot_repair_is_refused_saying_what_to_do(
 ) -> None:
     source = merged_time_and_batch(tmp_path / "merged.onnx")
     repo = tmp_path / "repo"
-    code = rnnserve_main(["import", str(source), "--name", "m", "--repository", str(repo)])
+    code = rnnserve_main(["import", str(source), "--name", "m", "--model-repository", str(repo)])
     error = capsys.readouterr().err
     assert code == 1
     assert "Traceback" not in error and "\n" not in error.strip(), error
@@ -318,6 +318,10 @@ def test_a_refused_import_leaves_an_existing_repository_as_it_was(tmp_path: Path
     (repo / "other" / "1").mkdir(parents=True)
     (repo / "m" / "1").mkdir(parents=True)
     before = sorted(repo.rglob("*"))
-    assert rnnserve_main(["import", str(source), "--name", "m", "--repository", str(repo)]) == 1
-    assert rnnserve_main(["import", str(source), "--name", "n", "--repository", str(repo)]) == 1
+    assert (
+        rnnserve_main(["import", str(source), "--name", "m", "--model-repository", str(repo)]) == 1
+    )
+    assert (
+        rnnserve_main(["import", str(source), "--name", "n", "--model-repository", str(repo)]) == 1
+    )
     assert sorted(repo.rglob("*")) == before

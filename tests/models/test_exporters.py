@@ -48,9 +48,9 @@ EXPORT_SCRIPT = """
 import json, sys
 from pathlib import Path
 from tests.models.test_byom import CASES, torch_export
-name, path, dynamo, axes = json.loads(sys.argv[1])
-axes = {tensor: {int(k): v for k, v in named.items()} for tensor, named in axes.items()}
-torch_export(CASES[name], Path(path), dynamo, axes)
+for name, path, dynamo, axes in json.loads(sys.argv[1]):
+    axes = {tensor: {int(k): v for k, v in named.items()} for tensor, named in axes.items()}
+    torch_export(CASES[name], Path(path), dynamo, axes)
 """
 
 
@@ -59,14 +59,23 @@ def torch_export(name: str, path: Path, dynamo: bool, dynamic_time: bool = True)
     a process of its own (torch.export keeps state from one export to the next in a process:
     seen with torch 2.13, a batch-first nn.GRU exported after a 2-layer time-major one was
     refused its dynamic time axis). TorchRefused when torch fails."""
-    case = CASES[name]
-    axes = {tensor: dict(named) for tensor, named in case.dynamic_axes().items()}
-    if not dynamic_time:
-        time_axis = 0 if case.time_major else 1
-        for tensor in (case.input_names[0], case.output_names[0]):
-            del axes[tensor][time_axis]
+    torch_exports([(name, path)], dynamo, dynamic_time)
+
+
+def torch_exports(jobs: list[tuple[str, Path]], dynamo: bool, dynamic_time: bool = True) -> None:
+    """torch_export of each (cell, path) of `jobs`, in one process: for the legacy exporter,
+    which keeps no state from one export to the next (each torch import costs seconds)."""
+    work = []
+    for name, path in jobs:
+        case = CASES[name]
+        axes = {tensor: dict(named) for tensor, named in case.dynamic_axes().items()}
+        if not dynamic_time:
+            time_axis = 0 if case.time_major else 1
+            for tensor in (case.input_names[0], case.output_names[0]):
+                del axes[tensor][time_axis]
+        work.append([name, str(path), dynamo, axes])
     done = subprocess.run(
-        [sys.executable, "-c", EXPORT_SCRIPT, json.dumps([name, str(path), dynamo, axes])],
+        [sys.executable, "-c", EXPORT_SCRIPT, json.dumps(work)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -108,7 +117,8 @@ class Made:
 def make(name: str, exporter: str, root: Path, repo: Path) -> Made:
     source = root / f"{name}_{exporter}.onnx"
     try:
-        torch_export(name, source, dynamo=exporter == "dynamo")
+        if not source.exists():  # the legacy exports are made together, beforehand
+            torch_export(name, source, dynamo=exporter == "dynamo")
     except TorchRefused:
         if exporter != "dynamo":
             raise
@@ -141,6 +151,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Made
     """Every cell exported with each exporter by torch and imported by the command, and
     exported by export_module with each exporter, into one repository."""
     root = tmp_path_factory.mktemp("exporters")
+    torch_exports([(n, root / f"{n}_legacy.onnx") for n in CELLS], dynamo=False)
     return {(n, e): make(n, e, root, root / "repository") for n in CELLS for e in EXPORTS}
 
 

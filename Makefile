@@ -119,13 +119,10 @@ $(VENV)/.installed-native: $(NATIVE_WHEEL) | $(VENV)/.installed
 
 install: $(VENV)/.installed $(NATIVE) ## virtualenv with rnnserve, its native transport (where cargo is) and its benchmark (no torch)
 
-# Its checks build in a target folder of their own: `make test` runs them beside the wheel's
-# release build, which would otherwise hold native/target's lock until it is done.
-NATIVE_CHECK_TARGET := $(CURDIR)/build/native-check
 native-check: ## the native crate: rustfmt, clippy (warnings are errors) and its own tests
 	cd native && cargo fmt --check
-	cd native && CARGO_TARGET_DIR=$(NATIVE_CHECK_TARGET) cargo clippy --locked --all-targets -- -D warnings
-	cd native && CARGO_TARGET_DIR=$(NATIVE_CHECK_TARGET) cargo test --locked
+	cd native && cargo clippy --locked --all-targets -- -D warnings
+	cd native && cargo test --locked
 
 $(UV):
 	$(PYTHON) -m venv build/uv
@@ -198,12 +195,11 @@ $(TRITON):
 triton: $(TRITON) ## the real Triton 2.51 (CPU), the conformance suite's peer, into build/triton
 
 # The slow prerequisites that do not depend on each other are made side by side: pip's downloads,
-# the native crate's release build and its checks (clippy, its tests), perf_analyzer, Triton and
-# helm.
+# the native crate's compile, perf_analyzer, Triton and helm (about 2 minutes saved cold).
 test: system-deps ## install everything, lint, run the test suite
-	@$(MAKE) --no-print-directory -j5 install-test $(if $(CARGO),$(NATIVE_WHEEL) native-check) \
-		$(PERF_ANALYZER) $(TRITON) $(HELM)
-	@$(MAKE) --no-print-directory $(NATIVE) lint
+	@$(MAKE) --no-print-directory -j4 install-test $(if $(CARGO),$(NATIVE_WHEEL)) $(PERF_ANALYZER) \
+		$(TRITON) $(HELM)
+	@$(MAKE) --no-print-directory $(NATIVE) lint $(if $(CARGO),native-check)
 	$(BIN)/python -m pytest
 
 # podman's build of SOURCE with deploy/$(1), tagged with each of $(2).

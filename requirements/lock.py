@@ -44,12 +44,19 @@ def compile_lock(
     universal: bool = True,
 ) -> None:
     """Compile `source` (a requirements file, or "-" with `stdin`) into requirements/`output`:
-    for every platform and Python from PYTHON on (`universal`), else for PYTHON on
-    Linux with glibc 2.36 (Debian bookworm)."""
-    target = ["--universal"] if universal else ["--python-platform", "x86_64-manylinux_2_36"]
+    for every platform and Python from PYTHON on (`universal`), else for the Python running
+    this on Linux with glibc 2.36 (Debian bookworm)."""
+    # Not universal: for the Python running this (its patch level decides markers such as
+    # async-timeout's `python_full_version < '3.11.3'`).
+    here = ".".join(map(str, sys.version_info[:3]))
+    target = (
+        ["--universal", "--python-version", PYTHON]
+        if universal
+        else ["--python-platform", "x86_64-manylinux_2_36", "--python-version", here]
+    )
     command = [
         uv, "pip", "compile", str(source), "--output-file", str(HERE / output),
-        *target, "--python-version", PYTHON, "--quiet",
+        *target, "--quiet",
         "--custom-compile-command", "make lock",
         "--no-emit-package", "rnnserve", "--no-emit-package", "rnnserve-bench",
         *options,

@@ -54,7 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     workload = load_workload(bundled_repository(), args.model)
     series = [Series(STREAM, t) for t in args.steps] + ([Series(UNARY, 1)] if args.unary else [])
-    serve = ["serve", "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0"]
+    serve = [
+        "serve", "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0",
+        "--metrics-port", "0",
+    ]  # fmt: skip
     ids = _Ids()
     figures: dict[tuple[str, str, int], list[tuple[float, float, float, float]]] = {}
     with ExitStack() as stack:

@@ -168,7 +168,8 @@ def _server(workdir: Path, store: str, durability: str, replicas: int) -> Iterat
     workdir.mkdir(parents=True)
     port_file = workdir / "ports.json"
     command = [
-        *PYTHON, "-m", "rnnserve", "serve", "--grpc-port", "0", "--metrics-port", "off",
+        *PYTHON, "-m", "rnnserve", "serve", "--grpc-port", "0", "--http-port", "off",
+        "--metrics-port", "off",
         "--port-file", str(port_file), "--log-level", "WARNING",
         "--state-store", store, "--state-durability", durability,
         *(["--state-min-replicas", str(replicas)] if replicas else []),

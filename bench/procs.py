@@ -34,6 +34,8 @@ class ProcessError(RuntimeError):
 class Ports:
     grpc: int
     metrics: int | None
+    http: int | None = None
+    """The HTTP port (the KServe v2 REST protocol), where the server has one."""
 
 
 class Measured(Protocol):
@@ -82,6 +84,14 @@ class ChildServer:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.ports.grpc}"
+
+    @property
+    def http_target(self) -> str:
+        """host:port of its HTTP endpoint; LookupError when it serves none."""
+        port = getattr(self.ports, "http", None)
+        if port is None:
+            raise LookupError(f"{type(self).__name__} serves no HTTP port")
+        return f"127.0.0.1:{port}"
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -151,7 +161,7 @@ class ServerProcess(ChildServer):
                 raise ProcessError(f"{self.name} did not start:\n{self.log_tail()}")
             time.sleep(0.05)
         ports = json.loads(self._port_file.read_text())
-        return Ports(ports["grpc"], ports.get("metrics"))
+        return Ports(ports["grpc"], ports.get("metrics"), ports.get("http"))
 
     def cpu_seconds(self) -> float:
         """The last reading stays once the process is gone, so a point it dies in still ends."""
@@ -212,7 +222,7 @@ def start_rnnserve(
     """The real server, started as an operator starts it (tests/server.py does the same)."""
     command = [
         *PYTHON, "-m", "rnnserve", "serve",
-        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+        "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
         *server_args,
     ]  # fmt: skip
     return ServerProcess(name, command, workdir)

@@ -33,6 +33,7 @@ class Transport:
         port: int,
         threads: int,
         max_message_bytes: int,
+        http_port: int | None = None,
         tls_cert: str | PathLike[str] | None = None,
         tls_key: str | PathLike[str] | None = None,
         tls_client_ca: str | PathLike[str] | None = None,
@@ -42,7 +43,8 @@ class Transport:
         descriptors: bytes = b"",
     ) -> None:
         """`threads`: tokio's worker threads; `max_message_bytes`: the largest message either
-        way; `tokens`: callers present bearer tokens (`set_tokens` names them); with
+        way; `http_port`: the HTTP port (the KServe v2 REST protocol, 0 for a free one), or
+        None for none; `tokens`: callers present bearer tokens (`set_tokens` names them); with
         `tls_client_ca`, mutual TLS names principals too; `auth_message`: what a call refused
         authentication is told; `cold_methods`: the service's methods besides ModelInfer and
         ModelStreamInfer that Python answers (taken as calls); `descriptors`: an encoded
@@ -52,6 +54,9 @@ class Transport:
     def start(self) -> int:
         """Bind and serve; the port bound. OSError when the address cannot be bound,
         ValueError when a TLS file cannot be used (the message names it)."""
+
+    def http_port(self) -> int | None:
+        """The HTTP port bound, or None when the transport serves none."""
 
     def wake_fd(self) -> int:
         """A descriptor that turns readable when there is something to take."""

@@ -36,6 +36,10 @@ class Settings:
     """Address to listen on; 0.0.0.0 for every interface (as in a container)."""
     grpc_port: int = 8001
     """Port for the gRPC inference API (0 picks a free one)."""
+    http_port: int | None = 8000
+    """Port for the HTTP inference API, the KServe v2 REST protocol as Triton serves it (0
+    picks a free one; off turns it off). Served by the native transport; with --transport
+    grpcio there is none."""
     metrics_port: int | None = 8002
     """Port for Prometheus /metrics over HTTP (0 picks a free one; off turns it off)."""
     metrics_host: str | None = None
@@ -196,12 +200,10 @@ class Settings:
 
     def validate(self) -> None:
         """Raise ValueError, naming the flag, for a value out of its range."""
-        for name in ("grpc_port", "metrics_port"):
+        for name in ("grpc_port", "http_port", "metrics_port"):
             port = getattr(self, name)
             if port is not None and not 0 <= port <= 65535:
-                off = (
-                    " (0 picks a free one; off turns metrics off)" if name == "metrics_port" else ""
-                )
+                off = " (0 picks a free one; off turns it off)" if name != "grpc_port" else ""
                 raise ValueError(f"{_flag(name)} {port} is not a port number{off}")
         self._validate_transport()
         for name in ("inline_max_work", "parallel_min_work"):

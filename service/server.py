@@ -122,6 +122,7 @@ class Server:
         )
         self.front = self._front()
         self.grpc_port = 0
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._http: Any = None
         self._front_started = False
@@ -132,6 +133,12 @@ class Server:
         """The transport the settings ask for (native where installed, for auto; the settings
         refuse --transport native where it is not)."""
         if self.settings.transport is Transport.GRPCIO or not native.AVAILABLE:
+            if self.settings.http_port is not None and self.settings.transport is Transport.AUTO:
+                logger.warning(
+                    "no HTTP port: the native transport is not installed, and the grpcio "
+                    "transport serves gRPC only (`make install` builds rnnserve-native where "
+                    "cargo is present); --http-port off silences this"
+                )
             return GrpcioFront(self.servicer, self.settings, self.tokens, self.tls, self.metrics)
         return native.NativeFront(self.servicer, self.settings, self.tokens, self.metrics)
 
@@ -169,7 +176,7 @@ class Server:
             poll = self._poll_repository(settings.repository_poll_s)
             self._background.append(asyncio.create_task(poll))
         if settings.port_file is not None:
-            _write_port_file(settings.port_file, self.grpc_port, self.metrics_port)
+            _write_port_file(settings.port_file, self.grpc_port, self.http_port, self.metrics_port)
         principals = [
             name
             for name, on in (
@@ -179,11 +186,13 @@ class Server:
             if on
         ]
         logger.info(
-            "serving version=%s transport=%s grpc=%s:%d tls=%s auth=%s metrics=%s models=%s",
+            "serving version=%s transport=%s grpc=%s:%d http=%s tls=%s auth=%s metrics=%s "
+            "models=%s",
             __version__,
             self.front.name,
             settings.host,
             self.grpc_port,
+            f"{settings.host}:{self.http_port}" if self.http_port is not None else "off",
             "off" if self.tls is None else "mutual" if self.tls.mutual else "on",
             "+".join(principals) or "off",
             f"{metrics_host}:{self.metrics_port}" if self.metrics_port is not None else "off",
@@ -194,6 +203,17 @@ class Server:
         """The addresses this server listens on, as the settings give them."""
         settings = self.settings
         found = [Listener("gRPC", settings.host, settings.grpc_port, "host", "grpc_port")]
+        if settings.http_port is not None and self.front.name == "native":
+            found.append(
+                Listener(
+                    "HTTP",
+                    settings.host,
+                    settings.http_port,
+                    "host",
+                    "http_port",
+                    port_hint="0 picks a free one; off turns HTTP off",
+                )
+            )
         if settings.metrics_port is not None:
             found.append(
                 Listener(
@@ -208,15 +228,21 @@ class Server:
         return found
 
     async def listen(self) -> None:
-        """Bind the gRPC port, then the metrics endpoint (what `start` does once the models
-        are loaded); CannotListen naming the one refused, the other left for `abandon`."""
-        grpc_listener, *metrics_listener = self.addresses()
+        """Bind the gRPC and HTTP ports, then the metrics endpoint (what `start` does once the
+        models are loaded); CannotListen naming the one refused, the rest left for `abandon`."""
+        grpc_listener, *others = self.addresses()
+        front_listeners = [grpc_listener, *(x for x in others if x.port_setting == "http_port")]
         try:
             self.grpc_port = await self.front.start()
         except OSError as error:
-            raise listeners.cannot_listen(grpc_listener, error) from None
+            # The native transport binds both ports; its message names the address refused.
+            refused = next(
+                (x for x in front_listeners[1:] if f"{x.address}:" in str(error)), grpc_listener
+            )
+            raise listeners.cannot_listen(refused, error) from None
         self._front_started = True
-        for listener in metrics_listener:
+        self.http_port = getattr(self.front, "http_port", None)
+        for listener in (x for x in others if x.port_setting == "metrics_port"):
             try:
                 self._http, _ = start_http_server(
                     listener.port, listener.host, registry=self.metrics.registry
@@ -308,9 +334,12 @@ class Server:
         )
 
 
-def _write_port_file(path: Path, grpc_port: int, metrics_port: int | None) -> None:
+def _write_port_file(
+    path: Path, grpc_port: int, http_port: int | None, metrics_port: int | None
+) -> None:
     staging = path.with_suffix(path.suffix + ".tmp")
-    staging.write_text(json.dumps({"grpc": grpc_port, "metrics": metrics_port}))
+    ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+    staging.write_text(json.dumps(ports))
     staging.replace(path)
 
 

@@ -43,6 +43,8 @@ settings.register_profile(
     ],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "rnnserve"))
+# A server a test starts without --http-port takes a free port, never 8000.
+os.environ["RNNSERVE_HTTP_PORT"] = "0"
 FUZZ_SEED = int(os.environ.get("RNNSERVE_FUZZ_SEED", "0"))
 """The fuzz tests' seed: fixed, so that a failure reproduces; printed in the header."""
 

@@ -28,7 +28,9 @@ START_TIMEOUT_S = 90.0
 class Ports:
     grpc: int
     metrics: int | None
-    """None when the server was started with `--metrics-port -1`."""
+    """None when the server was started with `--metrics-port off`."""
+    http: int | None = None
+    """None when the server serves no HTTP port (--http-port off, or the grpcio transport)."""
 
 
 class RunningServer(ChildServer):
@@ -49,7 +51,7 @@ class RunningServer(ChildServer):
         # -P: a models/ or service/ folder in the current directory must not shadow the package.
         command = [
             sys.executable, "-P", "-m", "rnnserve", "serve",
-            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+            "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
             "--port-file", str(port_file),
             *(("--transport", transport) if transport else ()), *flags,
         ]  # fmt: skip
@@ -76,7 +78,7 @@ class RunningServer(ChildServer):
                 )
             time.sleep(0.05)
         ports = json.loads(port_file.read_text())  # written whole: the server renames it in
-        return Ports(ports["grpc"], ports["metrics"] or None)
+        return Ports(ports["grpc"], ports["metrics"] or None, ports.get("http"))
 
     def scrape(self, host: str = "127.0.0.1") -> str:
         """The Prometheus exposition text of /metrics (at `host`: the server's --metrics-host)."""

@@ -53,7 +53,7 @@ def test_environment_then_flag() -> None:
         ([], {"RNNSERVE_GRPC_PORT": "http"}, "RNNSERVE_GRPC_PORT"),
         (["--provider", "tpu"], {}, "--provider .* must be auto, cpu, cuda"),
         (["--grpc-port", "70000"], {}, "not a port number"),
-        (["--metrics-port", "-1"], {}, "not a port number .*off turns metrics off"),
+        (["--metrics-port", "-1"], {}, "not a port number .*off turns it off"),
         (["--metrics-port", "abc"], {}, "must be a whole number or off; got 'abc'"),
         (["--max-steps-per-request", "0"], {}, "--max-steps-per-request must be positive"),
         (["--ort-spinning", "3"], {}, "--ort-spinning .* must be never, during-run, always"),

@@ -79,6 +79,11 @@ impl Authenticator {
         }
     }
 
+    /// What a call refused authentication is told.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     /// The principal of a call to `path` with `authorization` metadata on a connection whose
     /// certificate named `peer`; None when the server authenticates no one or the method is
     /// open; the refusal otherwise.

@@ -12,6 +12,8 @@ mod deadline;
 mod health;
 mod log;
 mod queue;
+mod rest;
+mod rest_server;
 mod server;
 mod service;
 mod stream;
@@ -85,7 +87,7 @@ impl Transport {
 impl Transport {
     #[new]
     #[pyo3(signature = (
-        *, host, port, threads, max_message_bytes, tls_cert=None, tls_key=None,
+        *, host, port, threads, max_message_bytes, http_port=None, tls_cert=None, tls_key=None,
         tls_client_ca=None, tokens=false, auth_message=String::new(), cold_methods=Vec::new(),
         descriptors=Vec::new()
     ))]
@@ -95,6 +97,7 @@ impl Transport {
         port: u16,
         threads: usize,
         max_message_bytes: usize,
+        http_port: Option<u16>,
         tls_cert: Option<PathBuf>,
         tls_key: Option<PathBuf>,
         tls_client_ca: Option<PathBuf>,
@@ -122,6 +125,7 @@ impl Transport {
             settings: Mutex::new(Some(Settings {
                 host,
                 port,
+                http_port,
                 threads,
                 max_message_bytes,
                 tls,
@@ -173,6 +177,18 @@ impl Transport {
             .lock()
             .map_err(|_| PyRuntimeError::new_err("poisoned"))? = Some(running);
         Ok(port)
+    }
+
+    /// The HTTP port bound, or None when the transport serves no HTTP port.
+    fn http_port(&self) -> PyResult<Option<u16>> {
+        let running = self
+            .running
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("poisoned"))?;
+        running
+            .as_ref()
+            .map(|r| r.http_port)
+            .ok_or_else(|| PyRuntimeError::new_err("the transport has not started"))
     }
 
     /// The descriptor that becomes readable when there is something to take.

@@ -26,6 +26,7 @@ use crate::auth::{AuthLayer, Authenticator};
 use crate::deadline::DeadlineLayer;
 use crate::health::{Health, HealthService};
 use crate::queue::{Inbox, Pending};
+use crate::rest_server::{self, HttpFront};
 use crate::service::{Context, InferenceService, MessageLimitLayer};
 use crate::stream::{AnswerBound, OpenStreams, StreamLimits};
 use crate::tls::{Conn, TlsError, TlsFiles, TlsSource};
@@ -47,6 +48,8 @@ const CLOSING: Duration = Duration::from_secs(1);
 pub struct Settings {
     pub host: String,
     pub port: u16,
+    /// The HTTP port (the KServe v2 REST protocol), or None for none.
+    pub http_port: Option<u16>,
     /// Tokio's worker threads.
     pub threads: usize,
     pub max_message_bytes: usize,
@@ -78,6 +81,7 @@ pub enum StartError {
 pub struct Running {
     runtime: Runtime,
     pub port: u16,
+    pub http_port: Option<u16>,
     pub context: Arc<Context>,
     pub health: Arc<Health>,
     pub authenticator: Arc<Authenticator>,
@@ -123,6 +127,22 @@ pub fn start(settings: Settings, inbox: Inbox) -> Result<Running, StartError> {
         listen(address).map_err(bind)?
     };
     let port = listener.local_addr().map_err(bind)?.port();
+    let http_listener = match settings.http_port {
+        None => None,
+        Some(http_port) => {
+            let shown = format!("{}:{}", settings.host, http_port);
+            let bind = |source| StartError::Bind {
+                address: shown.clone(),
+                source,
+            };
+            let address = self::address(&settings.host, http_port).map_err(bind)?;
+            let _entered = runtime.enter();
+            let listener = listen(address).map_err(bind)?;
+            let bound = listener.local_addr().map_err(bind)?.port();
+            Some((listener, bound))
+        }
+    };
+    let http_port = http_listener.as_ref().map(|(_, bound)| *bound);
     let tls = match settings.tls {
         Some(files) => Some(Arc::new(TlsSource::new(files)?)),
         None => None,
@@ -167,7 +187,22 @@ pub fn start(settings: Settings, inbox: Inbox) -> Result<Running, StartError> {
     let v1alpha = reflection(true)?.1.expect("built above");
     let (stop, stopping) = watch::channel(false);
     let (connections, incoming) = mpsc::channel(1024);
-    runtime.spawn(accept(listener, tls, connections, stopping.clone()));
+    runtime.spawn(accept(
+        listener,
+        tls.clone(),
+        H2,
+        connections,
+        stopping.clone(),
+    ));
+    let http_served = http_listener.map(|(listener, _)| {
+        let (connections, incoming) = mpsc::channel(1024);
+        runtime.spawn(accept(listener, tls, HTTP, connections, stopping.clone()));
+        let front = Arc::new(HttpFront {
+            context: context.clone(),
+            authenticator: authenticator.clone(),
+        });
+        runtime.spawn(rest_server::serve(front, incoming, stopping.clone()))
+    });
     let routes = Routes::new(InferenceService::new(context.clone()))
         .add_service(HealthService {
             health: health.clone(),
@@ -186,10 +221,17 @@ pub fn start(settings: Settings, inbox: Inbox) -> Result<Running, StartError> {
             context: context.clone(),
         })
         .service(routes);
-    let served = runtime.spawn(serve(stack, incoming, stopping));
+    let grpc_served = runtime.spawn(serve(stack, incoming, stopping));
+    let served = runtime.spawn(async move {
+        let _ = grpc_served.await;
+        if let Some(http_served) = http_served {
+            let _ = http_served.await;
+        }
+    });
     Ok(Running {
         runtime,
         port,
+        http_port,
         context,
         health,
         authenticator,
@@ -258,9 +300,15 @@ async fn serve<S>(
     graceful.closed().await;
 }
 
+/// The application protocols a port's TLS handshake offers (ALPN): the gRPC port's HTTP/2,
+/// the HTTP port's HTTP/2 or HTTP/1.1.
+const H2: &[&[u8]] = &[b"h2"];
+const HTTP: &[&[u8]] = &[b"h2", b"http/1.1"];
+
 async fn accept(
     listener: TcpListener,
     tls: Option<Arc<TlsSource>>,
+    alpn: &'static [&'static [u8]],
     connections: mpsc::Sender<io::Result<Conn>>,
     mut stopping: watch::Receiver<bool>,
 ) {
@@ -286,7 +334,18 @@ async fn accept(
                 }
             }
             Some(tls) => {
-                let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+                let mut config = tls.config();
+                if config
+                    .alpn_protocols
+                    .iter()
+                    .map(Vec::as_slice)
+                    .ne(alpn.iter().copied())
+                {
+                    let mut other = (*config).clone();
+                    other.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+                    config = Arc::new(other);
+                }
+                let acceptor = tokio_rustls::TlsAcceptor::from(config);
                 let connections = connections.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

@@ -47,7 +47,7 @@ impl Context {
 
     /// Hand a unary request to Python and await its answer. The call ending first (cancelled,
     /// disconnected, past its deadline) drops the request if it has not run.
-    async fn round_trip(self: Arc<Self>, handed: Handed) -> Result<Bytes, Status> {
+    pub async fn round_trip(self: Arc<Self>, handed: Handed) -> Result<Bytes, Status> {
         let key = self.inbox.next_key();
         let (sender, reply) = oneshot::channel();
         self.pending.insert(key, Waiter::Unary(sender));
@@ -86,7 +86,8 @@ impl Context {
     }
 }
 
-enum Handed {
+/// What a call hands to Python: an inference request, or a call of another method.
+pub enum Handed {
     Infer {
         data: Bytes,
         principal: Principal,
@@ -261,7 +262,7 @@ where
 }
 
 /// gRPC's percent-encoding of grpc-message (the spec's "Percent-Encoded" rule).
-fn percent_decode(text: &str) -> String {
+pub fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

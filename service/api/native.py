@@ -30,6 +30,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from rnnserve._pb import grpc_service_pb2 as pb
+from rnnserve.api import rest
 from rnnserve.api.auth import CERTIFICATE_MESSAGE, MESSAGE, PRINCIPAL
 from rnnserve.api.parsing import not_this_message
 from rnnserve.api.servicer import SERVICE_NAME, Answer, Cancellable, InferenceServicer
@@ -136,6 +137,7 @@ class NativeFront:
         self._transport = NativeTransport(
             host=settings.host,
             port=settings.grpc_port,
+            http_port=settings.http_port,
             threads=settings.native_threads,
             max_message_bytes=settings.max_message_bytes,
             tls_cert=settings.tls_cert,
@@ -156,6 +158,8 @@ class NativeFront:
         self._answer_bound: tuple[float, int] | None = None
         self._maintenance: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.http_port: int | None = None
+        """The HTTP port bound, once started (None when --http-port is off)."""
 
     # ------------------------------------------------------------------ life
     async def start(self) -> int:
@@ -165,6 +169,7 @@ class NativeFront:
             port: int = self._transport.start()
         except ValueError as error:
             raise UnusableCredentials(str(error)) from None
+        self.http_port = self._transport.http_port()
         self._push_tokens()
         self._push_answer_bound()
         self._loop = asyncio.get_running_loop()
@@ -282,9 +287,12 @@ class NativeFront:
         task.add_done_callback(lambda _: self._calls.pop(key, None))
 
     async def _call(self, key: int, method: str, data: bytes, principal: str) -> None:
-        """Run one of the service's other methods as the servicer does on grpcio."""
+        """Run one of the service's other methods as the servicer does on grpcio; a call that
+        came over HTTP (its method named with rest.PREFIX) is answered as JSON (`rest`)."""
         PRINCIPAL.set(principal)  # this task's own context: no other call sees it
-        cold = self._cold[method]
+        http = method.startswith(rest.PREFIX)
+        name = method.removeprefix(rest.PREFIX)
+        cold = self._cold[name]
         try:
             request = cold.parse(data)
         except Exception as error:  # noqa: BLE001 - any parse failure is the client's
@@ -300,8 +308,13 @@ class NativeFront:
                 return
         if context.code is not None and context.code is not grpc.StatusCode.OK:
             self.answer(key, (context.code, context.details))
-        else:
+        elif not http:
             self.answer(key, response.SerializeToString())
+        else:
+            try:
+                self.answer(key, rest.render(name, response))
+            except Exception as error:  # noqa: BLE001 - not ready (400), or a bug (INTERNAL)
+                self.answer(key, status_of(error))
 
     # ------------------------------------------------------------------ upkeep
     async def _maintain(self) -> None:

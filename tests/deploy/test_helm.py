@@ -653,7 +653,28 @@ def test_kustomize_gpu_overlay_is_the_charts_gpu_profile() -> None:
         assert overlay[key] == doc, key
 
 
-def test_kserve_runtime_serves_grpc_v2_with_arguments_the_server_takes() -> None:
+def merged_container(runtime: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The runtime's container with the InferenceService's container fields merged in as KServe
+    merges them (a strategic merge patch), done by kubectl's own implementation."""
+    (c,) = runtime["spec"]["containers"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "x"},
+        "spec": {"containers": [c]},
+    }
+    patch = {"spec": {"containers": [{"name": c["name"], **overrides}]}}
+    done = subprocess.run(
+        [str(KUBECTL), "patch", "--local", "-f", "-", "--type", "strategic",
+         "-p", json.dumps(patch), "-o", "json"],
+        input=json.dumps(pod), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (merged,) = json.loads(done.stdout)["spec"]["containers"]
+    return dict(merged)
+
+
+def test_kserve_runtime_serves_v2_over_http_and_grpc_with_arguments_the_server_takes() -> None:
     (runtime,) = yaml.safe_load_all((KSERVE / "servingruntime.yaml").read_text())
     (service,) = yaml.safe_load_all((KSERVE / "inferenceservice.yaml").read_text())
     check_custom_resources([runtime, service])
@@ -665,7 +686,7 @@ def test_kserve_runtime_serves_grpc_v2_with_arguments_the_server_takes() -> None
         "serving.kserve.io/v1beta1",
         "InferenceService",
     )
-    assert runtime["spec"]["protocolVersions"] == ["grpc-v2"]
+    assert runtime["spec"]["protocolVersions"] == ["v2", "grpc-v2"]
     (c,) = runtime["spec"]["containers"]
     # The runtime's container is a core Container: its schema applies, strictly.
     as_pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": {}}
@@ -676,13 +697,28 @@ def test_kserve_runtime_serves_grpc_v2_with_arguments_the_server_takes() -> None
     parser = argparse.ArgumentParser()
     Settings.add_arguments(parser)
     environ = {e["name"]: e["value"] for e in c["env"]}
-    settings = Settings.from_sources(parser.parse_args(c["args"]), environ)
+    args = [a for a in c["args"] if not (AHEAD and a.startswith("--http-port="))]
+    assert f"--http-port={HTTP_PORT}" in c["args"]
+    settings = Settings.from_sources(parser.parse_args(args), environ)
     assert str(settings.model_repository) == "/mnt/models"
     assert (settings.host, settings.grpc_port) == ("0.0.0.0", 8001)
-    assert [p["containerPort"] for p in c["ports"]] == [settings.grpc_port]
-    assert c["readinessProbe"]["grpc"]["port"] == settings.grpc_port
+    if not AHEAD:
+        assert dataclasses.asdict(settings)["http_port"] == HTTP_PORT
+    # Serverless mode: Knative takes one container port, named for its protocol, and sends
+    # every request there: the HTTP port.
+    assert c["ports"] == [{"name": "http1", "containerPort": HTTP_PORT, "protocol": "TCP"}]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": HTTP_PORT}
     model = service["spec"]["predictor"]["model"]
     assert model["runtime"] == runtime["metadata"]["name"]
     assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
     formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
     assert model["modelFormat"]["name"] in formats
+    # RawDeployment: KServe's Service carries every port of the merged container, the first as
+    # port 80: HTTP there, gRPC beside it (a name with grpc in it: appProtocol grpc).
+    annotations = service["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    ports = merged_container(runtime, {"ports": model["ports"]})["ports"]
+    assert [(p["name"], p["containerPort"]) for p in ports] == [
+        ("http1", HTTP_PORT),
+        ("grpc", settings.grpc_port),
+    ]

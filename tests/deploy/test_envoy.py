@@ -47,22 +47,35 @@ def close(actual: np.ndarray, expected: np.ndarray) -> None:
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def on_loopback(shipped: dict[str, Any], admin: int, listener: int, backends: list[int]) -> dict:
-    """The shipped config with its admin and listener on 127.0.0.1 ports, and `backends` as the
-    cluster's endpoints in place of the headless Service's name; nothing else changes."""
+def route_of(listener: dict[str, Any]) -> dict[str, Any]:
+    """The route (cluster, timeout, hash policy) of `listener`'s one virtual host."""
+    (chain,) = listener["filter_chains"]
+    (manager,) = chain["filters"]
+    (host,) = manager["typed_config"]["route_config"]["virtual_hosts"]
+    (route,) = host["routes"]
+    found: dict[str, Any] = route["route"]
+    return found
+
+
+def on_loopback(
+    shipped: dict[str, Any], admin: int, ports: dict[str, tuple[int, list[int]]]
+) -> dict[str, Any]:
+    """The shipped config with its admin and its listeners on 127.0.0.1 ports, and backends'
+    ports as the endpoints of each listener's cluster in place of the headless Service's name;
+    nothing else changes. `ports`: each listener's name, its port and its backends' ports."""
     config = copy.deepcopy(shipped)
     config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin}
-    (listener_config,) = config["static_resources"]["listeners"]
-    listener_config["address"]["socket_address"] = {
-        "address": "127.0.0.1",
-        "port_value": listener,
-    }
-    (cluster,) = config["static_resources"]["clusters"]
-    (locality,) = cluster["load_assignment"]["endpoints"]
-    locality["lb_endpoints"] = [
-        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
-        for port in backends
-    ]
+    listeners = {c["name"]: c for c in config["static_resources"]["listeners"]}
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    assert listeners.keys() == ports.keys()
+    for name, (port, backends) in ports.items():
+        listeners[name]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": port}
+        cluster = clusters[route_of(listeners[name])["cluster"]]
+        (locality,) = cluster["load_assignment"]["endpoints"]
+        locality["lb_endpoints"] = [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": b}}}}
+            for b in backends
+        ]
     return config
 
 
@@ -74,8 +87,10 @@ class RunningEnvoy:
         config_path = workdir / "envoy.yaml"
         config_path.write_text(yaml.safe_dump(config))
         self.admin = config["admin"]["address"]["socket_address"]["port_value"]
-        port = config["static_resources"]["listeners"][0]["address"]["socket_address"]
-        self.target = f"127.0.0.1:{port['port_value']}"
+        (grpc_listener,) = [
+            c for c in config["static_resources"]["listeners"] if c["name"] == "grpc"
+        ]
+        self.target = f"127.0.0.1:{grpc_listener['address']['socket_address']['port_value']}"
         self.log_path = workdir / "envoy.log"
         with self.log_path.open("w") as log:
             # No hot restart: its shared memory would clash with any other Envoy on the machine.
@@ -123,12 +138,16 @@ def routed(workdir: Path) -> Iterator[Routed]:
     try:
         for name in ("a", "b"):
             backends.append(start_server(workdir / name, "--shutdown-grace-s", "1"))
-        admin, listener = free_ports(2)
+        admin, grpc_listener, http_listener, *no_http = free_ports(5)
         shipped = yaml.safe_load(ENVOY_CONFIG.read_text())
-        envoy = RunningEnvoy(
-            workdir / "envoy",
-            on_loopback(shipped, admin, listener, [b.ports.grpc for b in backends]),
-        )
+        # The gRPC path runs here. The backends serve no HTTP yet (the server's HTTP endpoint
+        # comes with its own change): the HTTP cluster's endpoints are ports nothing listens
+        # on, which its health check keeps out (the gRPC cluster's health is what is awaited).
+        ports = {
+            "grpc": (grpc_listener, [b.ports.grpc for b in backends]),
+            "http": (http_listener, no_http),
+        }
+        envoy = RunningEnvoy(workdir / "envoy", on_loopback(shipped, admin, ports))
         # The active health check admits each backend once it answers SERVING.
         envoy.wait_for_health({b.target: "healthy" for b in backends})
         yield Routed(envoy, backends)
@@ -149,16 +168,36 @@ def test_only_addresses_and_ports_differ_from_the_shipped_config() -> None:
     )
     assert validated.returncode == 0 and " OK" in validated.stdout, validated
     shipped = yaml.safe_load(ENVOY_CONFIG.read_text())
-    run = on_loopback(shipped, 1, 2, [3, 4])
-    (cluster,) = run["static_resources"]["clusters"]
-    assert cluster["lb_policy"] == "RING_HASH"
-    route = run["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    hashing = route["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
-    assert hashing["hash_policy"] == [{"header": {"header_name": SEQUENCE_ID_HEADER}}]
+    # gRPC (8001) and KServe v2 REST (8000), each to the headless Service's same port, both
+    # hashed on the sequence id, each cluster's pods checked by the protocol's own health.
+    listeners = {c["name"]: c for c in shipped["static_resources"]["listeners"]}
+    clusters = {c["name"]: c for c in shipped["static_resources"]["clusters"]}
+    assert listeners.keys() == {"grpc", "http"}
+    health = {
+        "grpc": {"grpc_health_check": {}},
+        "http": {"http_health_check": {"path": "/v2/health/ready"}},
+    }
+    for name, port in (("grpc", 8001), ("http", 8000)):
+        assert listeners[name]["address"]["socket_address"]["port_value"] == port
+        route = route_of(listeners[name])
+        assert route["hash_policy"] == [{"header": {"header_name": SEQUENCE_ID_HEADER}}]
+        assert route["timeout"] == "0s"
+        cluster = clusters[route["cluster"]]
+        assert cluster["lb_policy"] == "RING_HASH"
+        (locality,) = cluster["load_assignment"]["endpoints"]
+        (endpoint,) = locality["lb_endpoints"]
+        address = endpoint["endpoint"]["address"]["socket_address"]
+        assert address == {"address": "rnnserve-headless", "port_value": port}
+        (check,) = cluster["health_checks"]
+        assert health[name].items() <= check.items(), check
+    assert {route_of(c)["cluster"] for c in listeners.values()} == clusters.keys()
+    run = on_loopback(shipped, 1, {"grpc": (2, [3, 4]), "http": (5, [6, 7])})
     for config in (shipped, run):
         config.pop("admin")
-        config["static_resources"]["listeners"][0].pop("address")
-        config["static_resources"]["clusters"][0].pop("load_assignment")
+        for listener in config["static_resources"]["listeners"]:
+            listener.pop("address")
+        for cluster in config["static_resources"]["clusters"]:
+            cluster.pop("load_assignment")
     assert run == shipped
 
 

@@ -52,6 +52,7 @@ CRDS = {
 """Custom resources: no schema in kubernetes-validate (it warns); checked by hand below."""
 CHART_SETTINGS = {
     "host",
+    "http_port",
     "grpc_port",
     "metrics_port",
     "model_repository",
@@ -67,6 +68,13 @@ CHART_SETTINGS = {
     "auth_admins",
 }
 """Server settings the chart sets from its own values; every other one goes through `config`."""
+FIELDS = {f.name for f in dataclasses.fields(Settings)}
+AHEAD = {"http_port"} - FIELDS
+"""Settings the deploy files set before the server has them: the HTTP endpoint's port
+(--http-port, RNNSERVE_HTTP_PORT) lands in the server with the endpoint itself. Empty from then
+on, and every check below holds the setting to the server's parser like any other."""
+HTTP_PORT = 8000
+"""The KServe v2 REST port (Triton's HTTP protocol) the chart, kustomize and KServe expose."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -242,13 +250,25 @@ def test_inconsistent_values_fail_with_a_message(args: tuple[str, ...], message:
     assert message in done.stderr, done.stderr
 
 
-def test_probes_ask_the_grpc_health_service_on_8001() -> None:
+PATHS = {
+    "startupProbe": "/v2/health/ready",
+    "readinessProbe": "/v2/health/ready",
+    "livenessProbe": "/v2/health/live",
+}
+"""Each probe's KServe v2 health path: ready once the models are loaded and until a drain."""
+
+
+def test_probes_get_the_http_health_paths() -> None:
     docs = render()
     c = container(docs)
-    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 8001, "metrics": 8002}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"] == {"port": 8001}, probe
-        assert "tcpSocket" not in c[probe]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
+        "http": HTTP_PORT,
+        "grpc": 8001,
+        "metrics": 8002,
+    }
+    for probe, path in PATHS.items():
+        assert c[probe]["httpGet"] == {"path": path, "port": "http", "scheme": "HTTP"}, probe
+        assert "grpc" not in c[probe] and "tcpSocket" not in c[probe]
     # A replacement is ready before an old pod goes.
     rollout = one(docs, "Deployment")["spec"]["strategy"]
     assert rollout["rollingUpdate"]["maxUnavailable"] == 0
@@ -257,14 +277,34 @@ def test_probes_ask_the_grpc_health_service_on_8001() -> None:
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
 
 
-def test_services_carry_grpc_and_metrics_and_a_headless_one_grpc_only() -> None:
+def test_http_off_leaves_the_port_out_and_the_probes_ask_grpc_health_again() -> None:
+    docs = render("--set", "http.enabled=false")
+    assert one(docs, "ConfigMap")["data"]["RNNSERVE_HTTP_PORT"] == "off"
+    c = container(docs)
+    assert [p["containerPort"] for p in c["ports"]] == [8001, 8002]
+    for probe in PATHS:
+        assert c[probe]["grpc"] == {"port": 8001}, probe
+        assert "httpGet" not in c[probe] and "tcpSocket" not in c[probe]
+    for service in ("rnnserve", "rnnserve-headless"):
+        assert HTTP_PORT not in {p["port"] for p in one(docs, "Service", service)["spec"]["ports"]}
+    secure = render(*values("secure"), "--set", "http.enabled=false")
+    for probe in PATHS:
+        assert container(secure)[probe]["tcpSocket"] == {"port": "grpc"}, probe
+    (inference, _) = one(secure, "NetworkPolicy")["spec"]["ingress"]
+    assert [p["port"] for p in inference["ports"]] == [8001]
+
+
+def test_services_carry_http_grpc_and_metrics_and_a_headless_one_http_and_grpc() -> None:
     docs = render()
+    assert one(docs, "ConfigMap")["data"]["RNNSERVE_HTTP_PORT"] == str(HTTP_PORT)
     ports = {p["name"]: p for p in one(docs, "Service")["spec"]["ports"]}
+    assert ports["http"]["port"] == HTTP_PORT and ports["http"]["targetPort"] == "http"
+    assert ports["http"]["appProtocol"] == "http"
     assert ports["grpc"]["port"] == 8001 and ports["grpc"]["appProtocol"] == "grpc"
     assert ports["metrics"]["port"] == 8002
     headless = one(docs, "Service", "rnnserve-headless")["spec"]
     assert headless["clusterIP"] == "None"
-    assert [p["port"] for p in headless["ports"]] == [8001]
+    assert [p["port"] for p in headless["ports"]] == [HTTP_PORT, 8001]
     labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     for service in (one(docs, "Service")["spec"], headless):
         assert service["selector"].items() <= labels.items()
@@ -357,9 +397,14 @@ def test_tls_mounts_the_secret_and_probes_the_port() -> None:
     }
     for variable, key in files.items():
         assert env(docs)[variable]["value"] == f"{mount['mountPath']}/{key}"
-    # The kubelet's gRPC probe cannot present a client certificate.
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    # Client certificates required: the kubelet cannot present one over HTTPS or gRPC.
+    for probe in PATHS:
         assert c[probe]["tcpSocket"] == {"port": "grpc"} and "grpc" not in c[probe]
+        assert "httpGet" not in c[probe]
+    # TLS without client certificates: HTTPS, whose certificate the kubelet does not verify.
+    secure = container(render(*values("secure")))
+    for probe, path in PATHS.items():
+        assert secure[probe]["httpGet"] == {"path": path, "port": "http", "scheme": "HTTPS"}
 
 
 def test_the_token_file_comes_from_a_secret_as_a_folder_the_kubelet_updates() -> None:
@@ -415,12 +460,14 @@ def server_environment(docs: list[dict[str, Any]]) -> dict[str, str]:
 def test_the_server_takes_every_setting_the_chart_renders(name: str) -> None:
     docs = render(*values(name))
     environ = server_environment(docs)
-    fields = {f.name for f in dataclasses.fields(Settings)}
     ours = {v for v in environ if v.startswith("RNNSERVE_")}
-    unknown = {v for v in ours if v.removeprefix("RNNSERVE_").lower() not in fields}
+    unknown = {v for v in ours if v.removeprefix("RNNSERVE_").lower() not in FIELDS | AHEAD}
     assert not unknown, unknown
+    assert environ["RNNSERVE_HTTP_PORT"] == str(HTTP_PORT)
     settings = Settings.from_sources(argparse.Namespace(), environ)
     assert (settings.host, settings.grpc_port, settings.metrics_port) == ("0.0.0.0", 8001, 8002)
+    if not AHEAD:
+        assert dataclasses.asdict(settings)["http_port"] == HTTP_PORT
     assert str(settings.model_repository) == "/models"
     assert settings.provider.value == ("cuda" if name == "gpu" else "cpu")
     grace = float(one(docs, "ConfigMap")["data"]["RNNSERVE_SHUTDOWN_GRACE_S"])
@@ -465,8 +512,7 @@ def test_schema_config_names_every_other_server_setting() -> None:
     config = schema["properties"]["config"]
     assert config["additionalProperties"] is False
     names = set(config["properties"])
-    fields = {f.name for f in dataclasses.fields(Settings)}
-    assert names | CHART_SETTINGS == fields
+    assert names | CHART_SETTINGS == FIELDS | AHEAD
     assert not names & CHART_SETTINGS
     hints = typing.get_type_hints(Settings)
     for name, rule in config["properties"].items():
@@ -537,7 +583,13 @@ def test_monitoring_objects_point_at_the_metrics_port() -> None:
     assert rule["spec"]["groups"] == [*shipped["groups"], *rule["spec"]["groups"][-1:]]
     assert rule["spec"]["groups"][-1]["name"] == "rnnserve-example"
     policy = one(docs, "NetworkPolicy")["spec"]
-    assert sorted(r["ports"][0]["port"] for r in policy["ingress"]) == [8001, 8002]
+    inference, scraping = policy["ingress"]
+    # Either protocol reaches every model: the same peers for both.
+    assert sorted(p["port"] for p in inference["ports"]) == [HTTP_PORT, 8001]
+    assert inference["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "envoy"}}}
+    ]
+    assert [p["port"] for p in scraping["ports"]] == [8002]
 
 
 def test_prometheus_rule_takes_the_charts_rule_files(tmp_path: Path) -> None:
@@ -580,6 +632,13 @@ def test_kustomize_builds_pass_strict_schema_validation(overlay: str, tmp_path: 
     text = kustomize(KUSTOMIZE / overlay)
     assert validate(text, tmp_path, OLDEST, NEWEST) == []
     assert {d["kind"] for d in yaml.safe_load_all(text)} >= {"Deployment", "Service"}
+    docs = by_name(list(yaml.safe_load_all(text)))
+    for service in ("rnnserve", "rnnserve-headless"):
+        ports = {p["name"]: p["port"] for p in docs["Service", service]["spec"]["ports"]}
+        assert ports["http"] == HTTP_PORT, service
+    (c,) = docs["Deployment", "rnnserve"]["spec"]["template"]["spec"]["containers"]
+    assert c["ports"][0] == {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
 
 
 def by_name(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -594,7 +653,28 @@ def test_kustomize_gpu_overlay_is_the_charts_gpu_profile() -> None:
         assert overlay[key] == doc, key
 
 
-def test_kserve_runtime_serves_grpc_v2_with_arguments_the_server_takes() -> None:
+def merged_container(runtime: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The runtime's container with the InferenceService's container fields merged in as KServe
+    merges them (a strategic merge patch), done by kubectl's own implementation."""
+    (c,) = runtime["spec"]["containers"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "x"},
+        "spec": {"containers": [c]},
+    }
+    patch = {"spec": {"containers": [{"name": c["name"], **overrides}]}}
+    done = subprocess.run(
+        [str(KUBECTL), "patch", "--local", "-f", "-", "--type", "strategic",
+         "-p", json.dumps(patch), "-o", "json"],
+        input=json.dumps(pod), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (merged,) = json.loads(done.stdout)["spec"]["containers"]
+    return dict(merged)
+
+
+def test_kserve_runtime_serves_v2_over_http_and_grpc_with_arguments_the_server_takes() -> None:
     (runtime,) = yaml.safe_load_all((KSERVE / "servingruntime.yaml").read_text())
     (service,) = yaml.safe_load_all((KSERVE / "inferenceservice.yaml").read_text())
     check_custom_resources([runtime, service])
@@ -606,7 +686,7 @@ def test_kserve_runtime_serves_grpc_v2_with_arguments_the_server_takes() -> None
         "serving.kserve.io/v1beta1",
         "InferenceService",
     )
-    assert runtime["spec"]["protocolVersions"] == ["grpc-v2"]
+    assert runtime["spec"]["protocolVersions"] == ["v2", "grpc-v2"]
     (c,) = runtime["spec"]["containers"]
     # The runtime's container is a core Container: its schema applies, strictly.
     as_pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": {}}
@@ -617,13 +697,28 @@ def test_kserve_runtime_serves_grpc_v2_with_arguments_the_server_takes() -> None
     parser = argparse.ArgumentParser()
     Settings.add_arguments(parser)
     environ = {e["name"]: e["value"] for e in c["env"]}
-    settings = Settings.from_sources(parser.parse_args(c["args"]), environ)
+    args = [a for a in c["args"] if not (AHEAD and a.startswith("--http-port="))]
+    assert f"--http-port={HTTP_PORT}" in c["args"]
+    settings = Settings.from_sources(parser.parse_args(args), environ)
     assert str(settings.model_repository) == "/mnt/models"
     assert (settings.host, settings.grpc_port) == ("0.0.0.0", 8001)
-    assert [p["containerPort"] for p in c["ports"]] == [settings.grpc_port]
-    assert c["readinessProbe"]["grpc"]["port"] == settings.grpc_port
+    if not AHEAD:
+        assert dataclasses.asdict(settings)["http_port"] == HTTP_PORT
+    # Serverless mode: Knative takes one container port, named for its protocol, and sends
+    # every request there: the HTTP port.
+    assert c["ports"] == [{"name": "http1", "containerPort": HTTP_PORT, "protocol": "TCP"}]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": HTTP_PORT}
     model = service["spec"]["predictor"]["model"]
     assert model["runtime"] == runtime["metadata"]["name"]
     assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
     formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
     assert model["modelFormat"]["name"] in formats
+    # RawDeployment: KServe's Service carries every port of the merged container, the first as
+    # port 80: HTTP there, gRPC beside it (a name with grpc in it: appProtocol grpc).
+    annotations = service["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    ports = merged_container(runtime, {"ports": model["ports"]})["ports"]
+    assert [(p["name"], p["containerPort"]) for p in ports] == [
+        ("http1", HTTP_PORT),
+        ("grpc", settings.grpc_port),
+    ]

@@ -477,6 +477,8 @@ def test_gpu_image_runs_as_the_cpu_image_does() -> None:
     gpu = serving_stage(DEPLOY / "Containerfile.gpu")
     for keyword in ("USER", "EXPOSE", "STOPSIGNAL", "ENTRYPOINT"):
         assert gpu[keyword] == cpu[keyword], keyword
+    # HTTP (KServe v2 REST), gRPC, metrics: the ports the chart's container declares.
+    assert cpu["EXPOSE"] == ["8000 8001 8002"]
     # The same probe; the GPU image may take longer to start (CUDA initialises first).
     (cpu_probe,), (gpu_probe,) = cpu["HEALTHCHECK"], gpu["HEALTHCHECK"]
     assert gpu_probe.split(" CMD ")[1] == cpu_probe.split(" CMD ")[1]

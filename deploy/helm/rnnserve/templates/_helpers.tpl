@@ -60,10 +60,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- add .Values.preStopSleepSeconds (ceil $grace | int) .Values.terminationMarginSeconds }}
 {{- end }}
 
-{{/* The probes' action: the gRPC health service, or (TLS: the kubelet cannot present a client
-     certificate) a TCP connect. */}}
+{{/* The probes' action, from a dict of the chart's Values and the KServe v2 health path to GET:
+     that path on the HTTP port (over HTTPS with TLS: the kubelet does not verify the
+     certificate); with http off, the gRPC health service. The kubelet cannot present a client
+     certificate: with TLS and clientCA (or TLS and http off), a TCP connect to the gRPC port. */}}
 {{- define "rnnserve.probeAction" -}}
-{{- if .Values.tls.enabled -}}
+{{- $tls := .Values.tls }}
+{{- if and .Values.http.enabled (not (and $tls.enabled $tls.clientCA)) -}}
+httpGet:
+  path: {{ .path }}
+  port: http
+  scheme: {{ ternary "HTTPS" "HTTP" $tls.enabled }}
+{{- else if $tls.enabled -}}
 tcpSocket:
   port: grpc
 {{- else -}}

@@ -69,10 +69,6 @@ CHART_SETTINGS = {
 }
 """Server settings the chart sets from its own values; every other one goes through `config`."""
 FIELDS = {f.name for f in dataclasses.fields(Settings)}
-AHEAD = {"http_port"} - FIELDS
-"""Settings the deploy files set before the server has them: the HTTP endpoint's port
-(--http-port, RNNSERVE_HTTP_PORT) lands in the server with the endpoint itself. Empty from then
-on, and every check below holds the setting to the server's parser like any other."""
 HTTP_PORT = 8000
 """The KServe v2 REST port (Triton's HTTP protocol) the chart, kustomize and KServe expose."""
 
@@ -461,13 +457,12 @@ def test_the_server_takes_every_setting_the_chart_renders(name: str) -> None:
     docs = render(*values(name))
     environ = server_environment(docs)
     ours = {v for v in environ if v.startswith("RNNSERVE_")}
-    unknown = {v for v in ours if v.removeprefix("RNNSERVE_").lower() not in FIELDS | AHEAD}
+    unknown = {v for v in ours if v.removeprefix("RNNSERVE_").lower() not in FIELDS}
     assert not unknown, unknown
     assert environ["RNNSERVE_HTTP_PORT"] == str(HTTP_PORT)
     settings = Settings.from_sources(argparse.Namespace(), environ)
     assert (settings.host, settings.grpc_port, settings.metrics_port) == ("0.0.0.0", 8001, 8002)
-    if not AHEAD:
-        assert dataclasses.asdict(settings)["http_port"] == HTTP_PORT
+    assert settings.http_port == HTTP_PORT
     assert str(settings.model_repository) == "/models"
     assert settings.provider.value == ("cuda" if name == "gpu" else "cpu")
     grace = float(one(docs, "ConfigMap")["data"]["RNNSERVE_SHUTDOWN_GRACE_S"])
@@ -512,7 +507,7 @@ def test_schema_config_names_every_other_server_setting() -> None:
     config = schema["properties"]["config"]
     assert config["additionalProperties"] is False
     names = set(config["properties"])
-    assert names | CHART_SETTINGS == FIELDS | AHEAD
+    assert names | CHART_SETTINGS == FIELDS
     assert not names & CHART_SETTINGS
     hints = typing.get_type_hints(Settings)
     for name, rule in config["properties"].items():
@@ -697,13 +692,11 @@ def test_kserve_runtime_serves_v2_over_http_and_grpc_with_arguments_the_server_t
     parser = argparse.ArgumentParser()
     Settings.add_arguments(parser)
     environ = {e["name"]: e["value"] for e in c["env"]}
-    args = [a for a in c["args"] if not (AHEAD and a.startswith("--http-port="))]
     assert f"--http-port={HTTP_PORT}" in c["args"]
-    settings = Settings.from_sources(parser.parse_args(args), environ)
+    settings = Settings.from_sources(parser.parse_args(c["args"]), environ)
     assert str(settings.model_repository) == "/mnt/models"
     assert (settings.host, settings.grpc_port) == ("0.0.0.0", 8001)
-    if not AHEAD:
-        assert dataclasses.asdict(settings)["http_port"] == HTTP_PORT
+    assert settings.http_port == HTTP_PORT
     # Serverless mode: Knative takes one container port, named for its protocol, and sends
     # every request there: the HTTP port.
     assert c["ports"] == [{"name": "http1", "containerPort": HTTP_PORT, "protocol": "TCP"}]

@@ -119,6 +119,7 @@ class Container:
     name: str
     grpc_port: int
     metrics_port: int
+    http_port: int
 
     @property
     def target(self) -> str:
@@ -157,7 +158,7 @@ def running(image: str, *options: str) -> Iterator[Container]:
     """`image` run as a restricted pod runs it: read-only root filesystem and no writable
     mount at all (the server needs none), its own numeric user, the ports from RNNSERVE_
     variables on loopback. Removed afterwards, whatever happened."""
-    grpc_port, metrics_port = free_ports(2)
+    grpc_port, metrics_port, http_port = free_ports(3)
     name = f"rnnserve-test-{uuid.uuid4().hex[:12]}"
     podman(
         "run", "--detach", "--name", name, "--read-only", "--read-only-tmpfs=false",
@@ -165,10 +166,11 @@ def running(image: str, *options: str) -> Iterator[Container]:
         "--env", "RNNSERVE_HOST=127.0.0.1",
         "--env", f"RNNSERVE_GRPC_PORT={grpc_port}",
         "--env", f"RNNSERVE_METRICS_PORT={metrics_port}",
+        "--env", f"RNNSERVE_HTTP_PORT={http_port}",
         *options, image,
     )  # fmt: skip
     try:
-        container = Container(name, grpc_port, metrics_port)
+        container = Container(name, grpc_port, metrics_port, http_port)
         container.wait_until_serving()
         yield container
     finally:
@@ -226,6 +228,10 @@ def test_cpu_image_serves_sequences_read_only_and_drains_on_sigterm(
         url = f"http://127.0.0.1:{container.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             assert b"rnnserve_request_duration_seconds" in response.read()
+        # The HTTP port, what KServe's serverless mode exposes and probes.
+        url = f"http://127.0.0.1:{container.http_port}/v2/models/sensor_gru/ready"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200
 
         # `podman stop` sends the image's STOPSIGNAL, as a kubelet sends SIGTERM, and kills
         # only after --time: a drain that hung would show as exit code 137.

@@ -68,11 +68,12 @@ class Transport:
     def answer(
         self,
         ok: list[tuple[int, bytes]],
-        failed: list[tuple[int, int, str]],
+        failed: list[tuple[int, int, str, float]],
         reserved: list[tuple[int, int]],
     ) -> None:
         """Answer by key: `ok` with response wire bytes, `failed` with (gRPC status code,
-        message); `reserved`: what the answers to stream requests decoded meanwhile will take,
+        message, seconds until a retry can succeed or 0 when unknown: the HTTP port's
+        Retry-After); `reserved`: what the answers to stream requests decoded meanwhile will take,
         by key (a deep stream reserves that much for each). Answers to calls that ended are
         dropped."""
 

@@ -25,6 +25,9 @@ class ServiceError(Exception):
     limit: str | None = None
     """For a request refused by one of the server's limits: which one (the `reason` label of
     rnnserve_limit_refusals_total); None for every other error."""
+    retry_after_s: float | None = None
+    """When a retry can succeed, in seconds from now, where the server knows (a rate limit's
+    next token): the HTTP port's Retry-After (RFC 9110 section 10.2.3)."""
 
 
 class InvalidArgument(ServiceError):
@@ -63,9 +66,10 @@ class LimitExceeded(ServiceError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, message: str, limit: str) -> None:
+    def __init__(self, message: str, limit: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.limit = limit
+        self.retry_after_s = retry_after_s
 
 
 class CapacityExhausted(LimitExceeded):

@@ -253,7 +253,7 @@ impl Transport {
         &self,
         py: Python<'_>,
         ok: Vec<(u64, Bound<'_, PyBytes>)>,
-        failed: Vec<(u64, i32, String)>,
+        failed: Vec<(u64, i32, String, f64)>,
         reserved: Vec<(u64, usize)>,
     ) -> PyResult<()> {
         let context = self.handles()?.context.clone();
@@ -265,7 +265,9 @@ impl Transport {
         replies.extend(
             failed
                 .into_iter()
-                .map(|(key, code, message)| (key, Err(Status::new(Code::from(code), message)))),
+                .map(|(key, code, message, retry_after_s)| {
+                    (key, Err(status(code, message, retry_after_s)))
+                }),
         );
         // With the GIL held: these take short locks that tokio threads hold as briefly, and
         // queue each answer without waiting on anything; no other Python thread needs the GIL
@@ -343,6 +345,19 @@ impl Transport {
         }
         Ok(())
     }
+}
+
+/// A failed request's status; `retry_after_s` > 0 (when a retry can succeed) travels as its
+/// `retry-after` metadata, whole seconds rounded up (the HTTP port's Retry-After header).
+fn status(code: i32, message: String, retry_after_s: f64) -> Status {
+    let mut status = Status::new(Code::from(code), message);
+    if retry_after_s > 0.0 && retry_after_s.is_finite() {
+        let seconds = retry_after_s.ceil().min(86_400.0) as u64;
+        status
+            .metadata_mut()
+            .insert("retry-after", tonic::metadata::MetadataValue::from(seconds));
+    }
+    status
 }
 
 #[pymodule]

@@ -62,6 +62,9 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
+        // A client that sends its request and shuts its side (as `curl -T` and simple
+        // clients do) still gets the answer.
+        .half_close(true)
         .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()
@@ -414,7 +417,7 @@ async fn call(
     match front.context.clone().round_trip(handed).await {
         Ok(body) if body.is_empty() => empty(StatusCode::OK),
         Ok(body) => json(StatusCode::OK, body),
-        Err(status) => error(http_status(status.code()), status.message()),
+        Err(status) => failure(&status),
     }
 }
 
@@ -456,8 +459,20 @@ async fn infer(
                 error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
             }
         },
-        Err(status) => error(http_status(status.code()), status.message()),
+        Err(status) => failure(&status),
     }
+}
+
+/// The answer to a request that failed with `status`, its `retry-after` a header.
+fn failure(status: &tonic::Status) -> Answer {
+    let mut answer = error(http_status(status.code()), status.message());
+    if let Some(seconds) = status.metadata().get("retry-after") {
+        answer.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_bytes(seconds.as_bytes()).expect("digits"),
+        );
+    }
+    answer
 }
 
 /// The HTTP status of a gRPC status code: Triton's for the codes it answers

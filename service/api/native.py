@@ -151,7 +151,7 @@ class NativeFront:
         self._tickets: dict[int, Cancellable] = {}
         self._calls: dict[int, asyncio.Task[None]] = {}
         self._ok: list[tuple[int, bytes]] = []
-        self._failed: list[tuple[int, int, str]] = []
+        self._failed: list[tuple[int, int, str, float]] = []
         self._reserved: list[tuple[int, int]] = []
         self._flush_scheduled = False
         self._stopped = asyncio.Event()
@@ -257,8 +257,8 @@ class NativeFront:
         if isinstance(answer, bytes):
             self._ok.append((key, answer))
         else:
-            code, text = answer
-            self._failed.append((key, code.value[0], text))
+            code, text, *retry = answer
+            self._failed.append((key, code.value[0], text, retry[0] if retry else 0.0))
         self._schedule_flush()
 
     def reserve(self, key: int, nbytes: int) -> None:

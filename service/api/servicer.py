@@ -88,9 +88,12 @@ class RequestObserver(Protocol):
         ...
 
 
-Answer = bytes | tuple[grpc.StatusCode, str]
-"""What answers a request: a response's wire bytes, or the status code and message of its
-error (a unary call's; a stream's errors are responses)."""
+Failure = tuple[grpc.StatusCode, str] | tuple[grpc.StatusCode, str, float]
+"""A unary call's error: its status code and message, and when a retry can succeed (seconds
+from now) where the server knows."""
+Answer = bytes | Failure
+"""What answers a request: a response's wire bytes, or its error (a unary call's; a stream's
+errors are responses)."""
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -402,7 +405,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as error:  # noqa: BLE001 - each request is answered
             code, text = self.failed(error, (UNKNOWN_MODEL, ""), started)
             reply(encode_stream_error(*_echo_of(data), f"[{code.name}] {text}") if in_band
-                  else (code, text))  # fmt: skip
+                  else _failure(code, text, error))  # fmt: skip
             return None
         if resolved is not None:
             resolved(model, request)
@@ -419,7 +422,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 message = f"[{code.name}] {text}"
                 reply(encode_stream_error(request.model, request.version, request.id, message))
             else:
-                reply((code, text))
+                reply(_failure(code, text, outcome))
 
         try:
             return model.submit(request, answer)
@@ -451,6 +454,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if limit is not None:
             self.observer.refused_by_limit(limit)
         return code, text
+
+
+def _failure(code: grpc.StatusCode, text: str, error: BaseException) -> Failure:
+    retry = getattr(error, "retry_after_s", None)
+    return (code, text) if retry is None else (code, text, retry)
 
 
 def _echo_of(data: bytes) -> tuple[str, str, str]:

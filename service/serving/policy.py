@@ -148,6 +148,7 @@ class Policy:
                     f"per second (bursts of {bucket.capacity:g}; --principal-requests-per-s); "
                     f"retry in {wait:.3f} s, or send more time steps per request",
                     "principal_rate",
+                    wait,
                 )
         if self._server_bucket is not None:
             wait = self._server_bucket.take(now)
@@ -156,6 +157,7 @@ class Policy:
                     f"the server takes at most {s.max_requests_per_s:g} requests per second "
                     f"(--max-requests-per-s) and is at it; retry in {wait:.3f} s",
                     "server_rate",
+                    wait,
                 )
 
     def _new_bucket(self, principal: str, rate: float, now: float) -> TokenBucket:

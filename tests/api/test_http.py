@@ -1,0 +1,354 @@
+"""The HTTP port (the KServe v2 REST protocol, Triton's binary and sequence extensions) on a
+real server: tritonclient.http unchanged, Triton's statuses and `{"error": ...}` bodies, and
+hostile requests answered with a proper status while the server serves on.
+
+The same protocol cases run against the real Triton's HTTP port in tests/conformance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+
+from tests.api.conftest import INPUTS, OUTPUTS, Reference, sequence_data
+from tests.conftest import NATIVE_BUILT
+from tests.server import RunningServer, serving
+
+pytestmark = pytest.mark.skipif(not NATIVE_BUILT, reason="the HTTP port is the native transport's")
+
+MAX_MESSAGE_BYTES = 4 << 20
+TOKEN = "http-token-0123"
+
+
+@pytest.fixture(scope="module")
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    workdir = tmp_path_factory.mktemp("http")
+    flags = ("--max-message-bytes", str(MAX_MESSAGE_BYTES), "--max-queue-delay-us", "500")
+    with serving(workdir, *flags) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """Callers present tokens, and each may send 2 requests a second (bursts of 2)."""
+    workdir = tmp_path_factory.mktemp("http-guarded")
+    tokens = workdir / "tokens"
+    tokens.write_text(f"alice {hashlib.sha256(TOKEN.encode()).hexdigest()}\n")
+    flags = ("--auth-tokens", str(tokens), "--principal-requests-per-s", "2")
+    with serving(workdir, *flags, "--principal-burst", "2") as running:
+        yield running
+
+
+def request(
+    server: RunningServer,
+    method: str,
+    path: str,
+    body: bytes | str | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request on a connection of its own: status, headers (lower-case names), body."""
+    host, port = server.http_target.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return (
+            response.status,
+            {k.lower(): v for k, v in response.getheaders()},
+            response.read(),
+        )
+    finally:
+        connection.close()
+
+
+def raw_exchange(server: RunningServer, data: bytes) -> bytes:
+    """`data` written as is on a new connection; what comes back until the server closes or
+    has answered (the first response)."""
+    host, port = server.http_target.split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def infer_body(sequence_id: int, start: bool, end: bool, x: np.ndarray) -> str:
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "reading",
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "data": x.ravel().tolist(),
+                }
+            ],
+            "parameters": {
+                "sequence_id": sequence_id,
+                "sequence_start": start,
+                "sequence_end": end,
+            },
+        }
+    )
+
+
+def error_of(body: bytes) -> str:
+    document = json.loads(body)
+    assert set(document) == {"error"}, document
+    message: str = document["error"]
+    return message
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("model", ["sensor_gru", "charlm_lstm"])
+def test_tritonclient_http_runs_sequences_as_the_model_computes(
+    http_server: RunningServer, reference: Reference, model: str, binary: bool
+) -> None:
+    x = sequence_data(model, 6, np.random.default_rng(3))
+    datatype = "INT64" if x.dtype == np.int64 else "FP32"
+    sequence_id = 7_000 + binary
+    got = []
+    with triton_http.InferenceServerClient(http_server.http_target) as client:
+        for first in range(0, 6, 2):
+            chunk = x[:, first : first + 2]
+            tensor = triton_http.InferInput(INPUTS[model], list(chunk.shape), datatype)
+            tensor.set_data_from_numpy(chunk, binary_data=binary)
+            result = client.infer(
+                model,
+                [tensor],
+                outputs=[triton_http.InferRequestedOutput(OUTPUTS[model], binary_data=binary)],
+                sequence_id=sequence_id,
+                sequence_start=first == 0,
+                sequence_end=first == 4,
+            )
+            got.append(result.as_numpy(OUTPUTS[model]))
+            assert result.get_response()["parameters"]["sequence_version"] == first // 2 + 1
+    np.testing.assert_allclose(
+        np.concatenate(got, axis=1), reference.run(model, x), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_metadata_configuration_and_statistics_are_the_grpc_answers_as_json(
+    http_server: RunningServer,
+) -> None:
+    with (
+        triton_http.InferenceServerClient(http_server.http_target) as over_http,
+        triton_grpc.InferenceServerClient(http_server.target) as over_grpc,
+    ):
+        assert over_http.is_server_live() and over_http.is_server_ready()
+        assert over_http.is_model_ready("sensor_gru")
+        assert not over_http.is_model_ready("no_such_model")
+        server = over_http.get_server_metadata()
+        assert server["name"] == "rnnserve"
+        assert server["extensions"] == list(over_grpc.get_server_metadata().extensions)
+        metadata = over_http.get_model_metadata("charlm_lstm")
+        expected = over_grpc.get_model_metadata("charlm_lstm", as_json=True)
+        for tensors in ("inputs", "outputs"):
+            assert metadata[tensors] == [
+                {**t, "shape": [int(d) for d in t["shape"]]} for t in expected[tensors]
+            ]
+        config = over_http.get_model_config("sensor_gru")
+        grpc_config = over_grpc.get_model_config("sensor_gru").config
+        assert config["max_batch_size"] == grpc_config.max_batch_size
+        assert config["input"][0]["dims"] == list(grpc_config.input[0].dims)  # numbers, not strings
+        assert config["sequence_batching"]["state"][0]["input_name"] == "h_in"
+        before = over_http.get_inference_statistics("sensor_gru")["model_stats"][0]
+        x = np.zeros((1, 1, 1), np.float32)
+        status, _, _ = request(
+            http_server, "POST", "/v2/models/sensor_gru/infer", infer_body(31, True, True, x)
+        )
+        assert status == 200
+        after = over_http.get_inference_statistics("sensor_gru")["model_stats"][0]
+        assert after["inference_count"] == before["inference_count"] + 1
+        index = over_http.get_model_repository_index()
+        assert {m["name"] for m in index} == {"charlm_lstm", "digits_lstm", "sensor_gru"}
+        assert all(m["state"] == "READY" for m in index)
+
+
+READINGS = {"name": "reading", "datatype": "FP32", "shape": [1, 1, 1]}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "says"),
+    [
+        ("GET", "/v2/models/no_such_model", None, 404, "unknown model 'no_such_model'"),
+        ("GET", "/v2/models/sensor_gru/versions/9/config", None, 404, "version 9"),
+        ("GET", "/v2/models/no_such_model/ready", None, 400, "not ready"),
+        ("GET", "/v2/models/sensor_gru/infer", None, 405, "Method Not Allowed"),
+        ("GET", "/v2/nothing/here", None, 404, "Not Found"),
+        ("POST", "/v2/models/sensor_gru/infer", "not json", 400, "not JSON"),
+        ("POST", "/v2/models/sensor_gru/infer", "{}", 400, "'inputs'"),
+        (
+            "POST",
+            "/v2/models/sensor_gru/infer",
+            json.dumps({"inputs": [{**READINGS, "data": [1.0, 2.0]}]}),
+            400,
+            "holds 1 values, but its 'data' has 2",
+        ),
+        (
+            "POST",
+            "/v2/models/sensor_gru/infer",
+            json.dumps(
+                {"inputs": [{**READINGS, "data": [1.0]}], "parameters": {"sequence_id": 404}}
+            ),
+            400,
+            "sequence 404 of model sensor_gru (version 1) is not live",
+        ),
+        (
+            "POST",
+            "/v2/models/sensor_gru/infer",
+            json.dumps({"inputs": [{**READINGS, "datatype": "INT64", "data": [1]}]}),
+            400,
+            "must be FP32, got INT64",
+        ),
+        (
+            "POST",
+            "/v2/models/sensor_gru/infer",
+            "[" * 1_000_000 + "]" * 1_000_000,
+            400,
+            "recursion limit",
+        ),
+    ],
+    ids=[
+        "unknown-model",
+        "unknown-version",
+        "model-not-ready",
+        "get-infer",
+        "unknown-path",
+        "not-json",
+        "no-inputs",
+        "data-shape",
+        "sequence-not-live",
+        "datatype",
+        "nested-a-million-deep",
+    ],
+)
+def test_errors_carry_tritons_status_and_rnnserves_message(
+    http_server: RunningServer, method: str, path: str, body: str | None, status: int, says: str
+) -> None:
+    got, headers, answer = request(http_server, method, path, body)
+    assert got == status, answer
+    assert headers["content-type"] == "application/json"
+    assert says in error_of(answer)
+
+
+def binary_request(x: np.ndarray, size: int, extra: bytes = b"", header_extra: int = 0) -> tuple:
+    header = json.dumps(
+        {
+            "inputs": [{**READINGS, "parameters": {"binary_data_size": size}}],
+            "parameters": {"sequence_id": 77, "sequence_start": True, "sequence_end": True},
+        }
+    ).encode()
+    headers = {"Inference-Header-Content-Length": str(len(header) + header_extra)}
+    return header + x.tobytes() + extra, headers
+
+
+@pytest.mark.parametrize(
+    ("size", "extra", "header_extra", "says"),
+    [
+        (8, b"", 0, "binary_data_size is 8, but only 4 bytes"),
+        (4, b"\0\0\0\0", 0, "4 bytes of binary data after"),
+        (4, b"", 10_000, "Inference-Header-Content-Length is"),
+        (2, b"", 0, "after the tensors' binary_data_size"),
+    ],
+    ids=["size-over", "bytes-left", "header-over", "size-under"],
+)
+def test_binary_lengths_that_lie_are_refused(
+    http_server: RunningServer, size: int, extra: bytes, header_extra: int, says: str
+) -> None:
+    body, headers = binary_request(np.ones((1, 1, 1), np.float32), size, extra, header_extra)
+    status, _, answer = request(http_server, "POST", "/v2/models/sensor_gru/infer", body, headers)
+    assert status == 400
+    assert says in error_of(answer)
+
+
+def test_oversized_and_malformed_requests_get_a_status_and_the_server_serves_on(
+    http_server: RunningServer,
+) -> None:
+    path = "/v2/models/sensor_gru/infer"
+    # A declared length over the largest message: refused before the body is read.
+    declared = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_MESSAGE_BYTES * 4}\r\n\r\n"
+    ).encode()
+    assert raw_exchange(http_server, declared).startswith(b"HTTP/1.1 413")
+    # A chunked body that grows past it: refused once it does.
+    chunk = b"x" * 65536
+    chunked = f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    chunked += (f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n") * 80 + b"0\r\n\r\n"
+    answer = raw_exchange(http_server, chunked)
+    assert answer.startswith(b"HTTP/1.1 413") and b"--max-message-bytes" in answer
+    # Headers past the bound: 431.
+    huge = f"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Pad: {'p' * 100_000}\r\n\r\n".encode()
+    assert raw_exchange(http_server, huge).startswith(b"HTTP/1.1 431")
+    # A compressed body it cannot read: 415, saying so.
+    status, _, body = request(http_server, "POST", path, b"\x1f\x8b", {"Content-Encoding": "gzip"})
+    assert status == 415 and "uncompressed" in error_of(body)
+    # A valid chunked request is served.
+    x = np.full((1, 1, 1), 24.0, np.float32)
+    valid = infer_body(88, True, True, x).encode()
+    chunked = f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n".encode()
+    chunked += b"Connection: close\r\n\r\n" + f"{len(valid):x}\r\n".encode() + valid
+    answer = raw_exchange(http_server, chunked + b"\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    with triton_http.InferenceServerClient(http_server.http_target) as client:
+        assert client.is_server_ready()
+
+
+def test_tokens_guard_every_endpoint_but_health(guarded_server: RunningServer) -> None:
+    status, headers, body = request(guarded_server, "GET", "/v2/models/sensor_gru")
+    assert status == 401 and headers["www-authenticate"] == "Bearer"
+    assert "token" in error_of(body)
+    status, _, _ = request(
+        guarded_server, "GET", "/v2", headers={"Authorization": "Bearer not-the-token"}
+    )
+    assert status == 401
+    for path in ("/v2/health/live", "/v2/health/ready"):
+        assert request(guarded_server, "GET", path)[0] == 200
+    status, _, body = request(
+        guarded_server, "GET", "/v2/models/sensor_gru", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert status == 200 and json.loads(body)["name"] == "sensor_gru"
+    refusals = guarded_server.counts_by_reason("rnnserve_auth_failures")
+    assert refusals.get("missing", 0) >= 1 and refusals.get("unknown", 0) >= 1
+
+
+def test_a_principal_over_its_rate_is_told_429_and_when_to_retry(
+    guarded_server: RunningServer,
+) -> None:
+    x = np.zeros((1, 1, 1), np.float32)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    statuses = []
+    for n in range(6):
+        body = infer_body(500 + n, True, True, x)
+        status, headers, answer = request(
+            guarded_server, "POST", "/v2/models/sensor_gru/infer", body, auth
+        )
+        statuses.append(status)
+        if status == 429:
+            assert "--principal-requests-per-s" in error_of(answer)
+            assert int(headers["retry-after"]) >= 1
+    assert 200 in statuses and 429 in statuses, statuses
+
+
+def test_the_http_port_is_named_in_the_start_line_and_the_port_file(
+    http_server: RunningServer,
+) -> None:
+    assert http_server.ports.http is not None
+    assert f"http=127.0.0.1:{http_server.ports.http}" in http_server.log_text()
+
+
+def test_http_port_off_serves_none(tmp_path: Path) -> None:
+    with serving(tmp_path, "--http-port", "off") as running:
+        assert running.ports.http is None
+        assert "http=off" in running.log_text()

@@ -8,8 +8,8 @@ test changes, and only that:
 - a line that starts a server (`make serve`, `rnnserve serve`) runs in the background, as in
   a terminal of its own, and the next line waits for its port file (`RNNSERVE_PORT_FILE`);
   `make serve` runs the command its recipe runs, without installing again;
-- the server listens on a free port (`RNNSERVE_GRPC_PORT`; metrics on another), so address
-  `:8001` reads that port, and `--host 0.0.0.0` reads 127.0.0.1 (tests bind loopback only);
+- the server listens on free ports (`RNNSERVE_GRPC_PORT`, `RNNSERVE_HTTP_PORT`; metrics on
+  another), so address `:8001` reads the gRPC port and `:8000` the HTTP port, and `--host 0.0.0.0` reads 127.0.0.1 (tests bind loopback only);
 - client commands without `--url` dial `$RNNSERVE_URL`.
 """
 
@@ -46,7 +46,7 @@ def make_serve() -> str:
     return recipe.group(1).replace("$(BIN)", ".venv/bin")
 
 
-def script(blocks: list[list[str]], port: int) -> str:
+def script(blocks: list[list[str]], port: int, http_port: int) -> str:
     """The blocks' commands as one bash script, with the changes the module lists."""
     lines = [
         "set -euo pipefail",
@@ -55,8 +55,10 @@ def script(blocks: list[list[str]], port: int) -> str:
     ]
     for block in blocks:
         for command in block:
-            command = command.replace(":8001", f":{port}").replace(
-                "--host 0.0.0.0", "--host 127.0.0.1"
+            command = (
+                command.replace(":8001", f":{port}")
+                .replace(":8000", f":{http_port}")
+                .replace("--host 0.0.0.0", "--host 127.0.0.1")
             )
             if not SERVER.match(command):
                 lines.append(command)
@@ -83,17 +85,18 @@ def run_section(
         blocks = [[". .venv/bin/activate"], *blocks]
     (tmp_path / ".venv").symlink_to(Path(sys.prefix))
     (tmp_path / "examples").symlink_to(ROOT / "examples")
-    port = free_port()
+    port, http_port = free_port(), free_port()
     environment = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": str(tmp_path),
         "RNNSERVE_GRPC_PORT": str(port),
+        "RNNSERVE_HTTP_PORT": str(http_port),
         "RNNSERVE_METRICS_PORT": "0",
         "RNNSERVE_PORT_FILE": str(tmp_path / "ports.json"),
         "RNNSERVE_URL": f"127.0.0.1:{port}",
     }
     done = subprocess.run(
-        ["bash", "-c", script(blocks, port)],
+        ["bash", "-c", script(blocks, port, http_port)],
         cwd=tmp_path,
         env=environment,
         capture_output=True,
@@ -113,6 +116,8 @@ def test_the_quick_start_runs_as_written(tmp_path: Path) -> None:
     assert "live, ready, health SERVING" in out
     assert re.search(r"RMSE of 73 forecasts: \d+\.\d+", out), out
     assert "predicted " in out
+    # The two HTTP steps of one sequence: its version counts them.
+    assert '"sequence_version":1' in out and '"sequence_version":2' in out, out
     assert (tmp_path / "sst.png").read_bytes()[:4] == b"\x89PNG"
     assert "Traceback" not in done.stderr
 

@@ -19,9 +19,10 @@ PIP_LOCKED = $(BIN)/pip install --quiet -c $(LOCKS)/$(1) --build-constraint $(LO
 # Java for TorchServe (the benchmark's peer), Prometheus and promtool for deploy/prometheus (the
 # tests run their own instance on a free port, whatever the package starts), the CNCF
 # distribution registry for `make image-push` (the tests run their own on a free port; the
-# package's service is not started), and what `make image` needs.
+# package's service is not started), Chromium for examples/web (tests/web opens the page in it,
+# headless), and what `make image` needs.
 SYSTEM_PACKAGES ?= libb64-0d redis-server openjdk-17-jre-headless prometheus docker-registry \
-	$(IMAGE_PACKAGES)
+	chromium $(IMAGE_PACKAGES)
 # podman (with runc) builds and runs the images without a daemon; debootstrap makes their base,
 # as no image registry is reachable (deploy/base-image.sh). As root, overlay storage needs no
 # fuse-overlayfs.

@@ -1,0 +1,164 @@
+"""examples/web/stream.html in a real browser (Debian's headless Chromium) against a real server:
+the forecasts the page receives over its WebSocket equal the model run in-process, an error
+frame is shown and the stream goes on, and a refused or absent server is reported, not hung on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlencode
+
+import numpy as np
+import pytest
+
+from tests.api.conftest import Reference
+from tests.conftest import NATIVE_BUILT, ROOT
+from tests.server import RunningServer, serving
+from tests.web.chromium import Chromium
+
+PAGE = ROOT / "examples" / "web" / "stream.html"
+TOKEN = "web-token-0123"
+STEPS = 24
+"""The page streams the first 24 readings of examples/sst.csv."""
+PAGE_TIMEOUT_S = 60.0
+
+needs_server = pytest.mark.skipif(
+    not NATIVE_BUILT, reason="the WebSocket stream is the native transport's HTTP port's"
+)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
+    running = Chromium(tmp_path_factory.mktemp("chromium"))
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+@pytest.fixture(scope="module")
+def web_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server that wants tokens: the page must present one as ?access_token=."""
+    workdir = tmp_path_factory.mktemp("web")
+    tokens = workdir / "tokens"
+    tokens.write_text(f"browser {hashlib.sha256(TOKEN.encode()).hexdigest()}\n")
+    with serving(workdir, "--auth-tokens", str(tokens), "--max-queue-delay-us", "500") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def reference() -> Reference:
+    return Reference()
+
+
+def run_page(browser: Chromium, **query: str | int) -> dict[str, Any]:
+    """What the page recorded (its <pre id="results">) once it has finished."""
+    page = browser.open(f"{PAGE.as_uri()}?{urlencode({'interval': 0, **query})}")
+    try:
+        page.wait_for_title("done", PAGE_TIMEOUT_S)
+        results: dict[str, Any] = json.loads(
+            page.evaluate("document.getElementById('results').textContent")
+        )
+        results["shown_errors"] = page.evaluate(
+            "[...document.querySelectorAll('#errors li')].map((li) => li.textContent)"
+        )
+        results["points_drawn"] = page.evaluate(
+            "({reading: document.querySelectorAll('#chart circle.reading').length,"
+            " forecast: document.querySelectorAll('#chart circle.forecast').length})"
+        )
+        return results
+    finally:
+        page.call("Page.close")
+
+
+def upgrade_status(server: RunningServer, token: str) -> int:
+    """The status a WebSocket handshake for sensor_gru's stream is answered with."""
+    host, port = server.http_target.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    query = f"?{urlencode({'access_token': token})}" if token else ""
+    try:
+        connection.request(
+            "GET",
+            f"/v2/models/sensor_gru/stream{query}",
+            headers={
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version": "13",
+            },
+        )
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def sst_readings() -> np.ndarray:
+    """The series the page embeds, as examples/sst.csv has it: [1, STEPS, 1] FP32."""
+    with (ROOT / "examples" / "sst.csv").open(newline="") as file:
+        readings = [float(row["sst"]) for row in csv.DictReader(file)][:STEPS]
+    return np.asarray(readings, np.float32).reshape(1, STEPS, 1)
+
+
+@needs_server
+def test_page_draws_the_forecasts_the_model_computes(
+    browser: Chromium, web_server: RunningServer, reference: Reference
+) -> None:
+    results = run_page(browser, server=web_server.http_target, token=TOKEN, sequence=7101)
+    x = sst_readings()
+    assert results["readings"] == pytest.approx(x.ravel().tolist(), abs=1e-6)
+    assert (results["status"], results["errors"]) == ("complete", [])
+    expected = reference.run("sensor_gru", x).ravel()
+    np.testing.assert_allclose(
+        np.asarray(results["forecasts"], np.float32), expected, rtol=0, atol=1e-5
+    )
+    assert results["sequence_versions"] == sorted(results["sequence_versions"])
+    assert results["shown_errors"] == []
+    assert results["points_drawn"] == {"reading": STEPS, "forecast": STEPS}
+
+
+@needs_server
+def test_page_shows_error_frames_and_the_stream_goes_on(
+    browser: Chromium, web_server: RunningServer
+) -> None:
+    # charlm_lstm takes INT64 `tokens`: each FP32 `reading` is answered with an error frame on
+    # the socket that stays open, so every step is answered.
+    results = run_page(
+        browser, server=web_server.http_target, token=TOKEN, model="charlm_lstm", sequence=7102
+    )
+    assert results["status"] == "complete", results["errors"]
+    assert results["forecasts"] == [None] * STEPS
+    assert [e["step"] for e in results["errors"]] == list(range(STEPS)), results["errors"]
+    for error in results["errors"]:
+        assert error["error"].startswith("[INVALID_ARGUMENT] "), error
+    assert len(results["shown_errors"]) == STEPS
+
+
+@needs_server
+@pytest.mark.parametrize("token", ["", "not-the-token"], ids=["no-token", "wrong-token"])
+def test_page_reports_a_refused_upgrade(
+    browser: Chromium, web_server: RunningServer, token: str
+) -> None:
+    # A browser hides why an upgrade failed: the server's status is asked for beside the page.
+    assert upgrade_status(web_server, token) == 401
+    results = run_page(browser, server=web_server.http_target, token=token, sequence=7103)
+    assert results["status"] == "closed", results["errors"]
+    assert results["answered"] == 0
+    assert results["closed"]["code"] == 1006  # what a browser says of a refused upgrade
+    [shown] = results["shown_errors"]
+    assert "could not connect" in shown
+
+
+def test_page_reports_a_server_that_is_not_there(browser: Chromium) -> None:
+    with socket.socket() as unused:  # a port nothing listens on once it is closed
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    results = run_page(browser, server=f"127.0.0.1:{port}")
+    assert results["status"] == "closed", results["errors"]
+    assert results["closed"]["code"] == 1006
+    assert "could not connect" in results["shown_errors"][0]

@@ -92,12 +92,13 @@ class Chromium:
         return document
 
     def open(self, url: str) -> Page:
-        """A new tab, its console recorded, that has started loading `url`."""
+        """A new tab, its console recorded, that has loaded `url` (its scripts have run)."""
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})
         page = Page(self, session["sessionId"])
         page.call("Runtime.enable")
         page.call("Page.navigate", {"url": url})
+        page.wait_until("location.href !== 'about:blank' && document.readyState === 'complete'", 30)
         return page
 
     def log_text(self) -> str:
@@ -133,17 +134,19 @@ class Page:
             raise DevToolsError(f"{expression}: {answer['exceptionDetails']}")
         return answer["result"].get("value")
 
-    def wait_for_title(self, title: str, timeout: float) -> None:
-        """Until the page's title is `title`; after `timeout` seconds, an error that shows what
-        the page said on its console."""
+    def wait_until(self, expression: str, timeout: float) -> Any:
+        """The first truthy value of a JavaScript expression, asked every 50 ms; after
+        `timeout` seconds, an error that shows the page's text and what it said on its
+        console."""
         deadline = time.monotonic() + timeout
-        while self.evaluate("document.title") != title:
+        while not (value := self.evaluate(expression)):
             if time.monotonic() > deadline:
                 raise DevToolsError(
-                    f"the page's title is not {title!r} after {timeout:.0f} s; its body:\n"
+                    f"{expression} is still {value!r} after {timeout:.0f} s; the page:\n"
                     f"{self.evaluate('document.body.innerText')}\nits console:\n{self.console()}"
                 )
             time.sleep(0.05)
+        return value
 
     def console(self) -> str:
         """What the page logged and threw, one line each."""

@@ -61,7 +61,7 @@ def run_page(browser: Chromium, **query: str | int) -> dict[str, Any]:
     """What the page recorded (its <pre id="results">) once it has finished."""
     page = browser.open(f"{PAGE.as_uri()}?{urlencode({'interval': 0, **query})}")
     try:
-        page.wait_for_title("done", PAGE_TIMEOUT_S)
+        page.wait_until("document.title === 'done'", PAGE_TIMEOUT_S)
         results: dict[str, Any] = json.loads(
             page.evaluate("document.getElementById('results').textContent")
         )
@@ -75,6 +75,17 @@ def run_page(browser: Chromium, **query: str | int) -> dict[str, Any]:
         return results
     finally:
         page.call("Page.close")
+
+
+def http_get(server: RunningServer, path: str) -> tuple[int, dict[str, str], bytes]:
+    host, port = server.http_target.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}"})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
 
 
 def upgrade_status(server: RunningServer, token: str) -> int:
@@ -152,6 +163,62 @@ def test_page_reports_a_refused_upgrade(
     assert results["closed"]["code"] == 1006  # what a browser says of a refused upgrade
     [shown] = results["shown_errors"]
     assert "could not connect" in shown
+
+
+@needs_server
+def test_text_box_shows_the_next_character_the_model_predicts(
+    browser: Chromium, web_server: RunningServer, reference: Reference
+) -> None:
+    status, _, body = http_get(web_server, "/v2/models/charlm_lstm/config")
+    assert status == 200, body
+    vocabulary: str = json.loads(body)["parameters"]["vocabulary"]["string_value"]
+    page = browser.open(
+        f"{PAGE.as_uri()}?{urlencode({'server': web_server.http_target})}&"
+        f"{urlencode({'token': TOKEN, 'interval': 0})}"
+    )
+    try:
+        # Opened as a file, the page cannot read the config (no CORS): its own copy must agree.
+        assert page.evaluate("vocabulary") == vocabulary
+        # Two edits that append: the second request carries only the new characters, on the
+        # sequence the first started.
+        for typed in ("The sea ", "The sea is warm"):
+            page.evaluate(
+                f"(() => {{ const box = document.getElementById('text'); box.value = "
+                f"{json.dumps(typed)}; box.dispatchEvent(new Event('input')); }})()"
+            )
+            shown = json.loads(
+                page.wait_until("document.getElementById('text-results').textContent", 30)
+            )
+            assert "error" not in shown and shown["text"] == typed, shown
+        tokens = np.asarray([[vocabulary.index(c) for c in typed]], np.int64)
+        logits = reference.run("charlm_lstm", tokens)[0, -1]
+        assert shown["next_index"] == int(np.argmax(logits))
+        assert shown["logit"] == pytest.approx(float(logits.max()), abs=1e-5)
+        assert shown["next"] == vocabulary[int(np.argmax(logits))]
+    finally:
+        page.call("Page.close")
+
+
+@needs_server
+def test_page_reports_a_server_that_stops_mid_stream(
+    browser: Chromium, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    with serving(tmp_path_factory.mktemp("web-stopping")) as server:
+        query = {"server": server.http_target, "sequence": 7104, "interval": 200}
+        page = browser.open(f"{PAGE.as_uri()}?{urlencode(query)}")
+        try:
+            page.wait_until("document.getElementById('status').textContent.startsWith('3 of')", 30)
+            assert server.stop() == 0, server.log_text()  # a drain: SIGTERM
+            page.wait_until("document.title === 'done'", PAGE_TIMEOUT_S)
+            results = json.loads(page.evaluate("document.getElementById('results').textContent"))
+        finally:
+            page.call("Page.close")
+    assert results["status"] == "closed", results["errors"]
+    assert 3 <= results["answered"] < STEPS
+    answered = [f for f in results["forecasts"] if f is not None]
+    assert len(answered) == results["answered"] and results["forecasts"][0] is not None
+    [shown] = [e["error"] for e in results["errors"]]
+    assert shown.startswith("the server closed the socket after"), shown
 
 
 def test_page_reports_a_server_that_is_not_there(browser: Chromium) -> None:

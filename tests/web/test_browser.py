@@ -1,6 +1,7 @@
 """examples/web/stream.html in a real browser (Debian's headless Chromium) against a real server:
-the forecasts the page receives over its WebSocket equal the model run in-process, an error
-frame is shown and the stream goes on, and a refused or absent server is reported, not hung on.
+the forecasts the page receives over its WebSocket equal the model run in-process, and so does
+the next character its text box shows; an error frame is shown and the stream goes on; a
+refused upgrade, a server that drains mid-stream and an absent one are reported, not hung on.
 """
 
 from __future__ import annotations

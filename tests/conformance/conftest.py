@@ -107,12 +107,7 @@ class Observations:
             calls = self.calls(case, transport)
             expect_alive(name, server)
             try:
-                if transport == "unary":
-                    outcomes = run_unary(server.target, calls)
-                elif transport == "stream":
-                    outcomes = run_stream(server.target, calls, CASES[case].pipelined)
-                else:
-                    outcomes = run_http(server.http_target, calls)
+                outcomes = run(server, transport, calls, CASES[case].pipelined)
             finally:
                 expect_alive(name, server)  # a dead server's answers mislead: say it died
             self._outcomes[key] = outcomes
@@ -122,6 +117,17 @@ class Observations:
 @pytest.fixture(scope="session")
 def observations(reference: Reference) -> Observations:
     return Observations(reference)
+
+
+def run(
+    server: Server, transport: str, calls: list[Call], pipelined: bool = False
+) -> list[Outcome]:
+    """The calls over `transport`, in order (over a stream, all at once when `pipelined`)."""
+    if transport == "unary":
+        return run_unary(server.target, calls)
+    if transport == "stream":
+        return run_stream(server.target, calls, pipelined)
+    return run_http(server.http_target, calls)
 
 
 def expect_alive(name: str, server: Server) -> None:

@@ -9,6 +9,9 @@ rnnserve differs on purpose (DELIBERATE), and except where it differs today and 
 (NOT_ALIGNED, strict xfails: once rnnserve is aligned the case passes, the xfail fails, and its
 entry goes).
 
+One sequence may also move between the ports: started over HTTP, continued over gRPC, ended
+over HTTP (and the other way round), it equals the model run in-process over the whole sequence.
+
 Without Triton (`make triton`) only the rnnserve half runs.
 """
 
@@ -20,8 +23,18 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from tests.conformance.cases import CASES
-from tests.conformance.conftest import RNNSERVES, SERVERS, TRANSPORTS, Observations, transports
+from tests.api.conftest import Reference
+from tests.conformance.cases import CASES, Ids, data, sequence
+from tests.conformance.conftest import (
+    HTTP_SERVERS,
+    RNNSERVES,
+    SERVERS,
+    TRANSPORTS,
+    Observations,
+    expect_alive,
+    run,
+    transports,
+)
 from tests.conformance.protocol import Call, Outcome
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
@@ -215,3 +228,36 @@ def test_response_parameters_agree(transport: str, request, observations: Observ
         assert a.parameters - extra == b.parameters, (
             f"request {index}: rnnserve sends {sorted(a.parameters)}, triton {sorted(b.parameters)}"
         )
+
+
+ACROSS = Ids(base=1_000 * (len(CASES) * len(TRANSPORTS) + 1), label="across-ports")
+"""Ids above those of every (case, transport): the servers are the session's, shared."""
+
+
+def across_ports(reference: Reference) -> list[tuple[str, Call]]:
+    """Two sequences, interleaved, each request over the transport beside it: charlm_lstm
+    (integer id) over HTTP, unary gRPC, HTTP; sensor_gru (string id) over a gRPC stream, HTTP,
+    unary gRPC."""
+    rng = np.random.default_rng(7)
+    lstm = sequence(
+        reference, "charlm_lstm", data("charlm_lstm", 6, rng), ACROSS.integer(), [2, 3, 1]
+    )
+    gru = sequence(reference, "sensor_gru", data("sensor_gru", 5, rng), ACROSS.string(), [1, 2, 2])
+    order = zip(("http", "unary", "http"), lstm, ("stream", "http", "unary"), gru, strict=True)
+    return [step for a, call_a, b, call_b in order for step in ((a, call_a), (b, call_b))]
+
+
+@pytest.mark.parametrize("server", sorted(HTTP_SERVERS))
+def test_a_sequence_moves_between_http_and_grpc(server: str, request, reference: Reference) -> None:
+    running = request.getfixturevalue(SERVERS[server])
+    problems = []
+    expect_alive(server, running)
+    for index, (transport, call) in enumerate(across_ports(reference)):
+        (outcome,) = run(running, transport, [call])
+        assert call.expect is not None
+        if not outcome.answered:
+            problems.append(f"request {index} ({transport}) refused: {outcome.describe()}")
+        elif wrong := same_outputs(outcome.outputs, call.expect):
+            problems.append(f"request {index} ({transport}): {wrong}")
+    expect_alive(server, running)
+    assert not problems, f"{server}, one sequence over both ports:\n" + "\n".join(problems)

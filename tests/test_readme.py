@@ -9,7 +9,8 @@ test changes, and only that:
   a terminal of its own, and the next line waits for its port file (`RNNSERVE_PORT_FILE`);
   `make serve` runs the command its recipe runs, without installing again;
 - the server listens on free ports (`RNNSERVE_GRPC_PORT`, `RNNSERVE_HTTP_PORT`; metrics on
-  another), so address `:8001` reads the gRPC port and `:8000` the HTTP port, and `--host 0.0.0.0` reads 127.0.0.1 (tests bind loopback only);
+  another), so address `:8001` reads the gRPC port and `:8000` the HTTP port, and
+  `--host 0.0.0.0` reads 127.0.0.1 (tests bind loopback only);
 - client commands without `--url` dial `$RNNSERVE_URL`.
 """
 

@@ -18,6 +18,7 @@ mod server;
 mod service;
 mod stream;
 mod tls;
+mod websocket;
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;

@@ -130,6 +130,14 @@ pub struct BinaryOutputs {
 }
 
 impl BinaryOutputs {
+    /// Every output binary, or every output JSON.
+    pub fn all(binary: bool) -> Self {
+        Self {
+            default: binary,
+            named: Vec::new(),
+        }
+    }
+
     fn binary(&self, name: &str) -> bool {
         self.named
             .iter()
@@ -471,7 +479,80 @@ pub struct Encoded {
 pub fn encode_response(wire: &[u8], outputs: &BinaryOutputs) -> Result<Encoded, String> {
     let response = ModelInferResponse::decode(wire)
         .map_err(|e| format!("the engine's answer does not decode: {e}"))?;
-    let mut json = String::with_capacity(256 + wire.len() * 3);
+    encode_decoded(&response, outputs)
+}
+
+/// inference.ModelStreamInferResponse: an answer on a stream, or its error in-band.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ModelStreamInferResponse {
+    #[prost(string, tag = "1")]
+    pub error_message: String,
+    #[prost(message, optional, tag = "2")]
+    pub infer_response: Option<ModelInferResponse>,
+}
+
+/// A stream answer's wire bytes as the v2 REST answer (`encode_response`), or, for an error,
+/// `{"id", "model_name", "model_version", "error"}` with its in-band "[CODE] message".
+pub fn encode_stream_response(wire: &[u8], outputs: &BinaryOutputs) -> Result<Encoded, String> {
+    let answer = ModelStreamInferResponse::decode(wire)
+        .map_err(|e| format!("the engine's answer does not decode: {e}"))?;
+    let response = answer.infer_response.unwrap_or_default();
+    if answer.error_message.is_empty() {
+        return encode_decoded(&response, outputs);
+    }
+    let mut json = String::with_capacity(answer.error_message.len() + 96);
+    json.push('{');
+    if !response.id.is_empty() {
+        json.push_str("\"id\":");
+        push_str(&mut json, &response.id);
+        json.push(',');
+    }
+    json.push_str("\"model_name\":");
+    push_str(&mut json, &response.model_name);
+    json.push_str(",\"model_version\":");
+    push_str(&mut json, &response.model_version);
+    json.push_str(",\"error\":");
+    push_str(&mut json, &answer.error_message);
+    json.push('}');
+    Ok(Encoded {
+        body: Bytes::from(json),
+        header_length: None,
+    })
+}
+
+/// `{"id"?, "error"}`: a stream request refused before it reached the engine (it does not
+/// parse), answered in-band as the engine answers its own refusals.
+pub fn stream_refusal(id: Option<&str>, message: &str) -> Bytes {
+    let mut json = String::with_capacity(message.len() + 64);
+    json.push('{');
+    if let Some(id) = id {
+        json.push_str("\"id\":");
+        push_str(&mut json, id);
+        json.push(',');
+    }
+    json.push_str("\"error\":");
+    push_str(&mut json, &format!("[INVALID_ARGUMENT] {message}"));
+    json.push('}');
+    Bytes::from(json)
+}
+
+/// The request's `id`, if its body is a JSON object that has one (for a refusal's echo).
+pub fn request_id(body: &[u8]) -> Option<String> {
+    match serde_json::from_slice::<Value>(body).ok()? {
+        Value::Object(mut map) => match map.remove("id") {
+            Some(Value::String(id)) => Some(id),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn encode_decoded(
+    response: &ModelInferResponse,
+    outputs: &BinaryOutputs,
+) -> Result<Encoded, String> {
+    let wire_len: usize = response.raw_output_contents.iter().map(|b| b.len()).sum();
+    let mut json = String::with_capacity(256 + wire_len * 3);
     json.push('{');
     if !response.id.is_empty() {
         json.push_str("\"id\":");

@@ -31,6 +31,8 @@ use crate::queue::Principal;
 use crate::rest;
 use crate::service::{Context, Handed};
 use crate::tls::{Conn, Peer};
+use crate::websocket;
+use hyper::upgrade::OnUpgrade;
 
 /// Connections the port holds at once; one more is closed as it is accepted. Each costs a
 /// task and its buffers, so a client opening connections without end meets a bound.
@@ -48,6 +50,8 @@ type Answer = Response<Full<Bytes>>;
 pub struct HttpFront {
     pub context: Arc<Context>,
     pub authenticator: Arc<Authenticator>,
+    /// Turns true when the transport stops: WebSockets then read no more.
+    pub stopping: watch::Receiver<bool>,
 }
 
 /// Serve each connection from `incoming` until `stopping`; then end every connection
@@ -95,7 +99,7 @@ pub async fn serve(
         let builder = builder.clone();
         let mut watcher = watcher.clone();
         tokio::spawn(async move {
-            let connection = builder.serve_connection(TokioIo::new(conn), service);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(conn), service);
             tokio::pin!(connection);
             tokio::select! {
                 served = connection.as_mut() => {
@@ -124,6 +128,11 @@ enum Route {
     /// status matters (readiness: 200 or 400, no body).
     Call(&'static str, Vec<u8>),
     Infer {
+        model: String,
+        version: String,
+    },
+    /// A WebSocket of streamed requests (`websocket`).
+    Stream {
         model: String,
         version: String,
     },
@@ -245,6 +254,13 @@ fn route(method: &Method, path: &str, body: &[u8]) -> Result<Route, rest::RestEr
                         version: version.to_owned(),
                     },
                 ),
+                ["stream"] => only(
+                    method == Method::GET,
+                    Route::Stream {
+                        model: (*model).to_owned(),
+                        version: version.to_owned(),
+                    },
+                ),
                 _ => Route::NotFound,
             }
         }
@@ -293,7 +309,7 @@ fn open(route: &Route) -> bool {
 }
 
 async fn handle(front: Arc<HttpFront>, peer: Peer, request: Request<Incoming>) -> Answer {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     if let Some(encoding) = parts.headers.get(header::CONTENT_ENCODING)
         && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
     {
@@ -354,10 +370,17 @@ async fn handle(front: Arc<HttpFront>, peer: Peer, request: Request<Incoming>) -
     let principal = if open(&route) {
         None
     } else {
+        // A browser cannot set headers on a WebSocket: its token may come as the URI query
+        // parameter `access_token` (RFC 6750 section 2.3), on that endpoint only.
+        let from_query = matches!(route, Route::Stream { .. })
+            .then(|| query_value(parts.uri.query(), "access_token"))
+            .flatten()
+            .map(|token| format!("Bearer {token}"));
         let authorization = parts
             .headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
+            .and_then(|v| v.to_str().ok())
+            .or(from_query.as_deref());
         match front
             .authenticator
             .principal(parts.uri.path(), authorization, &peer.principal)
@@ -395,6 +418,33 @@ async fn handle(front: Arc<HttpFront>, peer: Peer, request: Request<Incoming>) -
                 None => None,
             };
             infer(&front, &model, &version, body, header_length, principal).await
+        }
+        Route::Stream { model, version } => {
+            let accept = match websocket::accept_key(&parts.headers) {
+                Ok(accept) => accept,
+                Err(why) => return error(StatusCode::BAD_REQUEST, &why),
+            };
+            let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "a WebSocket needs HTTP/1.1 (its Upgrade handshake)",
+                );
+            };
+            let binary_answers =
+                query_value(parts.uri.query(), "binary_data_output").is_some_and(|v| v == "true");
+            let opened = websocket::Opened {
+                model,
+                version,
+                principal,
+                binary_answers,
+            };
+            websocket::upgrade(
+                front.context.clone(),
+                front.stopping.clone(),
+                on_upgrade,
+                accept,
+                opened,
+            )
         }
     };
     if head {
@@ -515,6 +565,14 @@ fn empty(status: StatusCode) -> Answer {
 
 fn error(status: StatusCode, message: &str) -> Answer {
     json(status, rest::error_body(message))
+}
+
+/// The value of `name` in a URI query, percent-decoded; None when it is not there.
+fn query_value(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then(|| percent_decode(&value.replace('+', " ")))
+    })
 }
 
 /// A path segment's percent-encoding undone (RFC 3986 section 2.1); a byte sequence that is

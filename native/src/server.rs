@@ -200,6 +200,7 @@ pub fn start(settings: Settings, inbox: Inbox) -> Result<Running, StartError> {
         let front = Arc::new(HttpFront {
             context: context.clone(),
             authenticator: authenticator.clone(),
+            stopping: stopping.clone(),
         });
         runtime.spawn(rest_server::serve(front, incoming, stopping.clone()))
     });
@@ -222,10 +223,16 @@ pub fn start(settings: Settings, inbox: Inbox) -> Result<Running, StartError> {
         })
         .service(routes);
     let grpc_served = runtime.spawn(serve(stack, incoming, stopping));
+    let sockets = context.clone();
     let served = runtime.spawn(async move {
         let _ = grpc_served.await;
         if let Some(http_served) = http_served {
             let _ = http_served.await;
+        }
+        // WebSockets outlive their HTTP connection's task: each ends once it has answered
+        // what it read before the stop.
+        while sockets.streams.count() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
     Ok(Running {

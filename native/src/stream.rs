@@ -17,6 +17,7 @@
 //! (cancelled, reset, disconnected, past its deadline) drops its requests that have not run.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -293,9 +294,22 @@ impl Drop for Answers {
     }
 }
 
-/// Serve one ModelStreamInfer call of `principal`: read its requests as there is room, hand
-/// each to Python, and answer in the order answers are ready.
-pub fn serve(context: Arc<Context>, requests: Streaming<Bytes>, principal: Principal) -> Answers {
+/// Where a stream's requests come from: a ModelStreamInfer call's messages, or a WebSocket's
+/// (`websocket`), each a ModelInferRequest's wire bytes.
+pub trait Requests: Send + 'static {
+    /// The next request; None once the client has sent its last; an error ends the stream.
+    fn next(&mut self) -> impl Future<Output = Result<Option<Bytes>, Status>> + Send;
+}
+
+impl Requests for Streaming<Bytes> {
+    async fn next(&mut self) -> Result<Option<Bytes>, Status> {
+        self.message().await
+    }
+}
+
+/// Serve one stream of `principal` (a ModelStreamInfer call, or a WebSocket): read its
+/// requests as there is room, hand each to Python, and answer in the order answers are ready.
+pub fn serve(context: Arc<Context>, requests: impl Requests, principal: Principal) -> Answers {
     let (sender, answers) = mpsc::unbounded_channel();
     let shared = Arc::new(StreamShared {
         state: Mutex::new(State {
@@ -321,14 +335,14 @@ pub fn serve(context: Arc<Context>, requests: Streaming<Bytes>, principal: Princ
 
 async fn read(
     context: Arc<Context>,
-    mut requests: Streaming<Bytes>,
+    mut requests: impl Requests,
     shared: Arc<StreamShared>,
     principal: Principal,
 ) {
     let limits = &context.stream_limits;
     loop {
         shared.room(limits).await;
-        match requests.message().await {
+        match requests.next().await {
             Ok(Some(data)) => {
                 let arrived = monotonic_s();
                 let key = context.inbox.next_key();

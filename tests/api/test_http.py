@@ -7,6 +7,7 @@ The same protocol cases run against the real Triton's HTTP port in tests/conform
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import json
@@ -14,6 +15,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
@@ -352,3 +354,87 @@ def test_http_port_off_serves_none(tmp_path: Path) -> None:
     with serving(tmp_path, "--http-port", "off") as running:
         assert running.ports.http is None
         assert "http=off" in running.log_text()
+
+
+async def _socket_exchange(
+    url: str, messages: list[str | bytes], answers: int
+) -> list[aiohttp.WSMessage]:
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as socket:
+        for message in messages:
+            if isinstance(message, bytes):
+                await socket.send_bytes(message)
+            else:
+                await socket.send_str(message)
+        return [await socket.receive(timeout=30) for _ in range(answers)]
+
+
+def test_a_websocket_carries_interleaved_sequences_and_answers_a_bad_step_alone(
+    http_server: RunningServer, reference: Reference
+) -> None:
+    rng = np.random.default_rng(8)
+    series = {11: sequence_data("sensor_gru", 5, rng), 12: sequence_data("sensor_gru", 5, rng)}
+    messages: list[str | bytes] = []
+    for t in range(5):
+        for sequence_id, x in series.items():
+            body = json.loads(infer_body(sequence_id, t == 0, t == 4, x[:, t : t + 1]))
+            messages.append(json.dumps({**body, "id": f"{sequence_id}/{t}"}))
+        if t == 2:  # a step that does not parse, and one of a sequence never started
+            messages.append("{not json")
+            messages.append(json.dumps({**json.loads(infer_body(13, False, False, x[:, :1])),
+                                        "id": "13/0"}))  # fmt: skip
+    url = f"ws://{http_server.http_target}/v2/models/sensor_gru/stream"
+    received = asyncio.run(_socket_exchange(url, messages, len(messages)))
+    answers = [json.loads(m.data) for m in received]
+    errors = {a.get("id"): a["error"] for a in answers if "error" in a}
+    assert set(errors) == {None, "13/0"}, errors
+    assert errors[None].startswith("[INVALID_ARGUMENT] the request body is not JSON")
+    assert errors["13/0"].startswith("[INVALID_ARGUMENT] sequence 13 of model sensor_gru")
+    by_id = {a["id"]: a for a in answers if "error" not in a}
+    for sequence_id, x in series.items():
+        got = np.concatenate(
+            [
+                np.asarray(by_id[f"{sequence_id}/{t}"]["outputs"][0]["data"], np.float32)
+                for t in range(5)
+            ]
+        ).reshape(1, 5, 1)
+        np.testing.assert_allclose(got, reference.run("sensor_gru", x), rtol=1e-5, atol=1e-5)
+        versions = [by_id[f"{sequence_id}/{t}"]["parameters"]["sequence_version"] for t in range(5)]
+        assert versions == [1, 2, 3, 4, 5]
+
+
+def test_a_websocket_takes_binary_steps_and_answers_binary_when_asked(
+    http_server: RunningServer, reference: Reference
+) -> None:
+    x = sequence_data("sensor_gru", 3, np.random.default_rng(9))
+    messages: list[str | bytes] = []
+    for t in range(3):
+        header = json.dumps(
+            {
+                "inputs": [{**READINGS, "parameters": {"binary_data_size": 4}}],
+                "parameters": {"sequence_id": 21, "sequence_start": t == 0, "sequence_end": t == 2},
+            }
+        ).encode()
+        messages.append(len(header).to_bytes(4, "little") + header + x[:, t].tobytes())
+    target = http_server.http_target
+    url = f"ws://{target}/v2/models/sensor_gru/stream?binary_data_output=true"
+    received = asyncio.run(_socket_exchange(url, messages, 3))
+    got = []
+    for message in received:
+        assert message.type == aiohttp.WSMsgType.BINARY
+        n = int.from_bytes(message.data[:4], "little")
+        header = json.loads(message.data[4 : 4 + n])
+        assert header["outputs"][0]["parameters"]["binary_data_size"] == 4
+        got.append(np.frombuffer(message.data[4 + n :], np.float32))
+    np.testing.assert_allclose(
+        np.concatenate(got).reshape(1, 3, 1), reference.run("sensor_gru", x), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_websocket_authenticates_at_connect_time(guarded_server: RunningServer) -> None:
+    url = f"ws://{guarded_server.http_target}/v2/models/sensor_gru/stream"
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        asyncio.run(_socket_exchange(url, [], 0))
+    assert refused.value.status == 401
+    step = infer_body(31, True, True, np.zeros((1, 1, 1), np.float32))
+    (answer,) = asyncio.run(_socket_exchange(f"{url}?access_token={TOKEN}", [step], 1))
+    assert json.loads(answer.data)["outputs"][0]["name"] == "forecast"

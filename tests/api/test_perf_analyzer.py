@@ -1,4 +1,6 @@
-"""Triton's own load generator, perf_analyzer, in streaming sequence mode against the server."""
+"""Triton's own load generator, perf_analyzer, in sequence mode against the server: over a
+gRPC stream, and over HTTP (one request at a time per sequence: perf_analyzer streams only on
+gRPC)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,20 @@ def test_streaming_sequences_complete_without_errors(server, tmp_path, model, sh
         tmp_path / "report.csv",
         "-m", model, "-i", "grpc", "-u", server.target, "--streaming",
         "--shape", shape, "--input-data", data,
+        "--sequence-length", "8", "--concurrency-range", "4",
+        "--measurement-mode", "count_windows", "--measurement-request-count", "150",
+        "--stability-percentage", "100", "--max-trials", "4",
+    )  # fmt: skip
+    assert per_second > 0
+
+
+def test_sequences_over_http_complete_without_errors(server, tmp_path) -> None:
+    if server.ports.http is None:
+        pytest.skip("the grpcio transport serves no HTTP port")
+    per_second = run_perf_analyzer(
+        tmp_path / "report.csv",
+        "-m", "sensor_gru", "-i", "http", "-u", server.http_target,
+        "--shape", "reading:1,1", "--input-data", "random",
         "--sequence-length", "8", "--concurrency-range", "4",
         "--measurement-mode", "count_windows", "--measurement-request-count", "150",
         "--stability-percentage", "100", "--max-trials", "4",

@@ -15,7 +15,7 @@ import pytest
 
 from tests.api.conftest import Reference
 from tests.conformance.cases import CASES, Ids
-from tests.conformance.protocol import Call, Outcome, run_stream, run_unary
+from tests.conformance.protocol import Call, Outcome, run_http, run_stream, run_unary
 from tests.conftest import BUNDLED, NATIVE_BUILT
 from tests.server import RunningServer, serving
 from tests.triton_server import MISSING, RunningTriton, triton_installed, triton_serving
@@ -26,7 +26,16 @@ if NATIVE_BUILT:  # the default transport is then native: grpc.aio is tested bes
 SERVERS = {**RNNSERVES, "triton": "triton_server"}
 """Each server's name in test ids, and its fixture: rnnserve on each transport, and Triton."""
 
-TRANSPORTS = ("unary", "stream")
+TRANSPORTS = ("unary", "stream", "http")
+"""gRPC ModelInfer, gRPC ModelStreamInfer, and POST /v2/models/{model}/infer (KServe v2 REST)."""
+
+HTTP_SERVERS = frozenset({"rnnserve", "triton"} if NATIVE_BUILT else {"triton"})
+"""The servers with an HTTP port: the native transport serves one, grpc.aio none."""
+
+
+def transports(server: str) -> tuple[str, ...]:
+    """The transports `server` is asked over."""
+    return tuple(t for t in TRANSPORTS if t != "http" or server in HTTP_SERVERS)
 
 
 class Server(Protocol):
@@ -37,6 +46,9 @@ class Server(Protocol):
 
     @property
     def target(self) -> str: ...
+
+    @property
+    def http_target(self) -> str: ...
 
     def alive(self) -> bool: ...
 
@@ -95,10 +107,7 @@ class Observations:
             calls = self.calls(case, transport)
             expect_alive(name, server)
             try:
-                if transport == "unary":
-                    outcomes = run_unary(server.target, calls)
-                else:
-                    outcomes = run_stream(server.target, calls, CASES[case].pipelined)
+                outcomes = run(server, transport, calls, CASES[case].pipelined)
             finally:
                 expect_alive(name, server)  # a dead server's answers mislead: say it died
             self._outcomes[key] = outcomes
@@ -108,6 +117,17 @@ class Observations:
 @pytest.fixture(scope="session")
 def observations(reference: Reference) -> Observations:
     return Observations(reference)
+
+
+def run(
+    server: Server, transport: str, calls: list[Call], pipelined: bool = False
+) -> list[Outcome]:
+    """The calls over `transport`, in order (over a stream, all at once when `pipelined`)."""
+    if transport == "unary":
+        return run_unary(server.target, calls)
+    if transport == "stream":
+        return run_stream(server.target, calls, pipelined)
+    return run_http(server.http_target, calls)
 
 
 def expect_alive(name: str, server: Server) -> None:

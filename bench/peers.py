@@ -2,8 +2,9 @@
 is installed, and skipped with a reason when it is not. (The peer servers are
 `rnnserve_bench.triton` and `rnnserve_bench.torchserve`.)
 
-It runs in its two ways of sending a sequence's steps: one ModelInfer call per step (its default,
-asynchronous for a sequence model) and one bidirectional stream per sequence (`--streaming`).
+It runs in its three ways of sending a sequence's steps: one ModelInfer call per step (its
+default, asynchronous for a sequence model), one bidirectional stream per sequence
+(`--streaming`), and one HTTP request per step (`-i http`, the KServe v2 REST protocol).
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ PERF_ANALYZER = Path("build") / "perf_analyzer" / "bin" / "perf_analyzer"
 SEQUENCE_LENGTH = 20
 UNARY = "unary"
 STREAMING = "streaming"
-MODES = (UNARY, STREAMING)
-"""Its default (ModelInfer) and --streaming (ModelStreamInfer)."""
+HTTP = "http"
+MODES = (UNARY, STREAMING, HTTP)
+"""Its default (ModelInfer), --streaming (ModelStreamInfer) and -i http (POST .../infer)."""
+CONCURRENCIES = {HTTP: (1, 16)}
+"""Concurrencies a mode runs at besides the headline's (1 and the headline for the others): the
+HTTP issue's targets are at 1, 16 and 64."""
 IDS_PER_RUN = 10_000
 """Sequence ids each run has to itself (`--sequence-id-range`): a run leaves the sequences it
 was in the middle of open, and the next must not find them."""
@@ -65,7 +70,7 @@ def command(
         raise ValueError(f"perf_analyzer mode {mode!r} is not one of {MODES}")
     shapes = [f"{t.name}:{','.join(str(d) for d in t.shape(1, 1)[1:])}" for t in workload.inputs]
     return [
-        str(binary), "-m", workload.model, "-i", "grpc", "-u", target,
+        str(binary), "-m", workload.model, "-i", "http" if mode == HTTP else "grpc", "-u", target,
         *(["--streaming"] if mode == STREAMING else []),
         *(arg for shape in shapes for arg in ("--shape", shape)),
         "--input-data", "zero", "--sequence-length", str(SEQUENCE_LENGTH),

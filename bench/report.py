@@ -18,7 +18,7 @@ OURS = ("rnnserve", "rnnserve-grpcio")
 TRANSPORTS = {"rnnserve": "native", "rnnserve-grpcio": "grpcio"}
 SERVERS = (*OURS, "triton", "transport")
 """The order of each point's rows, and of the plots' lines."""
-PERF_ANALYZER_MODES = ("unary", "streaming")
+PERF_ANALYZER_MODES = ("unary", "streaming", "http")
 MUST = 1.0
 AIM = 1.5
 """The targets against Triton (issue 22): at least MUST times its steps/s with a p99 no higher
@@ -101,7 +101,7 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
          **verdict(r, triton_runs.get((r["mode"], r["concurrency"])))}
         for name in OURS
         for r in runs
-        if r["server"] == name
+        if r["server"] == name and not r.get("unsupported")
     ]  # fmt: skip
     summary = {
         name: {"points": _count(points, name), "perf_analyzer": _count(perf, name)}
@@ -493,8 +493,10 @@ def _perf_analyzer_section(results: dict[str, Any]) -> list[str]:
     lines.append(
         "Triton's own load generator, unchanged, against each server in turn in the same run "
         f"(the order alternating): {peer['sequence_length']}-step sequences, one step per "
-        "request, as one ModelInfer call each (`unary`, its default) or over one stream per "
-        f"sequence (`--streaming`); {peer['trials']} windows of {peer['interval_s']:g} s. "
+        "request, as one ModelInfer call each (`unary`, its default), over one stream per "
+        "sequence (`--streaming`), or as one HTTP request each (`http`, `-i http`: the KServe "
+        "v2 REST protocol; grpc.aio serves none); "
+        f"{peer['trials']} windows of {peer['interval_s']:g} s. "
         "Each server's cell: steps/s, p99 ms; then its ratio to Triton and the target."
     )
     rows = []

@@ -429,8 +429,9 @@ def _crashed(peer: PeerRun, server: Restartable, what: str, sessions: int, when:
 def _perf_analyzer(
     options: BenchOptions, workload: Workload, runs: dict[str, PeerRun]
 ) -> dict[str, Any]:
-    """perf_analyzer in each of its modes at 1 and the headline concurrency, against each
-    server in turn (the order alternating from one cell to the next), as it drives Triton."""
+    """perf_analyzer in each of its modes at 1 and the headline concurrency (HTTP at 16 too,
+    below the headline), against each server in turn (the order alternating from one cell to
+    the next), as it drives Triton; over HTTP, against the servers that serve it."""
     if not options.peers:
         return {"skipped": "--no-peers"}
     binary = peers.find_perf_analyzer()
@@ -441,7 +442,14 @@ def _perf_analyzer(
     # already say why.
     names = [name for name in PERF_ANALYZER_SERVERS if name in runs and runs[name].started]
     found: list[dict[str, Any]] = []
-    cells = [(m, c) for m in peers.MODES for c in sorted({1, options.headline_sessions})]
+    cells = [
+        (m, c)
+        for m in peers.MODES
+        for c in sorted(
+            {c for c in peers.CONCURRENCIES.get(m, (1,)) if c <= options.headline_sessions}
+            | {options.headline_sessions}
+        )
+    ]
     for turn, (mode, concurrency) in enumerate(cells):
         for name in names[:: 1 if turn % 2 == 0 else -1]:
             run = PerfAnalyzerRun(binary, mode, concurrency, interval_s, 1 + len(found))
@@ -485,9 +493,14 @@ def perf_analyzer_run(
             "skipped": peer.stopped,
         }  # fmt: skip
     name = peer.name or server.name
+    try:
+        target = server.http_target if run.mode == peers.HTTP else server.target
+    except LookupError as error:  # grpc.aio serves no HTTP port
+        return {"server": name, "mode": run.mode, "concurrency": run.concurrency,
+                "skipped": str(error), "unsupported": True}  # fmt: skip
     report_csv = workdir / f"perf_analyzer-{name}-{run.mode}-{run.concurrency}.csv"
     measured = peers.perf_analyzer(
-        run.binary, server.target, workload, run.mode, run.concurrency, run.interval_s,
+        run.binary, target, workload, run.mode, run.concurrency, run.interval_s,
         run.first_id, report_csv,
     )  # fmt: skip
     measured["server"] = name

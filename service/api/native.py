@@ -278,7 +278,16 @@ class NativeFront:
         ok, failed, reserved = self._ok, self._failed, self._reserved
         if ok or failed or reserved:
             self._ok, self._failed, self._reserved = [], [], []
-            self._transport.answer(ok, failed, reserved)
+            try:
+                self._transport.answer(ok, failed, reserved)
+            except Exception:
+                # A bug (an extension built from other sources than this package, say): each
+                # of these calls still gets an answer, not a wait until its deadline.
+                logger.exception("answers could not be handed to the native transport")
+                keys = [key for key, _ in ok] + [key for key, *_ in failed]
+                internal = grpc.StatusCode.INTERNAL.value[0]
+                message = "internal error; see the server log"
+                self._transport.answer([], [(k, internal, message, 0.0) for k in keys], [])
 
     # ------------------------------------------------------------------ cold methods
     def _start_call(self, key: int, method: str, data: bytes, principal: str) -> None:

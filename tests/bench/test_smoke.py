@@ -191,18 +191,22 @@ def test_gpu_script_refuses_a_machine_without_a_gpu() -> None:
 
 
 def _check_perf_analyzer(results: dict, stdout: str, measured: tuple[str, ...]) -> None:
-    """perf_analyzer against every server in both its modes, at one sequence and at the
-    headline's, each run measured (Triton's may crash), with the ratios against Triton's."""
+    """perf_analyzer against every server in its three modes, at one sequence and at the
+    headline's, each run measured (Triton's may crash; grpc.aio serves no HTTP), with the
+    ratios against Triton's."""
     found = results["peers"]["perf_analyzer"]
     if peers.find_perf_analyzer() is None:
         assert "perf_analyzer not found" in found["skipped"]
         return
     servers = {*measured} | ({"triton"} if results["triton"] else set())
-    cells = {(m, c) for m in ("unary", "streaming") for c in (1, 4)}
+    cells = {(m, c) for m in ("unary", "streaming", "http") for c in (1, 4)}
     runs = found["runs"]
     assert sorted((r["server"], r["mode"], r["concurrency"]) for r in runs) == sorted(
         (s, m, c) for s in servers for m, c in cells
     )
+    skipped = {(r["server"], r["mode"]) for r in runs if "skipped" in r}
+    assert skipped == {("rnnserve-grpcio", "http")} & {(s, "http") for s in servers}, skipped
+    runs = [r for r in runs if "skipped" not in r]
     ids = set()
     for r in runs:
         assert ("--streaming" in r["command"]) == (r["mode"] == "streaming"), r["command"]
@@ -211,13 +215,14 @@ def _check_perf_analyzer(results: dict, stdout: str, measured: tuple[str, ...]) 
         )
         assert not ids & set(range(first, last + 1)), "runs share sequence ids"
         ids |= set(range(first, last + 1))
+        assert ("http" in r["command"]) == (r["mode"] == "http"), r["command"]
         if r["server"] == "triton" and r.get("crashed"):
             continue
         assert "failed" not in r, r
         assert r["steps_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"], r
     verdicts = results["targets"]["perf_analyzer"]
     assert {(v["server"], v["mode"], v["concurrency"]) for v in verdicts} == {
-        (s, m, c) for s in measured for m, c in cells
+        (s, m, c) for s in measured for m, c in cells if (s, m) not in skipped
     }
     assert "## perf_analyzer against each server" in stdout
     for server in measured:

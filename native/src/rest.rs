@@ -520,17 +520,21 @@ pub fn encode_stream_response(wire: &[u8], outputs: &BinaryOutputs) -> Result<En
     })
 }
 
-/// `{"id"?, "error"}`: a stream request refused before it reached the engine (it does not
-/// parse), answered in-band as the engine answers its own refusals.
-pub fn stream_refusal(id: Option<&str>, message: &str) -> Bytes {
-    let mut json = String::with_capacity(message.len() + 64);
+/// `{"id"?, "model_name", "model_version", "error"}`: a stream request refused before it
+/// reached the engine (it does not parse), answered in-band as the engine answers its own.
+pub fn stream_refusal(id: Option<&str>, model: &str, version: &str, message: &str) -> Bytes {
+    let mut json = String::with_capacity(message.len() + 96);
     json.push('{');
     if let Some(id) = id {
         json.push_str("\"id\":");
         push_str(&mut json, id);
         json.push(',');
     }
-    json.push_str("\"error\":");
+    json.push_str("\"model_name\":");
+    push_str(&mut json, model);
+    json.push_str(",\"model_version\":");
+    push_str(&mut json, version);
+    json.push_str(",\"error\":");
     push_str(&mut json, &format!("[INVALID_ARGUMENT] {message}"));
     json.push('}');
     Bytes::from(json)

@@ -28,7 +28,8 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Message, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Message, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Utf8Bytes};
 use tonic::Status;
 
@@ -142,6 +143,8 @@ impl Requests for SocketRequests {
                     if data.len() < 4 {
                         let _ = self.refusals.send(rest::stream_refusal(
                             None,
+                            &self.model,
+                            &self.version,
                             "a binary message starts with its JSON header's length (4 bytes, \
                              little-endian)",
                         ));
@@ -167,9 +170,9 @@ impl Requests for SocketRequests {
                 Err(refused) => {
                     let json_end = header_length.unwrap_or(body.len()).min(body.len());
                     let id = rest::request_id(&body[..json_end]);
-                    let _ = self
-                        .refusals
-                        .send(rest::stream_refusal(id.as_deref(), &refused.0));
+                    let refusal =
+                        rest::stream_refusal(id.as_deref(), &self.model, &self.version, &refused.0);
+                    let _ = self.refusals.send(refusal);
                 }
             }
         }
@@ -183,6 +186,7 @@ async fn serve(
     opened: Opened,
 ) {
     let (mut sink, source) = socket.split();
+    let stopped = stopping.clone();
     let (refusals, mut refused) = mpsc::unbounded_channel();
     let requests = SocketRequests {
         source,
@@ -231,6 +235,15 @@ async fn serve(
     }
     while let Ok(refusal) = refused.try_recv() {
         let _ = sink.send(text(refusal)).await;
+    }
+    if *stopped.borrow() {
+        // RFC 6455 section 7.4.1: 1001, going away; a client tells a drain from a fault and
+        // connects again (to another replica).
+        let frame = CloseFrame {
+            code: CloseCode::Away,
+            reason: Utf8Bytes::from_static("the server is shutting down"),
+        };
+        let _ = sink.send(Message::Close(Some(frame))).await;
     }
     let _ = sink.close().await;
 }

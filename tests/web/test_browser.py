@@ -220,6 +220,8 @@ def test_page_reports_a_server_that_stops_mid_stream(
     assert len(answered) == results["answered"] and results["forecasts"][0] is not None
     [shown] = [e["error"] for e in results["errors"]]
     assert shown.startswith("the server closed the socket after"), shown
+    # RFC 6455's "going away": a drain, not a fault.
+    assert results["closed"]["code"] == 1001, results["closed"]
 
 
 def test_page_reports_a_server_that_is_not_there(browser: Chromium) -> None:

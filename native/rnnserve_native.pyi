@@ -17,11 +17,18 @@ time.perf_counter())."""
 Call = tuple[int, str, bytes, str | None]
 """(key, method name within inference.GRPCInferenceService, request wire bytes, principal)."""
 Taken = tuple[
-    list[Arrival], list[Call], list[int], list[tuple[int, str]], tuple[int, int, int], bool
+    list[Arrival],
+    list[Call],
+    list[int],
+    list[tuple[int, str]],
+    tuple[int, int, int],
+    tuple[int, int, int],
+    bool,
 ]
 """(arrivals, calls, keys cancelled after they were taken, log records as (Python logging
 level, message), authentication refusals since the last take as (missing, malformed, unknown),
-whether the transport has stopped)."""
+inference requests since the last take by protocol as (grpc, http, websocket), whether the
+transport has stopped)."""
 
 class Transport:
     """The gRPC port: started once, fed answers, stopped once."""

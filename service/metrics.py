@@ -60,6 +60,14 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+        self._by_protocol = Counter(
+            "rnnserve_requests_by_protocol",
+            "Inference requests by the protocol that carried them: grpc (ModelInfer and "
+            "ModelStreamInfer), http (POST .../infer), websocket (a step on .../stream); the "
+            "native transport's count (the grpcio transport carries gRPC alone)",
+            ["protocol"],
+            registry=self.registry,
+        )
         self._requests = _RequestCollector()
         self.registry.register(self._requests)
         self.registry.register(_ServingCollector(snapshots))
@@ -86,6 +94,10 @@ class Metrics:
         """The native transport handed the engine `requests` inference requests in one
         crossing."""
         self._handoffs.observe(requests)
+
+    def arrived(self, protocol: str, count: int) -> None:
+        """`count` inference requests came over `protocol` (grpc, http, websocket)."""
+        self._by_protocol.labels(protocol).inc(count)
 
     def refused_authentication(self, reason: str, count: int = 1) -> None:
         """`count` calls were refused UNAUTHENTICATED for `reason` (missing, malformed,

@@ -56,12 +56,14 @@ struct Handles {
 type PyArrival<'py> = (u64, bool, bool, Bound<'py, PyBytes>, Option<String>, f64);
 /// A call as Python takes it: (key, method, request bytes, principal).
 type PyCall<'py> = (u64, String, Bound<'py, PyBytes>, Option<String>);
-/// One take: arrivals, calls, cancelled keys, log records, refusals by reason, stopped.
+/// One take: arrivals, calls, cancelled keys, log records, refusals by reason, inference
+/// requests by protocol, stopped.
 type PyTaken<'py> = (
     Vec<PyArrival<'py>>,
     Vec<PyCall<'py>>,
     Vec<u64>,
     Vec<(u8, String)>,
+    (u64, u64, u64),
     (u64, u64, u64),
     bool,
 );
@@ -237,12 +239,14 @@ impl Transport {
             .map(|l| (l.level, l.message))
             .collect();
         let [missing, malformed, unknown] = taken.refusals;
+        let [grpc, http, websocket] = taken.protocols;
         Ok((
             arrivals,
             calls,
             taken.cancelled,
             logs,
             (missing, malformed, unknown),
+            (grpc, http, websocket),
             taken.stopped,
         ))
     }

@@ -29,9 +29,20 @@ pub type Reply = Result<Bytes, Status>;
 /// deadline): a request whose call is gone is dropped at the next take, never handed over.
 pub type Gone = Arc<AtomicBool>;
 
+/// Which protocol carried an inference request, in the order of the counts in [`Taken`] (the
+/// labels of `rnnserve_requests_by_protocol_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc = 0,
+    Http = 1,
+    WebSocket = 2,
+}
+
 /// An inference request (ModelInfer, or one request of a ModelStreamInfer stream).
 #[derive(Debug)]
 pub struct Arrival {
+    /// What carried it (counted, never handed over one by one).
+    pub protocol: Protocol,
     /// The request's key: its answer names it.
     pub key: u64,
     /// Whether it came on a stream (errors are then answered in-band).
@@ -85,6 +96,8 @@ pub struct Taken {
     pub logs: Vec<LogRecord>,
     /// Authentication refusals since the last take, by [`Refusal`].
     pub refusals: [u64; 3],
+    /// Inference requests since the last take, by the [`Protocol`] that carried them.
+    pub protocols: [u64; 3],
     /// The transport has stopped: nothing more will arrive.
     pub stopped: bool,
 }
@@ -143,7 +156,10 @@ impl Inbox {
     }
 
     pub fn arrive(&self, arrival: Arrival) {
-        self.push(|taken| taken.arrivals.push(arrival));
+        self.push(|taken| {
+            taken.protocols[arrival.protocol as usize] += 1;
+            taken.arrivals.push(arrival);
+        });
     }
 
     pub fn call(&self, call: Call) {
@@ -318,6 +334,7 @@ mod tests {
 
     fn arrival(inbox: &Inbox, gone: &Gone) -> Arrival {
         Arrival {
+            protocol: Protocol::Grpc,
             key: inbox.next_key(),
             stream: false,
             reserved: false,

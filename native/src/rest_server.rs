@@ -27,7 +27,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::Code;
 
 use crate::auth::Authenticator;
-use crate::queue::Principal;
+use crate::queue::{Principal, Protocol};
 use crate::rest;
 use crate::service::{Context, Handed};
 use crate::tls::{Conn, Peer};
@@ -487,7 +487,11 @@ async fn infer(
     let answer = front
         .context
         .clone()
-        .round_trip(Handed::Infer { data, principal })
+        .round_trip(Handed::Infer {
+            data,
+            principal,
+            protocol: Protocol::Http,
+        })
         .await;
     match answer {
         Ok(wire) => match rest::encode_response(&wire, &outputs) {

@@ -21,7 +21,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::auth::Authenticated;
 use crate::codec::RawCodec;
-use crate::queue::{Arrival, Call, Gone, Inbox, Pending, Principal, Waiter, monotonic_s};
+use crate::queue::{Arrival, Call, Gone, Inbox, Pending, Principal, Protocol, Waiter, monotonic_s};
 use crate::stream::{self, Answers, OpenStreams, StreamLimits};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -59,7 +59,12 @@ impl Context {
             answered: false,
         };
         match handed {
-            Handed::Infer { data, principal } => self.inbox.arrive(Arrival {
+            Handed::Infer {
+                data,
+                principal,
+                protocol,
+            } => self.inbox.arrive(Arrival {
+                protocol,
                 key,
                 stream: false,
                 reserved: false,
@@ -91,6 +96,7 @@ pub enum Handed {
     Infer {
         data: Bytes,
         principal: Principal,
+        protocol: Protocol,
     },
     Call {
         method: String,
@@ -293,7 +299,11 @@ impl UnaryService<Bytes> for Infer {
         let context = self.0.clone();
         Box::pin(async move {
             context
-                .round_trip(Handed::Infer { data, principal })
+                .round_trip(Handed::Infer {
+                    data,
+                    principal,
+                    protocol: Protocol::Grpc,
+                })
                 .await
                 .map(Response::new)
         })
@@ -335,7 +345,14 @@ impl StreamingService<Bytes> for StreamInfer {
         let principal = principal_of(&request);
         let context = self.0.clone();
         let requests = request.into_inner();
-        Box::pin(async move { Ok(Response::new(stream::serve(context, requests, principal))) })
+        Box::pin(async move {
+            Ok(Response::new(stream::serve(
+                context,
+                requests,
+                principal,
+                Protocol::Grpc,
+            )))
+        })
     }
 }
 

@@ -29,7 +29,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tonic::{Status, Streaming};
 
-use crate::queue::{Arrival, Gone, Principal, Reply, Waiter, monotonic_s};
+use crate::queue::{Arrival, Gone, Principal, Protocol, Reply, Waiter, monotonic_s};
 use crate::service::{Context, message_too_large};
 
 /// Requests one stream may have read and not answered before it stops being read.
@@ -309,7 +309,12 @@ impl Requests for Streaming<Bytes> {
 
 /// Serve one stream of `principal` (a ModelStreamInfer call, or a WebSocket): read its
 /// requests as there is room, hand each to Python, and answer in the order answers are ready.
-pub fn serve(context: Arc<Context>, requests: impl Requests, principal: Principal) -> Answers {
+pub fn serve(
+    context: Arc<Context>,
+    requests: impl Requests,
+    principal: Principal,
+    protocol: Protocol,
+) -> Answers {
     let (sender, answers) = mpsc::unbounded_channel();
     let shared = Arc::new(StreamShared {
         state: Mutex::new(State {
@@ -323,7 +328,13 @@ pub fn serve(context: Arc<Context>, requests: impl Requests, principal: Principa
     });
     let id = context.inbox.next_key();
     context.streams.lock().insert(id, Arc::downgrade(&shared));
-    let reader = tokio::spawn(read(context.clone(), requests, shared.clone(), principal));
+    let reader = tokio::spawn(read(
+        context.clone(),
+        requests,
+        shared.clone(),
+        principal,
+        protocol,
+    ));
     Answers {
         answers,
         shared,
@@ -338,6 +349,7 @@ async fn read(
     mut requests: impl Requests,
     shared: Arc<StreamShared>,
     principal: Principal,
+    protocol: Protocol,
 ) {
     let limits = &context.stream_limits;
     loop {
@@ -350,6 +362,7 @@ async fn read(
                 // Registered before it is handed over: Python may answer at once.
                 context.pending.insert(key, Waiter::Stream(shared.clone()));
                 context.inbox.arrive(Arrival {
+                    protocol,
                     key,
                     stream: true,
                     reserved,

@@ -33,7 +33,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Message, Role, WebSoc
 use tokio_tungstenite::tungstenite::{self, Utf8Bytes};
 use tonic::Status;
 
-use crate::queue::Principal;
+use crate::queue::{Principal, Protocol};
 use crate::rest::{self, BinaryOutputs};
 use crate::service::{Context, message_too_large};
 use crate::stream::{self, Requests};
@@ -196,7 +196,7 @@ async fn serve(
         refusals,
         max_message_bytes: context.max_message_bytes,
     };
-    let mut answers = stream::serve(context, requests, opened.principal);
+    let mut answers = stream::serve(context, requests, opened.principal, Protocol::WebSocket);
     let outputs = BinaryOutputs::all(opened.binary_answers);
     loop {
         let frame = tokio::select! {

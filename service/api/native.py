@@ -58,6 +58,8 @@ native_logger = logging.getLogger("rnnserve.native")
 MAINTENANCE_S = 1.0
 """How often the token file's stat and the models' answer bound are checked again."""
 HOT_METHODS = frozenset({"ModelInfer", "ModelStreamInfer"})
+PROTOCOLS = ("grpc", "http", "websocket")
+"""The protocols of the request counts a take reports, in their order."""
 REFUSALS = tuple(reason.value for reason in Refusal)
 """The reasons of the refusal counts a take reports, in their order (missing, malformed,
 unknown)."""
@@ -205,7 +207,7 @@ class NativeFront:
     # ------------------------------------------------------------------ hand-off
     def _on_wake(self) -> None:
         """Take everything that arrived and start it; answers go back as they come."""
-        arrivals, calls, cancelled, logs, refusals, stopped = self._transport.take()
+        arrivals, calls, cancelled, logs, refusals, protocols, stopped = self._transport.take()
         if arrivals:
             self._arrive(arrivals)
         for key, method, data, principal in calls:
@@ -214,15 +216,23 @@ class NativeFront:
             self._cancel(cancelled)
         for level, message in logs:
             native_logger.log(level, "%s", message)
-        if any(refusals):
-            for reason, count in zip(REFUSALS, refusals, strict=True):
-                if count:
-                    self.metrics.refused_authentication(reason, count)
+        if any(refusals) or any(protocols):
+            self._count(refusals, protocols)
         if stopped:
             self._stopped.set()
         # What was answered at once (refused, or run inline) goes back now, not a loop
         # iteration later.
         self._flush()
+
+    def _count(self, refusals: tuple[int, ...], protocols: tuple[int, ...]) -> None:
+        """Authentication refusals by reason, inference requests by protocol, since the last
+        take."""
+        for reason, count in zip(REFUSALS, refusals, strict=True):
+            if count:
+                self.metrics.refused_authentication(reason, count)
+        for protocol, count in zip(PROTOCOLS, protocols, strict=True):
+            if count:
+                self.metrics.arrived(protocol, count)
 
     def _arrive(self, arrivals: list[Arrival]) -> None:
         """Submit each inference request, in the order they arrived."""

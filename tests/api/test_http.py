@@ -438,3 +438,31 @@ def test_a_websocket_authenticates_at_connect_time(guarded_server: RunningServer
     step = infer_body(31, True, True, np.zeros((1, 1, 1), np.float32))
     (answer,) = asyncio.run(_socket_exchange(f"{url}?access_token={TOKEN}", [step], 1))
     assert json.loads(answer.data)["outputs"][0]["name"] == "forecast"
+
+
+def test_requests_are_counted_by_the_protocol_that_carried_them(
+    http_server: RunningServer,
+) -> None:
+    def counts() -> dict[str, float]:
+        prefix = 'rnnserve_requests_by_protocol_total{protocol="'
+        return {
+            row[len(prefix) :].split('"')[0]: float(row.split()[-1])
+            for row in http_server.scrape().splitlines()
+            if row.startswith(prefix)
+        }
+
+    before = counts()
+    x = np.zeros((1, 1, 1), np.float32)
+    path = "/v2/models/sensor_gru/infer"
+    assert request(http_server, "POST", path, infer_body(41, True, True, x))[0] == 200
+    url = f"ws://{http_server.http_target}/v2/models/sensor_gru/stream"
+    steps = [infer_body(42, True, False, x), infer_body(42, False, True, x)]
+    asyncio.run(_socket_exchange(url, steps, 2))
+    with triton_grpc.InferenceServerClient(http_server.target) as client:
+        tensor = triton_grpc.InferInput("reading", [1, 1, 1], "FP32")
+        tensor.set_data_from_numpy(x)
+        client.infer("sensor_gru", [tensor], sequence_id=43, sequence_start=True, sequence_end=True)
+    after = counts()
+    assert after["http"] - before.get("http", 0) == 1
+    assert after["websocket"] - before.get("websocket", 0) == 2
+    assert after["grpc"] - before.get("grpc", 0) == 1

@@ -67,7 +67,7 @@ timeouts, so evictions, reuses of evicted ids and refused continuations of them 
 STRESS_BOUND_S = 120.0
 
 WARMUP_S = 6.0
-CHAOS_S = 30.0
+CHAOS_S = 20.0
 HEALTH_EVERY_S = 0.5
 HEALTH_TIMEOUT_S = 5.0
 RSS_GROWTH_MB = 20.0

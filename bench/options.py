@@ -57,6 +57,9 @@ class BenchOptions:
     checkout, where `make triton` installs it)."""
     compare_channels: bool = True
     """Measure the transport ceiling with one channel per 64 sequences too."""
+    perf_analyzer_below_headline: bool = True
+    """Run perf_analyzer at one sequence (and HTTP at 16) as well as at the headline's
+    concurrency; --quick runs it at the headline's alone."""
     token: str = ""
     """A bearer token every call sends (`authorization: Bearer <token>`), for a server that
     authenticates; empty sends none."""
@@ -102,6 +105,7 @@ class BenchOptions:
             warmup_s=warmup_s if warmup_s is not None else (0.2 if quick else 0.5),
             repeats=repeats or (1 if quick else 3),
             compare_channels=not quick,
+            perf_analyzer_below_headline=not quick,
             **given,  # type: ignore[arg-type]
         )
 

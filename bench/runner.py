@@ -430,8 +430,9 @@ def _perf_analyzer(
     options: BenchOptions, workload: Workload, runs: dict[str, PeerRun]
 ) -> dict[str, Any]:
     """perf_analyzer in each of its modes at 1 and the headline concurrency (HTTP at 16 too,
-    below the headline), against each server in turn (the order alternating from one cell to
-    the next), as it drives Triton; over HTTP, against the servers that serve it."""
+    below the headline; --quick at the headline's alone), against each server in turn (the
+    order alternating from one cell to the next), as it drives Triton; over HTTP, against the
+    servers that serve it."""
     if not options.peers:
         return {"skipped": "--no-peers"}
     binary = peers.find_perf_analyzer()
@@ -442,11 +443,12 @@ def _perf_analyzer(
     # already say why.
     names = [name for name in PERF_ANALYZER_SERVERS if name in runs and runs[name].started]
     found: list[dict[str, Any]] = []
+    below = options.headline_sessions if options.perf_analyzer_below_headline else 0
     cells = [
         (m, c)
         for m in peers.MODES
         for c in sorted(
-            {c for c in peers.CONCURRENCIES.get(m, (1,)) if c <= options.headline_sessions}
+            {c for c in peers.CONCURRENCIES.get(m, (1,)) if c <= below}
             | {options.headline_sessions}
         )
     ]

@@ -385,7 +385,7 @@ def test_soak_a_thousand_concurrent_sequences(redis_server, tmp_path) -> None:
     """1,000 live sequences stepped round after round for a bounded time: no error, and the
     server's memory stays flat once warm."""
     server = start_server(tmp_path / "soak", *store_flags(redis_server))
-    streams, per_stream, seconds = 4, 250, 20.0
+    streams, per_stream, seconds = 4, 250, 12.0
     errors: list[str] = []
     steps = 0
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,14 +115,10 @@ class Made:
     """Why export_module with this exporter alone refused the module; None: it published."""
 
 
-def make(name: str, exporter: str, root: Path, repo: Path) -> Made:
+def make(name: str, exporter: str, root: Path, repo: Path, refused: set[str]) -> Made:
+    """`refused`: the cells torch's dynamo exporter refused (the exports are made beforehand)."""
     source = root / f"{name}_{exporter}.onnx"
-    try:
-        if not source.exists():  # the legacy exports are made together, beforehand
-            torch_export(name, source, dynamo=exporter == "dynamo")
-    except TorchRefused:
-        if exporter != "dynamo":
-            raise
+    if exporter == "dynamo" and name in refused:
         imported = None
     else:
         model = f"{name}_{exporter}_imported"
@@ -151,8 +148,22 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Made
     """Every cell exported with each exporter by torch and imported by the command, and
     exported by export_module with each exporter, into one repository."""
     root = tmp_path_factory.mktemp("exporters")
-    torch_exports([(n, root / f"{n}_legacy.onnx") for n in CELLS], dynamo=False)
-    return {(n, e): make(n, e, root, root / "repository") for n in CELLS for e in EXPORTS}
+
+    def dynamo(name: str) -> str | None:
+        try:
+            torch_export(name, root / f"{name}_dynamo.onnx", dynamo=True)
+        except TorchRefused:
+            return name
+        return None
+
+    # The legacy exports in one process; each dynamo export in a process of its own
+    # (torch_export), two at a time beside them: each process is mostly torch's import.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        dynamo_refused = pool.map(dynamo, CELLS)
+        torch_exports([(n, root / f"{n}_legacy.onnx") for n in CELLS], dynamo=False)
+        refused = {name for name in dynamo_refused if name is not None}
+    repo = root / "repository"
+    return {(n, e): make(n, e, root, repo, refused) for n in CELLS for e in EXPORTS}
 
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,10 @@ class Metrics:
             ["protocol"],
             registry=self.registry,
         )
+        # Counted at every wake-up of the native transport: the children, looked up once.
+        self._protocol_counts = {
+            p: self._by_protocol.labels(p) for p in ("grpc", "http", "websocket")
+        }
         self._requests = _RequestCollector()
         self.registry.register(self._requests)
         self.registry.register(_ServingCollector(snapshots))
@@ -97,7 +101,7 @@ class Metrics:
 
     def arrived(self, protocol: str, count: int) -> None:
         """`count` inference requests came over `protocol` (grpc, http, websocket)."""
-        self._by_protocol.labels(protocol).inc(count)
+        self._protocol_counts[protocol].inc(count)
 
     def refused_authentication(self, reason: str, count: int = 1) -> None:
         """`count` calls were refused UNAUTHENTICATED for `reason` (missing, malformed,

@@ -10,7 +10,9 @@ Strategies and the seed: tests/api/fuzzing.py. The server's largest message is s
 
 from __future__ import annotations
 
+import http.client
 import itertools
+import json
 import re
 import statistics
 import threading
@@ -394,6 +396,96 @@ def test_memory_stays_bounded_over_a_long_fuzz(channel, fuzz_server, record_prop
         },
     )
     assert sum(counts.values()) >= 1000, counts
+    assert growth < RSS_GROWTH_BOUND_MB, (growth, [round(s) for s in samples])
+
+
+HTTP_RUN_S = 12.0
+HTTP_STATUSES = frozenset({200, 400, 404, 405, 409, 413, 415, 429, 503})
+"""What a bent HTTP request may be answered: never 500 (the server's fault), never no answer."""
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: (
+        st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=12), inner, max_size=6)
+    ),
+    max_leaves=40,
+)
+
+
+@st.composite
+def http_requests(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str]]:
+    """A POST .../infer bent every way JSON allows: near-valid v2 requests with wrong names,
+    datatypes, shapes, data, sequence parameters and binary sizes, any JSON, or any bytes."""
+    model = draw(st.sampled_from([*MODELS, "no_such_model"]))
+    kind = draw(st.sampled_from(["request", "json", "bytes"]))
+    headers: dict[str, str] = {}
+    if kind == "bytes":
+        return model, draw(st.binary(max_size=4096)), headers
+    if kind == "json":
+        return model, json.dumps(draw(JSON)).encode(), headers
+    tensor = {
+        "name": draw(st.sampled_from(["tokens", "reading", "pixels", "h_in", "x"])),
+        "datatype": draw(st.sampled_from(["INT64", "FP32", "FP16", "BOOL", "BYTES", "UINT8", "?"])),
+        "shape": draw(st.lists(st.integers(-2, 70_000), max_size=4)),
+    }
+    binary = b""
+    if draw(st.booleans()):
+        tensor["data"] = draw(st.lists(st.integers(-300, 300) | st.floats(-1e3, 1e3), max_size=64))
+    else:
+        binary = draw(st.binary(max_size=512))
+        tensor["parameters"] = {"binary_data_size": draw(st.integers(-1, 600))}
+    parameters = draw(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "sequence_id": st.integers(-5, 2**63 - 1) | st.text(max_size=20),
+                "sequence_start": st.booleans() | st.integers(0, 2),
+                "sequence_end": st.booleans() | st.text(max_size=3),
+                "sequence_version": st.integers(-2, 5),
+                "binary_data_output": st.booleans() | st.integers(),
+            },
+        )
+    )
+    header = json.dumps({"inputs": [tensor], "parameters": parameters}).encode()
+    if binary or draw(st.booleans()):
+        headers["Inference-Header-Content-Length"] = str(len(header) + draw(st.integers(-3, 3)))
+    return model, header + binary, headers
+
+
+def test_bent_http_requests_get_a_proper_status_and_memory_stays_flat(
+    fuzz_server, record_property
+) -> None:
+    host, port = fuzz_server.http_target.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    counts: dict[int, int] = {}
+    began = time.monotonic()
+
+    @seeded
+    @settings(max_examples=LONG_RUN_EXAMPLES)
+    @given(http_requests())
+    def fuzz(case: tuple[str, bytes, dict[str, str]]) -> None:
+        if time.monotonic() - began > HTTP_RUN_S:
+            return
+        model, body, headers = case
+        connection.request("POST", f"/v2/models/{model}/infer", body=body, headers=headers)
+        response = connection.getresponse()
+        answer = response.read()
+        assert response.status in HTTP_STATUSES, (response.status, answer[:300], body[:300])
+        if response.status != 200:
+            assert set(json.loads(answer)) == {"error"}, answer[:300]
+        counts[response.status] = counts.get(response.status, 0) + 1
+
+    try:
+        with RssSampler(fuzz_server.pid) as rss:
+            fuzz()
+    finally:
+        connection.close()
+    samples = rss.samples
+    third = len(samples) // 3
+    middle, last = samples[third : 2 * third], samples[2 * third :]
+    growth = statistics.median(last) - statistics.median(middle)
+    record_property("figures", {"HTTP answers by status": counts, "RSS growth MiB": growth})
+    assert sum(counts.values()) >= 300, counts
     assert growth < RSS_GROWTH_BOUND_MB, (growth, [round(s) for s in samples])
 
 

@@ -339,31 +339,9 @@ async fn handle(front: Arc<HttpFront>, peer: Peer, request: Request<Incoming>) -
     {
         return too_large(n);
     }
-    let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, max).collect()).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(failure)) => {
-            if failure
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                return too_large(max as u64 + 1);
-            }
-            return error(
-                StatusCode::BAD_REQUEST,
-                &format!("the body could not be read: {failure}"),
-            );
-        }
-        Err(_) => {
-            return error(
-                StatusCode::REQUEST_TIMEOUT,
-                &format!(
-                    "the body did not arrive within {} s",
-                    BODY_TIMEOUT.as_secs()
-                ),
-            );
-        }
-    };
-    let route = match route(&parts.method, parts.uri.path(), &body) {
+    // Who is calling is known before the body is read: a caller refused authentication
+    // makes the server hold nothing of what it sends.
+    let route = match route(&parts.method, parts.uri.path(), b"") {
         Ok(route) => route,
         Err(refused) => return error(StatusCode::BAD_REQUEST, &refused.0),
     };
@@ -395,6 +373,40 @@ async fn handle(front: Arc<HttpFront>, peer: Peer, request: Request<Incoming>) -
                 return answer;
             }
         }
+    };
+    let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, max).collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(failure)) => {
+            if failure
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return too_large(max as u64 + 1);
+            }
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("the body could not be read: {failure}"),
+            );
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "the body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            );
+        }
+    };
+    // The routes whose request message comes from the body (the repository's) read it now.
+    let route = match route {
+        Route::Call(_, _) if !body.is_empty() => {
+            match self::route(&parts.method, parts.uri.path(), &body) {
+                Ok(route) => route,
+                Err(refused) => return error(StatusCode::BAD_REQUEST, &refused.0),
+            }
+        }
+        route => route,
     };
     let head = parts.method == Method::HEAD;
     let mut answer = match route {

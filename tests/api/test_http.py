@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import http.client
 import json
+import select
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,15 +74,25 @@ def request(
 
 
 def raw_exchange(server: RunningServer, data: bytes) -> bytes:
-    """`data` written as is on a new connection; what comes back until the server closes or
-    has answered (the first response)."""
+    """`data` written as is on a new connection, in slices, until the server answers (a server
+    that refuses a body answers before it is all sent, then closes); what comes back until
+    the server closes."""
     host, port = server.http_target.split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
+        try:
+            for start in range(0, len(data), 65536):
+                if select.select([sock], [], [], 0)[0]:
+                    break  # answered already: what is left would only be refused
+                sock.sendall(data[start : start + 65536])
+            sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed while the rest was on its way
         received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
     return received
 
 
@@ -466,3 +477,16 @@ def test_requests_are_counted_by_the_protocol_that_carried_them(
     assert after["http"] - before.get("http", 0) == 1
     assert after["websocket"] - before.get("websocket", 0) == 2
     assert after["grpc"] - before.get("grpc", 0) == 1
+
+
+def test_a_caller_refused_authentication_is_answered_before_its_body_is_read(
+    guarded_server: RunningServer,
+) -> None:
+    host, port = guarded_server.http_target.split(":")
+    head = (
+        b"POST /v2/models/sensor_gru/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head + b"{" * 1000)  # the rest of the body never comes
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]

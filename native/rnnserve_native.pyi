@@ -48,6 +48,7 @@ class Transport:
         auth_message: str = "",
         cold_methods: list[str] = ...,
         descriptors: bytes = b"",
+        spin_us: int = 0,
     ) -> None:
         """`threads`: tokio's worker threads; `max_message_bytes`: the largest message either
         way; `http_port`: the HTTP port (the KServe v2 REST protocol, 0 for a free one), or
@@ -55,8 +56,10 @@ class Transport:
         `tls_client_ca`, mutual TLS names principals too; `auth_message`: what a call refused
         authentication is told; `cold_methods`: the service's methods besides ModelInfer and
         ModelStreamInfer that Python answers (taken as calls); `descriptors`: an encoded
-        FileDescriptorSet of the served services, for reflection. ValueError when TLS has a
-        certificate without a key or the reverse."""
+        FileDescriptorSet of the served services, for reflection; `spin_us`: how long a unary
+        call, the only one waiting for Python, polls for its answer before it sleeps, in
+        microseconds (0: never). ValueError when TLS has a certificate without a key or the
+        reverse."""
 
     def start(self) -> int:
         """Bind and serve; the port bound. OSError when the address cannot be bound,
@@ -67,6 +70,10 @@ class Transport:
 
     def wake_fd(self) -> int:
         """A descriptor that turns readable when there is something to take."""
+
+    def spin_for_arrivals(self, max_us: int) -> bool:
+        """Spin up to `max_us` microseconds, the GIL released, for something to take; whether
+        something came."""
 
     def take(self) -> Taken:
         """Everything that arrived since the last take; requests of calls that ended

@@ -21,6 +21,20 @@ KINDS = ("event_loop", "batch", "grpc", "other")
 """The process's first thread runs the event loop; `other` is mostly ONNX Runtime's pools."""
 
 
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> float:
+    """How many CPUs this process may use at once: its affinity mask, bounded by its cgroup's
+    CPU quota where one is set (cgroup v2 `cpu.max`, "quota period" in microseconds; a
+    Kubernetes CPU limit). Affinity alone where there is no quota or no cgroup v2."""
+    cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max" or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return cpus
+    return min(cpus, int(quota) / int(period))
+
+
 def name_this_thread(name: str) -> None:
     """Set the calling thread's name as the kernel shows it (15 characters at most)."""
     try:

@@ -58,6 +58,8 @@ def test_environment_then_flag() -> None:
         (["--max-steps-per-request", "0"], {}, "--max-steps-per-request must be positive"),
         (["--ort-spinning", "3"], {}, "--ort-spinning .* must be never, during-run, always"),
         ([], {"RNNSERVE_INLINE_MAX_WORK": "-1"}, "--inline-max-work must be 0"),
+        (["--native-spin-us", "-1"], {}, "--native-spin-us must be 0 .*never spin.* to 100000"),
+        ([], {"RNNSERVE_NATIVE_SPIN_US": "200000"}, "--native-spin-us must be 0"),
         (["--state-store", "etcd://x"], {}, "--state-store must be memory, redis://"),
         ([], {"RNNSERVE_STATE_DURABILITY": "always"}, "RNNSERVE_STATE_DURABILITY.* must be step"),
         (["--state-store-timeout-s", "0"], {}, "--state-store-timeout-s must be positive"),

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from rnnserve.threads import BATCH_THREAD, KINDS, cpu_between, cpu_by_thread, name_this_thread
+from rnnserve.threads import (
+    BATCH_THREAD,
+    KINDS,
+    cpu_between,
+    cpu_by_thread,
+    name_this_thread,
+    usable_cpus,
+)
 
 pytestmark = pytest.mark.skipif(not Path("/proc/thread-self").exists(), reason="needs Linux")
 
@@ -63,3 +70,14 @@ def test_a_thread_that_ended_takes_only_its_own_time_out() -> None:
 def test_a_process_that_is_gone_has_no_threads() -> None:
     assert cpu_by_thread(2**22 + 1) == {}  # above the kernel's largest pid
     assert cpu_between({}, {}) == {}
+
+
+def test_usable_cpus_are_bounded_by_the_cgroup_quota(tmp_path: Path) -> None:
+    """What the default spin is decided on: a Kubernetes CPU limit of 1.5 makes 1.5 CPUs of
+    however many the affinity mask has; no quota, or no cgroup v2, leaves the mask."""
+    mask = len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert usable_cpus(tmp_path) == min(mask, 1.5)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path) == mask
+    assert usable_cpus(tmp_path / "absent") == mask

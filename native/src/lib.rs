@@ -16,6 +16,7 @@ mod rest;
 mod rest_server;
 mod server;
 mod service;
+mod spin;
 mod stream;
 mod tls;
 mod websocket;
@@ -92,7 +93,7 @@ impl Transport {
     #[pyo3(signature = (
         *, host, port, threads, max_message_bytes, http_port=None, tls_cert=None, tls_key=None,
         tls_client_ca=None, tokens=false, auth_message=String::new(), cold_methods=Vec::new(),
-        descriptors=Vec::new()
+        descriptors=Vec::new(), spin_us=0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -108,6 +109,7 @@ impl Transport {
         auth_message: String,
         cold_methods: Vec<String>,
         descriptors: Vec<u8>,
+        spin_us: u64,
     ) -> PyResult<Self> {
         let tls = match (tls_cert, tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
@@ -136,6 +138,7 @@ impl Transport {
                 auth_message,
                 cold_methods,
                 descriptors,
+                spin: Duration::from_micros(spin_us),
             })),
             wake_reader,
             wake_writer: Mutex::new(Some(wake_writer)),
@@ -192,6 +195,14 @@ impl Transport {
             .as_ref()
             .map(|r| r.http_port)
             .ok_or_else(|| PyRuntimeError::new_err("the transport has not started"))
+    }
+
+    /// Wait up to `max_us` microseconds, spinning with the GIL released, for something to
+    /// take; whether something came (`spin`: a lone sequence's next request is near).
+    fn spin_for_arrivals(&self, py: Python<'_>, max_us: u64) -> PyResult<bool> {
+        let context = self.handles()?.context.clone();
+        let limit = Duration::from_micros(max_us);
+        Ok(py.detach(|| spin::spin_until(limit, || context.inbox.has_waiting())))
     }
 
     /// The descriptor that becomes readable when there is something to take.

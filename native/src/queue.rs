@@ -116,6 +116,8 @@ struct State {
 /// What has arrived for Python and not yet been taken.
 pub struct Inbox {
     state: Mutex<State>,
+    /// `State::signalled`, readable without the lock: what a spinning taker watches.
+    waiting: AtomicBool,
     wake: UnixStream,
     keys: AtomicU64,
 }
@@ -126,9 +128,15 @@ impl Inbox {
         wake.set_nonblocking(true)?;
         Ok(Self {
             state: Mutex::new(State::default()),
+            waiting: AtomicBool::new(false),
             wake,
             keys: AtomicU64::new(1),
         })
+    }
+
+    /// Whether something waits to be taken (a hint: read without the lock).
+    pub fn has_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Acquire)
     }
 
     /// A key no request or call had before.
@@ -149,6 +157,7 @@ impl Inbox {
             add(&mut state.taken);
             !std::mem::replace(&mut state.signalled, true)
         };
+        self.waiting.store(true, Ordering::Release);
         if wake {
             // Full (WouldBlock) means a wake-up is pending already: nothing is lost.
             let _ = (&self.wake).write(&[1]);
@@ -197,6 +206,7 @@ impl Inbox {
         let (mut taken, dropped_logs) = {
             let mut state = self.lock();
             state.signalled = false;
+            self.waiting.store(false, Ordering::Release);
             let stopped = state.taken.stopped;
             let taken = std::mem::take(&mut state.taken);
             state.taken.stopped = stopped;

@@ -62,6 +62,8 @@ pub struct Settings {
     pub cold_methods: Vec<String>,
     /// An encoded FileDescriptorSet of the served services, for reflection.
     pub descriptors: Vec<u8>,
+    /// How long a lone call spins for its answer before it sleeps (`spin`; zero: never).
+    pub spin: Duration,
 }
 
 /// Why the transport could not start.
@@ -159,6 +161,7 @@ pub fn start(settings: Settings, inbox: Inbox) -> Result<Running, StartError> {
         },
         max_message_bytes: settings.max_message_bytes,
         cold_methods: settings.cold_methods.into_iter().collect::<HashSet<_>>(),
+        spin: settings.spin,
     });
     let authenticator = Arc::new(Authenticator::new(
         settings.tokens,

@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -22,6 +23,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::auth::Authenticated;
 use crate::codec::RawCodec;
 use crate::queue::{Arrival, Call, Gone, Inbox, Pending, Principal, Protocol, Waiter, monotonic_s};
+use crate::spin;
 use crate::stream::{self, Answers, OpenStreams, StreamLimits};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -36,6 +38,8 @@ pub struct Context {
     pub max_message_bytes: usize,
     /// The service's unary methods other than ModelInfer, which Python answers.
     pub cold_methods: HashSet<String>,
+    /// How long a lone call spins for its answer before it sleeps (`crate::spin`).
+    pub spin: Duration,
 }
 
 impl Context {
@@ -43,6 +47,27 @@ impl Context {
         Grpc::new(RawCodec)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes)
+    }
+
+    /// The answer of a lone call, if it comes within `spin`: while it is the only call
+    /// waiting for Python, its task polls for the answer (yielding to tokio's other work and
+    /// I/O between polls) rather than sleep, which saves Python's answer a wake-up of this
+    /// thread. Anything else (more calls, a slow answer) sleeps as usual.
+    async fn spun(
+        &self,
+        reply: &mut oneshot::Receiver<Result<Bytes, Status>>,
+    ) -> Option<Result<Bytes, Status>> {
+        if self.spin.is_zero() || self.pending.waiting() != 1 {
+            return None;
+        }
+        spin::poll_until(self.spin, || match reply.try_recv() {
+            Ok(reply) => Some(Some(reply)),
+            Err(oneshot::error::TryRecvError::Closed) => Some(None),
+            Err(oneshot::error::TryRecvError::Empty) if self.pending.waiting() != 1 => Some(None),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+        })
+        .await
+        .flatten()
     }
 
     /// Hand a unary request to Python and await its answer. The call ending first (cancelled,
@@ -85,9 +110,13 @@ impl Context {
                 gone,
             }),
         }
-        let reply = reply.await;
+        let mut reply = reply;
+        let answer = match self.spun(&mut reply).await {
+            Some(answer) => Ok(answer),
+            None => reply.await,
+        };
         guard.answered = true;
-        reply.unwrap_or_else(|_| Err(Status::unavailable("the server stopped before answering")))
+        answer.unwrap_or_else(|_| Err(Status::unavailable("the server stopped before answering")))
     }
 }
 

@@ -14,9 +14,10 @@ event loop with the batch, the outcomes and their timings. Everything else is it
   batch in parallel: `complete` is called once per batch, with no future or task per item.
 - The inline rule: an item that `may_run_inline` accepts, submitted while the batcher is idle,
   runs on the event loop right after the callback that submitted it (never inside `submit`:
-  no caller hears its outcome from inside its own submission). Handing a batch to the worker
-  thread and back costs two thread wake-ups, about as much as a tiny model call
-  (docs/performance.md measures it), and a lone sequence would pay them on every request.
+  no caller hears its outcome from inside its own submission), through the `Turn` the
+  batchers share. Handing a batch to the worker thread and back costs two thread wake-ups,
+  about as much as a tiny model call (docs/performance.md measures it), and a lone sequence
+  would pay them on every request.
 - Cancellation: an item cancelled before a worker takes it never runs; it is completed with
   `Cancelled` as its outcome.
 """
@@ -24,6 +25,7 @@ event loop with the batch, the outcomes and their timings. Everything else is it
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -54,6 +56,42 @@ class Schedulable(Protocol):
     def sequence(self) -> object | None:
         """The sequence it advances (at most one item of a sequence per batch), or None."""
         ...
+
+
+class Turn:
+    """Callbacks that run once the event-loop callback that queued them is over.
+
+    The callback may run them itself when it is done submitting (`run`): a transport that
+    takes what arrived, submits it, runs the inline item and hands back the answers in one
+    wake-up saves two turns of the event loop per lone request (each an epoll_wait and a
+    handle). Otherwise they run on the loop's next turn, as `call_soon` would run them. One
+    instance is shared by every batcher of a server; event loop only.
+    """
+
+    __slots__ = ("_callbacks", "_handle")
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[], None]] = []
+        self._handle: asyncio.Handle | None = None
+
+    def soon(self, callback: Callable[[], None]) -> None:
+        """Run `callback` when this callback is over (never inside this call)."""
+        self._callbacks.append(callback)
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_soon(self.run)
+
+    def run(self) -> None:
+        """Run what was queued, and what that queues, now."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        while self._callbacks:
+            callbacks, self._callbacks = self._callbacks, []
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:  # one callback's failure must not drop the others
+                    logger.exception("a deferred batcher callback failed")
 
 
 class Cancelled(Exception):
@@ -104,8 +142,11 @@ class SequenceBatcher(Generic[W, R]):
         max_batch_size: int,
         max_queue_delay_s: float = 0.0,
         may_run_inline: Callable[[W], bool] | None = None,
+        turn: Turn | None = None,
     ) -> None:
         self.name = name
+        self.turn = turn if turn is not None else Turn()
+        """Where inline items wait for the end of the callback that submitted them."""
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self._execute = execute
@@ -170,9 +211,8 @@ class SequenceBatcher(Generic[W, R]):
             # Items submitted meanwhile find the batcher busy, and queue behind this one.
             self._running_inline = True
             self._unanswered += 1
-            loop = self._loop
-            assert loop is not None, "start() the batcher on the event loop first"
-            loop.call_soon(self._run_inline, ticket)
+            assert self._loop is not None, "start() the batcher on the event loop first"
+            self.turn.soon(functools.partial(self._run_inline, ticket))
             return ticket
         self._unanswered += 1
         self._pending.append(ticket)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from rnnserve._pb import model_config_pb2 as mc
-from rnnserve.batching.batcher import Cancelled, SequenceBatcher, Ticket
+from rnnserve.batching.batcher import Cancelled, SequenceBatcher, Ticket, Turn
 from rnnserve.errors import (
     AnswerTooLarge,
     InternalError,
@@ -143,6 +143,7 @@ class ServedModel:
         store: StateStore | None = None,
         durability: Durability = Durability.STEP,
         quota: SequenceQuota | None = None,
+        turn: Turn | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -189,6 +190,7 @@ class ServedModel:
             sig.max_batch_size,
             delay,
             may_run_inline=self._lone_sequence_rule(inline_max_work) if support else None,
+            turn=turn,
         )
         self.state = ModelState.READY
         self._inputs = {t.name: t for t in sig.inputs}

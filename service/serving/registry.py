@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rnnserve._pb import model_config_pb2 as mc
+from rnnserve.batching.batcher import Turn
 from rnnserve.errors import (
     InvalidArgument,
     ModelNotFound,
@@ -96,6 +97,9 @@ class ModelRegistry:
         self.limits = limits
         self.unload_grace_s = unload_grace_s
         self.admission = Admission.OPEN
+        self.turn = Turn()
+        """Where every model's inline runs wait for the end of the callback that submitted them
+        (a transport may run them at the end of its own: `Turn.run`)."""
         self._lives: dict[str, ModelLife] = {}
         # Every served version, replaced whole on each change: another thread reads it as it is.
         self._published: tuple[ServedModel, ...] = ()
@@ -327,6 +331,7 @@ class ModelRegistry:
             store=self.store,
             durability=self.durability,
             quota=self.policy if self.policy.limits_sequences else None,
+            turn=self.turn,
         )
         model.start()
         return model

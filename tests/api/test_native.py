@@ -148,3 +148,65 @@ def test_concurrent_requests_cross_into_python_in_batches(server) -> None:
     requests, crossings = (a - b for a, b in zip(handoffs(server), before, strict=True))
     assert requests >= 64 * 20
     assert requests / crossings > 2, (requests, crossings)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds process `pid` has spent, all its threads (/proc, man 5
+    proc: utime and stime, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def lone_sequence(target: str, x: np.ndarray) -> list[np.ndarray]:
+    """The forecasts of `x` [1, T, 1] as one sequence over unary calls, then as another over a
+    stream, one step in flight at a time (a lone sequence)."""
+    answers: list[np.ndarray] = []
+    streamed: list[object] = []
+    with triton.InferenceServerClient(target) as client:
+        for step in range(x.shape[1]):
+            result = client.infer(
+                MODELS[1],
+                [infer_input(MODELS[1], x[:, step : step + 1])],
+                sequence_id=7,
+                sequence_start=step == 0,
+                sequence_end=step == x.shape[1] - 1,
+            )
+            answers.append(result.as_numpy("forecast"))
+        client.start_stream(lambda result, error: streamed.append(error or result))
+        for step in range(x.shape[1]):
+            client.async_stream_infer(
+                MODELS[1],
+                [infer_input(MODELS[1], x[:, step : step + 1])],
+                sequence_id=8,
+                sequence_start=step == 0,
+                sequence_end=step == x.shape[1] - 1,
+            )
+            deadline = time.monotonic() + 10
+            while len(streamed) <= step and time.monotonic() < deadline:
+                time.sleep(0.0005)
+        client.stop_stream()
+    for result in streamed:
+        assert isinstance(result, triton.InferResult), result
+        answers.append(result.as_numpy("forecast"))
+    return answers
+
+
+def test_spinning_changes_when_threads_sleep_not_what_is_answered(tmp_path: Path) -> None:
+    """--native-spin-us: a lone sequence, unary and over a stream, gets the same outputs with
+    spinning off and on, and once its requests stop the spinning server sleeps (a thread left
+    spinning would spend a CPU second per second)."""
+    x = sequence_data(MODELS[1], 30, np.random.default_rng(5))
+    outputs: dict[str, list[np.ndarray]] = {}
+    idle: dict[str, float] = {}
+    for spin in ("0", "300"):
+        with serving(tmp_path / spin, "--native-spin-us", spin) as server:
+            outputs[spin] = lone_sequence(server.target, x)
+            time.sleep(0.3)
+            before = cpu_seconds(server.process.pid)
+            time.sleep(1.0)
+            idle[spin] = cpu_seconds(server.process.pid) - before
+    assert len(outputs["300"]) == 2 * x.shape[1]
+    for off, on in zip(outputs["0"], outputs["300"], strict=True):
+        np.testing.assert_array_equal(off, on)
+    np.testing.assert_array_equal(outputs["300"][: x.shape[1]], outputs["300"][x.shape[1] :])
+    assert idle["300"] < 0.2, idle

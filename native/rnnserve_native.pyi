@@ -49,6 +49,8 @@ class Transport:
         cold_methods: list[str] = ...,
         descriptors: bytes = b"",
         spin_us: int = 0,
+        http_header_timeout_s: float = 10.0,
+        http_body_timeout_s: float = 60.0,
     ) -> None:
         """`threads`: tokio's worker threads; `max_message_bytes`: the largest message either
         way; `http_port`: the HTTP port (the KServe v2 REST protocol, 0 for a free one), or
@@ -58,8 +60,11 @@ class Transport:
         ModelStreamInfer that Python answers (taken as calls); `descriptors`: an encoded
         FileDescriptorSet of the served services, for reflection; `spin_us`: how long a unary
         call, the only one waiting for Python, polls for its answer before it sleeps, in
-        microseconds (0: never). ValueError when TLS has a certificate without a key or the
-        reverse."""
+        microseconds (0: never); `http_header_timeout_s`, `http_body_timeout_s`: how long the
+        HTTP port waits for a request's headers (then closes the connection), then its body
+        (then answers 408).
+        ValueError when TLS has a certificate without a key or the reverse, or a timeout is
+        not positive."""
 
     def start(self) -> int:
         """Bind and serve; the port bound. OSError when the address cannot be bound,

@@ -42,6 +42,11 @@ class Settings:
     """Port for the HTTP inference API, the KServe v2 REST protocol as Triton serves it (0
     picks a free one; off turns it off). Served by the native transport; with --transport
     grpcio there is none."""
+    http_header_timeout_s: float = 10.0
+    """How long the HTTP port waits for a request's headers; past it, the connection closes
+    (a slow client holds a connection no longer)."""
+    http_body_timeout_s: float = 60.0
+    """How long the HTTP port waits for a request's body once its headers came; past it, 408."""
     metrics_port: int | None = 8002
     """Port for Prometheus /metrics over HTTP (0 picks a free one; off turns it off)."""
     metrics_host: str | None = None
@@ -232,6 +237,8 @@ class Settings:
             "principal_requests_per_s",
             "principal_burst",
             "max_requests_per_s",
+            "http_header_timeout_s",
+            "http_body_timeout_s",
         ):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "max_queue_delay_us" else 1e-9):

@@ -93,7 +93,7 @@ impl Transport {
     #[pyo3(signature = (
         *, host, port, threads, max_message_bytes, http_port=None, tls_cert=None, tls_key=None,
         tls_client_ca=None, tokens=false, auth_message=String::new(), cold_methods=Vec::new(),
-        descriptors=Vec::new(), spin_us=0
+        descriptors=Vec::new(), spin_us=0, http_header_timeout_s=10.0, http_body_timeout_s=60.0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -110,7 +110,19 @@ impl Transport {
         cold_methods: Vec<String>,
         descriptors: Vec<u8>,
         spin_us: u64,
+        http_header_timeout_s: f64,
+        http_body_timeout_s: f64,
     ) -> PyResult<Self> {
+        let timeout = |seconds: f64, what: &str| {
+            Duration::try_from_secs_f64(seconds)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| PyValueError::new_err(format!("{what} must be positive")))
+        };
+        let http_timeouts = rest_server::Timeouts {
+            header: timeout(http_header_timeout_s, "http_header_timeout_s")?,
+            body: timeout(http_body_timeout_s, "http_body_timeout_s")?,
+        };
         let tls = match (tls_cert, tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert,
@@ -139,6 +151,7 @@ impl Transport {
                 cold_methods,
                 descriptors,
                 spin: Duration::from_micros(spin_us),
+                http_timeouts,
             })),
             wake_reader,
             wake_writer: Mutex::new(Some(wake_writer)),

@@ -37,10 +37,15 @@ use hyper::upgrade::OnUpgrade;
 /// Connections the port holds at once; one more is closed as it is accepted. Each costs a
 /// task and its buffers, so a client opening connections without end meets a bound.
 pub const MAX_CONNECTIONS: usize = 4096;
-/// A request whose headers have not all come by then is answered 408 and its connection closed.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// A body not all come by then is answered 408: a slow client holds its connection no longer.
-const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a slow client may hold a connection with a request that has not all come.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// A connection whose request's headers have not all come by then is closed, unanswered
+    /// (hyper's header read timeout; --http-header-timeout-s).
+    pub header: Duration,
+    /// A body not all come by then is answered 408 (--http-body-timeout-s).
+    pub body: Duration,
+}
 /// The most bytes of request line and headers a connection buffers (hyper answers 431 past it).
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
@@ -52,6 +57,7 @@ pub struct HttpFront {
     pub authenticator: Arc<Authenticator>,
     /// Turns true when the transport stops: WebSockets then read no more.
     pub stopping: watch::Receiver<bool>,
+    pub timeouts: Timeouts,
 }
 
 /// Serve each connection from `incoming` until `stopping`; then end every connection
@@ -65,7 +71,7 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(front.timeouts.header)
         // A client that sends its request and shuts its side (as `curl -T` and simple
         // clients do) still gets the answer.
         .half_close(true)
@@ -374,7 +380,8 @@ async fn handle(front: Arc<HttpFront>, peer: Peer, request: Request<Incoming>) -
             }
         }
     };
-    let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, max).collect()).await {
+    let patience = front.timeouts.body;
+    let body = match tokio::time::timeout(patience, Limited::new(body, max).collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(failure)) => {
             if failure
@@ -393,7 +400,7 @@ async fn handle(front: Arc<HttpFront>, peer: Peer, request: Request<Incoming>) -
                 StatusCode::REQUEST_TIMEOUT,
                 &format!(
                     "the body did not arrive within {} s",
-                    BODY_TIMEOUT.as_secs()
+                    patience.as_secs_f64()
                 ),
             );
         }

@@ -64,6 +64,8 @@ pub struct Settings {
     pub descriptors: Vec<u8>,
     /// How long a lone call spins for its answer before it sleeps (`spin`; zero: never).
     pub spin: Duration,
+    /// How long the HTTP port waits for a request's headers and for its body.
+    pub http_timeouts: rest_server::Timeouts,
 }
 
 /// Why the transport could not start.
@@ -204,6 +206,7 @@ pub fn start(settings: Settings, inbox: Inbox) -> Result<Running, StartError> {
             context: context.clone(),
             authenticator: authenticator.clone(),
             stopping: stopping.clone(),
+            timeouts: settings.http_timeouts,
         });
         runtime.spawn(rest_server::serve(front, incoming, stopping.clone()))
     });

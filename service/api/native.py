@@ -162,6 +162,8 @@ class NativeFront:
             cold_methods=list(self._cold),
             descriptors=descriptor_set(),
             spin_us=spin_us(settings),
+            http_header_timeout_s=settings.http_header_timeout_s,
+            http_body_timeout_s=settings.http_body_timeout_s,
         )
         self._spin_us = spin_us(settings)
         self._tickets: dict[int, Cancellable] = {}

@@ -13,6 +13,7 @@ import http.client
 import json
 import select
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -490,3 +491,42 @@ def test_a_caller_refused_authentication_is_answered_before_its_body_is_read(
         sock.sendall(head + b"{" * 1000)  # the rest of the body never comes
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+
+
+def test_slow_clients_are_let_go_on_time_while_others_are_served(
+    tmp_path: Path,
+) -> None:
+    """--http-header-timeout-s and --http-body-timeout-s: a connection that stops mid-headers is
+    closed (as hyper does, unanswered), one that stops mid-body is answered 408, once their
+    time is up (here 0.5 s, against defaults of 10 and 60); a client that sends its request
+    whole is served meanwhile."""
+    flags = ("--http-header-timeout-s", "0.5", "--http-body-timeout-s", "0.5")
+    with serving(tmp_path, *flags) as server:
+        host, port = server.http_target.split(":")
+        head = b"POST /v2/models/sensor_gru/infer HTTP/1.1\r\nHost: x\r\n"
+        body = infer_body(3, True, True, np.ones((1, 1, 1), np.float32)).encode()
+        whole = b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        slow = [socket.create_connection((host, int(port)), timeout=30) for _ in range(12)]
+        started = time.monotonic()
+        try:
+            for k, sock in enumerate(slow):
+                # Half stop inside their headers, half after them, inside their bodies.
+                sock.sendall(head if k % 2 == 0 else head + whole + body[:10])
+            infer = "/v2/models/sensor_gru/infer"
+            status, _, answer = request(server, "POST", infer, body.decode())
+            assert status == 200, answer
+            answers = []
+            for sock in slow:
+                received = b""
+                while chunk := sock.recv(65536):
+                    received += chunk
+                answers.append(received)
+            waited = time.monotonic() - started
+        finally:
+            for sock in slow:
+                sock.close()
+    assert waited < 8, f"slow connections were held {waited:.1f} s"
+    assert answers[0::2] == [b""] * 6, answers[0::2]
+    for received in answers[1::2]:
+        assert received.startswith(b"HTTP/1.1 408"), received[:200]
+        assert b"the body did not arrive within 0.5 s" in received, received

@@ -9,7 +9,10 @@ the answers back in one call (`native/src/queue.rs` describes the hand-off):
   arrives Python waits in its event loop with the GIL released, and tokio never calls Python;
 - each inference request goes through `InferenceServicer.submit`, exactly as on the grpcio
   transport: one meaning per request, whichever transport carried it;
-- answers gather while the loop runs and go back in one `answer` call per loop iteration;
+- answers gather while the loop runs and go back in one `answer` call per loop iteration; a
+  lone request runs at the end of the wake-up that took it, and its answer leaves with it;
+- while one sequence is served, the loop spins briefly for its next request instead of
+  sleeping (--native-spin-us, `_spin`);
 - the service's other methods run as tasks, through the servicer's own methods;
 - a call that ends first (cancelled, disconnected, past its deadline) comes back as a
   cancelled key, and its request is dropped if it has not run.
@@ -148,6 +151,7 @@ class NativeFront:
             if m.name not in HOT_METHODS
         }
         certificates = settings.tls_client_ca is not None
+        self._spin_us = spin_us(settings)
         self._transport = NativeTransport(
             host=settings.host,
             port=settings.grpc_port,
@@ -161,11 +165,10 @@ class NativeFront:
             auth_message=CERTIFICATE_MESSAGE if certificates else MESSAGE,
             cold_methods=list(self._cold),
             descriptors=descriptor_set(),
-            spin_us=spin_us(settings),
+            spin_us=self._spin_us,
             http_header_timeout_s=settings.http_header_timeout_s,
             http_body_timeout_s=settings.http_body_timeout_s,
         )
-        self._spin_us = spin_us(settings)
         self._tickets: dict[int, Cancellable] = {}
         self._calls: dict[int, asyncio.Task[None]] = {}
         self._ok: list[tuple[int, bytes]] = []

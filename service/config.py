@@ -95,11 +95,14 @@ class Settings:
     parallel_min_work: int = 64
     """On the CPU, model calls of fewer rows x time steps than this run single-threaded, on a
     second ONNX Runtime session: splitting a small call across threads costs more CPU than it
-    saves time. 0: every call uses the intra-op threads."""
-    inline_max_work: int = 1
+    saves time; a lone sequence's call runs on whichever of the two has answered calls of its
+    size sooner. 0: every call uses the intra-op threads."""
+    inline_max_work: int = 64
     """A lone live sequence's requests of at most this many rows x time steps run on the event
-    loop itself: a hand-off to the worker thread and back costs about as much as such a model
-    call. Never with a shared state store. 0: none do."""
+    loop itself: a hand-off to the worker thread and back cost 0.5 ms of a 32-step request of
+    charlm_lstm on the 2-core benchmark machine, more than half its model call. The bound is
+    how long the loop may be busy with one call (64 steps of charlm_lstm: about 1.5 ms). Never
+    with a shared state store. 0: none do."""
     max_queue_delay_us: int | None = None
     """How long a request waits for others to batch with, in microseconds (default: each
     model's config)."""

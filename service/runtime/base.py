@@ -35,9 +35,11 @@ class Runtime(Protocol):
     size, so valid values are 0..size-1. Inputs the runtime cannot bound are absent."""
 
     def run(
-        self, feeds: Mapping[str, np.ndarray], work: int | None = None
+        self, feeds: Mapping[str, np.ndarray], work: int | None = None, alone: bool = False
     ) -> dict[str, np.ndarray]:
-        """The named outputs. `work` (rows x time steps), when given, may choose how it runs.
+        """The named outputs. `work` (rows x time steps), when given, may choose how it runs;
+        `alone` says nothing else waits for the CPU meanwhile (a lone sequence's call), so the
+        call may take more CPU to end sooner.
 
         Raises InvalidInput when the values of `feeds` are what the model cannot run on.
         """

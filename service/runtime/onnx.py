@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +103,13 @@ class OnnxRuntime:
     in time: on the 2-core benchmark machine, where gRPC and the event loop want the other core,
     a 30-row LSTM step ran 17% more steps per second single-threaded, while 32 rows x 32 steps
     ran 20% fewer. The twin costs a second copy of the weights, small for recurrent models.
+
+    A call made `alone` (nothing else waits for the CPU) wants the answer soonest, whatever the
+    CPU: it runs on whichever session has been the faster for calls of its size, as measured
+    on those calls (`FasterSession`). Which one that is depends on the model, not on the work
+    alone: on that machine one sequence's 32 steps of charlm_lstm (hidden 256) took 0.77 ms on
+    two threads and 1.02 ms on one, while sensor_gru (hidden 64) took 0.11 ms on two and 0.09
+    on one.
     """
 
     def __init__(self, path: Path, settings: EngineSettings) -> None:
@@ -120,6 +129,7 @@ class OnnxRuntime:
             self.serial_session = self._open(path, settings, 1)
         self._run = _fast_run(self.session)
         self._serial_run = _fast_run(self.serial_session)
+        self._faster = FasterSession() if self.serial_session is not self.session else None
 
     @staticmethod
     def _open(path: Path, settings: EngineSettings, threads: int | None) -> ort.InferenceSession:
@@ -149,22 +159,119 @@ class OnnxRuntime:
         return TensorInfo(arg.name, dtype, tuple(arg.shape))
 
     def run(
-        self, feeds: Mapping[str, np.ndarray], work: int | None = None
+        self, feeds: Mapping[str, np.ndarray], work: int | None = None, alone: bool = False
     ) -> dict[str, np.ndarray]:
         """Every output of one model call on `feeds`, by name.
 
         `feeds`: arrays by input name, [B, T, ...] (states [B, layers*directions, H]). A call
         of less `work` (rows x time steps) than `parallel_min_work` runs on the single-threaded
-        session. Raises InvalidInput for ONNX Runtime's INVALID_ARGUMENT (values the model
-        cannot take), and ONNX Runtime's other errors as they are.
+        session, unless it is made `alone`: then on the session measured faster for its work.
+        Raises InvalidInput for ONNX Runtime's INVALID_ARGUMENT (values the model cannot take),
+        and ONNX Runtime's other errors as they are.
         """
-        small = work is not None and work < self.parallel_min_work
-        run = self._serial_run if small else self._run
+        if type(feeds) is not dict:
+            feeds = dict(feeds)
         try:
-            results = run(self._output_names, feeds if type(feeds) is dict else dict(feeds), None)
+            if alone and work is not None and self._faster is not None:
+                size = work.bit_length()
+                parallel = self._faster.pick(size)
+                started = time.perf_counter()
+                results = (self._run if parallel else self._serial_run)(
+                    self._output_names, feeds, None
+                )
+                self._faster.record(size, parallel, time.perf_counter() - started)
+            else:
+                small = work is not None and work < self.parallel_min_work
+                results = (self._serial_run if small else self._run)(
+                    self._output_names, feeds, None
+                )
         except _OrtInvalidArgument as error:
             raise InvalidInput(str(error).removeprefix("[ONNXRuntimeError] : 2 : ")) from error
         return dict(zip(self._output_names, results, strict=True))
+
+
+class FasterSession:
+    """Which of two sessions (single-threaded, parallel) answers calls of a size sooner.
+
+    Sizes are classes of work (rows x time steps) by bit length: 1, 2-3, 4-7, 8-15, ... Each
+    session's time for a size is the median of its last `SAMPLES` calls of that size, so one
+    slow call (a preemption) does not decide. A call counts only when the call before it ran on
+    the same session: the first after a switch finds the other session's weights in the cache
+    and its own evicted, which would make whichever runs less often look slower than it is.
+    Until both are known, each runs `SAMPLES + 1` calls in a row. Then the faster runs them,
+    the parallel one only when `MARGIN` faster (it takes about half as much CPU again), and
+    every `RECHECK`-th call starts `TRIAL` calls on the other, so a change is seen. One caller
+    at a time per instance: a model runs one batch at a time.
+    """
+
+    SAMPLES = 5
+    RECHECK = 128
+    TRIAL = 3
+    MARGIN = 0.9
+
+    __slots__ = ("_sizes", "_last")
+
+    def __init__(self) -> None:
+        self._sizes: dict[int, _Timings] = {}
+        self._last: bool | None = None
+
+    def pick(self, size: int) -> bool:
+        """Whether the next call of `size` runs on the parallel session."""
+        known = self._sizes.get(size)
+        if known is None:
+            known = self._sizes[size] = _Timings(self.SAMPLES)
+        if known.trial:
+            known.trial -= 1
+            return known.trial_parallel
+        if len(known.serial) < self.SAMPLES:
+            return False
+        if len(known.parallel) < self.SAMPLES:
+            return True
+        known.calls += 1
+        faster = known.parallel_faster(self.MARGIN)
+        if known.calls % self.RECHECK == 0:
+            known.trial, known.trial_parallel = self.TRIAL - 1, not faster
+            return not faster
+        return faster
+
+    def record(self, size: int, parallel: bool, seconds: float) -> None:
+        """A call of `size` took `seconds` (wall) on the parallel session or the other."""
+        if self._last is parallel:
+            known = self._sizes[size]
+            (known.parallel if parallel else known.serial).append(seconds)
+        self._last = parallel
+
+    def faster(self, size: int) -> bool | None:
+        """Whether calls of `size` run on the parallel session; None until both are known."""
+        known = self._sizes.get(size)
+        if known is None or min(len(known.serial), len(known.parallel)) < self.SAMPLES:
+            return None
+        return known.parallel_faster(self.MARGIN)
+
+
+class _Timings:
+    """One size's recent call times on each session (seconds), and where its trial stands."""
+
+    __slots__ = ("serial", "parallel", "calls", "trial", "trial_parallel")
+
+    def __init__(self, samples: int) -> None:
+        self.serial: deque[float] = deque(maxlen=samples)
+        self.parallel: deque[float] = deque(maxlen=samples)
+        self.calls = 0
+        self.trial = 0
+        """Calls still to run on the slower session before the faster takes over again."""
+        self.trial_parallel = False
+
+    def parallel_faster(self, margin: float) -> bool:
+        return (
+            bool(self.parallel)
+            and bool(self.serial)
+            and (_median(self.parallel) < margin * _median(self.serial))
+        )
+
+
+def _median(samples: deque[float]) -> float:
+    return sorted(samples)[len(samples) // 2]
 
 
 def _fast_run(session: ort.InferenceSession) -> Callable[..., list[np.ndarray]]:

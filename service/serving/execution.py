@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -104,6 +104,9 @@ class BatchExecution:
     finite_inputs: tuple[str, ...] = ()
     """Inputs that may hold no NaN and no infinity: the float ones, unless the config allows
     them (parameter allow_non_finite_inputs)."""
+    lone: Callable[[], bool] | None = None
+    """Whether the model serves one sequence alone: its one-item batches are then run as calls
+    nothing else waits for (`Runtime.run`'s `alone`)."""
 
     def __call__(self, batch: Sequence[Work]) -> list[Executed]:
         """On the worker thread (or inline on the event loop): prepare, then run the items
@@ -174,7 +177,8 @@ class BatchExecution:
                     [w for _, w in items], offsets, row_index, slot_index, zero_rows, every_row_held
                 )
             )
-        results = self.runtime.run(feeds, offsets[-1] * items[0][1].time_steps)
+        alone = len(items) == 1 and self.lone is not None and self.lone()
+        results = self.runtime.run(feeds, offsets[-1] * items[0][1].time_steps, alone)
         if held:
             states = [
                 results[s.output_name] if every_row_held else results[s.output_name][row_index]

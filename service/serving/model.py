@@ -72,7 +72,7 @@ class Limits:
     max_queue_delay_s: float | None = None
     max_steps_per_request: int | None = None
     """Time steps one request may carry."""
-    inline_max_work: int = 1
+    inline_max_work: int = 64
     """A lone sequence's requests of at most this many rows x time steps run on the event
     loop (0: none do)."""
     max_answer_bytes: int | None = None
@@ -185,6 +185,7 @@ class ServedModel:
                 support.sync if support is not None else None,
                 model=name,
                 finite_inputs=finite_inputs,
+                lone=self._lone_sequence() if support is not None else None,
             ),
             self._complete,
             sig.max_batch_size,
@@ -234,6 +235,11 @@ class ServedModel:
             arena,
             StateSync(store, durability, self.name, self.version, arena, self.idle_timeout_s),
         )
+
+    def _lone_sequence(self) -> Callable[[], bool]:
+        """Whether the model has one live sequence at most (it is served alone)."""
+        live = self.sequences.manager.live if self.sequences is not None else {}
+        return lambda: len(live) <= 1
 
     def _lone_sequence_rule(self, max_work: int) -> Callable[[Work], bool]:
         """Work that may run inline: a lone live sequence's, of at most `max_work` rows x T.

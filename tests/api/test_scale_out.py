@@ -138,6 +138,10 @@ def stream_until_signal(
                 with progress:
                     needed = (t - window + 1) * len(work.ids)
                     progress.wait_for(lambda n=needed: count >= n or signalled.is_set(), timeout=30)
+                if signalled.is_set():
+                    # The rest goes to a server that has begun to stop (not one still serving
+                    # everything while its stop starts: a race the test is not about).
+                    wait_until_not_ready(client)
                 for sid in work.ids:
                     client.async_stream_infer(
                         MODEL,
@@ -152,6 +156,19 @@ def stream_until_signal(
         server.process.wait(30)
         client.stop_stream(cancel_requests=True)
     return errors
+
+
+def wait_until_not_ready(client: triton.InferenceServerClient, timeout_s: float = 10) -> None:
+    """Until the server says it is not ready, or cannot be asked (it is gone)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if not client.is_server_ready():
+                return
+        except InferenceServerException:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"the server still said it was ready {timeout_s}s after the signal")
 
 
 def continue_elsewhere(server: RunningServer, work: Workload) -> dict[int, int]:

@@ -57,11 +57,11 @@ class Gated:
         self.running = threading.Event()
 
     def run(
-        self, feeds: Mapping[str, np.ndarray], work: int | None = None
+        self, feeds: Mapping[str, np.ndarray], work: int | None = None, alone: bool = False
     ) -> dict[str, np.ndarray]:
         self.running.set()
         assert self.go.wait(WAIT_S), "the test never let the call go"
-        return self.inner.run(feeds, work)
+        return self.inner.run(feeds, work, alone)
 
 
 class SlowFactory:

@@ -60,19 +60,21 @@ class Watched:
         self.index_bounds = inner.index_bounds
         self.rows: list[int] = []
         self.threads: list[str] = []
+        self.alone: list[bool] = []
         self.release = threading.Event()
         if not hold_first:
             self.release.set()
 
     def run(
-        self, feeds: Mapping[str, np.ndarray], work: int | None = None
+        self, feeds: Mapping[str, np.ndarray], work: int | None = None, alone: bool = False
     ) -> dict[str, np.ndarray]:
         call = len(self.rows)
         self.rows.append(len(next(iter(feeds.values()))))
         self.threads.append(threading.current_thread().name)
+        self.alone.append(alone)
         if call == 0:
             assert self.release.wait(WAIT_S), "the test never released the first call"
-        return self.inner.run(feeds, work)
+        return self.inner.run(feeds, work, alone)
 
 
 def cpu_runtime(path: Path) -> OnnxRuntime:
@@ -141,6 +143,21 @@ def submit(model: ServedModel, request: InferenceRequest) -> asyncio.Future[Outc
         answer.set_result(refused)
     submitting = False
     return answer
+
+
+async def test_a_lone_sequence_s_calls_are_made_alone_and_company_s_are_not(engine) -> None:
+    _, model, watched = engine
+    assert isinstance(await submit(model, step("one", 1, start=True)), InferenceResult)
+    assert isinstance(await submit(model, step("one", 2, start=False)), InferenceResult)
+    assert watched.alone == [True, True]
+    # A second live sequence: each call may now keep the CPU from the other's.
+    assert isinstance(await submit(model, step("two", 3, start=True)), InferenceResult)
+    assert isinstance(await submit(model, step("one", 4, start=False)), InferenceResult)
+    assert watched.alone[2:] == [False, False]
+    # "one" ends (it leaves the live sequences as its END is taken): "two" is alone again.
+    assert isinstance(await submit(model, step("one", 5, start=False, end=True)), InferenceResult)
+    assert isinstance(await submit(model, step("two", 6, start=False)), InferenceResult)
+    assert watched.alone[5:] == [True]
 
 
 def assert_first_steps(results: list[Outcome], tokens: list[int]) -> None:
@@ -309,7 +326,9 @@ async def test_a_failed_model_call_fails_its_batch_and_the_model_goes_on(engine)
     inner = watched.inner
 
     class Failing:
-        def run(self, feeds: Mapping[str, np.ndarray], work: int | None = None) -> dict:
+        def run(
+            self, feeds: Mapping[str, np.ndarray], work: int | None = None, alone: bool = False
+        ) -> dict:
             raise RuntimeError("the runtime failed")
 
     watched.inner = Failing()  # type: ignore[assignment]

@@ -42,11 +42,11 @@ class Gate(Watched):
         self.open.set()
 
     def run(
-        self, feeds: Mapping[str, np.ndarray], work: int | None = None
+        self, feeds: Mapping[str, np.ndarray], work: int | None = None, alone: bool = False
     ) -> dict[str, np.ndarray]:
         self.rows.append(len(feeds["reading"]))
         assert self.open.wait(WAIT_S), "the test never opened the gate"
-        return self.inner.run(feeds, work)
+        return self.inner.run(feeds, work, alone)
 
 
 @pytest.fixture(scope="module")

@@ -100,9 +100,10 @@ class Settings:
     inline_max_work: int = 64
     """A lone live sequence's requests of at most this many rows x time steps run on the event
     loop itself: a hand-off to the worker thread and back cost 0.5 ms of a 32-step request of
-    charlm_lstm on the 2-core benchmark machine, more than half its model call. The bound is
-    how long the loop may be busy with one call (64 steps of charlm_lstm: about 1.5 ms). Never
-    with a shared state store. 0: none do."""
+    charlm_lstm on the 2-core benchmark machine, more than half its model call. The bound
+    keeps the loop from being busy long with one call (64 steps of charlm_lstm: about 1.5 ms
+    there; lower it for a model whose steps cost more). "Lone" is over the whole server: one
+    live sequence of any model. Never with a shared state store. 0: none do."""
     max_queue_delay_us: int | None = None
     """How long a request waits for others to batch with, in microseconds (default: each
     model's config)."""

@@ -176,9 +176,13 @@ class OnnxRuntime:
                 size = work.bit_length()
                 parallel = self._faster.pick(size)
                 started = time.perf_counter()
-                results = (self._run if parallel else self._serial_run)(
-                    self._output_names, feeds, None
-                )
+                try:
+                    results = (self._run if parallel else self._serial_run)(
+                        self._output_names, feeds, None
+                    )
+                except BaseException:
+                    self._faster.record(size, parallel, None)
+                    raise
                 self._faster.record(size, parallel, time.perf_counter() - started)
             else:
                 small = work is not None and work < self.parallel_min_work
@@ -197,8 +201,10 @@ class FasterSession:
     session's time for a size is the median of its last `SAMPLES` calls of that size, so one
     slow call (a preemption) does not decide. A call counts only when the call before it ran on
     the same session: the first after a switch finds the other session's weights in the cache
-    and its own evicted, which would make whichever runs less often look slower than it is.
-    Until both are known, each runs `SAMPLES + 1` calls in a row. Then the faster runs them,
+    and its own evicted, which would make whichever runs less often look slower than it is
+    (after `MAX_UNCOUNTED` such calls of a size in a row, the next counts anyway, so sizes that
+    take turns with each other still get known). Until both are known, each runs calls in a
+    row until it has `SAMPLES`. Then the faster runs them,
     the parallel one only when `MARGIN` faster (it takes about half as much CPU again), and
     every `RECHECK`-th call starts `TRIAL` calls on the other, so a change is seen (0.3% of
     calls, which stay out of a p99 of the requests). One caller at a time per instance: a model
@@ -209,6 +215,7 @@ class FasterSession:
     RECHECK = 1024
     TRIAL = 3
     MARGIN = 0.9
+    MAX_UNCOUNTED = 2
 
     __slots__ = ("_sizes", "_last")
 
@@ -235,11 +242,16 @@ class FasterSession:
             return not faster
         return faster
 
-    def record(self, size: int, parallel: bool, seconds: float) -> None:
-        """A call of `size` took `seconds` (wall) on the parallel session or the other."""
-        if self._last is parallel:
-            known = self._sizes[size]
-            (known.parallel if parallel else known.serial).append(seconds)
+    def record(self, size: int, parallel: bool, seconds: float | None) -> None:
+        """A call of `size` took `seconds` (wall) on the parallel session or the other; None:
+        it failed, and tells nothing of the session's speed."""
+        known = self._sizes[size]
+        if seconds is not None:
+            if self._last is parallel or known.uncounted >= self.MAX_UNCOUNTED:
+                (known.parallel if parallel else known.serial).append(seconds)
+                known.uncounted = 0
+            else:
+                known.uncounted += 1
         self._last = parallel
 
     def faster(self, size: int) -> bool | None:
@@ -253,7 +265,7 @@ class FasterSession:
 class _Timings:
     """One size's recent call times on each session (seconds), and where its trial stands."""
 
-    __slots__ = ("serial", "parallel", "calls", "trial", "trial_parallel")
+    __slots__ = ("serial", "parallel", "calls", "trial", "trial_parallel", "uncounted")
 
     def __init__(self, samples: int) -> None:
         self.serial: deque[float] = deque(maxlen=samples)
@@ -262,6 +274,8 @@ class _Timings:
         self.trial = 0
         """Calls still to run on the slower session before the faster takes over again."""
         self.trial_parallel = False
+        self.uncounted = 0
+        """Calls of this size in a row not counted (each came right after a switch)."""
 
     def parallel_faster(self, margin: float) -> bool:
         return (

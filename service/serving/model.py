@@ -144,7 +144,10 @@ class ServedModel:
         durability: Durability = Durability.STEP,
         quota: SequenceQuota | None = None,
         turn: Turn | None = None,
+        server_lone: Callable[[], bool] | None = None,
     ) -> None:
+        """`server_lone` says whether the whole server holds one live sequence at most (the
+        registry's `lone`); without it, this model's own sequences decide."""
         self.name = name
         self.version = version
         self.config = config
@@ -185,12 +188,14 @@ class ServedModel:
                 support.sync if support is not None else None,
                 model=name,
                 finite_inputs=finite_inputs,
-                lone=self._lone_sequence() if support is not None else None,
+                lone=self._lone_sequence(server_lone) if support is not None else None,
             ),
             self._complete,
             sig.max_batch_size,
             delay,
-            may_run_inline=self._lone_sequence_rule(inline_max_work) if support else None,
+            may_run_inline=(
+                self._lone_sequence_rule(inline_max_work, server_lone) if support else None
+            ),
             turn=turn,
         )
         self.state = ModelState.READY
@@ -236,26 +241,27 @@ class ServedModel:
             StateSync(store, durability, self.name, self.version, arena, self.idle_timeout_s),
         )
 
-    def _lone_sequence(self) -> Callable[[], bool]:
-        """Whether the model has one live sequence at most (it is served alone)."""
+    def _lone_sequence(self, server_lone: Callable[[], bool] | None) -> Callable[[], bool]:
+        """Whether this model has one live sequence at most, and the server too (what it is
+        asked for): its calls then have the CPU and the event loop to themselves."""
         live = self.sequences.manager.live if self.sequences is not None else {}
-        return lambda: len(live) <= 1
+        if server_lone is None:
+            return lambda: len(live) <= 1
+        return lambda: len(live) <= 1 and server_lone()
 
-    def _lone_sequence_rule(self, max_work: int) -> Callable[[Work], bool]:
+    def _lone_sequence_rule(
+        self, max_work: int, server_lone: Callable[[], bool] | None
+    ) -> Callable[[Work], bool]:
         """Work that may run inline: a lone live sequence's, of at most `max_work` rows x T.
 
-        Only for a lone sequence: with company, the work that arrives while a batch runs on
-        the worker thread makes the next batch, and running single items inline would starve
-        that.
+        Only for a lone sequence, in the whole server: with company, the work that arrives
+        while a batch runs on the worker thread makes the next batch, and running single items
+        inline would starve that (or another model's work, which waits for the event loop).
         """
-        live = self.sequences.manager.live if self.sequences is not None else {}
+        lone = self._lone_sequence(server_lone)
 
         def rule(work: Work) -> bool:
-            return (
-                work.sequence is not None
-                and work.rows * work.time_steps <= max_work
-                and len(live) <= 1
-            )
+            return work.sequence is not None and work.rows * work.time_steps <= max_work and lone()
 
         return rule
 

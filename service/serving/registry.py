@@ -105,6 +105,18 @@ class ModelRegistry:
         self._published: tuple[ServedModel, ...] = ()
 
     # ------------------------------------------------------------------ lookups
+    def lone(self) -> bool:
+        """Whether the server holds one live sequence at most, over every model served: a lone
+        sequence's requests then run on the event loop, and its model calls may take both
+        threads (`ServedModel`). Any thread (it reads the published models as they are)."""
+        count = 0
+        for model in self._published:
+            if model.sequences is not None:
+                count += len(model.sequences.manager.live)
+                if count > 1:
+                    return False
+        return True
+
     @property
     def ready(self) -> bool:
         """Whether the server takes new work: models are loaded and it is not shutting down."""
@@ -332,6 +344,7 @@ class ModelRegistry:
             durability=self.durability,
             quota=self.policy if self.policy.limits_sequences else None,
             turn=self.turn,
+            server_lone=self.lone,
         )
         model.start()
         return model

@@ -78,3 +78,27 @@ def test_calls_made_alone_answer_as_the_others_do_on_either_session() -> None:
             np.testing.assert_allclose(answer[name], expected[name], atol=TOLERANCE, rtol=0)
     # Both sessions ran it, and one of them is now known as the faster for its size.
     assert twin._faster.faster((32).bit_length()) is not None
+
+
+def test_sizes_that_take_turns_on_different_sessions_still_get_known() -> None:
+    faster = FasterSession()
+    # Size 1 is known: the single-threaded session is its faster.
+    for _ in range(2 * (FasterSession.SAMPLES + 1)):
+        parallel = faster.pick(1)
+        faster.record(1, parallel, 0.002 if parallel else 0.001)
+    assert faster.faster(1) is False
+    # Calls of size 6 (unknown) and size 1 alternate: each call of one follows a call of the
+    # other, on the other session, and would never count if a switch always voided a call.
+    for _ in range(50):
+        for size in (6, 1):
+            parallel = faster.pick(size)
+            faster.record(size, parallel, 0.0005 if parallel else 0.001)
+    assert faster.faster(6) is True and faster.faster(1) is False
+
+
+def test_a_failed_call_is_not_counted() -> None:
+    faster = FasterSession()
+    parallel = faster.pick(3)
+    for _ in range(10):
+        faster.record(3, parallel, None)
+    assert faster.faster(3) is None and faster.pick(3) is parallel

@@ -160,6 +160,24 @@ async def test_a_lone_sequence_s_calls_are_made_alone_and_company_s_are_not(engi
     assert watched.alone[5:] == [True]
 
 
+async def test_a_sequence_of_another_model_is_company_too(engine) -> None:
+    registry, model, watched = engine
+    other = registry.get("sensor_gru")
+    reading = InferenceRequest(
+        "sensor_gru",
+        {"reading": np.zeros((1, 1, 1), np.float32)},
+        outputs=("forecast",),
+        sequence=SequenceControl("elsewhere", start=True),
+    )
+    assert isinstance(await submit(model, step("one", 1, start=True)), InferenceResult)
+    assert registry.lone() and watched.alone == [True]
+    assert isinstance(await submit(other, reading), InferenceResult)
+    assert not registry.lone()
+    # Both models' calls now share the CPU and the event loop: neither is made alone.
+    assert isinstance(await submit(model, step("one", 2, start=False)), InferenceResult)
+    assert watched.alone == [True, False] and watched.threads[-1] != threading.current_thread().name
+
+
 def assert_first_steps(results: list[Outcome], tokens: list[int]) -> None:
     """Each outcome is the logits of a sequence's first request on its token."""
     for result, token in zip(results, tokens, strict=True):

@@ -105,8 +105,9 @@ class OnnxRuntime:
     ran 20% fewer. The twin costs a second copy of the weights, small for recurrent models.
 
     A call made `alone` (nothing else waits for the CPU) wants the answer soonest, whatever the
-    CPU: it runs on whichever session has been the faster for calls of its size, as measured
-    on those calls (`FasterSession`). Which one that is depends on the model, not on the work
+    CPU: below `parallel_min_work` it runs on whichever session has been the faster for calls
+    of its size, as measured on those calls (`FasterSession`); larger ones stay on the parallel
+    session, so the twin's memory arena grows no larger than before. Which one that is depends on the model, not on the work
     alone: on that machine one sequence's 32 steps of charlm_lstm (hidden 256) took 0.77 ms on
     two threads and 1.02 ms on one, while sensor_gru (hidden 64) took 0.11 ms on two and 0.09
     on one.
@@ -165,14 +166,21 @@ class OnnxRuntime:
 
         `feeds`: arrays by input name, [B, T, ...] (states [B, layers*directions, H]). A call
         of less `work` (rows x time steps) than `parallel_min_work` runs on the single-threaded
-        session, unless it is made `alone`: then on the session measured faster for its work.
+        session, unless it is made `alone`: then on the session measured faster for its work
+        (larger calls stay on the parallel one, so the single-threaded session's memory arena
+        never grows past the calls it ran before).
         Raises InvalidInput for ONNX Runtime's INVALID_ARGUMENT (values the model cannot take),
         and ONNX Runtime's other errors as they are.
         """
         if type(feeds) is not dict:
             feeds = dict(feeds)
         try:
-            if alone and work is not None and self._faster is not None:
+            if (
+                alone
+                and self._faster is not None
+                and work is not None
+                and work < self.parallel_min_work
+            ):
                 size = work.bit_length()
                 parallel = self._faster.pick(size)
                 started = time.perf_counter()

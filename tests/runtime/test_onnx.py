@@ -63,7 +63,7 @@ def test_a_call_made_alone_runs_on_the_session_measured_faster_for_its_size() ->
 
 def test_calls_made_alone_answer_as_the_others_do_on_either_session() -> None:
     path = BUNDLED / MODEL / "1" / "model.onnx"
-    twin = OnnxRuntime(path, EngineSettings(Provider.CPU, intra_op_threads=2, parallel_min_work=8))
+    twin = OnnxRuntime(path, EngineSettings(Provider.CPU, intra_op_threads=2, parallel_min_work=64))
     rng = np.random.default_rng(4)
     feeds = {
         "tokens": rng.integers(0, 97, size=(1, 32), dtype=np.int64),
@@ -78,6 +78,10 @@ def test_calls_made_alone_answer_as_the_others_do_on_either_session() -> None:
             np.testing.assert_allclose(answer[name], expected[name], atol=TOLERANCE, rtol=0)
     # Both sessions ran it, and one of them is now known as the faster for its size.
     assert twin._faster.faster((32).bit_length()) is not None
+    # A call of parallel_min_work or more stays on the parallel session, alone or not: the
+    # single-threaded one's memory arena never grows for it.
+    twin.run({**feeds, "tokens": np.zeros((1, 64), np.int64)}, work=64, alone=True)
+    assert twin._faster.faster((64).bit_length()) is None
 
 
 def test_sizes_that_take_turns_on_different_sessions_still_get_known() -> None:

@@ -107,10 +107,10 @@ class OnnxRuntime:
     A call made `alone` (nothing else waits for the CPU) wants the answer soonest, whatever the
     CPU: below `parallel_min_work` it runs on whichever session has been the faster for calls
     of its size, as measured on those calls (`FasterSession`); larger ones stay on the parallel
-    session, so the twin's memory arena grows no larger than before. Which one that is depends on the model, not on the work
-    alone: on that machine one sequence's 32 steps of charlm_lstm (hidden 256) took 0.77 ms on
-    two threads and 1.02 ms on one, while sensor_gru (hidden 64) took 0.11 ms on two and 0.09
-    on one.
+    session, so the twin's memory arena grows no larger than before. Which one is faster
+    depends on the model, not on the work alone: on that machine one sequence's 32 steps of
+    charlm_lstm (hidden 256) took 0.77 ms on two threads and 1.02 ms on one, while sensor_gru
+    (hidden 64) took 0.11 ms on two and 0.09 on one.
     """
 
     def __init__(self, path: Path, settings: EngineSettings) -> None:

@@ -174,13 +174,9 @@ class OnnxRuntime:
         """
         if type(feeds) is not dict:
             feeds = dict(feeds)
+        small = work is not None and work < self.parallel_min_work
         try:
-            if (
-                alone
-                and self._faster is not None
-                and work is not None
-                and work < self.parallel_min_work
-            ):
+            if alone and small and work is not None and self._faster is not None:
                 size = work.bit_length()
                 parallel = self._faster.pick(size)
                 started = time.perf_counter()
@@ -193,7 +189,6 @@ class OnnxRuntime:
                     raise
                 self._faster.record(size, parallel, time.perf_counter() - started)
             else:
-                small = work is not None and work < self.parallel_min_work
                 results = (self._serial_run if small else self._run)(
                     self._output_names, feeds, None
                 )
@@ -212,11 +207,10 @@ class FasterSession:
     and its own evicted, which would make whichever runs less often look slower than it is
     (after `MAX_UNCOUNTED` such calls of a size in a row, the next counts anyway, so sizes that
     take turns with each other still get known). Until both are known, each runs calls in a
-    row until it has `SAMPLES`. Then the faster runs them,
-    the parallel one only when `MARGIN` faster (it takes about half as much CPU again), and
-    every `RECHECK`-th call starts `TRIAL` calls on the other, so a change is seen (0.3% of
-    calls, which stay out of a p99 of the requests). One caller at a time per instance: a model
-    runs one batch at a time.
+    row until it has `SAMPLES`. Then the faster runs them, the parallel one only when `MARGIN`
+    faster (it takes about half as much CPU again), and every `RECHECK`-th call starts `TRIAL`
+    calls on the other, so a change is seen (0.3% of calls, which stay out of a p99 of the
+    requests). One caller at a time per instance: a model runs one batch at a time.
     """
 
     SAMPLES = 5

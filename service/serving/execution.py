@@ -105,8 +105,8 @@ class BatchExecution:
     """Inputs that may hold no NaN and no infinity: the float ones, unless the config allows
     them (parameter allow_non_finite_inputs)."""
     lone: Callable[[], bool] | None = None
-    """Whether the model serves one sequence alone: its one-item batches are then run as calls
-    nothing else waits for (`Runtime.run`'s `alone`)."""
+    """Whether this model's one live sequence is the server's only one: its one-item batches
+    are then run as calls nothing else waits for (`Runtime.run`'s `alone`)."""
 
     def __call__(self, batch: Sequence[Work]) -> list[Executed]:
         """On the worker thread (or inline on the event loop): prepare, then run the items
